@@ -1,0 +1,263 @@
+"""The weight leaf types: how a compressed linear layer is stored.
+
+A linear layer's ``kernel`` leaf in a param pytree is either a plain array ``[in, out]`` (Flax
+layout, ``y = x @ W``) or a :class:`CompressedLinear`. Compression replaces the leaf at the same path
+and renames no keys. Output features are the last axis of every field, so one ``P(None, 'model')``
+shards them all.
+
+Leaf types:
+
+* :class:`QuantizedWeight`: group-wise b-bit integers packed into int32 words in GPTQ's layout
+  (``qweight``), float scales, integer zero points, optional act-order ``g_idx``.
+* :class:`Sparse24Weight`: 2:4 semi-structured weight, the kept values (dense or quantized) plus the
+  position of each kept value inside its group of 4 input rows.
+* :class:`LowRank`: ``y += (x @ a) @ b``; ``a``/``b`` are arrays or :class:`QuantizedWeight`.
+* :class:`CompressedLinear`: ``weight`` (any of the above or a dense array) + optional boolean
+  ``mask`` + optional ``adapter``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels import packing
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+  """Quantization grid. Hashable, so it can be a static argument.
+
+  Attributes:
+    bits: 2, 3, 4 or 8.
+    group_size: input rows sharing one scale/zero; -1 means one group per output unit.
+    symmetric: symmetric grid (zero point fixed at 2^(b-1)) instead of min/max asymmetric.
+  """
+  bits: int = 4
+  group_size: int = 128
+  symmetric: bool = False
+
+  def __post_init__(self):
+    packing.check_bits(self.bits)
+    if self.group_size != -1 and self.group_size <= 0:
+      raise ValueError(f'group_size must be positive or -1 (per output unit), got {self.group_size}.')
+
+  def num_groups(self, in_features: int) -> int:
+    if self.group_size == -1:
+      return 1
+    if in_features % self.group_size:
+      raise ValueError(
+          f'group_size={self.group_size} does not divide the input dimension {in_features}.')
+    return in_features // self.group_size
+
+  def group_len(self, in_features: int) -> int:
+    return in_features if self.group_size == -1 else self.group_size
+
+
+@flax.struct.dataclass
+class QuantizedWeight:
+  """Group-wise low-bit weight in Flax layout ``[in, out]``.
+
+  Invariant: ``dequantize(q) == (unpack(q.qweight)[:in] - q.zeros[g]) * q.scales[g]`` where
+  ``g = q.g_idx`` if present else ``arange(in) // group_len``.
+
+  Attributes:
+    qweight: int32 ``[ceil(in / 32) * bits, out]``, GPTQ packing along the input axis (rows past
+      ``in_features`` are zero padding).
+    scales: float ``[groups, out]``.
+    zeros: uint8 ``[groups, out]`` integer zero points (GPTQ's packed ``qzeros`` stores these minus
+      one; export converts).
+    g_idx: int32 ``[in]`` group of each input row (act-order), or None for contiguous groups.
+  """
+  qweight: jax.Array
+  scales: jax.Array
+  zeros: jax.Array
+  g_idx: jax.Array | None = None
+  bits: int = flax.struct.field(pytree_node=False, default=4)
+  group_size: int = flax.struct.field(pytree_node=False, default=128)
+  in_features: int = flax.struct.field(pytree_node=False, default=0)
+  symmetric: bool = flax.struct.field(pytree_node=False, default=False)
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return (self.in_features, self.qweight.shape[-1])
+
+  @property
+  def spec(self) -> QuantSpec:
+    return QuantSpec(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+  @classmethod
+  def from_ints(cls, q: jax.Array, scales: jax.Array, zeros: jax.Array, spec: QuantSpec,
+                g_idx: jax.Array | None = None) -> 'QuantizedWeight':
+    """Packs integer codes ``q`` [in, out] in [0, 2^bits) with their scales and zeros [groups, out]."""
+    in_features = q.shape[0]
+    pad = (-in_features) % 32
+    qp = jnp.pad(jnp.asarray(q, jnp.int32), ((0, pad), (0, 0)))
+    return cls(qweight=packing.pack(qp, spec.bits, axis=0), scales=scales,
+               zeros=jnp.asarray(zeros).astype(jnp.uint8),
+               g_idx=None if g_idx is None else jnp.asarray(g_idx, jnp.int32),
+               bits=spec.bits, group_size=spec.group_size, in_features=in_features,
+               symmetric=spec.symmetric)
+
+  def ints(self) -> jax.Array:
+    """The integer codes ``[in, out]`` (int32)."""
+    return packing.unpack(self.qweight, self.bits, axis=0)[:self.in_features]
+
+  def group_index(self) -> jax.Array:
+    if self.g_idx is not None:
+      return self.g_idx
+    glen = self.in_features if self.group_size == -1 else self.group_size
+    return jnp.arange(self.in_features) // glen
+
+  def nbytes_effective(self) -> int:
+    """Storage in bytes: packed codes + scales (16-bit) + zeros (bits each) + g_idx."""
+    out = self.qweight.shape[-1]
+    n = self.in_features * out * self.bits / 8 + self.scales.size * 2 + self.zeros.size * self.bits / 8
+    if self.g_idx is not None:
+      n += self.in_features * 4
+    return int(n)
+
+
+@flax.struct.dataclass
+class Sparse24Weight:
+  """2:4 semi-structured weight in Flax layout ``[in, out]``.
+
+  In every group of 4 consecutive input rows of each output column exactly 2 entries are kept.
+
+  Attributes:
+    values: the kept values ``[in / 2, out]``, a float array or a :class:`QuantizedWeight` (2:4 +
+      int4); row ``2 * g + k`` holds the k-th kept entry (in increasing position) of group ``g``.
+    indices: uint8 ``[in / 2, out]``, the position (0..3) of each kept value inside its group.
+  """
+  values: Union[jax.Array, QuantizedWeight]
+  indices: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    half, out = (self.values.shape if not isinstance(self.values, QuantizedWeight)
+                 else self.values.shape)
+    return (2 * half, out)
+
+
+@flax.struct.dataclass
+class LowRank:
+  """Low-rank correction ``y += (x @ a) @ b``; ``a: [in, r]``, ``b: [r, out]``, arrays or quantized."""
+  a: Union[jax.Array, QuantizedWeight]
+  b: Union[jax.Array, QuantizedWeight]
+
+  @property
+  def rank(self) -> int:
+    return self.a.shape[-1]
+
+
+@flax.struct.dataclass
+class CompressedLinear:
+  """A compressed linear weight ``[in, out]``.
+
+  Attributes:
+    weight: a dense array (pruned weights hold exact zeros), :class:`QuantizedWeight` or
+      :class:`Sparse24Weight`.
+    mask: optional bool ``[in, out]``; True = kept. None means no unstructured mask.
+    adapter: optional :class:`LowRank` correction added to the output.
+  """
+  weight: Union[jax.Array, QuantizedWeight, Sparse24Weight]
+  mask: jax.Array | None = None
+  adapter: LowRank | None = None
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.weight.shape)
+
+
+Weight = Union[jax.Array, CompressedLinear]
+
+LEAF_TYPES = (QuantizedWeight, Sparse24Weight, LowRank, CompressedLinear)
+
+
+def is_weight_leaf(x) -> bool:
+  """``is_leaf`` predicate that stops tree traversal at compressed weights."""
+  return isinstance(x, (CompressedLinear, QuantizedWeight, Sparse24Weight, LowRank))
+
+
+def dequantize(q: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
+  """Dense ``[in, out]`` weight of a :class:`QuantizedWeight`."""
+  g = q.group_index()
+  ints = q.ints().astype(jnp.float32)
+  zeros = q.zeros.astype(jnp.float32)[g]
+  scales = q.scales.astype(jnp.float32)[g]
+  return ((ints - zeros) * scales).astype(dtype)
+
+
+def sparse24_compress(w: jax.Array) -> Sparse24Weight:
+  """Compresses a dense ``[in, out]`` array that satisfies 2:4 along the input axis.
+
+  Groups with more than 2 non-zeros raise; groups with fewer keep explicit zeros.
+  """
+  w = jnp.asarray(w)
+  n_in, n_out = w.shape
+  if n_in % 4:
+    raise ValueError(f'2:4 sparsity needs the input dimension to be a multiple of 4, got {n_in}.')
+  g = w.reshape(n_in // 4, 4, n_out)
+  nz = (g != 0)
+  if bool(jnp.any(nz.sum(axis=1) > 2)):
+    raise ValueError('weight is not 2:4 sparse: some group of 4 input rows has more than 2 non-zeros.')
+  # Rank positions: non-zeros first (stable, by position), take the first two and sort them.
+  order = jnp.argsort(~nz, axis=1, stable=True)[:, :2]  # [G, 2, out]
+  order = jnp.sort(order, axis=1)
+  values = jnp.take_along_axis(g, order, axis=1).reshape(n_in // 2, n_out)
+  return Sparse24Weight(values=values, indices=order.reshape(n_in // 2, n_out).astype(jnp.uint8))
+
+
+def sparse24_decompress(s: Sparse24Weight, dtype=jnp.float32) -> jax.Array:
+  vals = s.values
+  if isinstance(vals, QuantizedWeight):
+    vals = dequantize(vals, dtype)
+  half, n_out = vals.shape
+  idx = s.indices.astype(jnp.int32).reshape(half // 2, 2, n_out)
+  v = vals.astype(dtype).reshape(half // 2, 2, n_out)
+  onehot = jax.nn.one_hot(idx, 4, axis=2, dtype=dtype)  # [G, 2, 4, out]
+  dense = jnp.einsum('gkpo,gko->gpo', onehot, v)
+  return dense.reshape(2 * half, n_out)
+
+
+def to_dense(w, dtype=jnp.float32) -> jax.Array:
+  """Dense ``[in, out]`` effective weight of any weight leaf, excluding the adapter."""
+  if isinstance(w, CompressedLinear):
+    dense = to_dense(w.weight, dtype)
+    if w.mask is not None:
+      dense = jnp.where(w.mask, dense, jnp.zeros((), dtype))
+    return dense
+  if isinstance(w, QuantizedWeight):
+    return dequantize(w, dtype)
+  if isinstance(w, Sparse24Weight):
+    return sparse24_decompress(w, dtype)
+  return jnp.asarray(w).astype(dtype)
+
+
+def effective_weight(w, dtype=jnp.float32) -> jax.Array:
+  """Dense ``[in, out]`` weight including the adapter's ``a @ b`` (for analysis, not inference)."""
+  dense = to_dense(w, dtype)
+  if isinstance(w, CompressedLinear) and w.adapter is not None:
+    dense = dense + to_dense(w.adapter.a, dtype) @ to_dense(w.adapter.b, dtype)
+  return dense
+
+
+def weight_nbytes(w) -> int:
+  """Bytes to store a weight leaf (dense at 16 bits per value; masks at 1 bit; 2:4 metadata 2 bits)."""
+  if isinstance(w, CompressedLinear):
+    n = weight_nbytes(w.weight)
+    if w.mask is not None:
+      n += w.mask.size // 8
+    if w.adapter is not None:
+      n += weight_nbytes(w.adapter.a) + weight_nbytes(w.adapter.b)
+    return n
+  if isinstance(w, QuantizedWeight):
+    return w.nbytes_effective()
+  if isinstance(w, Sparse24Weight):
+    return weight_nbytes(w.values) + w.indices.size // 4
+  return int(np.prod(w.shape)) * 2
