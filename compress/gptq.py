@@ -1,0 +1,335 @@
+"""GPTQ: one-shot weight quantization with second-order error feedback.
+
+Paper: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", ICLR 2023, https://arxiv.org/abs/2210.17323.
+Reference implementation followed: IST-DASLab/gptq ``gptq.py GPTQ.fasterquant`` (with the quantizer
+of its ``quant.py``, here :mod:`compress.quantize`). Same naming as the reference inside
+(``W [out, in]``, columns = input features, ``Hinv``, ``W1``, ``Q1``, ``Err1``); the public functions
+take and return Flax-layout ``[in, out]`` weights and transpose at the boundary.
+
+The algorithm, as in the reference:
+
+1. Dead inputs (``H_ii == 0``) get ``H_ii = 1`` and their weights are zeroed.
+2. act-order: columns are permuted by decreasing ``diag(H)``.
+3. ``H += damp * mean(diag(H)) * I``; ``Hinv`` = upper Cholesky factor of ``H^-1``, which is
+   computed through a Cholesky factorization of ``H``. If a factorization fails (NaN), ``damp`` is
+   multiplied by 10 (0 becomes the reference default 0.01) and the factorization is retried, up to
+   ``max_damp_retries`` times; :class:`GPTQInfo` records the retries and the final ``damp``.
+4. Lazy batches of ``block_size`` columns: inside a batch every column is quantized in turn and its
+   error ``(w - q) / Hinv_ii`` is propagated to the batch's remaining columns through row ``i`` of
+   ``Hinv``; the batch's accumulated error is then applied to all later columns at once.
+5. Groups (``group_size != -1``): the grid of a group is computed when its first column is reached,
+   from the weights as they stand at the start of the current lazy batch (the reference reads
+   ``W``, not the batch copy ``W1``; the two agree when ``group_size`` is a multiple of
+   ``block_size``). With act-order, groups are consecutive in the *permuted* order and ``g_idx``
+   maps each input row (original order) to its group. ``static_groups`` computes all grids up
+   front from the (dead-zeroed) original weights with groups consecutive in the original order, so
+   act-order then needs no ``g_idx``. With ``group_size == -1`` the single grid per output unit is
+   computed from ``W`` before dead inputs are zeroed, as the reference does.
+6. ``loss`` is the reference's printed error ``sum((w - q)^2 / Hinv_ii^2) / 2``, which equals
+   ``trace(D (H + damp I) D^T) / 2`` for the final error ``D``: it is in the units of the given
+   ``H`` (the reference accumulates ``H = 2 X^T X / n``).
+
+``mask`` (bool ``[in, out]``, True = kept) is the SparseGPT joint mode: weights outside the mask are
+set to the grid's zero (dequantizing to exactly 0) and their error is propagated like any other.
+
+Everything is traceable: the driver jits one matrix with the statics bound, e.g.
+``jax.jit(functools.partial(gptq, spec=spec, block_size=128, act_order=True))(w, h)``. The lazy
+batches are a Python loop (a handful of static slices); the columns inside a batch are a
+``lax.fori_loop`` whose body is vectorised over output units, so compile time does not grow with
+``in_features``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compress.quantize import compute_qparams, quantize_codes
+from kernels.formats import QuantizedWeight, QuantSpec
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@flax.struct.dataclass
+class GPTQInfo:
+  """Diagnostics of one GPTQ call (all scalar arrays, so it can leave a ``jit``).
+
+  Attributes:
+    loss: float32, the reference's ``sum((w - q)^2 / Hinv_ii^2) / 2``.
+    damp: float32, the relative damping finally used (fraction of ``mean(diag(H))``).
+    retries: int32, how many times the damping was raised because a Cholesky factorization failed.
+    ok: bool, False if the factorization still failed after ``max_damp_retries`` (results are NaN).
+  """
+  loss: jax.Array
+  damp: jax.Array
+  retries: jax.Array
+  ok: jax.Array
+
+
+def _upper_inverse_cholesky(H, percdamp, max_retries):
+  """Upper Cholesky factor of ``(H + percdamp * mean(diag(H)) I)^-1`` with damping retries.
+
+  The reference computes ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``. The same factor
+  (Cholesky factors are unique) comes from one factorization of the index-reversed matrix: with
+  ``J`` the reversal permutation and ``J H J = L L^T``, ``H^-1 = (J L^-1 J)^T (J L^-1 J)`` and
+  ``J L^-1 J`` is upper triangular with a positive diagonal.
+
+  Returns ``(Hinv [n, n], percdamp, retries, ok)``.
+  """
+  n = H.shape[0]
+  eye = jnp.eye(n, dtype=jnp.float32)
+  # mean |diag| equals the reference's mean(diag) for any PSD H and keeps the damping positive for
+  # an invalid (indefinite) input.
+  mean_diag = jnp.mean(jnp.abs(jnp.diag(H)))
+  H_rev = H[::-1, ::-1]
+
+  def attempt(pd):
+    L = jnp.linalg.cholesky(H_rev + (pd * mean_diag) * eye)  # NaN if not positive definite
+    Linv = jax.scipy.linalg.solve_triangular(L, eye, lower=True)
+    return Linv[::-1, ::-1]
+
+  def good(U):
+    return jnp.all(jnp.isfinite(U)) & jnp.all(jnp.diag(U) > 0)
+
+  def cond(carry):
+    U, _, retries = carry
+    return (~good(U)) & (retries < max_retries)
+
+  def body(carry):
+    _, pd, retries = carry
+    pd = jnp.where(pd > 0, pd * 10.0, 0.01)
+    return attempt(pd), pd, retries + 1
+
+  pd0 = jnp.asarray(percdamp, jnp.float32)
+  U, pd, retries = jax.lax.while_loop(cond, body, (attempt(pd0), pd0, jnp.zeros((), jnp.int32)))
+  return U, pd, retries, good(U)
+
+
+def _check_args(w, hessian, spec, block_size, mask, max_damp_retries):
+  if not isinstance(spec, QuantSpec):
+    raise ValueError(f'spec must be a QuantSpec, got {type(spec).__name__}.')
+  if w.ndim != 2:
+    raise ValueError(f'gptq expects a 2-D weight [in, out], got shape {w.shape}.')
+  n_in = w.shape[0]
+  if hessian.shape != (n_in, n_in):
+    raise ValueError(
+        f'gptq: hessian of shape {hessian.shape} does not match a weight with {n_in} inputs '
+        f'(expected ({n_in}, {n_in})).')
+  if mask is not None and mask.shape != w.shape:
+    raise ValueError(f'gptq: mask of shape {mask.shape} does not match the weight {w.shape}.')
+  if block_size <= 0:
+    raise ValueError(f'block_size must be positive, got {block_size}.')
+  if max_damp_retries < 0:
+    raise ValueError(f'max_damp_retries must be >= 0, got {max_damp_retries}.')
+  spec.num_groups(n_in)  # raises if group_size does not divide in_features
+
+
+def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mask,
+               max_damp_retries):
+  """Returns ``(codes [in, out] int32, scales [G, out], zeros [G, out], g_idx | None, info)``."""
+  w = jnp.asarray(w)
+  hessian = jnp.asarray(hessian)
+  _check_args(w, hessian, spec, block_size, mask, max_damp_retries)
+  n_in, n_out = w.shape
+  columns = n_in
+  grouped = spec.group_size != -1
+  groupsize = spec.group_len(n_in)
+  n_groups = spec.num_groups(n_in)
+  static_groups = static_groups and grouped  # the reference ignores it without groups
+
+  W = jnp.asarray(w, jnp.float32).T  # [out, in]
+  H = jnp.asarray(hessian, jnp.float32)  # [in, in]
+  M = None if mask is None else jnp.asarray(mask, bool).T  # [out, in]
+  if M is not None:
+    W = jnp.where(M, W, 0.0)
+
+  if not grouped:
+    scale, zero = compute_qparams(W, spec, axis=1)  # [out]; before dead zeroing, as the reference
+    scales, zeros = scale[None], zero[None]  # [1, out]
+
+  dead = jnp.diag(H) == 0  # [in]
+  H = H + jnp.diag(dead.astype(jnp.float32))  # H[dead, dead] = 1
+  W = jnp.where(dead[None, :], 0.0, W)
+
+  if static_groups:
+    scale, zero = compute_qparams(W.reshape(n_out, n_groups, groupsize), spec, axis=2)  # [out, G]
+    scales, zeros = scale.T, zero.T  # [G, out]
+  elif grouped:
+    scales = jnp.zeros((n_groups, n_out), jnp.float32)
+    zeros = jnp.zeros((n_groups, n_out), jnp.float32)
+
+  perm = invperm = None
+  if act_order:
+    perm = jnp.argsort(-jnp.diag(H), stable=True)  # decreasing diag(H)
+    invperm = jnp.argsort(perm)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    if M is not None:
+      M = M[:, perm]
+
+  # Group of each column in processing order.
+  if not grouped:
+    gcol = jnp.zeros((columns,), jnp.int32)
+  elif static_groups and act_order:
+    gcol = (perm // groupsize).astype(jnp.int32)
+  else:
+    gcol = jnp.asarray(np.arange(columns) // groupsize, jnp.int32)
+
+  Hinv, percdamp, retries, ok = _upper_inverse_cholesky(H, damp, max_damp_retries)
+
+  # Pad the columns to whole lazy batches so that one fori_loop body serves every batch. A padded
+  # column has weight 0, Hinv = identity (no coupling to real columns) and a dummy grid (index
+  # n_groups: scale 1, zero 0), so it quantizes to 0 with zero error and changes nothing.
+  blocksize = min(block_size, columns)
+  n_blocks = -(-columns // blocksize)
+  padded = n_blocks * blocksize
+  pad = padded - columns
+  W = jnp.pad(W, ((0, 0), (0, pad)))
+  Hinv = jnp.pad(Hinv, ((0, pad), (0, pad))) + jnp.diag(
+      jnp.asarray(np.arange(padded) >= columns, jnp.float32))
+  gcol = jnp.pad(gcol, (0, pad), constant_values=n_groups)
+  if M is not None:
+    M = jnp.pad(M, ((0, 0), (0, pad)), constant_values=True)
+  scales = jnp.concatenate([scales, jnp.ones((1, n_out), jnp.float32)])  # [G + 1, out]
+  zeros = jnp.concatenate([zeros, jnp.zeros((1, n_out), jnp.float32)])
+  # At most this many groups start inside one lazy batch.
+  groups_per_block = -(-blocksize // groupsize)
+
+  def column(i, carry, Hinv1, g1, M1, scales, zeros):
+    W1, Q1, Err1, loss = carry
+    w = jax.lax.dynamic_index_in_dim(W1, i, axis=1, keepdims=False)  # [out]
+    h_row = jax.lax.dynamic_index_in_dim(Hinv1, i, axis=0, keepdims=False)  # [blocksize]
+    d = h_row[i]
+    g = g1[i]
+    scale, zero = scales[g], zeros[g]  # [out]
+    code = quantize_codes(w, scale, zero, spec.bits)
+    if M1 is not None:
+      code = jnp.where(jax.lax.dynamic_index_in_dim(M1, i, axis=1, keepdims=False), code, zero)
+    q = (code - zero) * scale
+    err1 = (w - q) / d
+    loss = loss + jnp.sum(err1 * err1)
+    # Hinv1[i, :i] == 0, so updating the whole batch equals the reference's W1[:, i:] update.
+    W1 = W1 - err1[:, None] * h_row[None, :]
+    Q1 = jax.lax.dynamic_update_index_in_dim(Q1, code, i, axis=1)
+    Err1 = jax.lax.dynamic_update_index_in_dim(Err1, err1, i, axis=1)
+    return W1, Q1, Err1, loss
+
+  def block(b, carry):
+    W, Q, scales, zeros, loss = carry
+    i1 = b * blocksize
+    i2 = jnp.minimum(i1 + blocksize, columns)
+    if grouped and not static_groups:
+      # Grids of the groups that start inside this batch, from W as it stands at the batch start
+      # (the reference's find_params(W[:, (i1 + i):(i1 + i + groupsize)])).
+      g0 = (i1 + groupsize - 1) // groupsize
+      for k in range(groups_per_block):
+        g = g0 + k
+        start = g * groupsize
+        valid = start < i2
+        Wg = jax.lax.dynamic_slice_in_dim(W, start, groupsize, axis=1)  # [out, groupsize]
+        if M is not None:
+          Wg = jnp.where(jax.lax.dynamic_slice_in_dim(M, start, groupsize, axis=1), Wg, 0.0)
+        scale, zero = compute_qparams(Wg, spec, axis=1)
+        g_safe = jnp.where(valid, g, n_groups)  # invalid: rewrite the dummy grid unchanged
+        scales = scales.at[g_safe].set(jnp.where(valid, scale, scales[g_safe]))
+        zeros = zeros.at[g_safe].set(jnp.where(valid, zero, zeros[g_safe]))
+
+    W1 = jax.lax.dynamic_slice_in_dim(W, i1, blocksize, axis=1)  # [out, blocksize]
+    Hrows = jax.lax.dynamic_slice_in_dim(Hinv, i1, blocksize, axis=0)  # [blocksize, padded]
+    Hinv1 = jax.lax.dynamic_slice_in_dim(Hrows, i1, blocksize, axis=1)  # [blocksize, blocksize]
+    g1 = jax.lax.dynamic_slice_in_dim(gcol, i1, blocksize)
+    M1 = None if M is None else jax.lax.dynamic_slice_in_dim(M, i1, blocksize, axis=1)
+    body = functools.partial(column, Hinv1=Hinv1, g1=g1, M1=M1, scales=scales, zeros=zeros)
+    init = (W1, jnp.zeros_like(W1), jnp.zeros_like(W1), loss)
+    _, Q1, Err1, loss = jax.lax.fori_loop(0, blocksize, body, init)
+    Q = jax.lax.dynamic_update_slice_in_dim(Q, Q1, i1, axis=1)
+    # The reference's W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]. Hrows is zero left of the batch; the
+    # batch's own columns of W also change here, but they are never read again.
+    W = W - jnp.matmul(Err1, Hrows, precision=_HIGHEST)
+    return W, Q, scales, zeros, loss
+
+  init = (W, jnp.zeros_like(W), scales, zeros, jnp.zeros((), jnp.float32))
+  _, Q, scales, zeros, loss = jax.lax.fori_loop(0, n_blocks, block, init)
+  Q = Q[:, :columns]  # [out, in] codes, processing order
+  scales, zeros = scales[:n_groups], zeros[:n_groups]
+  g_idx = None
+  if act_order:
+    Q = Q[:, invperm]
+    if grouped and not static_groups:
+      g_idx = gcol[:columns][invperm]
+  codes = Q.T.astype(jnp.int32)  # [in, out]
+  info = GPTQInfo(loss=loss / 2, damp=percdamp, retries=retries, ok=ok)
+  return codes, scales, zeros, g_idx, info
+
+
+def _report(info: GPTQInfo) -> None:
+  """Eagerly: raise on a failed factorization and log damping retries. No-op under a trace."""
+  try:
+    ok = bool(info.ok)
+    retries = int(info.retries)
+  except jax.errors.ConcretizationTypeError:
+    return  # traced: the caller reads info.ok / info.retries
+  if not ok:
+    raise ValueError(
+        f'gptq: the Cholesky factorization of the damped Hessian failed after {retries} damping '
+        f'retries (final damp {float(info.damp):g} x mean(diag(H))); the Hessian is not positive '
+        'semi-definite or holds NaN/Inf.')
+  if retries:
+    logging.warning('gptq: Cholesky failed; damp raised %d time(s) to %g x mean(diag(H)).', retries,
+                    float(info.damp))
+
+
+def _dequantize_codes(codes, scales, zeros, g):
+  """Same arithmetic as ``kernels.formats.dequantize``, so both give bit-identical results."""
+  return (codes.astype(jnp.float32) - zeros[g].astype(jnp.float32)) * scales[g].astype(jnp.float32)
+
+
+def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, block_size: int = 128,
+         damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+         mask: jax.Array | None = None,
+         max_damp_retries: int = 5) -> tuple[QuantizedWeight, GPTQInfo]:
+  """Quantizes ``w`` with GPTQ.
+
+  Args:
+    w: weight ``[in, out]`` (Flax layout).
+    hessian: ``X^T X`` ``[in, in]`` of the layer's calibration inputs (any positive scale).
+    spec: quantization grid (bits, group size along the input axis, symmetric).
+    block_size: lazy-batch size (the reference's ``blocksize``).
+    damp: relative dampening (the reference's ``percdamp``).
+    act_order: process input rows by decreasing ``diag(H)`` (the reference's ``actorder``).
+    static_groups: compute all group grids from the original weights before any update.
+    mask: optional bool ``[in, out]``, True = kept; the rest quantize to exactly zero.
+    max_damp_retries: how many times to raise ``damp`` x10 when a Cholesky factorization fails.
+
+  Returns:
+    ``(QuantizedWeight, GPTQInfo)``. ``g_idx`` is set only for act-order with dynamic groups (the
+    only case where groups are not consecutive input rows). Eagerly, a factorization that still
+    fails raises ValueError; under ``jit`` check ``info.ok``.
+  """
+  codes, scales, zeros, g_idx, info = _gptq_core(w, hessian, spec, block_size, damp, act_order,
+                                                 static_groups, mask, max_damp_retries)
+  _report(info)
+  qw = QuantizedWeight.from_ints(codes, scales, zeros, spec, g_idx=g_idx)
+  return qw, info
+
+
+def gptq_dense(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, block_size: int = 128,
+               damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+               mask: jax.Array | None = None,
+               max_damp_retries: int = 5) -> tuple[jax.Array, GPTQInfo]:
+  """Like :func:`gptq` but returns the dequantized float32 weight ``[in, out]`` without packing.
+
+  The result equals ``dequantize(gptq(...)[0])`` exactly.
+  """
+  codes, scales, zeros, g_idx, info = _gptq_core(w, hessian, spec, block_size, damp, act_order,
+                                                 static_groups, mask, max_damp_retries)
+  _report(info)
+  n_in = codes.shape[0]
+  g = g_idx if g_idx is not None else jnp.asarray(np.arange(n_in) // spec.group_len(n_in))
+  return _dequantize_codes(codes, scales, zeros, g), info

