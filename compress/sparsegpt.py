@@ -29,7 +29,8 @@ Deviations from the reference, both to give every output unit exactly the same s
 * ``Hinv`` is computed as ``R^-1`` where ``H = R R^T`` with ``R`` upper triangular (a Cholesky of
   the index-reversed ``H``). This is the same matrix as the reference's
   ``cholesky(cholesky_inverse(cholesky(H)), upper=True)`` (uniqueness of the Cholesky factor) at
-  about half the cost. If the factorization fails, ``percdamp`` is raised x10 (at most 3 times).
+  about half the cost. If the factorization fails (non-finite factor), ``percdamp`` is raised x10
+  and the factorization retried (at most 3 times; from 1e-4 if it was 0), and a message says so.
 
 Joint quantization (the reference's ``--wbits``): the kept weights are quantized as they are
 processed; with groups, the quantization parameters of a group are computed when its first column is
@@ -80,20 +81,22 @@ def inverse_hessian_factor(hessian: jax.Array, percdamp: float = 0.01) -> tuple[
   mean_diag = jnp.mean(jnp.diagonal(H))
   eye = jnp.eye(n, dtype=jnp.float32)
 
-  def factor(damp_scale):
-    return _upper_cholesky_of_inverse(H + (damp_scale * percdamp * mean_diag) * eye)
+  def factor(frac):
+    return _upper_cholesky_of_inverse(H + (frac * mean_diag) * eye)
 
   def failed(U):
     return ~jnp.all(jnp.isfinite(U))
 
   def retry(state):
     _, tries = state
-    scale = 10.0 ** (tries + 1).astype(jnp.float32)
-    jax.debug.print('sparsegpt: Cholesky failed, raising percdamp x{s}', s=scale)
-    return factor(scale), tries + 1
+    # x10 per retry; from 1e-4 if percdamp was 0.
+    frac = jnp.maximum(percdamp, 1e-4) * 10.0 ** (tries + 1).astype(jnp.float32)
+    jax.debug.print('sparsegpt: Cholesky failed; retrying with percdamp={f}', f=frac)
+    return factor(frac), tries + 1
 
   U, _ = jax.lax.while_loop(
-      lambda s: failed(s[0]) & (s[1] < _MAX_DAMP_RETRIES), retry, (factor(1.0), jnp.int32(0)))
+      lambda s: failed(s[0]) & (s[1] < _MAX_DAMP_RETRIES), retry,
+      (factor(jnp.float32(percdamp)), jnp.int32(0)))
   return U, dead
 
 
@@ -202,6 +205,7 @@ def _process_columns(state, start: int, length: int, Hinv1, spec: PruneSpec,
   The result is the reference's up to float rounding; it only moves fewer bytes per column.
   """
   S = _chunk_len(spec)
+  step = spec.m if spec.is_nm else 1
 
   def chunk(c0, size, state):
     W1, Q1, Err1, pruned1 = state
@@ -209,30 +213,36 @@ def _process_columns(state, start: int, length: int, Hinv1, spec: PruneSpec,
     Pc = jax.lax.dynamic_slice_in_dim(pruned1, c0, size, axis=1)
     Hc = jax.lax.dynamic_slice(Hinv1, (c0, c0), (size, size))  # upper triangular
     dc = jnp.diagonal(Hc)
-    q_cols, err_cols, p_cols = [], [], []
-    for k in range(size):
-      if spec.is_nm and k % spec.m == 0:
-        tmp = Wc[:, k:k + spec.m] ** 2 / dc[None, k:k + spec.m] ** 2  # [rows, m]
+
+    def columns(t, cs):
+      Wc, Qc, Ec, Pc = cs
+      j0 = t * step
+      if spec.is_nm:
+        tmp = (jax.lax.dynamic_slice_in_dim(Wc, j0, spec.m, axis=1) ** 2
+               / jax.lax.dynamic_slice_in_dim(dc, j0, spec.m)[None, :] ** 2)  # [rows, m]
         group = lowest_k_mask(tmp, spec.m - spec.n, axis=1)
-        p_cols.extend(group[:, t] for t in range(spec.m))
-      elif not spec.is_nm:
-        p_cols.append(Pc[:, k])
-      w = Wc[:, k]
-      q = jnp.where(p_cols[k], 0.0, w)
-      if quant is not None:
-        q = quantize.fake_quantize(q, scale, zero, quant.bits)
-      err = (w - q) / dc[k]
-      if k + 1 < size:
-        Wc = Wc.at[:, k + 1:].add(-err[:, None] * Hc[k, k + 1:][None, :])
-      q_cols.append(q)
-      err_cols.append(err)
-    Errc = jnp.stack(err_cols, axis=1)  # [rows, size]
+        Pc = jax.lax.dynamic_update_slice_in_dim(Pc, group, j0, axis=1)
+      for k in range(step):
+        j = j0 + k
+        w = jax.lax.dynamic_index_in_dim(Wc, j, axis=1, keepdims=False)  # [rows]
+        p = jax.lax.dynamic_index_in_dim(Pc, j, axis=1, keepdims=False)
+        q = jnp.where(p, 0.0, w)
+        if quant is not None:
+          q = quantize.fake_quantize(q, scale, zero, quant.bits)
+        err = (w - q) / dc[j]
+        # Hc is upper triangular: only columns j.. change, as the reference's W1[:, i:].
+        Wc = Wc - err[:, None] * Hc[j][None, :]
+        Qc = jax.lax.dynamic_update_index_in_dim(Qc, q, j, axis=1)
+        Ec = jax.lax.dynamic_update_index_in_dim(Ec, err, j, axis=1)
+      return Wc, Qc, Ec, Pc
+
+    zeros_c = jnp.zeros_like(Wc)
+    _, Qc, Errc, Pc = jax.lax.fori_loop(0, size // step, columns, (Wc, zeros_c, zeros_c, Pc))
     # Hinv1 rows of this sub-block are zero left of c0; columns inside it are finished already.
     W1 = W1 - Errc @ jax.lax.dynamic_slice_in_dim(Hinv1, c0, size, axis=0)
-    Q1 = jax.lax.dynamic_update_slice_in_dim(Q1, jnp.stack(q_cols, axis=1), c0, axis=1)
+    Q1 = jax.lax.dynamic_update_slice_in_dim(Q1, Qc, c0, axis=1)
     Err1 = jax.lax.dynamic_update_slice_in_dim(Err1, Errc, c0, axis=1)
-    if spec.is_nm:
-      pruned1 = jax.lax.dynamic_update_slice_in_dim(pruned1, jnp.stack(p_cols, axis=1), c0, axis=1)
+    pruned1 = jax.lax.dynamic_update_slice_in_dim(pruned1, Pc, c0, axis=1)
     return W1, Q1, Err1, pruned1
 
   full, rest = divmod(length, S)

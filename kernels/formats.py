@@ -261,3 +261,23 @@ def weight_nbytes(w) -> int:
   if isinstance(w, Sparse24Weight):
     return weight_nbytes(w.values) + w.indices.size // 4
   return int(np.prod(w.shape)) * 2
+
+
+def sparse24_from_quantized(q: QuantizedWeight, mask: jax.Array) -> Sparse24Weight:
+  """2:4 + low-bit: keeps the codes of a quantized ``[in, out]`` weight at the 2:4 ``mask``.
+
+  The kept values' groups are the original groups halved (every group of ``g`` input rows holds
+  ``g / 2`` kept values), so scales and zeros carry over unchanged. Needs contiguous groups.
+  """
+  if q.g_idx is not None:
+    raise ValueError('2:4 compression of an act-order (g_idx) weight is not supported')
+  n_in, n_out = q.shape
+  m = jnp.asarray(mask).reshape(n_in // 4, 4, n_out)
+  if bool(jnp.any(m.sum(axis=1) != 2)):
+    raise ValueError('mask is not exactly 2:4 along the input axis')
+  order = jnp.sort(jnp.argsort(~m, axis=1, stable=True)[:, :2], axis=1)  # [G, 2, out]
+  codes = jnp.take_along_axis(q.ints().reshape(n_in // 4, 4, n_out), order, axis=1)
+  half_group = -1 if q.group_size == -1 else q.group_size // 2
+  spec = QuantSpec(bits=q.bits, group_size=half_group, symmetric=q.symmetric)
+  values = QuantizedWeight.from_ints(codes.reshape(n_in // 2, n_out), q.scales, q.zeros, spec)
+  return Sparse24Weight(values=values, indices=order.reshape(n_in // 2, n_out).astype(jnp.uint8))

@@ -83,8 +83,8 @@ _SMOLLM2_FILE_SHA256 = {
         'b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53',
 }
 
-_PIP_HINT = ('Check that pip works (`{py} -m pip --version`) and that this machine reaches PyPI or a '
-             'mirror configured for pip (PIP_INDEX_URL).').format(py=sys.executable)
+_PIP_HINT = (f'Check that pip works (`{sys.executable} -m pip --version`) and that this machine '
+             'reaches PyPI or a mirror configured for pip (PIP_INDEX_URL).')
 _APT_HINT = ('`apt-get download` needs a Debian/Ubuntu system whose package lists know '
              f'{PYTHON_DOC_PACKAGE}: run `sudo apt-get update` once and check that the archive is '
              'reachable. Without apt, use the shakespeare corpus or a local text file '
@@ -232,7 +232,8 @@ def _check_artifact(spec: AssetSpec, artifact: pathlib.Path) -> dict:
                   stacklevel=3)
     pinned = False
   else:
-    raise AssetError(f'{artifact.name} is version {version}; only {sorted(spec.sha256)} are pinned.')
+    raise AssetError(
+        f'{artifact.name} is version {version}; only {sorted(spec.sha256)} are pinned.')
   return {'artifact': artifact.name, 'version': version, 'sha256': digest, 'pinned': pinned}
 
 
@@ -268,7 +269,8 @@ def install(spec: AssetSpec, force: bool = False) -> pathlib.Path:
         if not path.is_file():
           raise AssetError(f'{artifact.name} holds no {rel}.')
         if sha256_file(path) != expected:
-          raise AssetError(f'{rel} extracted from {artifact.name} does not match its pinned sha256.')
+          raise AssetError(
+              f'{rel} extracted from {artifact.name} does not match its pinned sha256.')
       write_manifest(staging, source)
       if target.exists():  # Move the old copy aside; it is deleted with the temporary directory.
         os.rename(target, pathlib.Path(tmp, 'old'))
@@ -428,7 +430,8 @@ _PATHS = {'smollm2': smollm2_gguf, 'shakespeare': shakespeare_dir, 'python-docs'
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m models.assets', description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(prog='python -m models.assets',
+                                   description=__doc__.split('\n', maxsplit=1)[0])
   parser.add_argument('names', nargs='*', metavar='NAME',
                       help=f'assets to fetch, from {", ".join(ASSETS)} (default: all)')
   parser.add_argument('--force', action='store_true', help='re-fetch even if cached')

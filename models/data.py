@@ -1,4 +1,4 @@
-"""Text corpora, train/test splits, calibration sampling, evaluation windows and multiple-choice probes.
+"""Text corpora, document-level splits, calibration sampling, eval windows, multiple-choice probes.
 
 Sources (`load_text`):
 
@@ -21,9 +21,9 @@ Splits of the package corpora are made at document (file) level, so no document 
 document goes to ``'test'`` iff ``int(sha256(relative file name)[:8], 16) % 100`` is below the
 corpus's test percentage (15% for both), which is deterministic across runs, machines and Python
 versions. The documents of a split are concatenated in sorted name order with ``'\\n\\n'``.
-python-docs uses 15% rather than 10% so that its test split (7 documents, 112 KB) holds more than
-40 x 512 SmolLM2 tokens (24.2k; train: 39 documents, 544 KB, 121k tokens). The shakespeare test split
-is 5 works (637 KB, 202k tokens; train: 37 works, 4.4 MB, 1.36M tokens).
+python-docs uses 15% rather than 10% so that its test split (5 documents, 112 KB) holds more
+than 40 x 512 SmolLM2 tokens (24.2k; train: 41 documents, 544 KB, 121k tokens). The shakespeare
+test split is 5 works (637 KB, 202k tokens; train: 37 works, 4.4 MB, 1.36M tokens).
 
 Tokenization (`tokenize`) encodes a split once as one stream. A tokenizer that adds special tokens
 by default (e.g. a BOS) gets them once, around the whole stream, as the GPTQ and lm-eval perplexity
@@ -239,6 +239,13 @@ _DOCUMENTS: dict[str, Callable[[], dict[str, str]]] = {
 _TEXT_CACHE: dict[tuple[str, str], str] = {}
 
 
+def load_documents(name: str) -> dict[str, str]:
+  """Returns {relative file name: text} for a package corpus ('python-docs' or 'shakespeare')."""
+  if name not in _DOCUMENTS:
+    raise ValueError(f'{name!r} is not a document corpus; expected one of {PACKAGE_CORPORA}')
+  return _DOCUMENTS[name]()
+
+
 def _load_datasets():
   try:
     import datasets  # pylint: disable=g-import-not-at-top
@@ -283,8 +290,8 @@ def load_text(name_or_path: str | os.PathLike, split: str) -> str:
     The text.
 
   Raises:
-    FileNotFoundError: ``name_or_path`` looks like a path (holds '/' or ends with '.txt') but no such
-      file exists.
+    FileNotFoundError: ``name_or_path`` looks like a path (holds '/' or ends with '.txt') but no
+      such file exists.
     ValueError: unknown corpus name or split.
     DataUnavailableError: 'wikitext2' / 'c4' without ``datasets`` or offline.
   """
@@ -455,8 +462,8 @@ def eval_windows(tokens: np.ndarray, seqlen: int, n_windows: int | None = None) 
   elif n_windows < 0:
     raise ValueError(f'n_windows must be positive, or None/0/-1 for all windows; got {n_windows}')
   elif n_windows > available:
-    raise ValueError(f'{n_windows} windows of {seqlen} tokens need {n_windows * seqlen} tokens, the '
-                     f'text has {tokens.shape[0]} ({available} full windows)')
+    raise ValueError(f'{n_windows} windows of {seqlen} tokens need {n_windows * seqlen} tokens, '
+                     f'the text has {tokens.shape[0]} ({available} full windows)')
   return tokens[:n_windows * seqlen].reshape(n_windows, seqlen).astype(np.int32)
 
 

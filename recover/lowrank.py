@@ -50,7 +50,8 @@ from kernels.formats import LowRank, QuantizedWeight, QuantSpec
 # float32, which leaves rounding noise of about 1e-7 x lambda_max in its eigenvalues (measured:
 # 3e-8 .. 1e-7 for in = 64 .. 1024 with fewer tokens than inputs), so the exact zeros of a
 # rank-deficient H show up at that size. 1e-6 sits above that noise; a direction below it carries
-# at most 1e-6 of the largest direction's energy, so dropping it costs at most that much of the loss.
+# at most 1e-6 of the largest direction's energy, so dropping it costs at most that share of
+# the loss.
 DEFAULT_REL_EIG_THRESHOLD = 1e-6
 
 QuantizeFn = Callable[[jax.Array], tuple[Any, jax.Array]]
@@ -161,7 +162,7 @@ def svd_compensate(delta_w: jax.Array, rank: int, *, dtype=jnp.float32) -> LowRa
 
 @dataclasses.dataclass(frozen=True)
 class EigenBasis:
-  """The eigenspace of one Hessian, shared by every layer that reads the same input (q/k/v, gate/up).
+  """The eigenspace of one Hessian, shared by the layers that read the same input (q/k/v, up/gate).
 
   ``H / n = Q diag(l) Q^T``; eigenvalues at or below ``rel_eig_threshold * max(l)`` are treated as
   zero: ``sqrt_l`` and ``inv_sqrt_l`` are 0 there, so ``P = Q diag(sqrt_l)`` and its truncated
@@ -172,6 +173,10 @@ class EigenBasis:
     sqrt_l: float64 ``[in]`` ``sqrt(l)``, 0 for clamped eigenvalues.
     inv_sqrt_l: float64 ``[in]`` ``1 / sqrt(l)``, 0 for clamped eigenvalues.
     num_clamped: how many eigenvalues were treated as zero.
+
+  The arrays are float64 device arrays made under a local x64 block; pass the basis to this
+  module's functions rather than computing with its fields directly (outside an x64 block JAX
+  truncates new results to float32).
   """
   q: jax.Array
   sqrt_l: jax.Array
@@ -227,7 +232,7 @@ def eigen_basis(hessian: jax.Array, *, num_tokens: int | None = None,
 
 
 def _eora_factors(delta_w64: jax.Array, basis: EigenBasis):
-  """All float64 EoRA factors ``a [in, m]``, ``b [m, out]``, best first (call inside :func:`_x64`)."""
+  """All float64 EoRA factors ``a [in, m]``, ``b [m, out]``, best first (inside :func:`_x64`)."""
   projected = basis.sqrt_l[:, None] * (basis.q.T @ delta_w64)  # P^T dW  [in, out]
   a_w, b = _svd_factors(projected)                           # whitened factors
   a = basis.q @ (basis.inv_sqrt_l[:, None] * a_w)             # P^+T: back to input space

@@ -1,0 +1,119 @@
+"""Training-free compensation inside the compression pipeline.
+
+:func:`make_compensator` returns the callback that :func:`compress.pipeline.compress_model` calls
+right after each linear is compressed: it adds a low-rank adapter (SVD, EoRA, ACT-S) to the
+compressed leaf, or, for SRR, re-compresses the layer with its top directions preserved. The
+eigenspace comes from the compression pass's statistics, or from a separate recovery calibration
+set when the pipeline is given one (EoRA uses task data for it). Eigendecompositions are shared by
+the linears that read the same input (q/k/v; gate/up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from compress import pipeline
+from compress.calibration import LinearStats
+from compress.rules import LinearSpec
+from kernels import formats
+from models import llama
+from recover import lowrank
+
+METHODS = ('none', 'svd', 'eora', 'actsvd', 'srr')
+ADAPTER_BITS = (16, 8, 4, 3, 2)
+
+
+@dataclasses.dataclass
+class Compensator:
+  """Callable ``(name, w, leaf, stats, aux_stats, spec) -> leaf`` for ``compress_model``.
+
+  Attributes:
+    method: 'svd', 'eora', 'actsvd' or 'srr'.
+    rank: adapter rank (clipped per layer to ``min(in, out)``).
+    adapter_bits: 16 keeps the factors in float; 2/3/4/8 quantizes them group-wise (RTN).
+    adapter_group_size: group size of the adapter quantization.
+    srr_k: SRR's preserved rank: None = the energy rule, an int = fixed, -1 = search.
+    srr_scaling: 'exact' (``H^1/2``) or 'diag'.
+  """
+  method: str
+  rank: int
+  adapter_bits: int = 16
+  adapter_group_size: int = 64
+  srr_k: int | None = None
+  srr_scaling: str = 'exact'
+  _bases: dict[str, lowrank.EigenBasis] = dataclasses.field(default_factory=dict, repr=False)
+
+  def __post_init__(self):
+    if self.method not in METHODS or self.method == 'none':
+      raise ValueError(f'unknown recovery method {self.method!r}; choose one of {METHODS[1:]}')
+    if self.rank <= 0:
+      raise ValueError(f'rank must be positive, got {self.rank}')
+    if self.adapter_bits not in ADAPTER_BITS:
+      raise ValueError(f'adapter_bits={self.adapter_bits} is not supported; choose one of {ADAPTER_BITS}')
+
+  @property
+  def fingerprint(self) -> str:
+    return f'{self.method}-r{self.rank}-b{self.adapter_bits}-g{self.adapter_group_size}-k{self.srr_k}-{self.srr_scaling}'
+
+  def _basis(self, name: str, stats: LinearStats) -> lowrank.EigenBasis:
+    layer, lin = name.rsplit('/', 2)[0], '/'.join(name.rsplit('/', 2)[1:])
+    key = f'{layer}/{llama.LINEAR_INPUTS.get(lin, lin)}/{id(stats.hessian)}'
+    if key not in self._bases:
+      if len(self._bases) > 8:
+        self._bases.clear()
+      self._bases[key] = lowrank.eigen_basis(stats.hessian, num_tokens=int(stats.num_tokens),
+                                             name=name)
+    return self._bases[key]
+
+  def __call__(self, name: str, w: jnp.ndarray, leaf, stats: LinearStats,
+               aux_stats: LinearStats | None, spec: LinearSpec):
+    st = aux_stats if aux_stats is not None else stats
+    rank = min(self.rank, *w.shape)
+    if self.method == 'srr':
+      qspec = dataclasses.replace(spec, quant='rtn') if spec.quant == 'awq' else spec
+
+      def quantize_fn(residual):
+        new_leaf, _ = pipeline.compress_matrix(residual, stats, qspec, name)
+        return new_leaf, formats.to_dense(new_leaf)
+
+      basis = self._basis(name, st)
+      if self.srr_k == -1:
+        new_leaf, adapter, _ = lowrank.srr_search_k(w, st.hessian, rank, quantize_fn,
+                                                    scaling=self.srr_scaling, name=name, basis=basis)
+      else:
+        new_leaf, adapter, _ = lowrank.srr(w, st.hessian, rank, quantize_fn, k=self.srr_k,
+                                           scaling=self.srr_scaling, name=name, basis=basis)
+      leaf = new_leaf
+    else:
+      delta = jnp.asarray(w, jnp.float32) - formats.to_dense(leaf)
+      if self.method == 'svd':
+        adapter = lowrank.svd_compensate(delta, rank)
+      elif self.method == 'eora':
+        adapter = lowrank.eora_from_basis(delta, self._basis(name, st), rank, name)
+      else:
+        adapter = lowrank.act_scaled_svd(delta, st.hessian, rank, num_tokens=int(st.num_tokens),
+                                         name=name)
+    if self.adapter_bits != 16:
+      adapter = lowrank.quantize_adapter(adapter, self.adapter_bits, self.adapter_group_size)
+    if not isinstance(leaf, formats.CompressedLinear):
+      leaf = formats.CompressedLinear(weight=leaf)
+    return dataclasses.replace(leaf, adapter=adapter)
+
+
+def adapter_share(params: Any) -> dict[str, float]:
+  """Bytes of the adapters vs the whole model (weights at their stored precision, floats at 16 bits)."""
+  total = adapters = 0
+
+  def visit(x):
+    nonlocal total, adapters
+    total += formats.weight_nbytes(x)
+    if isinstance(x, formats.CompressedLinear) and x.adapter is not None:
+      adapters += formats.weight_nbytes(x.adapter.a) + formats.weight_nbytes(x.adapter.b)
+
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.tree.map(visit, params, is_leaf=formats.is_weight_leaf)
+  return {'adapter_bytes': adapters, 'model_bytes': total,
+          'adapter_share': adapters / total if total else 0.0}
