@@ -7,9 +7,9 @@ Reference implementation followed: mit-han-lab/llm-awq ``awq/quantize/auto_scale
 
 Scale search. With ``s_x = mean_t |x_t|`` per input channel and ``alpha`` on the grid
 ``{0, 1/n_grid, ..., (n_grid - 1)/n_grid}``: ``s = clamp(s_x^alpha, min=1e-4)``,
-``s = s / sqrt(max(s) min(s))``; quantize ``diag(s) W`` (rows of the ``[in, out]`` weight) with RTN and
-keep the ``alpha`` with the smallest output error ``||X W - (X diag(1/s)) Q(diag(s) W)||^2``. The
-reference measures that error by running the module on the calibration tokens; here it is computed
+``s = s / sqrt(max(s) min(s))``; quantize ``diag(s) W`` (rows of the ``[in, out]`` weight) with RTN
+and keep the ``alpha`` with the smallest output error ``||X W - (X diag(1/s)) Q(diag(s) W)||^2``.
+The reference measures that error by running the module on the calibration tokens; here it is computed
 exactly from the Hessian, ``trace(D^T H D)`` with ``D = W - diag(1/s) Q(diag(s) W)``, so no
 activations are kept. ``alpha = 0`` gives ``s = 1``, i.e. plain RTN, so the result is never worse
 than RTN (in this error). The reference scores q/k/v (and gate/up) jointly on the attention (MLP)
@@ -210,6 +210,7 @@ def awq(w: jax.Array, hessian: jax.Array, act_mean: jax.Array, spec: QuantSpec, 
 def awq_dense(w: jax.Array, hessian: jax.Array, act_mean: jax.Array, spec: QuantSpec, *,
               n_grid: int = 20, clip: bool = False, clip_grid: int = 20,
               max_shrink: float = 0.5) -> jax.Array:
-  """The dense float32 weight ``diag(1/s) dequantize(q)`` ``[in, out]`` equivalent to :func:`awq`."""
+  """The dense float32 weight ``diag(1/s) dequantize(q)`` ``[in, out]``, equivalent to :func:`awq`.
+  """
   ws, s = _awq_scaled_weight(w, hessian, act_mean, spec, n_grid, clip, clip_grid, max_shrink)
   return rtn_dense(ws, spec) / s[:, None]

@@ -80,7 +80,8 @@ def merge_stats(a: LinearStats, b: LinearStats) -> LinearStats:
   """Statistics of the union of two disjoint token sets (e.g. two devices or two data shards)."""
   if a.hessian.shape != b.hessian.shape:
     raise ValueError(
-        f'merge_stats: cannot merge statistics of {a.in_features} and {b.in_features} input features.')
+        f'merge_stats: cannot merge statistics of {a.in_features} and {b.in_features} input '
+        'features.')
   return LinearStats(hessian=a.hessian + b.hessian, num_tokens=a.num_tokens + b.num_tokens,
                      act_abs_sum=a.act_abs_sum + b.act_abs_sum)
 

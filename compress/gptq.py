@@ -4,17 +4,17 @@ Paper: Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quant
 Generative Pre-trained Transformers", ICLR 2023, https://arxiv.org/abs/2210.17323.
 Reference implementation followed: IST-DASLab/gptq ``gptq.py GPTQ.fasterquant`` (with the quantizer
 of its ``quant.py``, here :mod:`compress.quantize`). Same naming as the reference inside
-(``W [out, in]``, columns = input features, ``Hinv``, ``W1``, ``Q1``, ``Err1``); the public functions
-take and return Flax-layout ``[in, out]`` weights and transpose at the boundary.
+(``W [out, in]``, columns = input features, ``Hinv``, ``W1``, ``Q1``, ``Err1``); the public
+functions take and return Flax-layout ``[in, out]`` weights and transpose at the boundary.
 
 The algorithm, as in the reference:
 
 1. Dead inputs (``H_ii == 0``) get ``H_ii = 1`` and their weights are zeroed.
 2. act-order: columns are permuted by decreasing ``diag(H)``.
-3. ``H += damp * mean(diag(H)) * I``; ``Hinv`` = upper Cholesky factor of ``H^-1``, which is
-   computed through a Cholesky factorization of ``H``. If a factorization fails (NaN), ``damp`` is
-   multiplied by 10 (0 becomes the reference default 0.01) and the factorization is retried, up to
-   ``max_damp_retries`` times; :class:`GPTQInfo` records the retries and the final ``damp``.
+3. ``H += damp * mean(diag(H)) * I``; ``Hinv`` = upper Cholesky factor of ``H^-1`` (computed with
+   one Cholesky factorization, see :func:`damped_inverse_cholesky`). If the factorization fails
+   (NaN), ``damp`` is multiplied by 10 (0 becomes the reference default 0.01) and it is retried, up
+   to ``max_damp_retries`` times; :class:`GPTQInfo` records the retries and the final ``damp``.
 4. Lazy batches of ``block_size`` columns: inside a batch every column is quantized in turn and its
    error ``(w - q) / Hinv_ii`` is propagated to the batch's remaining columns through row ``i`` of
    ``Hinv``; the batch's accumulated error is then applied to all later columns at once.
@@ -30,14 +30,18 @@ The algorithm, as in the reference:
    ``trace(D (H + damp I) D^T) / 2`` for the final error ``D``: it is in the units of the given
    ``H`` (the reference accumulates ``H = 2 X^T X / n``).
 
-``mask`` (bool ``[in, out]``, True = kept) is the SparseGPT joint mode: weights outside the mask are
-set to the grid's zero (dequantizing to exactly 0) and their error is propagated like any other.
+``mask`` (bool ``[in, out]``, True = kept) is SparseGPT's joint prune + quantize sweep: a weight
+outside the mask gets the grid's zero point as its code (it dequantizes to exactly 0) and its current value,
+zero if the weight was already pruned, is compensated through the error feedback like any
+quantization error. Group grids are fitted to the kept weights.
 
 Everything is traceable: the driver jits one matrix with the statics bound, e.g.
 ``jax.jit(functools.partial(gptq, spec=spec, block_size=128, act_order=True))(w, h)``. The lazy
-batches are a Python loop (a handful of static slices); the columns inside a batch are a
-``lax.fori_loop`` whose body is vectorised over output units, so compile time does not grow with
-``in_features``.
+batches are a ``lax.fori_loop`` (the columns are zero-padded to whole batches) and the columns
+inside a batch a nested ``lax.fori_loop`` whose body is vectorised over output units, so compile
+time does not grow with ``in_features``. GPTQ treats output units independently given ``H``, so
+layers that share an input (q/k/v, gate/up) can be quantized in one call on their weights
+concatenated along the output axis, sharing one factorization of ``H``.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ class GPTQInfo:
     loss: float32, the reference's ``sum((w - q)^2 / Hinv_ii^2) / 2``.
     damp: float32, the relative damping finally used (fraction of ``mean(diag(H))``).
     retries: int32, how many times the damping was raised because a Cholesky factorization failed.
-    ok: bool, False if the factorization still failed after ``max_damp_retries`` (results are NaN).
+    ok: bool, False if the factorization still failed after ``max_damp_retries`` (the returned
+      weight is then meaningless).
   """
   loss: jax.Array
   damp: jax.Array
@@ -107,8 +112,9 @@ def cholesky_blocked(A: jax.Array, block: int = 128) -> jax.Array:
   return L[:n, :n]
 
 
-def damped_inverse_cholesky(hessian: jax.Array, damp: float = 0.01,
-                            max_retries: int = 5) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def damped_inverse_cholesky(
+    hessian: jax.Array, damp: float = 0.01,
+    max_retries: int = 5) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Upper Cholesky factor of ``(H + damp * mean(diag(H)) I)^-1``, raising ``damp`` on failure.
 
   The reference computes ``cholesky(cholesky_inverse(cholesky(H)), upper=True)``. The same factor
@@ -193,11 +199,13 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
   W = jnp.asarray(w, jnp.float32).T  # [out, in]
   H = jnp.asarray(hessian, jnp.float32)  # [in, in]
   M = None if mask is None else jnp.asarray(mask, bool).T  # [out, in]
-  if M is not None:
-    W = jnp.where(M, W, 0.0)
+
+  def kept(Wg, Mg):  # grids are fitted to the kept weights only
+    return Wg if Mg is None else jnp.where(Mg, Wg, 0.0)
 
   if not grouped:
-    scale, zero = compute_qparams(W, spec, axis=1)  # [out]; before dead zeroing, as the reference
+    # [out]; from W before dead inputs are zeroed, as the reference does.
+    scale, zero = compute_qparams(kept(W, M), spec, axis=1)
     scales, zeros = scale[None], zero[None]  # [1, out]
 
   dead = jnp.diag(H) == 0  # [in]
@@ -205,7 +213,8 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
   W = jnp.where(dead[None, :], 0.0, W)
 
   if static_groups:
-    scale, zero = compute_qparams(W.reshape(n_out, n_groups, groupsize), spec, axis=2)  # [out, G]
+    scale, zero = compute_qparams(kept(W, M).reshape(n_out, n_groups, groupsize), spec,
+                                  axis=2)  # [out, G]
     scales, zeros = scale.T, zero.T  # [G, out]
   elif grouped:
     scales = jnp.zeros((n_groups, n_out), jnp.float32)
@@ -280,9 +289,8 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
         start = g * groupsize
         valid = start < i2
         Wg = jax.lax.dynamic_slice_in_dim(W, start, groupsize, axis=1)  # [out, groupsize]
-        if M is not None:
-          Wg = jnp.where(jax.lax.dynamic_slice_in_dim(M, start, groupsize, axis=1), Wg, 0.0)
-        scale, zero = compute_qparams(Wg, spec, axis=1)
+        Mg = None if M is None else jax.lax.dynamic_slice_in_dim(M, start, groupsize, axis=1)
+        scale, zero = compute_qparams(kept(Wg, Mg), spec, axis=1)
         g_safe = jnp.where(valid, g, n_groups)  # invalid: rewrite the dummy grid unchanged
         scales = scales.at[g_safe].set(jnp.where(valid, scale, scales[g_safe]))
         zeros = zeros.at[g_safe].set(jnp.where(valid, zero, zeros[g_safe]))
@@ -318,7 +326,7 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
   return codes, scales, zeros, g_idx, info
 
 
-def _report(info: GPTQInfo) -> None:
+def report(info: GPTQInfo, name: str = '') -> None:
   """Eagerly: raise on a failed factorization and log damping retries. No-op under a trace."""
   try:
     ok = bool(info.ok)
@@ -327,12 +335,12 @@ def _report(info: GPTQInfo) -> None:
     return  # traced: the caller reads info.ok / info.retries
   if not ok:
     raise ValueError(
-        f'gptq: the Cholesky factorization of the damped Hessian failed after {retries} damping '
+        f'gptq{" " + name if name else ""}: the Cholesky factorization of the damped Hessian failed after {retries} damping '
         f'retries (final damp {float(info.damp):g} x mean(diag(H))); the Hessian is not positive '
         'semi-definite or holds NaN/Inf.')
   if retries:
-    logging.warning('gptq: Cholesky failed; damp raised %d time(s) to %g x mean(diag(H)).', retries,
-                    float(info.damp))
+    logging.warning('gptq %s: Cholesky failed; damp raised %d time(s) to %g x mean(diag(H)).', name,
+                    retries, float(info.damp))
 
 
 def _dequantize_codes(codes, scales, zeros, g):
@@ -364,7 +372,7 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, block_size: int =
   """
   codes, scales, zeros, g_idx, info = _gptq_core(w, hessian, spec, block_size, damp, act_order,
                                                  static_groups, mask, max_damp_retries)
-  _report(info)
+  report(info)
   qw = QuantizedWeight.from_ints(codes, scales, zeros, spec, g_idx=g_idx)
   return qw, info
 
@@ -379,7 +387,7 @@ def gptq_dense(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, block_size:
   """
   codes, scales, zeros, g_idx, info = _gptq_core(w, hessian, spec, block_size, damp, act_order,
                                                  static_groups, mask, max_damp_retries)
-  _report(info)
+  report(info)
   n_in = codes.shape[0]
   g = g_idx if g_idx is not None else jnp.asarray(np.arange(n_in) // spec.group_len(n_in))
   return _dequantize_codes(codes, scales, zeros, g), info

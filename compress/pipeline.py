@@ -101,9 +101,9 @@ def compress_matrix(w: jax.Array, stats: calibration.LinearStats | None, spec: L
   if spec.quant == 'rtn':
     qw = _jit(quantize.rtn, spec=spec.qspec)(w_work)
   elif spec.quant == 'gptq':
-    qw, ginfo = gptq_lib.gptq(w_work, h, spec.qspec, block_size=spec.block_size, damp=spec.damp,
-                              act_order=spec.act_order, static_groups=spec.static_groups,
-                              mask=mask)
+    qw, ginfo = _jit(gptq_lib.gptq, spec=spec.qspec, block_size=spec.block_size, damp=spec.damp,
+                     act_order=spec.act_order, static_groups=spec.static_groups)(w_work, h, mask=mask)
+    gptq_lib.report(ginfo, name)
     info['gptq_damp_retries'] = int(ginfo.retries)
   else:
     raise ValueError(f'{spec.quant} is applied per block, not per matrix')
@@ -429,7 +429,11 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
           f'checkpoint in {ckpt} was written by a different run (model, data, recipe or options '
           'differ); remove it or use another checkpoint directory')
     start = int(meta['next_block'])
-    layers[:start] = state['layers']
+    for j in range(start):
+      block_j, block_meta = checkpoint.load_tree(ckpt / f'block_{j:03d}')
+      if block_meta.get('fingerprint') != fingerprint:
+        raise checkpoint.CheckpointError(f'checkpoint {ckpt}/block_{j:03d} belongs to another run')
+      layers[j] = block_j
     x = state['x'].astype(dtype)
     x_dense = None if state.get('x_dense') is None else state['x_dense'].astype(dtype)
     x_aux = None if state.get('x_aux') is None else state['x_aux'].astype(dtype)
@@ -482,7 +486,10 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       errs = [r.rel_error for r in reports if r.name.startswith(f'layers/{i}/')]
       bar.set_postfix(err=f'{np.mean(errs):.4f}' if errs else '-', sec=f'{time.time() - t_block:.1f}')
     if ckpt is not None:
-      state = {'layers': layers[:i + 1], 'x': x, 'x_dense': x_dense, 'x_aux': x_aux}
+      # The finished block first, then the state that points past it: a crash in between
+      # only repeats this block.
+      checkpoint.save_tree(ckpt / f'block_{i:03d}', new_block, {'fingerprint': fingerprint})
+      state = {'x': x, 'x_dense': x_dense, 'x_aux': x_aux}
       checkpoint.save_tree(ckpt / 'state', state, {
           'fingerprint': fingerprint, 'next_block': i + 1,
           'reports': [dataclasses.asdict(r) for r in reports]})

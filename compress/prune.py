@@ -112,7 +112,9 @@ class PruneSpec:
 
 def _ordered_key(scores: jax.Array) -> jax.Array:
   """uint32 keys with the order of the float32 ``scores`` (-0.0 and +0.0 equal)."""
-  bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32) + 0.0, jnp.int32)
+  scores = scores.astype(jnp.float32)
+  scores = jnp.where(scores == 0, 0.0, scores)  # -0.0 -> +0.0 (XLA folds `x + 0.0` away)
+  bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
   bits = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)  # negatives: reverse their order
   return jax.lax.bitcast_convert_type(bits, jnp.uint32) ^ jnp.uint32(0x80000000)
 
@@ -131,19 +133,21 @@ def lowest_k_mask(scores: jax.Array, k: int, axis: int) -> jax.Array:
 
   Args:
     scores: float array.
-    k: static number of entries to select, ``0 <= k <= scores.shape[axis]``.
+    k: number of entries to select, ``0 <= k <= scores.shape[axis]`` (an int, or a traced
+      integer scalar).
     axis: the axis to select along.
 
   Returns:
     bool array of the shape of ``scores``; exactly ``k`` True entries along ``axis``.
   """
   size = scores.shape[axis]
-  if not 0 <= k <= size:
-    raise ValueError(f'cannot select {k} of {size} entries.')
-  if k == 0:
-    return jnp.zeros(scores.shape, jnp.bool_)
-  if k == size:
-    return jnp.ones(scores.shape, jnp.bool_)
+  if isinstance(k, int):
+    if not 0 <= k <= size:
+      raise ValueError(f'cannot select {k} of {size} entries.')
+    if k == 0:
+      return jnp.zeros(scores.shape, jnp.bool_)
+    if k == size:
+      return jnp.ones(scores.shape, jnp.bool_)
   key = jnp.moveaxis(_ordered_key(scores), axis, -1)  # [..., size]
   if size <= _PAIRWISE_MAX:
     pos = jnp.arange(size)

@@ -34,12 +34,18 @@ Deviations from the reference, both to give every output unit exactly the same s
 
 Joint quantization (the reference's ``--wbits``): the kept weights are quantized as they are
 processed; with groups, the quantization parameters of a group are computed when its first column is
-reached (as GPTQ does) from the group's current, error-updated weights with the already chosen pruned
-entries set to zero (zero is always on the grid, so this only drops pruned weights from the range).
-With ``group_size=-1`` one set per output unit is computed at column 0.
+reached (as GPTQ does; for N:M before that column's mask choice) from the group's current,
+error-updated weights with the pruned entries chosen so far set to zero (zero is always on the grid,
+so this only drops pruned weights from the range). Columns of the group in later blocks enter as they
+are when the group starts (the reference reads ``W[:, i1 + i:i1 + i + groupsize]`` likewise); the
+reference's in-block columns are read before the block's own updates, ours after them (the same when
+``block_size`` divides ``group_size``). With ``group_size=-1`` one set per output unit is computed at
+column 0.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -126,6 +132,13 @@ def _fasterprune(w, hessian, spec: PruneSpec, block_size: int, percdamp: float,
                  quant: QuantSpec | None):
   """The reference's ``fasterprune`` in paper orientation.
 
+  Blocks run in a ``lax.fori_loop`` (compile time does not grow with the input dimension). For
+  that the columns are padded to a multiple of the block size with zero weights and an identity
+  ``Hinv`` block (padded columns carry no error and never count as pruned), and the update after a
+  block, ``W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]``, is applied to all columns: ``Hinv`` is upper
+  triangular, so columns left of the block are untouched, and the block's own columns are final
+  already (kept in ``Q``).
+
   Returns:
     ``(Q [rows, cols] float32, pruned bool [rows, cols], scales, zeros)``; scales/zeros are
     ``[groups, rows]`` in joint mode, else None.
@@ -136,56 +149,85 @@ def _fasterprune(w, hessian, spec: PruneSpec, block_size: int, percdamp: float,
   Hinv, dead = inverse_hessian_factor(hessian, percdamp)
   W = jnp.where(dead[None, :], 0.0, w.astype(jnp.float32).T)  # [rows, cols]
   rows, columns = W.shape
-  group_len = None if quant is None else quant.group_len(columns)
+  B = min(block_size, columns)
+  num_blocks = -(-columns // B)
+  padded = num_blocks * B
+  W = jnp.pad(W, ((0, 0), (0, padded - columns)))
+  Hinv = jnp.pad(Hinv, ((0, padded - columns), (0, padded - columns)))
+  Hinv = Hinv + jnp.diag((jnp.arange(padded) >= columns).astype(jnp.float32))
+  valid = jnp.arange(padded) < columns
 
-  def is_group_start(c):
-    return quant is not None and c % group_len == 0
+  if spec.is_nm:
+    block_k = None
+  else:  # pruned per row in each block; the counts telescope to int(columns * sparsity)
+    block_k = jnp.asarray([int(min(i1 + B, columns) * spec.sparsity) - int(i1 * spec.sparsity)
+                           for i1 in range(0, columns, B)], jnp.int32)
 
-  Q_blocks, pruned_blocks, scales, zeros = [], [], [], []
-  W_rest = W  # columns [i1, columns), error-updated by all earlier blocks
-  for i1 in range(0, columns, block_size):
-    i2 = min(i1 + block_size, columns)
-    count = i2 - i1
-    W1 = W_rest[:, :count]
-    W_later = W_rest[:, count:]
-    Hinv1 = Hinv[i1:i2, i1:i2]
-    d = jnp.diagonal(Hinv1)  # [count]
+  # Quantization groups start at multiples of group_len; blocks are cut into segments of `seg`
+  # columns so that every group start is a segment start.
+  if quant is None:
+    group_len, num_groups, seg = None, 0, B
+  else:
+    group_len = quant.group_len(columns)
+    num_groups = quant.num_groups(columns)
+    seg = math.gcd(B, group_len)
 
+  def group_params(c, W, W1, pruned1, i1, current):
+    """Quantization params of the group starting at column c (if one does), else ``current``."""
+
+    def fresh(_):
+      own = jnp.where(pruned1, 0.0, W1)  # the block, error-updated, pruned entries zeroed
+      W_now = jax.lax.dynamic_update_slice_in_dim(W, own, i1, axis=1)
+      group_w = jax.lax.dynamic_slice_in_dim(W_now, c, group_len, axis=1)  # [rows, group_len]
+      return quantize.compute_qparams(group_w, quant, axis=1)
+
+    return jax.lax.cond((c % group_len == 0) & (c < columns), fresh, lambda _: current, None)
+
+  def block(b, state):
+    W, Q, pruned, scales, zeros, scale, zero = state
+    i1 = b * B
+    W1 = jax.lax.dynamic_slice_in_dim(W, i1, B, axis=1)  # [rows, B]
+    Hinv1 = jax.lax.dynamic_slice(Hinv, (i1, i1), (B, B))
+    d = jnp.diagonal(Hinv1)  # [B]
     if spec.is_nm:
-      pruned1 = jnp.zeros((rows, count), jnp.bool_)
+      pruned1 = jnp.zeros((rows, B), jnp.bool_)
     else:
-      k = int(i2 * spec.sparsity) - int(i1 * spec.sparsity)
-      pruned1 = lowest_k_mask(W1 ** 2 / d[None, :] ** 2, k, axis=1)
+      tmp = W1 ** 2 / d[None, :] ** 2
+      tmp = jnp.where(jax.lax.dynamic_slice_in_dim(valid, i1, B)[None, :], tmp, jnp.inf)
+      pruned1 = lowest_k_mask(tmp, block_k[b], axis=1)
     Q1 = jnp.zeros_like(W1)
     Err1 = jnp.zeros_like(W1)
 
-    # Segments of the block between quantization group starts (static boundaries).
-    cuts = [i1] + [c for c in range(i1 + 1, i2) if is_group_start(c)] + [i2]
-    for a, b in zip(cuts[:-1], cuts[1:]):
-      scale = zero = None
+    def segment(t, seg_state):
+      W1, Q1, Err1, pruned1, scales, zeros, scale, zero = seg_state
+      start = t * seg
       if quant is not None:
-        if is_group_start(a):
-          g_end = min(a + group_len, columns)
-          own = jnp.where(pruned1[:, a - i1:min(g_end, i2) - i1], 0.0,
-                          W1[:, a - i1:min(g_end, i2) - i1])
-          group_w = jnp.concatenate([own, W_later[:, :max(g_end - i2, 0)]], axis=1)
-          scale, zero = quantize.compute_qparams(group_w, quant, axis=1)  # [rows]
-          scales.append(scale)
-          zeros.append(zero)
-        else:
-          scale, zero = scales[-1], zeros[-1]
+        c = i1 + start
+        scale, zero = group_params(c, W, W1, pruned1, i1, (scale, zero))
+        g = jnp.minimum(c // group_len, num_groups - 1)  # rewrites the current group's params
+        scales = jax.lax.dynamic_update_index_in_dim(scales, scale, g, axis=0)
+        zeros = jax.lax.dynamic_update_index_in_dim(zeros, zero, g, axis=0)
       W1, Q1, Err1, pruned1 = _process_columns(
-          (W1, Q1, Err1, pruned1), a - i1, b - a, Hinv1, spec, quant, scale, zero)
+          (W1, Q1, Err1, pruned1), start, seg, Hinv1, spec, quant, scale, zero)
+      return W1, Q1, Err1, pruned1, scales, zeros, scale, zero
 
-    Q_blocks.append(Q1)
-    pruned_blocks.append(pruned1)
-    W_rest = W_later - Err1 @ Hinv[i1:i2, i2:]
+    seg_state = (W1, Q1, Err1, pruned1, scales, zeros, scale, zero)
+    _, Q1, Err1, pruned1, scales, zeros, scale, zero = jax.lax.fori_loop(
+        0, B // seg, segment, seg_state)
+    W = W - Err1 @ jax.lax.dynamic_slice_in_dim(Hinv, i1, B, axis=0)
+    Q = jax.lax.dynamic_update_slice_in_dim(Q, Q1, i1, axis=1)
+    pruned = jax.lax.dynamic_update_slice_in_dim(pruned, pruned1, i1, axis=1)
+    return W, Q, pruned, scales, zeros, scale, zero
 
-  Q = jnp.concatenate(Q_blocks, axis=1)
-  pruned = jnp.concatenate(pruned_blocks, axis=1)
+  qshape = (max(num_groups, 1), rows)
+  state = (W, jnp.zeros_like(W), jnp.zeros((rows, padded), jnp.bool_),
+           jnp.zeros(qshape, jnp.float32), jnp.zeros(qshape, jnp.float32),
+           jnp.ones((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
+  _, Q, pruned, scales, zeros, _, _ = jax.lax.fori_loop(0, num_blocks, block, state)
+  Q, pruned = Q[:, :columns], pruned[:, :columns]
   if quant is None:
     return Q, pruned, None, None
-  return Q, pruned, jnp.stack(scales), jnp.stack(zeros)
+  return Q, pruned, scales, zeros
 
 
 def _chunk_len(spec: PruneSpec) -> int:

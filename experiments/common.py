@@ -21,6 +21,12 @@ from models import loading
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
+def quiet_logs() -> None:
+  """Keeps absl/orbax INFO chatter out of the progress bars and tables."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def parse_dtype(name: str):
   if name not in DTYPES:
     raise ValueError(f'unknown dtype {name!r}; choose one of {sorted(DTYPES)}')

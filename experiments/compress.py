@@ -272,6 +272,7 @@ RESULT_COLUMNS = ('method', 'ppl_dense', 'ppl_compressed', 'kl_compressed', 'top
 
 def main(argv: Sequence[str]):
   del argv
+  common.quiet_logs()
   if not _OUT_DIR.value:
     raise app.UsageError('--out_dir is required')
   c = config_from_flags()

@@ -58,6 +58,7 @@ def run(*, model: str, eval_data: Sequence[str], eval_seqlen: int, eval_windows:
 
 def main(argv):
   del argv
+  common.quiet_logs()
   if not _OUT_DIR.value:
     raise app.UsageError('--out_dir is required')
   results = run(model=_MODEL.value, eval_data=common.split_list(_EVAL_DATA.value),

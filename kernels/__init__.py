@@ -1,6 +1,8 @@
 """Weight formats, packing and the ``linear`` entry point (imports nothing from the other packages)."""
 
-from kernels.api import linear, last_implementation, register, set_default
+from kernels.api import (
+    default_order, interpret_mode, last_implementation, linear, recording, register, set_default,
+    set_interpret)
 from kernels.formats import (
     CompressedLinear, LowRank, QuantizedWeight, QuantSpec, Sparse24Weight, dequantize,
     effective_weight, is_weight_leaf, sparse24_compress, sparse24_decompress, to_dense,

@@ -3,46 +3,106 @@
 Implementations are registered by name; ``linear`` tries them in order and falls back to the jnp
 reference (``'xla'``). An implementation signals that it cannot handle a call by raising
 ``NotImplementedError`` at trace time. The name of the implementation that ran last is recorded
-(``last_implementation()``) so that experiments can report it.
+(``last_implementation()``) so that experiments can report it; :func:`recording` collects every
+choice made while a model is traced.
+
+Default order (when ``set_default`` was not called) depends on the backend: on GPU the Pallas
+kernels come first (``'pallas_lowbit'``, ``'pallas_sparse24'``, then ``'xla'``), elsewhere only
+``'xla'`` runs. A kernel is registered only if its module imports (tokamax-style), and each
+registered kernel also declines calls where it is expected to be slower than the reference (more
+than ``DISPATCH_MAX_M`` activation rows). Pallas kernels run on the CPU only in interpret mode
+(:func:`interpret_mode`), which the tests use.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import jax
 
 from kernels import reference
 
 IMPLEMENTATIONS: dict[str, Callable] = {'xla': reference.linear}
-_DEFAULT: tuple[str, ...] = ('xla',)
+# Preferred order on GPU; names that are not registered are skipped.
+GPU_DEFAULT: tuple[str, ...] = ('pallas_lowbit', 'pallas_sparse24', 'xla')
+_DEFAULT: tuple[str, ...] | None = None  # None: by backend (see default_order)
 _LAST: dict[str, str] = {}
+_RECORDERS: list[list[str]] = []
+_INTERPRET = {'on': False}
 
 
 def register(name: str, fn: Callable, *, default_first: bool = False) -> None:
-  """Registers an implementation; ``default_first`` puts it ahead of the reference by default."""
+  """Registers an implementation; ``default_first`` puts it ahead of the current default order."""
   global _DEFAULT
   IMPLEMENTATIONS[name] = fn
-  if default_first and name not in _DEFAULT:
-    _DEFAULT = (name,) + _DEFAULT
+  if default_first:
+    current = default_order()
+    if name not in current:
+      _DEFAULT = (name,) + current
 
 
-def set_default(order: Sequence[str]) -> None:
+def set_default(order: Sequence[str] | None) -> None:
+  """Sets the default order; ``None`` restores the backend-dependent default."""
   global _DEFAULT
+  if order is None:
+    _DEFAULT = None
+    return
   for name in order:
     if name not in IMPLEMENTATIONS:
       raise ValueError(f'unknown linear implementation {name!r}; known: {sorted(IMPLEMENTATIONS)}')
   _DEFAULT = tuple(order)
 
 
+def default_order(backend: str | None = None) -> tuple[str, ...]:
+  """The order ``linear`` tries when no implementation is named."""
+  if _DEFAULT is not None:
+    return _DEFAULT
+  backend = backend or jax.default_backend()
+  if backend in ('gpu', 'cuda', 'rocm'):
+    return tuple(n for n in GPU_DEFAULT if n in IMPLEMENTATIONS)
+  return ('xla',)
+
+
 def last_implementation() -> str | None:
   return _LAST.get('name')
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[str]]:
+  """Collects the name of every implementation ``linear`` picks (at trace time) inside the block."""
+  log: list[str] = []
+  _RECORDERS.append(log)
+  try:
+    yield log
+  finally:
+    _RECORDERS.remove(log)
+
+
+def set_interpret(on: bool) -> None:
+  """Runs the Pallas kernels in interpret mode (the CPU can run them only so)."""
+  _INTERPRET['on'] = bool(on)
+
+
+def interpret_enabled() -> bool:
+  return _INTERPRET['on']
+
+
+@contextlib.contextmanager
+def interpret_mode(on: bool = True) -> Iterator[None]:
+  """Context manager form of :func:`set_interpret` (restores the previous setting)."""
+  before = _INTERPRET['on']
+  _INTERPRET['on'] = bool(on)
+  try:
+    yield
+  finally:
+    _INTERPRET['on'] = before
 
 
 def linear(x: jax.Array, w, *, implementation: str | Sequence[str] | None = None) -> jax.Array:
   """``y = x @ W`` for a dense or compressed weight leaf (see :mod:`kernels.formats`)."""
   if implementation is None:
-    names = _DEFAULT
+    names = default_order()
   elif isinstance(implementation, str):
     names = (implementation,)
   else:
@@ -57,5 +117,53 @@ def linear(x: jax.Array, w, *, implementation: str | Sequence[str] | None = None
       errors.append(e)
       continue
     _LAST['name'] = name
+    for log in _RECORDERS:
+      log.append(name)
     return y
   raise ExceptionGroup('all linear implementations failed', errors)
+
+
+def _pallas_ready(name: str) -> bool:
+  """Pallas kernels compile for GPUs; anywhere else they run only in interpret mode."""
+  if _INTERPRET['on']:
+    return True
+  if jax.default_backend() not in ('gpu', 'cuda'):
+    raise NotImplementedError(f'{name}: compiled Pallas/Triton kernels need a CUDA GPU '
+                              f'(backend is {jax.default_backend()!r}); use interpret_mode().')
+  return False
+
+
+def _rows(x) -> int:
+  m = 1
+  for d in x.shape[:-1]:
+    m *= d
+  return m
+
+
+def _register_kernels() -> None:
+  try:
+    from kernels import lowbit_pallas  # pylint: disable=g-import-not-at-top
+  except ImportError:  # a jax without Pallas/Triton support: the reference serves everything
+    lowbit_pallas = None
+  if lowbit_pallas is not None:
+    def pallas_lowbit(x, w):
+      if _rows(x) > lowbit_pallas.DISPATCH_MAX_M:
+        raise NotImplementedError(f'pallas_lowbit: M={_rows(x)} > DISPATCH_MAX_M='
+                                  f'{lowbit_pallas.DISPATCH_MAX_M}; the reference is faster.')
+      return lowbit_pallas.linear(x, w, interpret=_pallas_ready('pallas_lowbit'))
+    IMPLEMENTATIONS['pallas_lowbit'] = pallas_lowbit
+
+  try:
+    from kernels import sparse24_pallas  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    sparse24_pallas = None
+  if sparse24_pallas is not None:
+    def pallas_sparse24(x, w):
+      if _rows(x) > sparse24_pallas.DISPATCH_MAX_M:
+        raise NotImplementedError(f'pallas_sparse24: M={_rows(x)} > DISPATCH_MAX_M='
+                                  f'{sparse24_pallas.DISPATCH_MAX_M}; the reference is faster.')
+      return sparse24_pallas.linear(x, w, interpret=_pallas_ready('pallas_sparse24'))
+    IMPLEMENTATIONS['pallas_sparse24'] = pallas_sparse24
+
+
+_register_kernels()

@@ -54,9 +54,15 @@ def compare_window_stats(params_ref, params, tokens: jax.Array, cfg: ModelConfig
   }
 
 
+def continuation_logprob(params, tokens: jax.Array, weight: jax.Array, cfg: ModelConfig,
+                         dtype=jnp.float32) -> jax.Array:
+  """Per-row sum of ``log p(tokens[:, t+1] | tokens[:, :t+1]) * weight[:, t]``: ``[B]``."""
+  return -jnp.sum(token_nll(params, tokens, cfg, dtype) * weight, axis=-1)
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(fn_name: str, cfg: ModelConfig, dtype_name: str):
-  fn = {'nll': token_nll, 'compare': compare_window_stats, 'logp': _log_probs}[fn_name]
+  fn = {'nll': token_nll, 'compare': compare_window_stats, 'cont': continuation_logprob}[fn_name]
   return jax.jit(functools.partial(fn, cfg=cfg, dtype=jnp.dtype(dtype_name)))
 
 
@@ -125,7 +131,7 @@ def score_multiple_choice(params, cfg: ModelConfig, tokenizer, items: Sequence[A
         cont = _encode(tokenizer, choice)
         whole, n_cont = ctx + cont, len(cont)
       requests.append((i, j, whole, n_cont))
-  fn = _jitted('logp', cfg, jnp.dtype(dtype).name)
+  fn = _jitted('cont', cfg, jnp.dtype(dtype).name)
   scores = np.zeros(len(requests))
   order = sorted(range(len(requests)), key=lambda r: len(requests[r][2]))
   chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
@@ -133,15 +139,14 @@ def score_multiple_choice(params, cfg: ModelConfig, tokenizer, items: Sequence[A
     longest = max(len(requests[r][2]) for r in chunk)
     width = max(8, 1 << (longest - 1).bit_length())  # bucket lengths: few compiles
     batch = np.zeros((batch_size, width), np.int32)
+    weight = np.zeros((batch_size, width - 1), np.float32)  # 1 where position t predicts a choice token
     for row, r in enumerate(chunk):
-      toks = requests[r][2]
+      toks, n_cont = requests[r][2], requests[r][3]
       batch[row, :len(toks)] = toks
-    logp = np.asarray(fn(params, jnp.asarray(batch)))
+      weight[row, len(toks) - n_cont - 1:len(toks) - 1] = 1.0
+    sums = np.asarray(fn(params, jnp.asarray(batch), jnp.asarray(weight)))
     for row, r in enumerate(chunk):
-      _, _, toks, n_cont = requests[r]
-      start = len(toks) - n_cont
-      tgt = np.asarray(toks[start:])
-      scores[r] = logp[row, np.arange(start - 1, len(toks) - 1), tgt].sum()
+      scores[r] = sums[row]
   correct = correct_norm = 0
   predictions = []
   k = 0

@@ -1,0 +1,554 @@
+r"""Kernel benchmark: low-bit and 2:4 matmuls against bf16 ``jnp.dot``, and end-to-end decode speed.
+
+  python -m experiments.bench_kernels --out_dir=results/bench_kernels
+  python -m experiments.bench_kernels --sections=kernels --shapes=4096x4096 --sweep --out_dir=...
+  python -m experiments.bench_kernels --quick --out_dir=/tmp/bench_quick   # CPU, interpret mode
+
+Expect ~8 min on 1xH100 for the default kernel section (8 formats x 4 shapes x 5 M, each a Triton
+compile plus timing) and ~3 min for the end-to-end section (the random Llama-3-8B-shaped model is
+16 GB in bf16); split with ``--sections`` / ``--shapes`` to stay under a 10-minute limit. ``--quick``
+runs tiny shapes through the kernels in Pallas interpret mode on the CPU in well under a minute
+(the timings then say nothing about GPU speed; it checks the script end to end).
+
+Anchors (targets on an H100, from the kernel issue): W4A16 >= 3.0x bf16 at M = 1 and >= 2.5x at
+M = 16 on the Llama-3-8B shapes; >= 70% of the measured device-to-device copy bandwidth at M = 1;
+2:4 + int4 >= 4.5x at M = 1 (the uint8 index storage of ``Sparse24Weight`` caps this near 2.6x, see
+``kernels/sparse24_pallas.py``); never below 0.9x bf16 at M = 256; a fused rank-64 adapter costs
+<= 15% over the kernel alone. ``results.json`` lists each target with the measured value.
+
+Method: each timed call runs over several distinct copies of the weight (together more than
+``--rotate_mb``, so the 50 MB L2 of an H100 cannot serve repeats) inside one jitted executable, is
+warmed up (compile + one run), then repeated until ``--target_ms`` per trial and synchronised with
+``block_until_ready``; the median of ``--trials`` trials is reported per call. Bandwidth counts the
+bytes a call must move (packed weights, scales, zeros, indices, adapter, activations, output);
+TFLOP/s counts the dense-equivalent ``2 M K N`` (+ the adapter). The copy bandwidth is a
+``jnp.copy`` of ``--copy_mb`` MB, read + write, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import math
+import time
+from typing import Any, Callable, Sequence
+
+from absl import app, flags, logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels
+from compress import quantize
+from experiments import common
+from kernels import api, formats, lowbit_pallas, reference, sparse24_pallas
+from kernels.formats import LowRank, QuantizedWeight, QuantSpec, Sparse24Weight
+from kernels.pallas_common import BlockSizes
+from models import assets, llama, loading
+from models.config import ModelConfig
+
+# Llama-3-8B (q/o, gate/up, down) and Llama-3-70B (gate/up) linears as [in, out].
+LLAMA_SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672))
+LLAMA3_8B_SHAPES = LLAMA_SHAPES[:3]
+MS = (1, 4, 16, 64, 256)
+# name -> kind, bits, group size (of the dense weight), act-order, adapter rank.
+FORMATS: dict[str, dict[str, Any]] = {
+    'w4g128': dict(kind='lowbit', bits=4, group=128),
+    'w3g128': dict(kind='lowbit', bits=3, group=128),
+    'w2g64': dict(kind='lowbit', bits=2, group=64),
+    'w8g128': dict(kind='lowbit', bits=8, group=128),
+    'w4g128_act': dict(kind='lowbit', bits=4, group=128, act_order=True),
+    'w4g128_lora64': dict(kind='lowbit', bits=4, group=128, rank=64),
+    's24_bf16': dict(kind='sparse24'),
+    's24_w4g128': dict(kind='sparse24', bits=4, group=128),
+}
+QUICK_SHAPES = ((256, 192),)
+QUICK_MS = (1, 17)
+QUICK_FORMATS = ('w4g128', 'w4g128_lora64', 's24_w4g128')
+L2_BYTES_H100 = 50 * 2 ** 20
+LLAMA3_8B = ModelConfig(model_type='llama', vocab_size=128256, hidden_size=4096,
+                        intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                        head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
+                        max_position_embeddings=8192)
+
+_OUT_DIR = flags.DEFINE_string('out_dir', None, 'Directory for results.json and table.md.')
+_QUICK = flags.DEFINE_bool('quick', False, 'Tiny shapes, interpret mode on CPU: a smoke run.')
+_SECTIONS = flags.DEFINE_list('sections', ['kernels', 'e2e'], 'kernels and/or e2e.')
+_SHAPES = flags.DEFINE_list('shapes', [f'{k}x{n}' for k, n in LLAMA_SHAPES], 'INxOUT weights.')
+_MS = flags.DEFINE_list('ms', [str(m) for m in MS], 'Activation rows (tokens) per call.')
+_FORMATS = flags.DEFINE_list('formats', list(FORMATS), f'Weight formats: {sorted(FORMATS)}.')
+_WITH_XLA = flags.DEFINE_bool('with_xla', False, "Also time the 'xla' reference on each leaf.")
+_SWEEP = flags.DEFINE_bool('sweep', False, 'Also try a grid of BlockSizes per point (w4g128).')
+_E2E_MODELS = flags.DEFINE_list('e2e_models', ['smollm2-135m', 'llama3-8b-random'],
+                                'Models for decode tokens/s (tiny-llama for tests).')
+_E2E_LAYERS = flags.DEFINE_integer('e2e_layers', None, 'Override the layer count of the random '
+                                   'Llama-3-8B-shaped model (memory/time).')
+_BATCH = flags.DEFINE_integer('batch', 1, 'Decode batch size.')
+_PROMPT = flags.DEFINE_integer('prompt_len', 16, 'Prompt tokens before decoding.')
+_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'Decoded tokens per timed generation.')
+_TRIALS = flags.DEFINE_integer('trials', 5, 'Timing trials (median reported).')
+_TARGET_MS = flags.DEFINE_float('target_ms', 50.0, 'Minimum duration of one timing trial.')
+_ROTATE_MB = flags.DEFINE_float('rotate_mb', 4 * L2_BYTES_H100 / 2 ** 20,
+                                'Distinct weight copies per timed call add up to this much.')
+_COPY_MB = flags.DEFINE_float('copy_mb', 1024.0, 'Size of the bandwidth-probe copy.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
+flags.mark_flags_as_required(['out_dir'])
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_calls(fn: Callable, x: jax.Array, weights: Sequence[Any], *, trials: int,
+               target_s: float) -> float:
+  """Median seconds per ``fn(x, w)`` call; all ``weights`` run in one jitted executable."""
+  many = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
+  jax.block_until_ready(many(x, weights))  # compile + first run
+  t0 = time.perf_counter()
+  jax.block_until_ready(many(x, weights))
+  once = max(time.perf_counter() - t0, 1e-7)
+  reps = max(1, min(10_000, int(target_s / once)))
+  samples = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(reps):
+      out = many(x, weights)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / (reps * len(weights)))
+  return float(np.median(samples))
+
+
+def copy_bandwidth(nbytes: int, *, trials: int, target_s: float) -> dict[str, float]:
+  """Device-to-device copy bandwidth (bytes read + written per second) of an ``nbytes`` array."""
+  n = max(1, nbytes // 4)
+  a = jax.random.bits(jax.random.key(0), (n,), jnp.uint32)
+  t = time_calls(lambda x, _: jnp.copy(x), a, [None], trials=trials, target_s=target_s)
+  return {'copy_bytes': 4 * n, 'copy_seconds': t, 'copy_bandwidth_gbs': 2 * 4 * n / t / 1e9}
+
+
+# ----------------------------------------------------------------------------------------------
+# Random weights (on the device, never zeros)
+
+_PAIRS = np.array([(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)], np.uint8)
+
+
+def random_quantized(key, k: int, n: int, bits: int, group: int,
+                     act_order: bool = False) -> QuantizedWeight:
+  """Random codes (random packed words), scales and zero points ``[k, n]``."""
+  kq, ks, kz, kg = jax.random.split(key, 4)
+  rows = -(-k // 32) * bits
+  qweight = jax.lax.bitcast_convert_type(jax.random.bits(kq, (rows, n), jnp.uint32), jnp.int32)
+  spec = QuantSpec(bits=bits, group_size=group)
+  groups, glen = spec.num_groups(k), spec.group_len(k)
+  scales = jax.random.uniform(ks, (groups, n), jnp.float32, 0.5, 1.5) / 2 ** bits
+  zeros = jax.random.randint(kz, (groups, n), 0, 2 ** bits).astype(jnp.uint8)
+  g_idx = None
+  if act_order:
+    g_idx = jax.random.permutation(kg, jnp.arange(k, dtype=jnp.int32) // glen)
+  return QuantizedWeight(qweight=qweight, scales=scales, zeros=zeros, g_idx=g_idx, bits=bits,
+                         group_size=group, in_features=k, symmetric=False)
+
+
+def random_sparse24(key, k: int, n: int, bits: int | None, group: int) -> Sparse24Weight:
+  ki, kv = jax.random.split(key)
+  pick = jax.random.randint(ki, (k // 4, n), 0, 6)
+  idx = jnp.asarray(_PAIRS)[pick]  # [k/4, n, 2]
+  idx = jnp.transpose(idx, (0, 2, 1)).reshape(k // 2, n)
+  if bits is None:
+    values = (0.02 * jax.random.normal(kv, (k // 2, n))).astype(jnp.bfloat16)
+  else:
+    values = random_quantized(kv, k // 2, n, bits, -1 if group == -1 else group // 2)
+  return Sparse24Weight(values=values, indices=idx)
+
+
+def make_leaf(key, fmt: str, k: int, n: int):
+  """A random weight leaf of format ``fmt`` (see :data:`FORMATS`)."""
+  spec = FORMATS[fmt]
+  kw, ka, kb = jax.random.split(key, 3)
+  if spec['kind'] == 'lowbit':
+    w = random_quantized(kw, k, n, spec['bits'], spec['group'], spec.get('act_order', False))
+  else:
+    w = random_sparse24(kw, k, n, spec.get('bits'), spec.get('group', -1))
+  rank = spec.get('rank', 0)
+  if rank:
+    adapter = LowRank(a=(0.02 * jax.random.normal(ka, (k, rank))).astype(jnp.bfloat16),
+                      b=(0.02 * jax.random.normal(kb, (rank, n))).astype(jnp.bfloat16))
+    return formats.CompressedLinear(weight=w, adapter=adapter)
+  return w
+
+
+def leaf_bytes(leaf) -> int:
+  """Bytes of every array of a leaf (what a call must read)."""
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(leaf)))
+
+
+def _copies(nbytes: int, rotate_bytes: float, max_copies: int = 64) -> int:
+  return int(min(max_copies, max(2, math.ceil(rotate_bytes / max(nbytes, 1)))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel section
+
+
+def _kernel_fn(fmt: str, block: BlockSizes | None, interpret: bool) -> tuple[str, Callable]:
+  if FORMATS[fmt]['kind'] == 'lowbit':
+    return 'pallas_lowbit', functools.partial(lowbit_pallas.linear, block=block,
+                                              interpret=interpret)
+  return 'pallas_sparse24', functools.partial(sparse24_pallas.linear, block=block,
+                                              interpret=interpret)
+
+
+def _check_fn(fmt: str):
+  return lowbit_pallas.check_supported if FORMATS[fmt]['kind'] == 'lowbit' else (
+      sparse24_pallas.check_supported)
+
+
+def sweep_candidates(m: int) -> list[BlockSizes]:
+  """A small grid of tiles around the defaults (for ``--sweep``)."""
+  out = []
+  if m <= 16:
+    gemv = m <= 4
+    bm = max(1, 1 << (m - 1).bit_length()) if gemv else 16
+    for bn in (32, 64, 128):
+      for bk in (256, 512):
+        for split in (1, 4):
+          out.append(BlockSizes(block_m=bm, block_n=bn, block_k=bk, split_k=split, gemv=gemv,
+                                num_warps=4, num_stages=4))
+    if gemv:
+      out.append(BlockSizes(block_m=16, block_n=64, block_k=256, split_k=4, num_stages=4))
+    return out
+  for bm in (64, 128):
+    for bn in (64, 128, 256):
+      for bk in (32, 64):
+        out.append(BlockSizes(block_m=min(bm, max(16, 1 << (m - 1).bit_length())), block_n=bn,
+                              block_k=bk, num_warps=8 if bm * bn >= 128 * 128 else 4,
+                              num_stages=3))
+  return list(dict.fromkeys(out))
+
+
+def _rel_err(y, x, leaf) -> float:
+  with jax.default_matmul_precision('highest'):
+    ref = reference.linear(x.astype(jnp.float32), leaf)
+  y = y.astype(jnp.float32)
+  return float(jnp.linalg.norm(y - ref) / jnp.linalg.norm(ref))
+
+
+def bench_kernels(*, shapes: Sequence[tuple[int, int]], ms: Sequence[int], fmts: Sequence[str],
+                  interpret: bool, with_xla: bool, sweep: bool, trials: int, target_s: float,
+                  rotate_bytes: float, copy_bw: float, seed: int) -> list[dict[str, Any]]:
+  """One row per (format, shape, M): kernel time, bandwidth, TFLOP/s, speedup over bf16."""
+  rows = []
+  key = jax.random.key(seed)
+  for k, n in shapes:
+    dense_bytes = k * n * 2
+    n_dense = _copies(dense_bytes, rotate_bytes)
+    key, sub = jax.random.split(key)
+    dense = [(0.02 * jax.random.normal(kk, (k, n))).astype(jnp.bfloat16)
+             for kk in jax.random.split(sub, n_dense)]
+    bf16_us = {}
+    for m in ms:
+      x = (jax.random.normal(jax.random.fold_in(sub, m), (m, k))).astype(jnp.bfloat16)
+      bf16_us[m] = 1e6 * time_calls(jnp.dot, x, dense, trials=trials, target_s=target_s)
+    del dense
+    for fmt in fmts:
+      key, sub = jax.random.split(key)
+      first = make_leaf(sub, fmt, k, n)
+      nbytes = leaf_bytes(first)
+      leaves = [first] + [make_leaf(kk, fmt, k, n)
+                          for kk in jax.random.split(sub, _copies(nbytes, rotate_bytes))[1:]]
+      for m in ms:
+        x = (jax.random.normal(jax.random.fold_in(sub, m), (m, k))).astype(jnp.bfloat16)
+        row: dict[str, Any] = {'format': fmt, 'shape': f'{k}x{n}', 'K': k, 'N': n, 'M': m}
+        try:
+          block = _check_fn(fmt)(x, first)
+        except NotImplementedError as e:
+          row['skipped'] = str(e)
+          rows.append(row)
+          continue
+        impl, fn = _kernel_fn(fmt, None, interpret)
+        with api.interpret_mode(interpret), api.recording() as log:
+          jax.eval_shape(kernels.linear, x, first)
+        seconds = time_calls(fn, x, leaves, trials=trials, target_s=target_s)
+        io_bytes = nbytes + x.size * 2 + m * n * 2
+        rank = FORMATS[fmt].get('rank', 0)
+        flops = 2 * m * k * n + 2 * m * rank * (k + n)
+        row.update(
+            impl=impl, default_impl=log[-1] if log else None, block=_block_str(block),
+            copies=len(leaves), time_us=1e6 * seconds, bytes=io_bytes,
+            bandwidth_gbs=io_bytes / seconds / 1e9,
+            pct_copy_bw=100.0 * io_bytes / seconds / 1e9 / copy_bw,
+            tflops=flops / seconds / 1e12, bf16_us=bf16_us[m],
+            speedup_vs_bf16=bf16_us[m] / (1e6 * seconds),
+            rel_err=_rel_err(fn(x, first), x, first))
+        if with_xla:
+          xla_s = time_calls(reference.linear, x, leaves, trials=trials, target_s=target_s)
+          row.update(xla_us=1e6 * xla_s, speedup_vs_xla=xla_s / seconds)
+        if sweep and fmt == 'w4g128':
+          best = (seconds, 'default')
+          for cand in sweep_candidates(m):
+            try:
+              _check_fn(fmt)(x, first, cand)
+            except NotImplementedError:
+              continue
+            _, cfn = _kernel_fn(fmt, cand, interpret)
+            t = time_calls(cfn, x, leaves, trials=trials, target_s=target_s)
+            best = min(best, (t, _block_str(cand)))
+          row.update(sweep_best_us=1e6 * best[0], sweep_best_block=best[1])
+        logging.info('%s', row)
+        rows.append(row)
+      del leaves, first
+  _adapter_overhead(rows)
+  return rows
+
+
+def _block_str(b: BlockSizes) -> str:
+  return (f'm{b.block_m}n{b.block_n}k{b.block_k}s{b.split_k}{"g" if b.gemv else ""}'
+          f'w{b.num_warps}p{b.num_stages}')
+
+
+def _adapter_overhead(rows: list[dict[str, Any]]) -> None:
+  base = {(r['shape'], r['M']): r['time_us'] for r in rows
+          if r['format'] == 'w4g128' and 'time_us' in r}
+  for r in rows:
+    if r['format'] == 'w4g128_lora64' and 'time_us' in r and (r['shape'], r['M']) in base:
+      r['adapter_overhead_pct'] = 100.0 * (r['time_us'] / base[(r['shape'], r['M'])] - 1.0)
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The issue's anchors against the measured rows (only those the rows cover)."""
+  shapes8b = {f'{k}x{n}' for k, n in LLAMA3_8B_SHAPES}
+
+  def pick(fmt, m, key, shapes=shapes8b):
+    vals = [r[key] for r in rows if r['format'] == fmt and r['M'] == m and r['shape'] in shapes
+            and key in r]
+    return min(vals) if vals else None
+
+  checks = [
+      ('W4A16 speedup over bf16, M=1, Llama-3-8B shapes (min)', pick('w4g128', 1,
+                                                                     'speedup_vs_bf16'), 3.0),
+      ('W4A16 speedup over bf16, M=16, Llama-3-8B shapes (min)', pick('w4g128', 16,
+                                                                      'speedup_vs_bf16'), 2.5),
+      ('W4A16 % of copy bandwidth, M=1, Llama-3-8B shapes (min)', pick('w4g128', 1,
+                                                                       'pct_copy_bw'), 70.0),
+      ('2:4+int4 speedup over bf16, M=1, Llama-3-8B shapes (min)', pick('s24_w4g128', 1,
+                                                                        'speedup_vs_bf16'), 4.5),
+  ]
+  at256 = [r['speedup_vs_bf16'] for r in rows if r['M'] == 256 and 'speedup_vs_bf16' in r]
+  checks.append(('kernel speedup over bf16 at M=256, any format/shape (min)',
+                 min(at256) if at256 else None, 0.9))
+  over = [r['adapter_overhead_pct'] for r in rows if 'adapter_overhead_pct' in r]
+  out = [{'target': name, 'threshold': thr, 'measured': val,
+          'met': None if val is None else bool(val >= thr)} for name, val, thr in checks]
+  out.append({'target': 'rank-64 adapter overhead % over the kernel alone (max)', 'threshold': 15.0,
+              'measured': max(over) if over else None,
+              'met': None if not over else bool(max(over) <= 15.0)})
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# End-to-end decode
+
+
+def group_for(in_features: int, preferred: int = 128) -> int:
+  """The largest of preferred, preferred/2, ... >= 32 that divides ``in_features`` (else -1)."""
+  g = preferred
+  while g >= 32:
+    if in_features % g == 0:
+      return g
+    g //= 2
+  return -1
+
+
+def quantize_linears(params, *, bits: int = 4, group: int = 128):
+  """RTN-quantizes every block linear in place of its ``kernel`` leaf (one matrix at a time: the
+  float32 copy of a single weight is the only temporary). The LM head and embeddings stay dense."""
+  rtn = jax.jit(quantize.rtn, static_argnames='spec')
+  layers = []
+  for block in params['layers']:
+    new_block = dict(block)
+    for part, names in (('self_attn', ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
+                        ('mlp', ('gate_proj', 'up_proj', 'down_proj'))):
+      sub = dict(block[part])
+      for name in names:
+        lin = dict(sub[name])
+        w = lin['kernel']
+        spec = QuantSpec(bits=bits, group_size=group_for(w.shape[0], group))
+        lin['kernel'] = formats.CompressedLinear(weight=rtn(w, spec=spec))
+        sub[name] = lin
+      new_block[part] = sub
+    layers.append(new_block)
+  return {**params, 'layers': layers}
+
+
+def _model_bytes(params) -> int:
+  total = 0
+  for leaf in jax.tree.leaves(params, is_leaf=formats.is_weight_leaf):
+    total += leaf_bytes(leaf)
+  return total
+
+
+def decode_tokens_per_s(params, cfg: ModelConfig, *, batch: int, prompt_len: int, new_tokens: int,
+                        dtype, trials: int, seed: int = 0) -> dict[str, Any]:
+  """Greedy decode tokens/s (prefill subtracted: ``generate(n) - generate(1)``)."""
+  prompt = jax.random.randint(jax.random.key(seed), (batch, prompt_len), 0, cfg.vocab_size)
+  gen_n = jax.jit(functools.partial(llama.generate, cfg=cfg, max_new_tokens=new_tokens,
+                                    dtype=dtype))
+  gen_1 = jax.jit(functools.partial(llama.generate, cfg=cfg, max_new_tokens=1, dtype=dtype))
+  with api.recording() as log:
+    jax.block_until_ready(gen_n(params, prompt))
+  jax.block_until_ready(gen_1(params, prompt))
+
+  def timed(f):
+    samples = []
+    for _ in range(trials):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(params, prompt))
+      samples.append(time.perf_counter() - t0)
+    return float(np.median(samples))
+
+  t_n, t_1 = timed(gen_n), timed(gen_1)
+  decode_s = max(t_n - t_1, 1e-9)
+  return {'tokens_per_s': batch * (new_tokens - 1) / decode_s, 'generate_s': t_n,
+          'prefill_s': t_1, 'implementations': dict(collections.Counter(log))}
+
+
+def _load_e2e_model(name: str, seed: int, layers: int | None):
+  if name == 'llama3-8b-random':
+    cfg = LLAMA3_8B if layers is None else ModelConfig(
+        **{**LLAMA3_8B.to_dict(), 'num_layers': layers})
+    return cfg, llama.init_params(cfg, jax.random.key(seed), jnp.bfloat16)
+  loaded = loading.load_model(name, dtype=jnp.float32, seed=seed)
+  return loaded.config, loaded.params
+
+
+def bench_e2e(*, models: Sequence[str], batch: int, prompt_len: int, new_tokens: int, trials: int,
+              seed: int, layers: int | None) -> list[dict[str, Any]]:
+  """bf16 vs 4-bit RTN (g128 where it divides the input, else g64/g32) decode tokens/s."""
+  rows = []
+  for name in models:
+    if name == 'llama3-8b-random' and jax.default_backend() == 'cpu':
+      rows.append({'model': name, 'skipped': 'needs a GPU (16 GB of bf16 weights)'})
+      continue
+    try:
+      cfg, params = _load_e2e_model(name, seed, layers)
+    except (assets.AssetError, OSError) as e:  # e.g. no network on the benchmark machine
+      rows.append({'model': name, 'skipped': f'could not load: {e}'})
+      continue
+    params = llama.cast_params(params, jnp.bfloat16)
+    kw = dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, dtype=jnp.bfloat16,
+              trials=trials, seed=seed)
+    dense = decode_tokens_per_s(params, cfg, **kw)
+    dense_bytes = _model_bytes(params)
+    params = llama.cast_params(quantize_linears(params), jnp.bfloat16)
+    comp = decode_tokens_per_s(params, cfg, **kw)
+    comp_bytes = _model_bytes(params)
+    del params
+    for variant, r, nbytes in (('bf16', dense, dense_bytes), ('w4 rtn', comp, comp_bytes)):
+      rows.append({'model': name, 'variant': variant, 'layers': cfg.num_layers, 'batch': batch,
+                   'new_tokens': new_tokens, 'tokens_per_s': r['tokens_per_s'],
+                   'speedup_vs_bf16': r['tokens_per_s'] / dense['tokens_per_s'],
+                   'weight_gb': nbytes / 1e9, 'generate_s': r['generate_s'],
+                   'prefill_s': r['prefill_s'], 'implementations': r['implementations']})
+    logging.info('%s', rows[-2:])
+  return rows
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_shapes(values: Sequence[str]) -> list[tuple[int, int]]:
+  out = []
+  for v in values:
+    try:
+      k, n = (int(t) for t in v.lower().split('x'))
+    except ValueError:
+      raise ValueError(f'bad shape {v!r}; write INxOUT, e.g. 4096x14336') from None
+    out.append((k, n))
+  return out
+
+
+def run(*, out_dir: str | None = None, quick: bool = False,
+        sections: Sequence[str] = ('kernels', 'e2e'),
+        shapes: Sequence[tuple[int, int]] = LLAMA_SHAPES, ms: Sequence[int] = MS,
+        fmts: Sequence[str] = tuple(FORMATS), with_xla: bool = False, sweep: bool = False,
+        e2e_models: Sequence[str] = ('smollm2-135m', 'llama3-8b-random'),
+        e2e_layers: int | None = None, batch: int = 1, prompt_len: int = 16,
+        new_tokens: int = 64, trials: int = 5, target_ms: float = 50.0,
+        rotate_mb: float = 4 * L2_BYTES_H100 / 2 ** 20, copy_mb: float = 1024.0, seed: int = 0,
+        flag_values: dict[str, Any] | None = None) -> dict[str, Any]:
+  """All logic (reads no FLAGS). ``quick``: tiny shapes, interpret mode off-GPU, short timings."""
+  unknown = [f for f in fmts if f not in FORMATS]
+  if unknown:
+    raise ValueError(f'unknown formats {unknown}; choose from {sorted(FORMATS)}')
+  bad = [s for s in sections if s not in ('kernels', 'e2e')]
+  if bad:
+    raise ValueError(f'unknown sections {bad}; choose kernels and/or e2e')
+  on_gpu = jax.default_backend() == 'gpu'
+  interpret = not on_gpu
+  if quick:
+    shapes = shapes if shapes != LLAMA_SHAPES else QUICK_SHAPES
+    ms = ms if ms != MS else QUICK_MS
+    fmts = fmts if tuple(fmts) != tuple(FORMATS) else QUICK_FORMATS
+    trials, target_ms, copy_mb, rotate_mb = 1, 1.0, 8.0, 0.0
+    new_tokens = min(new_tokens, 4)
+    prompt_len = min(prompt_len, 4)
+    e2e_models = tuple(e2e_models) if tuple(e2e_models) != ('smollm2-135m', 'llama3-8b-random') \
+        else ('tiny-llama',)
+  elif not on_gpu:
+    logging.warning('no GPU: kernels run in interpret mode; timings are not GPU timings')
+  device = jax.devices()[0]
+  results: dict[str, Any] = {
+      'device': f'{device.platform}: {getattr(device, "device_kind", str(device))}',
+      'interpret': interpret, 'quick': quick}
+  bw = copy_bandwidth(int(copy_mb * 2 ** 20), trials=trials, target_s=target_ms / 1e3)
+  results.update(bw)
+  rows: list[dict[str, Any]] = []
+  if 'kernels' in sections:
+    rows = bench_kernels(shapes=shapes, ms=ms, fmts=fmts, interpret=interpret, with_xla=with_xla,
+                         sweep=sweep, trials=trials, target_s=target_ms / 1e3,
+                         rotate_bytes=rotate_mb * 2 ** 20, copy_bw=bw['copy_bandwidth_gbs'],
+                         seed=seed)
+    results['targets'] = targets(rows) if on_gpu else []
+  e2e: list[dict[str, Any]] = []
+  if 'e2e' in sections:
+    e2e = bench_e2e(models=e2e_models, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                    trials=trials, seed=seed, layers=e2e_layers)
+  results['e2e'] = e2e
+  results['rows'] = rows
+  if out_dir is not None:
+    columns = ['format', 'shape', 'M', 'impl', 'default_impl', 'block', 'time_us', 'bf16_us',
+               'speedup_vs_bf16', 'pct_copy_bw', 'bandwidth_gbs', 'tflops', 'rel_err',
+               'adapter_overhead_pct', 'xla_us', 'sweep_best_us', 'sweep_best_block', 'skipped']
+    columns = [c for c in columns if any(c in r for r in rows)] or None
+    title = (f'Kernel benchmark on {results["device"]} (copy bandwidth '
+             f'{bw["copy_bandwidth_gbs"]:.0f} GB/s)')
+    path = common.write_results(out_dir, {k: v for k, v in results.items() if k != 'rows'},
+                                rows=rows, columns=columns, flags=flag_values, title=title)
+    if jax.process_index() == 0:
+      extra = ''
+      if results.get('targets'):
+        extra += '\n## Targets\n\n' + common.markdown_table(results['targets'])
+      if e2e:
+        extra += ('\n## End-to-end decode\n\n'
+                  + common.markdown_table(e2e, ['model', 'variant', 'layers', 'batch',
+                                                'tokens_per_s', 'speedup_vs_bf16', 'weight_gb',
+                                                'skipped']))
+      with open(path / 'table.md', 'a') as f:
+        f.write(extra)
+  return results
+
+
+def main(argv):
+  del argv
+  run(out_dir=_OUT_DIR.value, quick=_QUICK.value, sections=_SECTIONS.value,
+      shapes=parse_shapes(_SHAPES.value), ms=[int(m) for m in _MS.value], fmts=_FORMATS.value,
+      with_xla=_WITH_XLA.value, sweep=_SWEEP.value, e2e_models=_E2E_MODELS.value,
+      e2e_layers=_E2E_LAYERS.value, batch=_BATCH.value, prompt_len=_PROMPT.value,
+      new_tokens=_NEW_TOKENS.value, trials=_TRIALS.value, target_ms=_TARGET_MS.value,
+      rotate_mb=_ROTATE_MB.value, copy_mb=_COPY_MB.value, seed=_SEED.value,
+      flag_values=common.flag_values(flags.FLAGS))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,317 @@
+"""Pieces shared by the Pallas matmul kernels: tile sizes, masked tile loads, in-register unpacking.
+
+The kernels are written for the Pallas *Triton* lowering (``jax.experimental.pallas.triton``, the
+GPU backend that ``pl.pallas_call`` uses by default in jax 0.10 and that jax 0.11 keeps, deprecated,
+behind ``compiler_params=plt.CompilerParams(...)``), and run unchanged in interpret mode on the CPU,
+which is how the tests check them. The conventions follow the jax ``pallas/ops/gpu`` kernels:
+
+* A ``BlockSpec`` blocks the output axes (M rows of activations, N output features); the reduction
+  axis K is never blocked by the grid but walked by a ``fori_loop`` inside the kernel, because
+  Triton programs of one grid run concurrently and cannot accumulate into a shared output block.
+* Nothing requires the shape to divide the tile: every load that can run past an edge is a masked
+  ``plt.load(..., mask, other=0)`` and the output store is masked. (The Triton lowering does not mask
+  partial blocks by itself; interpret mode pads them with NaN, so a missing mask fails the tests.)
+* Every loaded or computed block has a power-of-two size (a Triton requirement), and every operand
+  of a ``dot`` has each dimension >= 16.
+
+Unpacking follows :mod:`kernels.packing` (GPTQ's layout): for 2, 4 and 8 bits an int32 word holds
+``32 / bits`` consecutive input rows, so a tile of ``wr`` word rows expands with one broadcast shift
+to ``[wr, 32 / bits, bn]`` and a reshape to ``[wr * 32 / bits, bn]``. For 3 bits a run of 32 rows
+lives in 3 words and two values straddle words, so the three word planes of a run are loaded
+separately (the packed array is viewed, for free, as ``[runs, 3, out]``) and each of the 32 slots
+selects its word, shift and spill bits from tables built with ``iota``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+# Triton's dot needs every operand dimension >= 16.
+MIN_DOT = 16
+# Streaming multiprocessors of an H100 SXM (132); only used to size split-K for small M.
+_TARGET_SMS = 132
+# The elementwise (no-MMA) GEMV path keeps one partial product per activation row in registers.
+MAX_GEMV_ROWS = 4
+
+
+def next_pow2(n: int) -> int:
+  return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
+
+
+def largest_pow2_divisor(n: int) -> int:
+  return int(n) & -int(n)
+
+
+def is_pow2(n: int) -> bool:
+  return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BlockSizes:
+  """Tile sizes and launch parameters of the dequantize-and-multiply kernels.
+
+  The grid is ``(cdiv(N, block_n), cdiv(M, block_m), split_k)``; each program walks its share of K
+  in steps of ``block_k`` input rows (a step is split further so that one dot never crosses a
+  quantization group), and split-K partial sums ``[split_k, M, N]`` (float32) are added outside.
+
+  How the defaults (:meth:`for_shape`) were chosen: no GPU was available when they were written, so
+  they come from the roofline argument, not from a sweep. At decode sizes (M <= 16) the weight is
+  all of the memory traffic and the only aim is to keep enough bytes in flight: narrow output tiles
+  (``block_n = 64``), long K steps (``block_k = 512``, i.e. 8 KiB of int4 words per step and column
+  tile) and split-K until there are about two programs per SM of an H100; for M <= 4 the product is
+  an elementwise multiply-and-reduce (``gemv=True``) rather than an MMA on a zero-padded 16-row
+  tile. At prefill sizes the tiles are the usual Triton GEMM ones (64-128 x 128 x 64). Re-derive them
+  with ``experiments/bench_kernels.py --sweep`` on the target GPU.
+
+  Attributes:
+    block_m: activation rows per program (power of two; >= 16 unless ``gemv``).
+    block_n: output features per program (power of two, >= 16).
+    block_k: input rows per K step (power of two, >= 16).
+    split_k: number of programs sharing one output tile along K (>= 1).
+    gemv: elementwise multiply-reduce instead of ``dot``; needs ``block_m <= MAX_GEMV_ROWS``.
+    num_warps: Triton warps per program.
+    num_stages: Triton software-pipelining depth of the K loop.
+  """
+  block_m: int = 16
+  block_n: int = 64
+  block_k: int = 256
+  split_k: int = 1
+  gemv: bool = False
+  num_warps: int = 4
+  num_stages: int = 3
+
+  def __post_init__(self):
+    for name in ('block_m', 'block_n', 'block_k'):
+      v = getattr(self, name)
+      if not is_pow2(v):
+        raise ValueError(f'BlockSizes.{name} must be a power of two, got {v}.')
+    if self.block_n < MIN_DOT or self.block_k < MIN_DOT:
+      raise ValueError(f'BlockSizes.block_n and block_k must be >= {MIN_DOT}, got '
+                       f'{self.block_n} and {self.block_k}.')
+    if self.gemv and self.block_m > MAX_GEMV_ROWS:
+      raise ValueError(f'the elementwise GEMV path holds at most {MAX_GEMV_ROWS} rows, got '
+                       f'block_m={self.block_m}.')
+    if not self.gemv and self.block_m < MIN_DOT:
+      raise ValueError(f'the dot path needs block_m >= {MIN_DOT}, got {self.block_m}; '
+                       'use gemv=True for fewer rows.')
+    if self.split_k < 1 or self.num_warps < 1 or self.num_stages < 1:
+      raise ValueError('split_k, num_warps and num_stages must be >= 1.')
+
+  @classmethod
+  def for_shape(cls, m: int, n: int, k: int) -> 'BlockSizes':
+    """Default tiles for an ``[m, k] @ [k, n]`` product (see the class docstring)."""
+    if m <= 16:
+      gemv = m <= MAX_GEMV_ROWS
+      block_m = next_pow2(m) if gemv else 16
+      block_n, block_k = 64, 512
+      n_tiles = -(-n // block_n)
+      split = 1
+      # Split K until ~2 programs per SM, keeping >= 2 K steps per program.
+      while (n_tiles * split * 2 <= 2 * _TARGET_SMS and split < 16
+             and k >= split * 2 * 2 * block_k):
+        split *= 2
+      return cls(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split, gemv=gemv,
+                 num_warps=4, num_stages=4)
+    if m <= 64:
+      return cls(block_m=next_pow2(m), block_n=128, block_k=128, num_warps=4, num_stages=3)
+    if m < 128:
+      return cls(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
+    return cls(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def compiler_params(block: BlockSizes):
+  return plt.CompilerParams(num_warps=block.num_warps, num_stages=block.num_stages)
+
+
+def iota(n: int, shape=None, axis: int = 0) -> jax.Array:
+  """int32 ``0..n-1`` laid along ``axis`` of ``shape`` (default ``(n,)``)."""
+  shape = (n,) if shape is None else shape
+  return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+  """Where one program sits: its rows/columns and their validity masks (traced values)."""
+  row0: jax.Array      # scalar: first activation row of the tile
+  m: int               # number of activation rows
+  rows: jax.Array      # [bm] global activation rows
+  row_ok: jax.Array    # [bm] bool
+  cols: jax.Array      # [bn] global output features
+  col_ok: jax.Array    # [bn] bool
+  bm: int
+  bn: int
+
+
+def make_tile(m: int, n: int, bm: int, bn: int) -> Tile:
+  row0 = pl.program_id(1) * bm
+  rows = row0 + iota(bm)
+  cols = pl.program_id(0) * bn + iota(bn)
+  return Tile(row0=row0, m=m, rows=rows, row_ok=rows < m, cols=cols, col_ok=cols < n, bm=bm, bn=bn)
+
+
+def load_rows(ref, start, size: int, limit: int, col_ok: jax.Array, other=0):
+  """Rows ``[start, start + size)`` of a 2-D ref ``[*, bn]``, zero past ``limit`` or the last column."""
+  ok = ((start + iota(size)) < limit)[:, None] & col_ok[None, :]
+  return plt.load(ref.at[pl.ds(start, size), :], mask=ok, other=other)
+
+
+def load_row(ref, index, col_ok: jax.Array, other=0):
+  """Row ``index`` of a 2-D ref ``[*, bn]`` as ``[1, bn]``."""
+  return plt.load(ref.at[pl.ds(index, 1), :], mask=col_ok[None, :], other=other)
+
+
+def load_plane(ref, start, size: int, plane: int, limit: int, col_ok: jax.Array, other=0):
+  """``ref[start:start+size, plane, :]`` of a 3-D ref ``[*, planes, bn]`` as ``[size, bn]``."""
+  ok = ((start + iota(size)) < limit)[:, None] & col_ok[None, :]
+  out = plt.load(ref.at[pl.ds(start, size), pl.ds(plane, 1), :], mask=ok[:, None, :], other=other)
+  return out.reshape(size, out.shape[-1])
+
+
+def load_x(x_ref, tile: Tile, k0, width: int, k: int, dtype):
+  """Activation tile ``x[rows, k0:k0+width]`` ``[bm, width]``, zero outside ``[M, K]``."""
+  ok = tile.row_ok[:, None] & ((k0 + iota(width)) < k)[None, :]
+  return plt.load(x_ref.at[:, pl.ds(k0, width)], mask=ok, other=0).astype(dtype)
+
+
+def unpack_words(q_ref, word0, wr: int, bits: int, limit: int, col_ok: jax.Array,
+                 parity: int | None = None) -> jax.Array:
+  """Integer codes of ``wr`` packed word rows (2/4/8 bits) ``[wr * per_word, bn]`` int32.
+
+  Word row ``w`` holds input rows ``P*w .. P*w + P - 1`` (``P = 32 / bits``) at shifts
+  ``bits * slot``. With ``parity`` in {0, 1} only the even/odd rows are returned
+  (``[wr * P / 2, bn]``, row ``w * P/2 + i`` = input row ``P*w + 2*i + parity``).
+  """
+  per_word = 32 // bits
+  words = load_rows(q_ref, word0, wr, limit, col_ok)  # [wr, bn] int32
+  if parity is None:
+    slots = iota(per_word, (1, per_word, 1), 1)
+  else:
+    slots = 2 * iota(per_word // 2, (1, per_word // 2, 1), 1) + parity
+  codes = jax.lax.shift_right_logical(words[:, None, :], bits * slots) & ((1 << bits) - 1)
+  return codes.reshape(wr * slots.shape[1], words.shape[-1])
+
+
+def unpack_runs3(q_ref, run0, runs: int, limit: int, col_ok: jax.Array,
+                 parity: int | None = None) -> jax.Array:
+  """3-bit codes of ``runs`` runs of 32 rows from the ``[runs, 3, bn]`` view: ``[runs * 32, bn]``.
+
+  Value ``j`` of a run starts at bit ``3 j`` of the run's 96-bit little-endian stream; values 10 and
+  21 straddle two words. With ``parity`` only the even/odd values are returned (``[runs * 16, bn]``).
+  """
+  planes = [load_plane(q_ref, run0, runs, p, limit, col_ok) for p in range(3)]  # 3 x [runs, bn]
+  nslots = 32 if parity is None else 16
+  j = iota(nslots, (1, nslots, 1), 1)
+  if parity is not None:
+    j = 2 * j + parity
+  offset = 3 * j
+  word = offset // 32
+  shift = offset % 32
+  spill = (shift + 3) > 32
+  p0, p1, p2 = (p[:, None, :] for p in planes)
+  lo = jnp.where(word == 0, p0, jnp.where(word == 1, p1, p2))
+  nxt = jnp.where(word == 0, p1, p2)
+  val = jax.lax.shift_right_logical(lo, shift)
+  hi_shift = jnp.where(spill, 32 - shift, 0)
+  val = val | jnp.where(spill, jax.lax.shift_left(nxt, hi_shift), 0)
+  codes = val & 7
+  return codes.reshape(runs * nslots, planes[0].shape[-1])
+
+
+def unpack_tile(q_ref, start: jax.Array, size: int, bits: int, packed_rows: int,
+                col_ok: jax.Array, parity: int | None = None) -> jax.Array:
+  """Codes of input rows ``[start, start + size)`` of a packed weight (``start`` a multiple of the
+  packing unit). Returns ``[size, bn]`` int32, or ``[size / 2, bn]`` of the even/odd rows."""
+  if bits == 3:
+    runs = size // 32
+    return unpack_runs3(q_ref, start // 32, runs, packed_rows, col_ok, parity)
+  per_word = 32 // bits
+  wr = size // per_word
+  word0 = pl.multiple_of(start // per_word, wr) if wr > 1 else start // per_word
+  return unpack_words(q_ref, word0, wr, bits, packed_rows, col_ok, parity)
+
+
+def min_unpack_rows(bits: int) -> int:
+  """Smallest tile (input rows) that :func:`unpack_tile` reads whole: one word, or one 3-bit run."""
+  return 32 if bits == 3 else 32 // bits
+
+
+def packed_view(qweight: jax.Array, bits: int) -> jax.Array:
+  """The packed array as the kernel reads it: ``[words, out]``, or ``[runs, 3, out]`` for 3 bits
+  (a free reshape: the 3 words of a run are consecutive rows)."""
+  if bits == 3:
+    return qweight.reshape(qweight.shape[0] // 3, 3, qweight.shape[1])
+  return qweight
+
+
+def accumulate(acc, x_ref, tile: Tile, k0, width: int, k: int, w, *, gemv: bool, dtype,
+               scale=None):
+  """``acc += x[:, k0:k0+width] @ w (* scale)``; ``w`` is ``[width, bn]`` (ints or floats).
+
+  ``gemv``: per activation row, an elementwise multiply and a reduction over K in float32 (no MMA,
+  no zero-padded rows). Otherwise one ``dot`` in the activation dtype with float32 accumulation.
+  ``scale`` ``[1, bn]`` multiplies the partial product (the per-group scale, applied once per
+  output tile instead of once per weight element).
+  """
+  if gemv:
+    wf = w.astype(jnp.float32)
+    for i in range(tile.bm):
+      ok = ((k0 + iota(width)) < k)[None, :] & (tile.row0 + i < tile.m)
+      xi = plt.load(x_ref.at[pl.ds(i, 1), pl.ds(k0, width)], mask=ok, other=0)
+      part = jnp.sum(xi.astype(jnp.float32).reshape(width, 1) * wf, axis=0)[None, :]  # [1, bn]
+      if scale is not None:
+        part = part * scale
+      acc = acc + jnp.where(iota(tile.bm, (tile.bm, 1), 0) == i, part, 0.0)
+    return acc
+  xk = load_x(x_ref, tile, k0, width, k, dtype)
+  part = jnp.dot(xk, w.astype(dtype), preferred_element_type=jnp.float32)
+  if scale is not None:
+    part = part * scale
+  return acc + part
+
+
+def adapter_epilogue(acc, xa_ref, b_ref, tile: Tile, rank: int, *, gemv: bool, dtype):
+  """``acc += xa @ b`` for the ``[bm, bn]`` output tile: ``xa = x @ a`` ``[M, r]``, ``b [r, bn]``."""
+  rp = next_pow2(rank) if gemv else max(MIN_DOT, next_pow2(rank))
+  r_ok = iota(rp) < rank
+  bt = plt.load(b_ref.at[pl.ds(0, rp), :], mask=r_ok[:, None] & tile.col_ok[None, :], other=0)
+  if gemv:
+    bf = bt.astype(jnp.float32)
+    for i in range(tile.bm):
+      ok = r_ok[None, :] & (tile.row0 + i < tile.m)
+      xi = plt.load(xa_ref.at[pl.ds(i, 1), pl.ds(0, rp)], mask=ok, other=0)
+      part = jnp.sum(xi.astype(jnp.float32).reshape(rp, 1) * bf, axis=0)[None, :]
+      acc = acc + jnp.where(iota(tile.bm, (tile.bm, 1), 0) == i, part, 0.0)
+    return acc
+  ok = tile.row_ok[:, None] & r_ok[None, :]
+  xa = plt.load(xa_ref.at[:, pl.ds(0, rp)], mask=ok, other=0).astype(dtype)
+  return acc + jnp.dot(xa, bt.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def store(o_ref, acc, tile: Tile):
+  ok = tile.row_ok[:, None] & tile.col_ok[None, :]
+  plt.store(o_ref, acc.astype(o_ref.dtype), mask=ok)
+
+
+def k_plan(k: int, block_k: int, sub: int, split_k: int) -> tuple[int, int, int]:
+  """``(bk, steps, splits)``: rows per K step, steps per program, programs along K.
+
+  ``bk`` is ``block_k`` shrunk to the problem (never below ``sub``); ``splits`` is ``split_k``
+  reduced so that no program gets an empty range.
+  """
+  bk = max(sub, min(block_k, next_pow2(k)))
+  n_steps = -(-k // bk)
+  splits = max(1, min(split_k, n_steps))
+  steps = -(-n_steps // splits)
+  splits = -(-n_steps // steps)
+  return bk, steps, splits
+
+
+def flatten_rows(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+  """``[..., in]`` -> ``[M, in]`` and the leading shape."""
+  lead = x.shape[:-1]
+  return x.reshape(-1, x.shape[-1]), lead

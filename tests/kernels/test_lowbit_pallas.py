@@ -1,0 +1,153 @@
+"""W{2,3,4,8}A16 Pallas kernel against a float64 NumPy reference built from the raw integers.
+
+``LowbitPallasInterpretTest`` runs every case in Pallas interpret mode on the CPU (CI);
+``LowbitPallasTest`` runs the same cases compiled, on a GPU only.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import absltest, parameterized
+
+from kernels import formats, lowbit_pallas
+from kernels.lowbit_pallas import BlockSizes
+from tests.kernels import kernel_data as kd
+
+BF16, F16 = jnp.bfloat16, jnp.float16
+
+# name, bits, group_size, symmetric, act_order, M, K, N, dtype, rank, block
+_CASES = (
+    ('w4_g128_asym_m1_gemv', 4, 128, False, False, 1, 256, 192, BF16, 0, None),
+    ('w4_g32_sym_m17_f16', 4, 32, True, False, 17, 96, 80, F16, 0, None),
+    ('w3_g64_asym_m3', 3, 64, False, False, 3, 192, 96, BF16, 0, None),
+    ('w3_gall_sym_m17_f16', 3, -1, True, False, 17, 160, 48, F16, 0, None),
+    ('w2_g64_asym_m5_dot', 2, 64, False, False, 5, 256, 64, BF16, 0, None),
+    ('w2_g32_sym_m1', 2, 32, True, False, 1, 64, 40, BF16, 0, None),
+    ('w8_gall_asym_m17', 8, -1, False, False, 17, 128, 72, BF16, 0, None),
+    ('w8_g128_sym_m3_f16', 8, 128, True, False, 3, 256, 64, F16, 0, None),
+    ('w4_g32_actorder_m3', 4, 32, False, True, 3, 128, 64, BF16, 0, None),
+    ('w3_g64_actorder_m17_f16', 3, 64, False, True, 17, 128, 48, F16, 0, None),
+    ('w4_in100_m2', 4, -1, False, False, 2, 100, 48, BF16, 0, None),
+    ('w4_g64_adapter_splitk_gemv', 4, 64, False, False, 1, 256, 64, BF16, 8,
+     BlockSizes(block_m=1, block_n=32, block_k=64, split_k=2, gemv=True)),
+    ('w4_g128_adapter_m17', 4, 128, False, False, 17, 256, 80, BF16, 16, None),
+    ('w2_g64_splitk_dot_m9', 2, 64, True, False, 9, 256, 64, BF16, 0,
+     BlockSizes(block_m=16, block_n=32, block_k=64, split_k=4)),
+)
+
+
+@pytest.mark.gpu
+class LowbitPallasTest(parameterized.TestCase):
+  INTERPRET = False
+
+  def setUp(self):
+    super().setUp()
+    if not self.INTERPRET and jax.default_backend() != 'gpu':
+      self.skipTest('compiled Pallas kernels need a GPU')
+
+  @parameterized.named_parameters(*_CASES)
+  def test_matches_float64_reference(self, bits, group_size, symmetric, act_order, m, k, n, dtype,
+                                     rank, block):
+    rng = np.random.default_rng(hash((bits, group_size, m, k, n)) % 2 ** 32)
+    w, dense = kd.quantized(rng, k, n, bits, group_size, symmetric, act_order)
+    x = kd.activations(rng, (m, k), dtype)
+    ad, ab = kd.adapter(rng, k, n, rank) if rank else (None, None)
+    y = lowbit_pallas.lowbit_matmul(x, w, ad, block=block, interpret=self.INTERPRET)
+    self.assertEqual(y.shape, (m, n))
+    self.assertEqual(y.dtype, dtype)
+    self.assertTrue(np.all(np.isfinite(np.asarray(y, np.float32))), 'unwritten or NaN output')
+    err = kd.rel_err(y, kd.reference(x, dense, ab))
+    self.assertLess(err, kd.REL_TOL[jnp.dtype(dtype)])
+
+  def test_leading_dims_and_compressed_linear(self):
+    rng = np.random.default_rng(7)
+    w, dense = kd.quantized(rng, 128, 48, 4, 64)
+    ad, ab = kd.adapter(rng, 128, 48, 4)
+    x = kd.activations(rng, (2, 3, 128), BF16)
+    y = lowbit_pallas.linear(x, formats.CompressedLinear(weight=w, adapter=ad),
+                             interpret=self.INTERPRET)
+    self.assertEqual(y.shape, (2, 3, 48))
+    self.assertLess(kd.rel_err(y, kd.reference(x, dense, ab)), kd.REL_TOL[jnp.dtype(BF16)])
+
+
+class LowbitPallasInterpretTest(LowbitPallasTest):
+  INTERPRET = True
+  pytestmark = []
+
+
+def _abstract(tree):
+  return jax.eval_shape(lambda: tree)
+
+
+class CheckSupportedTest(parameterized.TestCase):
+  """``check_supported`` decides from shapes and static fields alone (``ShapeDtypeStruct`` leaves)."""
+
+  def _weight(self, k=256, n=64, bits=4, group_size=128, act_order=False):
+    w, _ = kd.quantized(np.random.default_rng(0), k, n, bits, group_size, act_order=act_order)
+    return _abstract(w)
+
+  def test_supported_returns_blocks(self):
+    w = self._weight()
+    block = lowbit_pallas.check_supported(jax.ShapeDtypeStruct((1, 256), BF16), w)
+    self.assertTrue(block.gemv)
+    block = lowbit_pallas.check_supported(jax.ShapeDtypeStruct((4, 64, 256), F16), w)
+    self.assertFalse(block.gemv)
+    self.assertEqual(block.block_m, 128)
+    lowbit_pallas.check_supported(jax.ShapeDtypeStruct((3, 256), BF16),
+                                  self._weight(act_order=True))
+
+  def test_float32_activations_unsupported(self):
+    with self.assertRaises(NotImplementedError):
+      lowbit_pallas.check_supported(jax.ShapeDtypeStruct((1, 256), jnp.float32), self._weight())
+
+  def test_mask_leaf_unsupported(self):
+    leaf = formats.CompressedLinear(weight=self._weight(),
+                                    mask=jax.ShapeDtypeStruct((256, 64), jnp.bool_))
+    with self.assertRaises(NotImplementedError):
+      lowbit_pallas.check_supported(jax.ShapeDtypeStruct((1, 256), BF16), leaf)
+
+  def test_other_leaf_types_unsupported(self):
+    x = jax.ShapeDtypeStruct((1, 256), BF16)
+    with self.assertRaises(NotImplementedError):
+      lowbit_pallas.check_supported(x, jax.ShapeDtypeStruct((256, 64), BF16))
+    s, _ = kd.sparse24(np.random.default_rng(0), 256, 64)
+    with self.assertRaises(NotImplementedError):
+      lowbit_pallas.check_supported(x, _abstract(s))
+
+  def test_group_not_a_whole_tile_unsupported(self):
+    x = jax.ShapeDtypeStruct((1, 96), BF16)
+    # 48 rows = 3 x 16: fine for 4-bit words, not for 3-bit runs of 32.
+    lowbit_pallas.check_supported(x, self._weight(k=96, bits=4, group_size=48))
+    with self.assertRaises(NotImplementedError):
+      lowbit_pallas.check_supported(x, self._weight(k=96, bits=3, group_size=48))
+
+  def test_quantized_adapter_not_fused(self):
+    w = self._weight()
+    qa, _ = kd.quantized(np.random.default_rng(1), 256, 32, 4, 128)
+    qb, _ = kd.quantized(np.random.default_rng(2), 32, 64, 4, 32)
+    leaf = formats.CompressedLinear(weight=w, adapter=_abstract(formats.LowRank(a=qa, b=qb)))
+    with self.assertRaises(NotImplementedError):
+      lowbit_pallas.check_supported(jax.ShapeDtypeStruct((1, 256), BF16), leaf)
+
+  def test_mismatched_input_raises_value_error(self):
+    with self.assertRaisesRegex(ValueError, 'in_features=256'):
+      lowbit_pallas.check_supported(jax.ShapeDtypeStruct((1, 128), BF16), self._weight())
+
+  @parameterized.parameters(
+      dict(block_m=3), dict(block_n=8), dict(block_k=48), dict(block_m=8, gemv=True),
+      dict(block_m=4, gemv=False), dict(split_k=0))
+  def test_invalid_block_sizes(self, **kwargs):
+    base = dict(block_m=16, block_n=64, block_k=64)
+    with self.assertRaises(ValueError):
+      BlockSizes(**{**base, **kwargs})
+
+  def test_default_blocks_split_k_at_decode(self):
+    # A narrow output (32 tiles of 64) and a long K: split-K gives the SMs enough programs.
+    block = BlockSizes.for_shape(1, 2048, 8192)
+    self.assertGreater(block.split_k, 1)
+    self.assertEqual(BlockSizes.for_shape(1, 28672, 8192).split_k, 1)
+
+
+if __name__ == '__main__':
+  absltest.main()
