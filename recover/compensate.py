@@ -55,6 +55,11 @@ class Compensator:
       raise ValueError(f'adapter_bits={self.adapter_bits} is not supported; choose one of {ADAPTER_BITS}')
 
   @property
+  def changes_weights(self) -> bool:
+    """SRR quantizes a residual, so the compressed leaf is only meaningful with its adapter."""
+    return self.method == 'srr'
+
+  @property
   def fingerprint(self) -> str:
     return f'{self.method}-r{self.rank}-b{self.adapter_bits}-g{self.adapter_group_size}-k{self.srr_k}-{self.srr_scaling}'
 

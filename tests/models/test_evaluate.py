@@ -77,3 +77,15 @@ def test_multiple_choice_known_answers(tiny, tmp_path):
   for i, (c, ch) in enumerate(zip(contexts, choices)):
     ll = [_loglik(params, cfg, tok, c, x) for x in ch]
     assert out['predictions'][i] == int(np.argmax(ll))
+
+
+def test_compare_many_equals_compare(tiny):
+  cfg, params = tiny
+  others = {f'm{i}': llama.init_params(cfg, jax.random.key(10 + i), scale=0.3) for i in range(2)}
+  windows = np.asarray(jax.random.randint(jax.random.key(1), (3, 16), 0, cfg.vocab_size))
+  many = eval_lib.compare_many(params, others, cfg, windows, batch_size=2, progress=False)
+  for name, p in others.items():
+    one = eval_lib.compare(params, p, cfg, windows, batch_size=2, progress=False)
+    for k in ('ppl', 'kl', 'top1'):
+      np.testing.assert_allclose(many[name][k], one[k], rtol=1e-5)
+    np.testing.assert_allclose(many['__ref__']['ppl'], one['ppl_ref'], rtol=1e-6)

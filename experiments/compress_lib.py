@@ -1,0 +1,206 @@
+"""The compress-recover-evaluate job as a function (no flags): what ``experiments.compress`` runs
+and what the table scripts call with their own settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+import time
+from typing import Any
+
+from compress import pipeline
+from compress import rules as rules_lib
+from compress.prune import PruneSpec
+from experiments import common
+from kernels import QuantSpec
+from models import checkpoint
+from models import evaluate as eval_lib
+from models import loading
+from recover import compensate as compensate_lib
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompressConfig:
+  """Everything ``run`` needs (the flags, validated)."""
+  model: str = 'smollm2-135m'
+  prune: str = 'none'
+  sparsity: str = '0.5'
+  quant: str = 'none'
+  bits: int = 4
+  group_size: int = 128
+  act_order: bool = False
+  static_groups: bool = False
+  sym: bool = False
+  awq_clip: bool = False
+  true_sequential: bool = False
+  dense_inputs: bool = False
+  rules: tuple[str, ...] = ()
+  auto_bits: float | None = None
+  auto_candidates: tuple[int, ...] = (2, 3, 4)
+  include_head: bool = False
+  calib_data: str = 'python-docs'
+  calib_samples: int = 64
+  calib_seqlen: int = 512
+  seed: int = 0
+  eval_data: tuple[str, ...] = ('python-docs',)
+  eval_seqlen: int = 512
+  eval_windows: int = 40
+  probes: str | None = None
+  dtype: str = 'float32'
+  batch_size: int = 8
+  recover: str = 'none'
+  rank: int = 64
+  adapter_bits: int = 16
+  srr_k: int | None = None
+  recover_data: str | None = None
+  recover_samples: int = 64
+
+
+def build_spec(c: CompressConfig) -> rules_lib.LinearSpec:
+  """The uniform spec from the flags; raises ValueError naming a bad value before any work."""
+  if c.prune not in rules_lib.PRUNE_METHODS:
+    raise ValueError(f'--prune={c.prune!r} is not a pruning method; choose one of {rules_lib.PRUNE_METHODS}')
+  if c.quant not in rules_lib.QUANT_METHODS:
+    raise ValueError(f'--quant={c.quant!r} is not a quantization method; choose one of '
+                     f'{rules_lib.QUANT_METHODS}')
+  if c.recover not in compensate_lib.METHODS:
+    raise ValueError(f'--recover={c.recover!r} is not a recovery method; choose one of '
+                     f'{compensate_lib.METHODS}')
+  sparsity = PruneSpec.parse(c.sparsity) if c.prune != 'none' else None
+  qspec = None
+  if c.quant != 'none' or c.auto_bits is not None:
+    try:
+      qspec = QuantSpec(bits=c.bits, group_size=c.group_size, symmetric=c.sym)
+    except ValueError as e:
+      raise ValueError(f'--bits/--group_size: {e}') from e
+  if c.calib_samples <= 0 or c.calib_seqlen <= 1:
+    raise ValueError('--calib_samples must be positive and --calib_seqlen at least 2')
+  if c.recover != 'none' and c.prune == 'none' and c.quant == 'none':
+    raise ValueError('--recover needs a compression (--prune or --quant)')
+  if c.recover != 'none':
+    compensate_lib.Compensator(method=c.recover, rank=c.rank, adapter_bits=c.adapter_bits)
+  return rules_lib.LinearSpec(prune=c.prune, sparsity=sparsity, quant=c.quant, qspec=qspec,
+                              act_order=c.act_order, static_groups=c.static_groups,
+                              awq_clip=c.awq_clip)
+
+
+def build_rules(c: CompressConfig, spec: rules_lib.LinearSpec) -> list[rules_lib.Rule]:
+  extra = [rules_lib.parse_rule(r, spec) for r in c.rules]
+  return extra + rules_lib.uniform(spec, include_head=c.include_head)
+
+
+def evaluate_pair(params_ref, params, cfg, windows: dict[str, Any], tokenizer, items, *,
+                  dtype, batch_size: int, tag: str) -> dict[str, Any]:
+  """KL/top-1/perplexity of ``params`` against ``params_ref`` on every corpus, plus probes."""
+  out: dict[str, Any] = {'per_dataset': {}}
+  for name, win in windows.items():
+    r = eval_lib.compare(params_ref, params, cfg, win, batch_size=max(1, batch_size // 2),
+                         dtype=dtype, desc=f'eval {tag} {name}')
+    out['per_dataset'][name] = r
+  if items:
+    out['probes'] = eval_lib.score_multiple_choice(params, cfg, tokenizer, items, dtype=dtype,
+                                                   desc=f'probes {tag}')
+  return out
+
+
+def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = None,
+        restart: bool = False, loaded: loading.LoadedModel | None = None,
+        dense_eval: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Compress, recover and evaluate; returns the results dict (``results.json``'s content)."""
+  spec = build_spec(c)
+  dt = common.parse_dtype(c.dtype)
+  loaded = loaded or loading.load_model(c.model, dtype=dt)
+  cfg, params = loaded.config, loaded.params
+  tokenizer = loaded.tokenizer()
+  rules = build_rules(c, spec)
+  pipeline.validate_rules(params, rules)
+
+  windows = {name: common.eval_windows_for(tokenizer, name, c.eval_seqlen, c.eval_windows)
+             for name in c.eval_data}
+  calib = common.calibration_for(tokenizer, c.calib_data, c.calib_samples, c.calib_seqlen, c.seed)
+  aux = None
+  compensator = None
+  if c.recover != 'none':
+    compensator = compensate_lib.Compensator(method=c.recover, rank=c.rank,
+                                             adapter_bits=c.adapter_bits, srr_k=c.srr_k)
+    if c.recover_data:
+      aux = common.calibration_for(tokenizer, c.recover_data, c.recover_samples, c.calib_seqlen,
+                                   c.seed + 1)
+  if c.auto_bits is not None:
+    rules = pipeline.auto_bits_rules(params, cfg, calib, spec, budget=c.auto_bits,
+                                     candidates=c.auto_candidates, batch_size=c.batch_size,
+                                     dtype=dt) + rules
+
+  ckpt_dir = None
+  if out_dir:
+    ckpt_dir = pathlib.Path(out_dir) / 'checkpoint'
+    if restart and ckpt_dir.exists():
+      shutil.rmtree(ckpt_dir)
+  t0 = time.time()
+  compressed, reports = pipeline.compress_model(
+      params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
+      batch_size=c.batch_size, dtype=dt, checkpoint_dir=ckpt_dir, compensate=compensator,
+      aux_tokens=aux)
+  compress_seconds = time.time() - t0
+  numerics = sum(r.seconds for r in reports)
+  recover_seconds = sum(r.extra.get('recover_seconds', 0.0) for r in reports)
+
+  items = common.probe_items(c.probes)
+  results: dict[str, Any] = {'model': c.model, 'method': spec.describe(),
+                             'calib_data': c.calib_data, 'calib_tokens': int(calib.size),
+                             'eval_data': c.eval_data[0], 'eval_seqlen': c.eval_seqlen}
+  if dense_eval is None:
+    dense_eval = {'probes': eval_lib.score_multiple_choice(params, cfg, tokenizer, items, dtype=dt,
+                                                           desc='probes dense') if items else None}
+  base = None
+  if compensator is not None and compensator.changes_weights:
+    # SRR re-quantizes a residual: the compression alone is a separate run without compensation.
+    base, _ = pipeline.compress_model(
+        params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
+        batch_size=c.batch_size, dtype=dt)
+  elif compensator is not None:
+    # The compression alone: the same leaves without their adapters (the pipeline propagates
+    # activations without adapters, so these are exactly the uncompensated run's weights).
+    base = pipeline.strip_adapters(compressed)
+  ev_c = evaluate_pair(params, base if base is not None else compressed, cfg, windows, tokenizer,
+                       items, dtype=dt, batch_size=c.batch_size, tag='compressed')
+  first = c.eval_data[0]
+  results.update(
+      ppl_dense=ev_c['per_dataset'][first]['ppl_ref'],
+      ppl_compressed=ev_c['per_dataset'][first]['ppl'],
+      kl_compressed=ev_c['per_dataset'][first]['kl'],
+      top1_compressed=ev_c['per_dataset'][first]['top1'],
+      eval_tokens=ev_c['per_dataset'][first]['eval_tokens'])
+  if items:
+    results.update(probe_acc_dense=dense_eval['probes']['acc'],
+                   probe_acc_compressed=ev_c['probes']['acc'])
+  per_dataset = {n: {'ppl_dense': r['ppl_ref'], 'ppl_compressed': r['ppl'], 'kl_compressed': r['kl'],
+                     'top1_compressed': r['top1']} for n, r in ev_c['per_dataset'].items()}
+  if compensator is not None:
+    ev_r = evaluate_pair(params, compressed, cfg, windows, tokenizer, items, dtype=dt,
+                         batch_size=c.batch_size, tag='recovered')
+    results.update(ppl_recovered=ev_r['per_dataset'][first]['ppl'],
+                   kl_recovered=ev_r['per_dataset'][first]['kl'],
+                   top1_recovered=ev_r['per_dataset'][first]['top1'],
+                   recover_seconds=recover_seconds)
+    if items:
+      results['probe_acc_recovered'] = ev_r['probes']['acc']
+    for n, r in ev_r['per_dataset'].items():
+      per_dataset[n].update(ppl_recovered=r['ppl'], kl_recovered=r['kl'], top1_recovered=r['top1'])
+    results.update(compensate_lib.adapter_share(compressed))
+  results.update(compress_seconds=compress_seconds, numerics_seconds=numerics,
+                 calib_forward_seconds=compress_seconds - numerics - recover_seconds,
+                 per_dataset=per_dataset, summary=pipeline.summarize(reports),
+                 layers=[dataclasses.asdict(r) for r in reports], config=dataclasses.asdict(c))
+  if save:
+    checkpoint.save_model(save, compressed, cfg, {'method': spec.describe(), 'model': c.model})
+    results['saved_to'] = save
+  return results
+
+
+
+
+RESULT_COLUMNS = ('method', 'ppl_dense', 'ppl_compressed', 'kl_compressed', 'top1_compressed',
+                  'probe_acc_dense', 'probe_acc_compressed', 'ppl_recovered', 'kl_recovered',
+                  'top1_recovered', 'probe_acc_recovered', 'compress_seconds')

@@ -1,0 +1,82 @@
+"""Smoke tests of the experiment scripts on the tiny byte-level model (no large assets needed for
+the model; the text comes from the shipped corpora)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import compress_lib as compress_exp
+from experiments import compress_table
+from experiments import evaluate as evaluate_exp
+
+
+@pytest.fixture(autouse=True)
+def _text_file(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  words = ['the', 'model', 'weight', 'is', 'a', 'of', 'and', 'compress', 'recover', 'layer']
+  text = ' '.join(rng.choice(words, size=6000)) + '\n'
+  path = tmp_path / 'corpus.txt'
+  path.write_text(text)
+  monkeypatch.setenv('TEST_CORPUS', str(path))
+  return path
+
+
+def _corpus(tmp_path):
+  return str(tmp_path / 'corpus.txt')
+
+
+def test_evaluate_run(tmp_path):
+  out = evaluate_exp.run(model='tiny-llama', eval_data=[_corpus(tmp_path)], eval_seqlen=64,
+                         eval_windows=3, batch_size=2, probes='none')
+  assert out['eval_tokens'] == 3 * 63 and np.isfinite(out['ppl']) and out['ppl'] > 1
+
+
+def _config(tmp_path, **kw):
+  base = dict(model='tiny-llama', calib_data=_corpus(tmp_path), calib_samples=4, calib_seqlen=32,
+              eval_data=(_corpus(tmp_path),), eval_seqlen=32, eval_windows=2, probes='none',
+              batch_size=2, group_size=32)
+  base.update(kw)
+  return compress_exp.CompressConfig(**base)
+
+
+def test_compress_run_with_recovery_and_save(tmp_path):
+  c = _config(tmp_path, quant='gptq', bits=3, recover='eora', rank=8)
+  res = compress_exp.run(c, out_dir=str(tmp_path / 'out'), save=str(tmp_path / 'saved'))
+  for k in ('ppl_dense', 'ppl_compressed', 'kl_compressed', 'top1_compressed', 'ppl_recovered',
+            'kl_recovered', 'compress_seconds', 'recover_seconds', 'adapter_share'):
+    assert k in res and np.isfinite(res[k]), k
+  assert res['kl_recovered'] < res['kl_compressed']
+  assert 0 < res['adapter_share'] < 0.5
+  assert len(res['layers']) == 14
+  json.dumps(res)  # JSON-serialisable
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(prune='obs'), 'not a pruning method'),
+    (dict(quant='gptq', bits=5), 'bits=5'),
+    (dict(prune='wanda', sparsity='1.5'), '1.5'),
+    (dict(quant='gptq', bits=4, group_size=48), 'group_size=48 does not divide'),
+    (dict(quant='rtn', recover='lora'), 'not a recovery method'),
+])
+def test_bad_flags_fail_before_work(tmp_path, kw, match):
+  c = _config(tmp_path, **kw)
+  with pytest.raises(ValueError, match=match):
+    compress_exp.run(c)
+
+
+def test_compress_table_smoke(tmp_path, monkeypatch):
+  monkeypatch.setattr(compress_table, 'METHODS', {
+      'wanda 2:4': dict(prune='wanda', sparsity='2:4'),
+      'rtn w2g32': dict(quant='rtn', bits=2, group_size=32)})
+  monkeypatch.setattr(compress_table.common, 'probe_items', lambda path: [])
+  rows = compress_table.run(methods=['wanda 2:4', 'rtn w2g32'], out_dir=str(tmp_path / 't'),
+                            model='tiny-llama', calib_samples=4, calib_seqlen=32,
+                            eval_data=[_corpus(tmp_path)], eval_windows=2, eval_seqlen=32)
+  assert [r['method'] for r in rows] == ['dense', 'wanda 2:4', 'rtn w2g32']
+  assert rows[1][f'ppl {_corpus(tmp_path)}'] != rows[0][f'ppl {_corpus(tmp_path)}']
+  # A rerun loads the cached compressed models instead of recomputing them.
+  again = compress_table.run(methods=['wanda 2:4'], out_dir=str(tmp_path / 't'), model='tiny-llama',
+                             calib_samples=4, calib_seqlen=32, eval_data=[_corpus(tmp_path)],
+                             eval_windows=2, eval_seqlen=32)
+  assert again[1]['seconds'] == rows[1]['seconds']
