@@ -128,10 +128,20 @@ def _jit(fn, **statics):
   return _jit_cached(fn, tuple(sorted(statics.items())))
 
 
+@jax.jit
+def _error_terms(w, w_hat, h):
+  return calibration.output_error(w, jnp.zeros_like(w), h), calibration.output_error(w, w_hat, h)
+
+
 def _output_error(w, w_hat, h) -> float:
-  base = float(calibration.output_error(w, jnp.zeros_like(w), h))
-  err = float(calibration.output_error(w, w_hat, h))
+  """``||X W - X W_hat|| / ||X W||`` from ``H = X^T X``."""
+  base, err = (float(v) for v in _error_terms(w, w_hat, h))
   return float(np.sqrt(err / base)) if base > 0 else 0.0
+
+
+@jax.jit
+def _leaf_dense(leaf):
+  return formats.to_dense(leaf), formats.effective_weight(leaf)
 
 
 def _sparsity(w_eff) -> float:
@@ -258,7 +268,7 @@ def _awq_block(block: Params, stats: dict[str, calibration.LinearStats], specs: 
       block = _set(block, lin, dense[lin].astype(jnp.asarray(_get(block, lin)).dtype))
   out = []
   for lin, w_ref, h, leaf, secs in reports:
-    w_hat = formats.to_dense(leaf)
+    w_hat, _ = _leaf_dense(leaf)
     rep = LayerReport(name=f'{prefix}/{lin}', method=specs[lin].describe(),
                       rel_error=_output_error(w_ref, w_hat, h), sparsity=_sparsity(w_hat),
                       bits=specs[lin].bits, seconds=secs)
@@ -273,7 +283,7 @@ def _awq_block(block: Params, stats: dict[str, calibration.LinearStats], specs: 
       t1 = time.time()
       leaf = compensate(rep.name, w_ref, leaf, st, aux, specs[lin])
       rep.extra['recover_seconds'] = time.time() - t1
-      rep.rel_error_recovered = _output_error(w_ref, formats.effective_weight(leaf), h)
+      rep.rel_error_recovered = _output_error(w_ref, _leaf_dense(leaf)[1], h)
       block = _set(block, lin, leaf)
     out.append(rep)
   return block, out
@@ -531,7 +541,7 @@ def _compress_linears(new_block, dense_block, specs, stats, cfg, i, compensate, 
     st = stats[llama.LINEAR_INPUTS[lin]]
     t0 = time.time()
     leaf, info = compress_matrix(w, st, spec, name)
-    w_hat = formats.to_dense(leaf)
+    w_hat, _ = _leaf_dense(leaf)
     jax.block_until_ready(w_hat)
     secs = time.time() - t0
     rep = LayerReport(name=name, method=spec.describe(), rel_error=_output_error(w, w_hat, st.hessian),
@@ -541,7 +551,7 @@ def _compress_linears(new_block, dense_block, specs, stats, cfg, i, compensate, 
       aux = None if aux_stats is None else aux_stats[llama.LINEAR_INPUTS[lin]]
       leaf = compensate(name, w, leaf, st, aux, spec)
       rep.extra['recover_seconds'] = time.time() - t1
-      rep.rel_error_recovered = _output_error(w, formats.effective_weight(leaf), st.hessian)
+      rep.rel_error_recovered = _output_error(w, _leaf_dense(leaf)[1], st.hessian)
     new_block = _set(new_block, lin, leaf)
     reports.append(rep)
   return new_block, reports

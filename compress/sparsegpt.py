@@ -19,12 +19,13 @@ The algorithm, in the paper's orientation (``W: [rows = out, columns = in]``):
    * N:M: every ``m`` columns, keeping the ``n`` largest scores of those ``m`` (the reference prunes
      the ``m - n`` smallest; note its ``prunen`` counts *pruned* weights, ours counts *kept* ones).
 
-Deviations from the reference, both to give every output unit exactly the same sparsity:
+Deviations from the reference:
 
 * The reference picks the unstructured block mask with one threshold over the whole block (all rows
-  together). Here the selection is per output unit (row): in block ``[i1, i2)`` each row prunes its
-  ``int(i2 * s) - int(i1 * s)`` lowest scores (stable sort). The per-block counts telescope, so every
-  output unit has exactly ``int(in * s)`` pruned weights for any ``in`` and ``block_size``; when
+  together). Here the selection is per output unit (row), so that every output unit has exactly the
+  same sparsity: in block ``[i1, i2)`` each row prunes its ``int(i2 * s) - int(i1 * s)`` lowest
+  scores (the set a stable sort selects). The per-block counts telescope, so every output unit has
+  exactly ``int(in * s)`` pruned weights for any ``in`` and ``block_size``; when
   ``block_size * s`` is an integer every block prunes the same ``block_size * s`` per row.
 * ``Hinv`` is computed as ``R^-1`` where ``H = R R^T`` with ``R`` upper triangular (a Cholesky of
   the index-reversed ``H``). This is the same matrix as the reference's
@@ -33,14 +34,19 @@ Deviations from the reference, both to give every output unit exactly the same s
   and the factorization retried (at most 3 times; from 1e-4 if it was 0), and a message says so.
 
 Joint quantization (the reference's ``--wbits``): the kept weights are quantized as they are
-processed; with groups, the quantization parameters of a group are computed when its first column is
-reached (as GPTQ does; for N:M before that column's mask choice) from the group's current,
-error-updated weights with the pruned entries chosen so far set to zero (zero is always on the grid,
-so this only drops pruned weights from the range). Columns of the group in later blocks enter as they
-are when the group starts (the reference reads ``W[:, i1 + i:i1 + i + groupsize]`` likewise); the
-reference's in-block columns are read before the block's own updates, ours after them (the same when
-``block_size`` divides ``group_size``). With ``group_size=-1`` one set per output unit is computed at
-column 0.
+processed (pruned ones stay exact zeros, which are on every grid). The quantization parameters of a
+group are computed when its first column is reached, as GPTQ's ``fasterquant`` does (for N:M before
+that column's mask choice), from the group's current weights with the pruned entries chosen so far
+set to zero, which only drops pruned weights from the range. GPTQ reads
+``W[:, i1 + i:i1 + i + groupsize]``, where the current block's columns are still as they were at the
+block start; here they include the block's updates so far (the same whenever ``block_size`` divides
+``group_size``). With ``group_size=-1`` one set per output unit is computed at column 0 (the
+SparseGPT reference computes it on the whole unpruned ``W``; here block 0's pruned entries are zero).
+
+Implementation: blocks run in a ``lax.fori_loop`` (compile time independent of the input size),
+inside a block the columns run in sub-blocks of 16 (see ``_process_columns``), and everything is
+vectorised over output units. Results agree with a float64 line-by-line port of the reference (with
+the choices above) to float32 rounding; see ``tests/compress/test_sparsegpt.py``.
 """
 
 from __future__ import annotations
@@ -87,22 +93,22 @@ def inverse_hessian_factor(hessian: jax.Array, percdamp: float = 0.01) -> tuple[
   mean_diag = jnp.mean(jnp.diagonal(H))
   eye = jnp.eye(n, dtype=jnp.float32)
 
-  def factor(frac):
-    return _upper_cholesky_of_inverse(H + (frac * mean_diag) * eye)
-
-  def failed(U):
-    return ~jnp.all(jnp.isfinite(U))
-
-  def retry(state):
+  def attempt(state):  # one factorization; the first one uses percdamp, retries x10 each
     _, tries = state
-    # x10 per retry; from 1e-4 if percdamp was 0.
-    frac = jnp.maximum(percdamp, 1e-4) * 10.0 ** (tries + 1).astype(jnp.float32)
-    jax.debug.print('sparsegpt: Cholesky failed; retrying with percdamp={f}', f=frac)
-    return factor(frac), tries + 1
+    frac = jnp.where(tries == 0, percdamp,
+                     jnp.maximum(percdamp, 1e-4) * 10.0 ** tries.astype(jnp.float32))
+    return _upper_cholesky_of_inverse(H + (frac * mean_diag) * eye), tries + 1
 
-  U, _ = jax.lax.while_loop(
-      lambda s: failed(s[0]) & (s[1] < _MAX_DAMP_RETRIES), retry,
-      (factor(jnp.float32(percdamp)), jnp.int32(0)))
+  def again(state):
+    U, tries = state
+    return (tries == 0) | (~jnp.all(jnp.isfinite(U)) & (tries <= _MAX_DAMP_RETRIES))
+
+  # The factorization appears once in the program (a retry is another trip through the loop).
+  U, tries = jax.lax.while_loop(again, attempt, (jnp.zeros_like(H), jnp.int32(0)))
+  jax.lax.cond(tries > 1,
+               lambda: jax.debug.print('sparsegpt: Cholesky failed, used percdamp x10^{r} '
+                                       '(finite: {ok})', r=tries - 1, ok=jnp.all(jnp.isfinite(U))),
+               lambda: None)
   return U, dead
 
 
@@ -176,9 +182,12 @@ def _fasterprune(w, hessian, spec: PruneSpec, block_size: int, percdamp: float,
     """Quantization params of the group starting at column c (if one does), else ``current``."""
 
     def fresh(_):
-      own = jnp.where(pruned1, 0.0, W1)  # the block, error-updated, pruned entries zeroed
-      W_now = jax.lax.dynamic_update_slice_in_dim(W, own, i1, axis=1)
-      group_w = jax.lax.dynamic_slice_in_dim(W_now, c, group_len, axis=1)  # [rows, group_len]
+      # Group columns inside this block: error-updated, pruned entries zeroed; later columns: W.
+      own = jnp.pad(jnp.where(pruned1, 0.0, W1), ((0, 0), (0, group_len)))  # [rows, B + len]
+      in_block = jax.lax.dynamic_slice_in_dim(own, c - i1, group_len, axis=1)
+      later = jax.lax.dynamic_slice_in_dim(W, c, group_len, axis=1)
+      column = c + jnp.arange(group_len)
+      group_w = jnp.where(column[None, :] < i1 + B, in_block, later)  # [rows, group_len]
       return quantize.compute_qparams(group_w, quant, axis=1)
 
     return jax.lax.cond((c % group_len == 0) & (c < columns), fresh, lambda _: current, None)
@@ -237,16 +246,19 @@ def _chunk_len(spec: PruneSpec) -> int:
   return _CHUNK
 
 
-def _process_columns(state, start: int, length: int, Hinv1, spec: PruneSpec,
+def _process_columns(state, start, length: int, Hinv1, spec: PruneSpec,
                      quant: QuantSpec | None, scale, zero):
   """Columns ``[start, start + length)`` of a block: mask (N:M), quantize, error feedback.
+
+  ``state`` is ``(W1, Q1, Err1, pruned1)``, each ``[rows, block]``; ``start`` may be traced,
+  ``length`` is static; ``scale``/``zero`` ``[rows]`` are the current group's quantization params.
 
   The columns run in sub-blocks of ``_chunk_len(spec)``: inside a sub-block the error of each column
   goes to the sub-block's later columns at once (the reference's ``W1[:, i:] -= ...``), and to the
   rest of the block when the sub-block ends (one matmul, as the reference does between blocks).
   The result is the reference's up to float rounding; it only moves fewer bytes per column.
   """
-  S = _chunk_len(spec)
+  S = min(_chunk_len(spec), length)  # both multiples of m for N:M
   step = spec.m if spec.is_nm else 1
 
   def chunk(c0, size, state):
@@ -288,7 +300,10 @@ def _process_columns(state, start: int, length: int, Hinv1, spec: PruneSpec,
     return W1, Q1, Err1, pruned1
 
   full, rest = divmod(length, S)
-  state = jax.lax.fori_loop(0, full, lambda t, st: chunk(start + t * S, S, st), state)
+  if full == 1:
+    state = chunk(start, S, state)
+  else:
+    state = jax.lax.fori_loop(0, full, lambda t, st: chunk(start + t * S, S, st), state)
   if rest:  # a multiple of m for N:M (length and S both are)
     state = chunk(start + full * S, rest, state)
   return state

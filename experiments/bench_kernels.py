@@ -5,8 +5,9 @@ r"""Kernel benchmark: low-bit and 2:4 matmuls against bf16 ``jnp.dot``, and end-
   python -m experiments.bench_kernels --quick --out_dir=/tmp/bench_quick   # CPU, interpret mode
 
 Expect ~8 min on 1xH100 for the default kernel section (8 formats x 4 shapes x 5 M, each a Triton
-compile plus timing) and ~3 min for the end-to-end section (the random Llama-3-8B-shaped model is
-16 GB in bf16); split with ``--sections`` / ``--shapes`` to stay under a 10-minute limit. ``--quick``
+compile plus timing) and ~3 min for the end-to-end section (the random Llama-3-8B-shaped model
+is 16 GB in bf16); split with ``--sections`` / ``--shapes`` to stay under a 10-minute limit;
+neither estimate is measured: no GPU was available when this was written. ``--quick``
 runs tiny shapes through the kernels in Pallas interpret mode on the CPU in well under a minute
 (the timings then say nothing about GPU speed; it checks the script end to end).
 
@@ -45,6 +46,7 @@ from kernels import api, formats, lowbit_pallas, reference, sparse24_pallas
 from kernels.formats import LowRank, QuantizedWeight, QuantSpec, Sparse24Weight
 from kernels.pallas_common import BlockSizes
 from models import assets, llama, loading
+from models import config as config_lib
 from models.config import ModelConfig
 
 # Llama-3-8B (q/o, gate/up, down) and Llama-3-70B (gate/up) linears as [in, out].
@@ -74,13 +76,16 @@ LLAMA3_8B = ModelConfig(model_type='llama', vocab_size=128256, hidden_size=4096,
 _OUT_DIR = flags.DEFINE_string('out_dir', None, 'Directory for results.json and table.md.')
 _QUICK = flags.DEFINE_bool('quick', False, 'Tiny shapes, interpret mode on CPU: a smoke run.')
 _SECTIONS = flags.DEFINE_list('sections', ['kernels', 'e2e'], 'kernels and/or e2e.')
-_SHAPES = flags.DEFINE_list('shapes', [f'{k}x{n}' for k, n in LLAMA_SHAPES], 'INxOUT weights.')
-_MS = flags.DEFINE_list('ms', [str(m) for m in MS], 'Activation rows (tokens) per call.')
-_FORMATS = flags.DEFINE_list('formats', list(FORMATS), f'Weight formats: {sorted(FORMATS)}.')
+_SHAPES = flags.DEFINE_list('shapes', [f'{k}x{n}' for k, n in LLAMA_SHAPES],
+                            'INxOUT weights (--quick: 256x192 unless given).')
+_MS = flags.DEFINE_list('ms', [str(m) for m in MS],
+                        'Activation rows (tokens) per call (--quick: 1,17 unless given).')
+_FORMATS = flags.DEFINE_list('formats', list(FORMATS), f'Weight formats: {sorted(FORMATS)} '
+                             f'(--quick: {",".join(QUICK_FORMATS)} unless given).')
 _WITH_XLA = flags.DEFINE_bool('with_xla', False, "Also time the 'xla' reference on each leaf.")
 _SWEEP = flags.DEFINE_bool('sweep', False, 'Also try a grid of BlockSizes per point (w4g128).')
 _E2E_MODELS = flags.DEFINE_list('e2e_models', ['smollm2-135m', 'llama3-8b-random'],
-                                'Models for decode tokens/s (tiny-llama for tests).')
+                                'Models for decode tokens/s (--quick: tiny-llama unless given).')
 _E2E_LAYERS = flags.DEFINE_integer('e2e_layers', None, 'Override the layer count of the random '
                                    'Llama-3-8B-shaped model (memory/time).')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Decode batch size.')
@@ -100,10 +105,14 @@ flags.mark_flags_as_required(['out_dir'])
 
 
 def time_calls(fn: Callable, x: jax.Array, weights: Sequence[Any], *, trials: int,
-               target_s: float) -> float:
-  """Median seconds per ``fn(x, w)`` call; all ``weights`` run in one jitted executable."""
+               target_s: float) -> tuple[float, Any]:
+  """Median seconds per ``fn(x, w)`` call and the first call's output.
+
+  All ``weights`` run in one jitted executable (back-to-back launches, no host round trips); the
+  executable is warmed up (compile + one run), then repeated until ``target_s`` per trial.
+  """
   many = jax.jit(lambda x, ws: [fn(x, w) for w in ws])
-  jax.block_until_ready(many(x, weights))  # compile + first run
+  first = jax.block_until_ready(many(x, weights))  # compile + first run
   t0 = time.perf_counter()
   jax.block_until_ready(many(x, weights))
   once = max(time.perf_counter() - t0, 1e-7)
@@ -116,14 +125,14 @@ def time_calls(fn: Callable, x: jax.Array, weights: Sequence[Any], *, trials: in
       out = many(x, weights)
     jax.block_until_ready(out)
     samples.append((time.perf_counter() - t0) / (reps * len(weights)))
-  return float(np.median(samples))
+  return float(np.median(samples)), first[0]
 
 
 def copy_bandwidth(nbytes: int, *, trials: int, target_s: float) -> dict[str, float]:
   """Device-to-device copy bandwidth (bytes read + written per second) of an ``nbytes`` array."""
   n = max(1, nbytes // 4)
   a = jax.random.bits(jax.random.key(0), (n,), jnp.uint32)
-  t = time_calls(lambda x, _: jnp.copy(x), a, [None], trials=trials, target_s=target_s)
+  t, _ = time_calls(lambda x, _: jnp.copy(x), a, [None], trials=trials, target_s=target_s)
   return {'copy_bytes': 4 * n, 'copy_seconds': t, 'copy_bandwidth_gbs': 2 * 4 * n / t / 1e9}
 
 
@@ -183,8 +192,10 @@ def leaf_bytes(leaf) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(leaf)))
 
 
-def _copies(nbytes: int, rotate_bytes: float, max_copies: int = 64) -> int:
-  return int(min(max_copies, max(2, math.ceil(rotate_bytes / max(nbytes, 1)))))
+def _copies(nbytes: int, rotate_bytes: float, max_copies: int = 32) -> int:
+  """Distinct weight copies so that together they exceed ``rotate_bytes`` (the L2 cannot serve
+  repeats); capped, since each copy is one more kernel launch in the timed executable."""
+  return int(min(max_copies, max(1, math.ceil(rotate_bytes / max(nbytes, 1)))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,7 +260,7 @@ def bench_kernels(*, shapes: Sequence[tuple[int, int]], ms: Sequence[int], fmts:
     bf16_us = {}
     for m in ms:
       x = (jax.random.normal(jax.random.fold_in(sub, m), (m, k))).astype(jnp.bfloat16)
-      bf16_us[m] = 1e6 * time_calls(jnp.dot, x, dense, trials=trials, target_s=target_s)
+      bf16_us[m] = 1e6 * time_calls(jnp.dot, x, dense, trials=trials, target_s=target_s)[0]
     del dense
     for fmt in fmts:
       key, sub = jax.random.split(key)
@@ -269,7 +280,7 @@ def bench_kernels(*, shapes: Sequence[tuple[int, int]], ms: Sequence[int], fmts:
         impl, fn = _kernel_fn(fmt, None, interpret)
         with api.interpret_mode(interpret), api.recording() as log:
           jax.eval_shape(kernels.linear, x, first)
-        seconds = time_calls(fn, x, leaves, trials=trials, target_s=target_s)
+        seconds, y = time_calls(fn, x, leaves, trials=trials, target_s=target_s)
         io_bytes = nbytes + x.size * 2 + m * n * 2
         rank = FORMATS[fmt].get('rank', 0)
         flops = 2 * m * k * n + 2 * m * rank * (k + n)
@@ -280,9 +291,9 @@ def bench_kernels(*, shapes: Sequence[tuple[int, int]], ms: Sequence[int], fmts:
             pct_copy_bw=100.0 * io_bytes / seconds / 1e9 / copy_bw,
             tflops=flops / seconds / 1e12, bf16_us=bf16_us[m],
             speedup_vs_bf16=bf16_us[m] / (1e6 * seconds),
-            rel_err=_rel_err(fn(x, first), x, first))
+            rel_err=_rel_err(y, x, first))
         if with_xla:
-          xla_s = time_calls(reference.linear, x, leaves, trials=trials, target_s=target_s)
+          xla_s, _ = time_calls(reference.linear, x, leaves, trials=trials, target_s=target_s)
           row.update(xla_us=1e6 * xla_s, speedup_vs_xla=xla_s / seconds)
         if sweep and fmt == 'w4g128':
           best = (seconds, 'default')
@@ -292,7 +303,7 @@ def bench_kernels(*, shapes: Sequence[tuple[int, int]], ms: Sequence[int], fmts:
             except NotImplementedError:
               continue
             _, cfn = _kernel_fn(fmt, cand, interpret)
-            t = time_calls(cfn, x, leaves, trials=trials, target_s=target_s)
+            t, _ = time_calls(cfn, x, leaves, trials=trials, target_s=target_s)
             best = min(best, (t, _block_str(cand)))
           row.update(sweep_best_us=1e6 * best[0], sweep_best_block=best[1])
         logging.info('%s', row)
@@ -389,15 +400,18 @@ def _model_bytes(params) -> int:
 
 
 def decode_tokens_per_s(params, cfg: ModelConfig, *, batch: int, prompt_len: int, new_tokens: int,
-                        dtype, trials: int, seed: int = 0) -> dict[str, Any]:
-  """Greedy decode tokens/s (prefill subtracted: ``generate(n) - generate(1)``)."""
+                        dtype, trials: int, seed: int = 0,
+                        subtract_prefill: bool = True) -> dict[str, Any]:
+  """Greedy decode tokens/s: ``batch * (n - 1) / (time(generate(n)) - time(generate(1)))``.
+
+  ``subtract_prefill=False`` (quick runs: one compile fewer) counts the whole ``generate(n)``.
+  """
   prompt = jax.random.randint(jax.random.key(seed), (batch, prompt_len), 0, cfg.vocab_size)
   gen_n = jax.jit(functools.partial(llama.generate, cfg=cfg, max_new_tokens=new_tokens,
                                     dtype=dtype))
   gen_1 = jax.jit(functools.partial(llama.generate, cfg=cfg, max_new_tokens=1, dtype=dtype))
   with api.recording() as log:
     jax.block_until_ready(gen_n(params, prompt))
-  jax.block_until_ready(gen_1(params, prompt))
 
   def timed(f):
     samples = []
@@ -407,10 +421,15 @@ def decode_tokens_per_s(params, cfg: ModelConfig, *, batch: int, prompt_len: int
       samples.append(time.perf_counter() - t0)
     return float(np.median(samples))
 
-  t_n, t_1 = timed(gen_n), timed(gen_1)
-  decode_s = max(t_n - t_1, 1e-9)
-  return {'tokens_per_s': batch * (new_tokens - 1) / decode_s, 'generate_s': t_n,
-          'prefill_s': t_1, 'implementations': dict(collections.Counter(log))}
+  t_n = timed(gen_n)
+  if subtract_prefill:
+    jax.block_until_ready(gen_1(params, prompt))
+    t_1 = timed(gen_1)
+    tokens, seconds = batch * (new_tokens - 1), max(t_n - t_1, 1e-9)
+  else:
+    t_1, tokens, seconds = None, batch * new_tokens, t_n
+  return {'tokens_per_s': tokens / seconds, 'generate_s': t_n, 'prefill_s': t_1,
+          'implementations': dict(collections.Counter(log))}
 
 
 def _load_e2e_model(name: str, seed: int, layers: int | None):
@@ -418,12 +437,16 @@ def _load_e2e_model(name: str, seed: int, layers: int | None):
     cfg = LLAMA3_8B if layers is None else ModelConfig(
         **{**LLAMA3_8B.to_dict(), 'num_layers': layers})
     return cfg, llama.init_params(cfg, jax.random.key(seed), jnp.bfloat16)
+  if name == 'tiny-llama' and layers is not None:
+    cfg = config_lib.tiny_config(num_layers=layers)
+    return cfg, llama.init_params(cfg, jax.random.key(seed), jnp.float32)
   loaded = loading.load_model(name, dtype=jnp.float32, seed=seed)
   return loaded.config, loaded.params
 
 
 def bench_e2e(*, models: Sequence[str], batch: int, prompt_len: int, new_tokens: int, trials: int,
-              seed: int, layers: int | None) -> list[dict[str, Any]]:
+              seed: int, layers: int | None,
+              subtract_prefill: bool = True) -> list[dict[str, Any]]:
   """bf16 vs 4-bit RTN (g128 where it divides the input, else g64/g32) decode tokens/s."""
   rows = []
   for name in models:
@@ -437,7 +460,7 @@ def bench_e2e(*, models: Sequence[str], batch: int, prompt_len: int, new_tokens:
       continue
     params = llama.cast_params(params, jnp.bfloat16)
     kw = dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, dtype=jnp.bfloat16,
-              trials=trials, seed=seed)
+              trials=trials, seed=seed, subtract_prefill=subtract_prefill)
     dense = decode_tokens_per_s(params, cfg, **kw)
     dense_bytes = _model_bytes(params)
     params = llama.cast_params(quantize_linears(params), jnp.bfloat16)
@@ -470,14 +493,29 @@ def parse_shapes(values: Sequence[str]) -> list[tuple[int, int]]:
 
 def run(*, out_dir: str | None = None, quick: bool = False,
         sections: Sequence[str] = ('kernels', 'e2e'),
-        shapes: Sequence[tuple[int, int]] = LLAMA_SHAPES, ms: Sequence[int] = MS,
-        fmts: Sequence[str] = tuple(FORMATS), with_xla: bool = False, sweep: bool = False,
-        e2e_models: Sequence[str] = ('smollm2-135m', 'llama3-8b-random'),
-        e2e_layers: int | None = None, batch: int = 1, prompt_len: int = 16,
-        new_tokens: int = 64, trials: int = 5, target_ms: float = 50.0,
+        shapes: Sequence[tuple[int, int]] | None = None, ms: Sequence[int] | None = None,
+        fmts: Sequence[str] | None = None, with_xla: bool = False, sweep: bool = False,
+        e2e_models: Sequence[str] | None = None, e2e_layers: int | None = None, batch: int = 1,
+        prompt_len: int = 16, new_tokens: int = 64, trials: int = 5, target_ms: float = 50.0,
         rotate_mb: float = 4 * L2_BYTES_H100 / 2 ** 20, copy_mb: float = 1024.0, seed: int = 0,
         flag_values: dict[str, Any] | None = None) -> dict[str, Any]:
-  """All logic (reads no FLAGS). ``quick``: tiny shapes, interpret mode off-GPU, short timings."""
+  """All logic (reads no FLAGS). Returns the results dict (and writes it when ``out_dir``).
+
+  ``shapes``/``ms``/``fmts``/``e2e_models`` default to the Llama shapes, :data:`MS`, every format
+  and (SmolLM2, random Llama-3-8B); with ``quick`` to tiny shapes, M in (1, 17), three formats and a
+  one-layer tiny-llama, with one short timing trial. Off-GPU the kernels run in interpret mode.
+  """
+  pick = lambda given, default: default if given is None else given
+  if quick:
+    shapes, ms = pick(shapes, QUICK_SHAPES), pick(ms, QUICK_MS)
+    fmts, e2e_models = pick(fmts, QUICK_FORMATS), pick(e2e_models, ('tiny-llama',))
+    trials, target_ms, copy_mb, rotate_mb = 1, 1.0, 8.0, 0.0
+    new_tokens, prompt_len = min(new_tokens, 4), min(prompt_len, 4)
+    e2e_layers = 1 if e2e_layers is None else e2e_layers
+  else:
+    shapes, ms = pick(shapes, LLAMA_SHAPES), pick(ms, MS)
+    fmts = pick(fmts, tuple(FORMATS))
+    e2e_models = pick(e2e_models, ('smollm2-135m', 'llama3-8b-random'))
   unknown = [f for f in fmts if f not in FORMATS]
   if unknown:
     raise ValueError(f'unknown formats {unknown}; choose from {sorted(FORMATS)}')
@@ -486,34 +524,31 @@ def run(*, out_dir: str | None = None, quick: bool = False,
     raise ValueError(f'unknown sections {bad}; choose kernels and/or e2e')
   on_gpu = jax.default_backend() == 'gpu'
   interpret = not on_gpu
-  if quick:
-    shapes = shapes if shapes != LLAMA_SHAPES else QUICK_SHAPES
-    ms = ms if ms != MS else QUICK_MS
-    fmts = fmts if tuple(fmts) != tuple(FORMATS) else QUICK_FORMATS
-    trials, target_ms, copy_mb, rotate_mb = 1, 1.0, 8.0, 0.0
-    new_tokens = min(new_tokens, 4)
-    prompt_len = min(prompt_len, 4)
-    e2e_models = tuple(e2e_models) if tuple(e2e_models) != ('smollm2-135m', 'llama3-8b-random') \
-        else ('tiny-llama',)
-  elif not on_gpu:
+  if not on_gpu and not quick:
     logging.warning('no GPU: kernels run in interpret mode; timings are not GPU timings')
   device = jax.devices()[0]
   results: dict[str, Any] = {
       'device': f'{device.platform}: {getattr(device, "device_kind", str(device))}',
-      'interpret': interpret, 'quick': quick}
+      'interpret': interpret, 'quick': quick,
+      'config': {'shapes': [f'{k}x{n}' for k, n in shapes], 'ms': list(ms), 'formats': list(fmts),
+                 'e2e_models': list(e2e_models), 'sections': list(sections)}}
   bw = copy_bandwidth(int(copy_mb * 2 ** 20), trials=trials, target_s=target_ms / 1e3)
   results.update(bw)
   rows: list[dict[str, Any]] = []
+  t0 = time.perf_counter()
   if 'kernels' in sections:
     rows = bench_kernels(shapes=shapes, ms=ms, fmts=fmts, interpret=interpret, with_xla=with_xla,
                          sweep=sweep, trials=trials, target_s=target_ms / 1e3,
                          rotate_bytes=rotate_mb * 2 ** 20, copy_bw=bw['copy_bandwidth_gbs'],
                          seed=seed)
     results['targets'] = targets(rows) if on_gpu else []
+  results['kernels_seconds'] = time.perf_counter() - t0
   e2e: list[dict[str, Any]] = []
+  t0 = time.perf_counter()
   if 'e2e' in sections:
     e2e = bench_e2e(models=e2e_models, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-                    trials=trials, seed=seed, layers=e2e_layers)
+                    trials=trials, seed=seed, layers=e2e_layers, subtract_prefill=not quick)
+  results['e2e_seconds'] = time.perf_counter() - t0
   results['e2e'] = e2e
   results['rows'] = rows
   if out_dir is not None:
@@ -541,9 +576,12 @@ def run(*, out_dir: str | None = None, quick: bool = False,
 
 def main(argv):
   del argv
+  given = lambda f: f.value if flags.FLAGS[f.name].present else None  # else run()'s default
+  shapes, ms = given(_SHAPES), given(_MS)
   run(out_dir=_OUT_DIR.value, quick=_QUICK.value, sections=_SECTIONS.value,
-      shapes=parse_shapes(_SHAPES.value), ms=[int(m) for m in _MS.value], fmts=_FORMATS.value,
-      with_xla=_WITH_XLA.value, sweep=_SWEEP.value, e2e_models=_E2E_MODELS.value,
+      shapes=None if shapes is None else parse_shapes(shapes),
+      ms=None if ms is None else [int(m) for m in ms], fmts=given(_FORMATS),
+      with_xla=_WITH_XLA.value, sweep=_SWEEP.value, e2e_models=given(_E2E_MODELS),
       e2e_layers=_E2E_LAYERS.value, batch=_BATCH.value, prompt_len=_PROMPT.value,
       new_tokens=_NEW_TOKENS.value, trials=_TRIALS.value, target_ms=_TARGET_MS.value,
       rotate_mb=_ROTATE_MB.value, copy_mb=_COPY_MB.value, seed=_SEED.value,

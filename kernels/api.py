@@ -123,8 +123,9 @@ def linear(x: jax.Array, w, *, implementation: str | Sequence[str] | None = None
   raise ExceptionGroup('all linear implementations failed', errors)
 
 
-def _pallas_ready(name: str) -> bool:
-  """Pallas kernels compile for GPUs; anywhere else they run only in interpret mode."""
+def _interpret_flag(name: str) -> bool:
+  """Whether to interpret: Pallas/Triton kernels compile for CUDA GPUs only; anywhere else they
+  run in interpret mode if it is switched on, and decline otherwise."""
   if _INTERPRET['on']:
     return True
   if jax.default_backend() not in ('gpu', 'cuda'):
@@ -150,7 +151,7 @@ def _register_kernels() -> None:
       if _rows(x) > lowbit_pallas.DISPATCH_MAX_M:
         raise NotImplementedError(f'pallas_lowbit: M={_rows(x)} > DISPATCH_MAX_M='
                                   f'{lowbit_pallas.DISPATCH_MAX_M}; the reference is faster.')
-      return lowbit_pallas.linear(x, w, interpret=_pallas_ready('pallas_lowbit'))
+      return lowbit_pallas.linear(x, w, interpret=_interpret_flag('pallas_lowbit'))
     IMPLEMENTATIONS['pallas_lowbit'] = pallas_lowbit
 
   try:
@@ -162,7 +163,7 @@ def _register_kernels() -> None:
       if _rows(x) > sparse24_pallas.DISPATCH_MAX_M:
         raise NotImplementedError(f'pallas_sparse24: M={_rows(x)} > DISPATCH_MAX_M='
                                   f'{sparse24_pallas.DISPATCH_MAX_M}; the reference is faster.')
-      return sparse24_pallas.linear(x, w, interpret=_pallas_ready('pallas_sparse24'))
+      return sparse24_pallas.linear(x, w, interpret=_interpret_flag('pallas_sparse24'))
     IMPLEMENTATIONS['pallas_sparse24'] = pallas_sparse24
 
 

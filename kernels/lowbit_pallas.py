@@ -28,9 +28,10 @@ Design:
   once per tile and no ``[M, N]`` intermediate goes through memory.
 
 What could not be measured: no GPU was available when this was written. The kernels are verified in
-interpret mode on the CPU only; the tile defaults (:class:`BlockSizes`), the split-K heuristic, the
-elementwise-GEMV choice at M <= 4 and :data:`DISPATCH_MAX_M` are reasoned, not swept, and whether the
-Triton lowering keeps the unpack in registers without spilling is unverified.
+interpret mode on the CPU only (and lowered to Triton IR for CUDA, which the CPU can do); the tile
+defaults (:class:`BlockSizes`), the split-K heuristic, the elementwise-GEMV choice at M <= 4 and
+:data:`DISPATCH_MAX_M` are reasoned, not swept, and whether Triton keeps the unpack in registers
+without spilling is unverified.
 ``experiments/bench_kernels.py`` measures all of it on a GPU.
 """
 
@@ -87,7 +88,8 @@ def _split(w) -> tuple[formats.QuantizedWeight, formats.LowRank | None]:
     return w.weight, w.adapter
   if isinstance(w, formats.QuantizedWeight):
     return w, None
-  raise NotImplementedError(f'pallas_lowbit handles QuantizedWeight leaves, got {type(w).__name__}.')
+  raise NotImplementedError(
+      f'pallas_lowbit handles QuantizedWeight leaves, got {type(w).__name__}.')
 
 
 def check_supported(x, w, block: BlockSizes | None = None) -> BlockSizes:
@@ -95,9 +97,9 @@ def check_supported(x, w, block: BlockSizes | None = None) -> BlockSizes:
 
   Supported: a :class:`QuantizedWeight` (or a :class:`CompressedLinear` holding one, without a
   mask, with an optional float :class:`LowRank` adapter) of 2, 3, 4 or 8 bits; bf16/f16
-  activations ``[..., in]``; contiguous groups whose length holds a multiple of 16 input rows (32 for
-  3-bit) or one group per column (``group_size=-1``); act-order ``g_idx`` (scales and zeros gathered
-  per row); any M, N and K (edges are masked).
+  activations ``[..., in]``; contiguous groups whose length holds a multiple of 16 input rows (32
+  for 3-bit) or one group per column (``group_size=-1``); act-order ``g_idx`` (scales and zeros
+  gathered per row); any M, N and K (edges are masked).
 
   Args:
     x: activations or ``jax.ShapeDtypeStruct`` ``[..., in]``.
@@ -156,7 +158,7 @@ def _kernel(*refs, m: int, n: int, k: int, bits: int, glen: int, num_groups: int
         w = (codes - z).astype(jnp.float32) * s
         acc = pc.accumulate(acc, x_ref, tile, k0, sub, k, w, gemv=gemv, dtype=dtype)
       else:
-        gi = jnp.minimum(k0 // glen, num_groups - 1)
+        gi = jnp.minimum(pc.div(k0, glen), num_groups - 1)
         s = pc.load_row(s_ref, gi, tile.col_ok).astype(jnp.float32)  # [1, bn]
         z = pc.load_row(z_ref, gi, tile.col_ok).astype(jnp.int32)
         acc = pc.accumulate(acc, x_ref, tile, k0, sub, k, codes - z, gemv=gemv, dtype=dtype,

@@ -9,8 +9,9 @@ which is how the tests check them. The conventions follow the jax ``pallas/ops/g
   axis K is never blocked by the grid but walked by a ``fori_loop`` inside the kernel, because
   Triton programs of one grid run concurrently and cannot accumulate into a shared output block.
 * Nothing requires the shape to divide the tile: every load that can run past an edge is a masked
-  ``plt.load(..., mask, other=0)`` and the output store is masked. (The Triton lowering does not mask
-  partial blocks by itself; interpret mode pads them with NaN, so a missing mask fails the tests.)
+  ``plt.load(..., mask, other=0)`` and the output store is masked. (The Triton lowering does not
+  mask partial blocks by itself; interpret mode pads them with NaN, so a missing mask fails the
+  tests.)
 * Every loaded or computed block has a power-of-two size (a Triton requirement), and every operand
   of a ``dot`` has each dimension >= 16.
 
@@ -51,6 +52,11 @@ def is_pow2(n: int) -> bool:
   return n > 0 and (n & (n - 1)) == 0
 
 
+def div(a, b: int):
+  """``a // b`` for a non-negative traced int: truncating ``lax.div`` (no floor correction)."""
+  return jax.lax.div(a, jnp.asarray(b, jnp.int32))
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class BlockSizes:
   """Tile sizes and launch parameters of the dequantize-and-multiply kernels.
@@ -65,8 +71,8 @@ class BlockSizes:
   (``block_n = 64``), long K steps (``block_k = 512``, i.e. 8 KiB of int4 words per step and column
   tile) and split-K until there are about two programs per SM of an H100; for M <= 4 the product is
   an elementwise multiply-and-reduce (``gemv=True``) rather than an MMA on a zero-padded 16-row
-  tile. At prefill sizes the tiles are the usual Triton GEMM ones (64-128 x 128 x 64). Re-derive them
-  with ``experiments/bench_kernels.py --sweep`` on the target GPU.
+  tile. At prefill sizes the tiles are the usual Triton GEMM ones (64-128 x 128 x 64). Re-derive
+  them with ``experiments/bench_kernels.py --sweep`` on the target GPU.
 
   Attributes:
     block_m: activation rows per program (power of two; >= 16 unless ``gemv``).
@@ -155,7 +161,8 @@ def make_tile(m: int, n: int, bm: int, bn: int) -> Tile:
 
 
 def load_rows(ref, start, size: int, limit: int, col_ok: jax.Array, other=0):
-  """Rows ``[start, start + size)`` of a 2-D ref ``[*, bn]``, zero past ``limit`` or the last column."""
+  """Rows ``[start, start + size)`` of a 2-D ref ``[*, bn]``; zero past ``limit`` or the last
+  column."""
   ok = ((start + iota(size)) < limit)[:, None] & col_ok[None, :]
   return plt.load(ref.at[pl.ds(start, size), :], mask=ok, other=other)
 
@@ -200,8 +207,9 @@ def unpack_runs3(q_ref, run0, runs: int, limit: int, col_ok: jax.Array,
                  parity: int | None = None) -> jax.Array:
   """3-bit codes of ``runs`` runs of 32 rows from the ``[runs, 3, bn]`` view: ``[runs * 32, bn]``.
 
-  Value ``j`` of a run starts at bit ``3 j`` of the run's 96-bit little-endian stream; values 10 and
-  21 straddle two words. With ``parity`` only the even/odd values are returned (``[runs * 16, bn]``).
+  Value ``j`` of a run starts at bit ``3 j`` of the run's 96-bit little-endian stream; values 10
+  and 21 straddle two words. With ``parity`` only the even/odd values are returned
+  (``[runs * 16, bn]``).
   """
   planes = [load_plane(q_ref, run0, runs, p, limit, col_ok) for p in range(3)]  # 3 x [runs, bn]
   nslots = 32 if parity is None else 16
@@ -209,8 +217,8 @@ def unpack_runs3(q_ref, run0, runs: int, limit: int, col_ok: jax.Array,
   if parity is not None:
     j = 2 * j + parity
   offset = 3 * j
-  word = offset // 32
-  shift = offset % 32
+  word = jax.lax.shift_right_logical(offset, 5)  # offset // 32 (shifts/masks lower everywhere)
+  shift = offset & 31
   spill = (shift + 3) > 32
   p0, p1, p2 = (p[:, None, :] for p in planes)
   lo = jnp.where(word == 0, p0, jnp.where(word == 1, p1, p2))
@@ -228,10 +236,12 @@ def unpack_tile(q_ref, start: jax.Array, size: int, bits: int, packed_rows: int,
   packing unit). Returns ``[size, bn]`` int32, or ``[size / 2, bn]`` of the even/odd rows."""
   if bits == 3:
     runs = size // 32
-    return unpack_runs3(q_ref, start // 32, runs, packed_rows, col_ok, parity)
+    return unpack_runs3(q_ref, div(start, 32), runs, packed_rows, col_ok, parity)
   per_word = 32 // bits
   wr = size // per_word
-  word0 = pl.multiple_of(start // per_word, wr) if wr > 1 else start // per_word
+  word0 = div(start, per_word)
+  if wr > 1:
+    word0 = pl.multiple_of(word0, wr)
   return unpack_words(q_ref, word0, wr, bits, packed_rows, col_ok, parity)
 
 
@@ -275,7 +285,7 @@ def accumulate(acc, x_ref, tile: Tile, k0, width: int, k: int, w, *, gemv: bool,
 
 
 def adapter_epilogue(acc, xa_ref, b_ref, tile: Tile, rank: int, *, gemv: bool, dtype):
-  """``acc += xa @ b`` for the ``[bm, bn]`` output tile: ``xa = x @ a`` ``[M, r]``, ``b [r, bn]``."""
+  """``acc += xa @ b`` for the ``[bm, bn]`` output tile (``xa = x @ a [M, r]``, ``b [r, bn]``)."""
   rp = next_pow2(rank) if gemv else max(MIN_DOT, next_pow2(rank))
   r_ok = iota(rp) < rank
   bt = plt.load(b_ref.at[pl.ds(0, rp), :], mask=r_ok[:, None] & tile.col_ok[None, :], other=0)

@@ -89,9 +89,10 @@ def check_supported(x, w, block: BlockSizes | None = None) -> BlockSizes:
   """Raises ``NotImplementedError`` if the kernel cannot run ``linear(x, w)``; works on shapes only.
 
   Supported: a :class:`Sparse24Weight` (or a :class:`CompressedLinear` holding one, without a mask,
-  with an optional float :class:`LowRank` adapter) whose values are bf16/f16/f32 or a contiguous-group
-  :class:`QuantizedWeight` (2/3/4/8 bits, no ``g_idx``, groups of a multiple of 8 compressed rows, 16
-  for 2 bits, 32 for 3 bits); bf16/f16 activations; ``in`` a multiple of 4; any M and N.
+  with an optional float :class:`LowRank` adapter) whose values are bf16/f16/f32 or a
+  contiguous-group :class:`QuantizedWeight` (2/3/4/8 bits, no ``g_idx``, groups of a multiple of 8
+  compressed rows, 16 for 2 bits, 32 for 3 bits); bf16/f16 activations; ``in`` a multiple of 4; any
+  M and N.
 
   Args:
     x: activations or ``jax.ShapeDtypeStruct`` ``[..., in]``.
@@ -153,13 +154,13 @@ def _kernel(*refs, m: int, n: int, k: int, bits: int | None, glen: int, num_grou
     base = (split_id * steps + t) * bk
     for u in range(bk // sub):
       k0 = base + u * sub
-      g0 = k0 // 4
+      g0 = pc.div(k0, 4)
       idx_e = pc.load_plane(i_ref, g0, ng, 0, n_quads, tile.col_ok).astype(jnp.int32)  # [ng, bn]
       idx_o = pc.load_plane(i_ref, g0, ng, 1, n_quads, tile.col_ok).astype(jnp.int32)
       scale = None
       if quant:
-        c0 = k0 // 2  # first compressed row
-        gi = jnp.minimum(c0 // glen, num_groups - 1)
+        c0 = pc.div(k0, 2)  # first compressed row
+        gi = jnp.minimum(pc.div(c0, glen), num_groups - 1)
         scale = pc.load_row(s_ref, gi, tile.col_ok).astype(jnp.float32)  # [1, bn]
         z = pc.load_row(z_ref, gi, tile.col_ok).astype(jnp.int32)
         v_e = pc.unpack_tile(v_ref, c0, sub // 2, bits, packed_rows, tile.col_ok, parity=0) - z
@@ -242,7 +243,8 @@ def sparse24_matmul(x: jax.Array, w: formats.Sparse24Weight,
         pl.BlockSpec((groups, bn), lambda i, j, s: (0, i)),
         pl.BlockSpec((groups, bn), lambda i, j, s: (0, i)),
     ]
-    bits, glen, packed_rows = vals.bits, (k // 2 if vals.group_size == -1 else vals.group_size), q.shape[0]
+    bits, packed_rows = vals.bits, q.shape[0]
+    glen = k // 2 if vals.group_size == -1 else vals.group_size
   else:
     groups, bits, glen, packed_rows = 1, None, k // 2, k // 4
     operands.append(vals.reshape(k // 4, 2, n))

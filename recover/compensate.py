@@ -122,3 +122,45 @@ def adapter_share(params: Any) -> dict[str, float]:
   jax.tree.map(visit, params, is_leaf=formats.is_weight_leaf)
   return {'adapter_bytes': adapters, 'model_bytes': total,
           'adapter_share': adapters / total if total else 0.0}
+
+
+def _map_compressed(fn, params: Any, *others: Any) -> Any:
+  """Applies ``fn(leaf, *other_leaves)`` to every CompressedLinear of ``params`` (same paths)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(
+      lambda x, *o: fn(x, *o) if isinstance(x, formats.CompressedLinear) else x,
+      params, *others, is_leaf=formats.is_weight_leaf)
+
+
+def with_svd_adapters(dense: Any, compressed: Any, rank: int) -> Any:
+  """ZeroQuant-V2 / LoRC: every compressed leaf gets the rank-``rank`` SVD of its error (no data)."""
+  def add(leaf, w):
+    r = min(rank, *leaf.shape)
+    delta = jnp.asarray(w, jnp.float32) - formats.to_dense(leaf)
+    return dataclasses.replace(leaf, adapter=lowrank.svd_compensate(delta, r))
+  return _map_compressed(add, compressed, dense)
+
+
+def truncate_adapters(params: Any, rank: int) -> Any:
+  """Keeps the first ``rank`` components of every float adapter.
+
+  SVD and EoRA adapters are ordered by singular value, so the truncation of a rank-R result is
+  exactly the rank-``rank`` result (Eckart-Young): one compensation pass serves a whole rank sweep.
+  """
+  def cut(leaf):
+    if leaf.adapter is None:
+      return leaf
+    a, b = leaf.adapter.a, leaf.adapter.b
+    if isinstance(a, formats.QuantizedWeight) or isinstance(b, formats.QuantizedWeight):
+      raise ValueError('cannot truncate a quantized adapter; truncate first, then quantize')
+    return dataclasses.replace(leaf, adapter=formats.LowRank(a=a[:, :rank], b=b[:rank]))
+  return _map_compressed(cut, params)
+
+
+def quantize_adapters(params: Any, bits: int, group_size: int = 64) -> Any:
+  """Quantizes every adapter of the tree to ``bits`` (group-wise RTN)."""
+  def q(leaf):
+    if leaf.adapter is None or bits == 16:
+      return leaf
+    return dataclasses.replace(leaf, adapter=lowrank.quantize_adapter(leaf.adapter, bits, group_size))
+  return _map_compressed(q, params)

@@ -39,6 +39,7 @@ def _correlated_inputs(n_tokens, n_in, seed):
 
 
 def _problem(n_in, n_out, n_tokens=1024, seed=0):
+  """Correlated calibration inputs x [n_tokens, n_in], a weight [n_in, n_out], H = x^T x."""
   x = _correlated_inputs(n_tokens, n_in, seed)
   w = np.random.default_rng(seed + 100).standard_normal((n_in, n_out)).astype(np.float32)
   return x, w, x.T @ x
@@ -131,20 +132,25 @@ def _reference_fasterprune(W, H, sparsity, n, m, blocksize, percdamp, quant=None
   return W, mask
 
 
-# The shapes below repeat on purpose: jitted functions are cached per (spec, block, quant, shape).
+# Problems and static configurations repeat on purpose across tests: each jitted configuration
+# compiles once per shape (see _jit_sparsegpt).
+_SMALL = dict(n_in=96, n_out=16, n_tokens=512, seed=3)
+_LARGE = dict(n_in=256, n_out=128, n_tokens=2048, seed=0)
+
 _REF_CASES = [
-    ('0.7', 32, None),   # 32 * 0.7 is not an integer: the per-block counts telescope
-    ('0.5', 40, None),   # block_size does not divide in = 96
-    ('2:4', 32, None),
-    ('4:8', 32, None),
-    ('0.5', 32, QuantSpec(bits=4, group_size=16)),  # groups start inside blocks
-    ('2:4', 32, QuantSpec(bits=3, group_size=48)),  # groups straddle blocks
+    ('0.7', 40, None, _SMALL),  # 40 * 0.7 is not an integer (counts telescope); in = 96 padded to 120
+    ('0.5', 128, None, _LARGE),
+    ('2:4', 128, None, _LARGE),
+    ('4:8', 32, None, _SMALL),
+    ('2:4', 40, QuantSpec(bits=3, group_size=48), _SMALL),  # groups start inside / straddle blocks
 ]
 
 
-@pytest.mark.parametrize('pattern, block_size, quant', _REF_CASES)
-def test_matches_reference_port(pattern, block_size, quant):
-  x, w, h = _problem(96, 16, n_tokens=512, seed=3)
+@pytest.mark.parametrize('pattern, block_size, quant, problem', _REF_CASES,
+                         ids=['0.7-b40', '0.5-b128', '2:4-b128', '4:8-b32', '2:4-b40-w3g48'])
+def test_matches_reference_port(pattern, block_size, quant, problem):
+  _, w, h = _problem(**problem)
+  n_in = problem['n_in']
   spec = PruneSpec.parse(pattern)
   w_hat, mask = _jit_sparsegpt(spec, block_size, quant)(w, h)
   ref_w, ref_pruned = _reference_fasterprune(w.T, h, spec.sparsity, spec.n, spec.m, block_size,
@@ -152,7 +158,7 @@ def test_matches_reference_port(pattern, block_size, quant):
   np.testing.assert_array_equal(np.asarray(mask), ~ref_pruned.T)
   np.testing.assert_allclose(w_hat, ref_w.T, atol=2e-5 * np.abs(w).max())
   # Exact count per output unit for every in / block_size combination.
-  assert ((~np.asarray(mask)).sum(axis=0) == spec.num_pruned(96)).all()
+  assert ((~np.asarray(mask)).sum(axis=0) == spec.num_pruned(n_in)).all()
   assert (np.asarray(w_hat)[~np.asarray(mask)] == 0).all()
 
 
@@ -175,7 +181,7 @@ def test_inverse_hessian_factor_is_reference_hinv():
 @pytest.mark.parametrize('pattern', ['0.5', '2:4'])
 @pytest.mark.parametrize('seed', [0, 1])
 def test_sparsegpt_beats_wanda_beats_magnitude(pattern, seed):
-  x, w, h = _problem(256, 128, n_tokens=2048, seed=seed)
+  x, w, h = _problem(**{**_LARGE, 'seed': seed})
   spec = PruneSpec.parse(pattern)
   w_sgpt, m_sgpt = _jit_sparsegpt(spec)(w, h)  # in % block_size == 0
   w_wanda, m_wanda = prune.wanda(w, h, spec)
@@ -191,11 +197,12 @@ def test_sparsegpt_beats_wanda_beats_magnitude(pattern, seed):
   assert e_sgpt < 0.95 * e_wanda < 0.95 * e_mag, (e_sgpt, e_wanda, e_mag)
 
 
-@pytest.mark.parametrize('pattern, n, m', [('2:4', 2, 4), ('4:8', 4, 8)])
-def test_nm_holds_for_all_methods(pattern, n, m):
-  _, w, h = _problem(96, 16, n_tokens=512, seed=3)  # the shapes of _REF_CASES: no new compile
+@pytest.mark.parametrize('pattern, n, m, block_size, problem', [
+    ('2:4', 2, 4, 128, _LARGE), ('4:8', 4, 8, 32, _SMALL)], ids=['2:4', '4:8'])
+def test_nm_holds_for_all_methods(pattern, n, m, block_size, problem):
+  _, w, h = _problem(**problem)
   spec = PruneSpec.parse(pattern)
-  w_hat, mask = _jit_sparsegpt(spec, 32)(w, h)
+  w_hat, mask = _jit_sparsegpt(spec, block_size)(w, h)
   for mk in (mask, prune.wanda_mask(w, h, spec), prune.magnitude_mask(w, spec)):
     _assert_nm(mk, n, m)
   assert (np.asarray(w_hat)[~np.asarray(mask)] == 0).all()
@@ -205,7 +212,7 @@ def test_nm_holds_for_all_methods(pattern, n, m):
 
 
 def test_joint_quant_on_grid_respects_mask_and_beats_prune_then_rtn():
-  x, w, h = _problem(256, 128, n_tokens=2048, seed=0)
+  x, w, h = _problem(**_LARGE)
   spec, quant = PruneSpec(sparsity=0.5), QuantSpec(bits=4, group_size=64)
   qw, mask = _jit_sparsegpt_quant(spec, quant)(w, h)
   assert isinstance(qw, formats.QuantizedWeight) and qw.shape == w.shape
@@ -233,13 +240,13 @@ def test_joint_quant_on_grid_respects_mask_and_beats_prune_then_rtn():
 
 
 def test_dead_inputs_and_hessian_scale_invariance():
-  _, w, h = _problem(96, 16, n_tokens=512, seed=3)
+  _, w, h = _problem(**_SMALL)
   h[:, 7] = h[7, :] = 0  # input 7 never fires
   spec = PruneSpec(sparsity=0.7)
-  w_hat, mask = _jit_sparsegpt(spec, 32)(w, h)
+  w_hat, mask = _jit_sparsegpt(spec, 40)(w, h)
   assert np.isfinite(np.asarray(w_hat)).all()
   assert (np.asarray(w_hat)[7] == 0).all()
-  w_hat2, mask2 = _jit_sparsegpt(spec, 32)(w, 37.0 * h)
+  w_hat2, mask2 = _jit_sparsegpt(spec, 40)(w, 37.0 * h)
   np.testing.assert_array_equal(mask, mask2)
   np.testing.assert_allclose(w_hat, w_hat2, atol=1e-4 * np.abs(w).max())
 

@@ -137,3 +137,29 @@ def test_gpu_default_dispatch_uses_kernels():
   y = jax.jit(kernels.linear)(x, s)
   assert kernels.last_implementation() == 'pallas_sparse24'
   assert kd.rel_err(y, kd.reference(x, sdense)) < kd.REL_TOL[jnp.dtype(BF16)]
+
+
+def test_compressed_model_traces_through_the_kernels():
+  """Prefill and decode of a model whose linears are quantized or 2:4 pick the kernels (traced
+  with the GPU default order; the numerics of each kernel are checked in the kernel tests)."""
+  from models import config as config_lib, llama  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.tiny_config(num_layers=1)
+  params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0), BF16))
+  rng = np.random.default_rng(7)
+  block = params['layers'][0]
+  for part, name in (('self_attn', 'q_proj'), ('self_attn', 'k_proj'), ('self_attn', 'v_proj'),
+                     ('self_attn', 'o_proj'), ('mlp', 'gate_proj'), ('mlp', 'down_proj')):
+    k, n = block[part][name]['kernel'].shape
+    block[part][name]['kernel'] = jax.eval_shape(lambda k=k, n=n: kd.quantized(rng, k, n, 4, 32)[0])
+  k, n = block['mlp']['up_proj']['kernel'].shape
+  block['mlp']['up_proj']['kernel'] = jax.eval_shape(
+      lambda: kd.sparse24(rng, k, n, bits=4, group_size=64)[0])
+  prompt = jnp.zeros((2, 5), jnp.int32)
+  api.set_default(api.GPU_DEFAULT)
+  with api.interpret_mode(), api.recording() as log:
+    out = jax.eval_shape(
+        lambda p, t: llama.generate(p, t, cfg, max_new_tokens=3, dtype=BF16), params, prompt)
+  assert out.shape == (2, 3)
+  # prefill + one traced decode step, each: 6 low-bit linears, 1 sparse one, the dense LM head.
+  per_pass = ['pallas_lowbit'] * 6 + ['pallas_sparse24'] + ['xla']
+  assert sorted(log) == sorted(per_pass * 2)

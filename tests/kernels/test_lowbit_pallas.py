@@ -37,8 +37,9 @@ _CASES = (
 )
 
 
-@pytest.mark.gpu
-class LowbitPallasTest(parameterized.TestCase):
+class _LowbitPallasBase(parameterized.TestCase):
+  """The cases, run compiled (``INTERPRET = False``) or in Pallas interpret mode."""
+  __test__ = False
   INTERPRET = False
 
   def setUp(self):
@@ -71,9 +72,15 @@ class LowbitPallasTest(parameterized.TestCase):
     self.assertLess(kd.rel_err(y, kd.reference(x, dense, ab)), kd.REL_TOL[jnp.dtype(BF16)])
 
 
-class LowbitPallasInterpretTest(LowbitPallasTest):
+@pytest.mark.gpu
+class LowbitPallasTest(_LowbitPallasBase):
+  __test__ = True
+  INTERPRET = False
+
+
+class LowbitPallasInterpretTest(_LowbitPallasBase):
+  __test__ = True
   INTERPRET = True
-  pytestmark = []
 
 
 def _abstract(tree):
@@ -81,7 +88,7 @@ def _abstract(tree):
 
 
 class CheckSupportedTest(parameterized.TestCase):
-  """``check_supported`` decides from shapes and static fields alone (``ShapeDtypeStruct`` leaves)."""
+  """``check_supported`` decides from shapes and static fields alone (abstract leaves)."""
 
   def _weight(self, k=256, n=64, bits=4, group_size=128, act_order=False):
     w, _ = kd.quantized(np.random.default_rng(0), k, n, bits, group_size, act_order=act_order)

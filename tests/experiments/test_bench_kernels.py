@@ -1,0 +1,60 @@
+"""Smoke test of the kernel benchmark: ``run(quick=True)`` on the CPU (interpret mode)."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import kernels
+from experiments import bench_kernels
+
+
+def test_parse_shapes():
+  assert bench_kernels.parse_shapes(['4096x14336', '8X16']) == [(4096, 14336), (8, 16)]
+  with pytest.raises(ValueError, match='INxOUT'):
+    bench_kernels.parse_shapes(['4096'])
+
+
+def test_group_for():
+  assert bench_kernels.group_for(4096) == 128
+  assert bench_kernels.group_for(576) == 64  # SmolLM2's hidden size
+  assert bench_kernels.group_for(100) == -1
+
+
+@pytest.mark.parametrize('fmt', ['w4g128_act', 's24_w4g128'])
+def test_random_leaves_are_valid(fmt):
+  leaf = bench_kernels.make_leaf(jax.random.key(0), fmt, 256, 64)
+  dense = np.asarray(kernels.to_dense(leaf))
+  assert dense.shape == (256, 64)
+  assert np.count_nonzero(dense) > 0.4 * dense.size
+  if fmt.startswith('s24'):
+    assert np.all((dense.reshape(64, 4, 64) != 0).sum(axis=1) <= 2)
+  assert bench_kernels.leaf_bytes(leaf) > 0
+
+
+def test_unknown_format_raises():
+  with pytest.raises(ValueError, match='unknown formats'):
+    bench_kernels.run(fmts=['w5g7'], sections=('kernels',))
+
+
+@pytest.mark.skipif(jax.default_backend() == 'gpu', reason='the quick run is the CPU smoke test')
+def test_quick_run_writes_results(tmp_path):
+  results = bench_kernels.run(out_dir=str(tmp_path), quick=True, ms=(1,),
+                              fmts=('w4g128_lora64',), e2e_models=('tiny-llama',))
+  assert results['interpret'] and results['copy_bandwidth_gbs'] > 0
+  rows = results['rows']
+  assert [r['format'] for r in rows] == ['w4g128_lora64']
+  for r in rows:
+    assert r['impl'] == 'pallas_lowbit'
+    assert r['default_impl'] == 'xla'  # the CPU default order
+    assert r['time_us'] > 0 and r['bf16_us'] > 0 and np.isfinite(r['speedup_vs_bf16'])
+    assert r['rel_err'] < 1e-2  # the kernel output was checked against the f32 reference
+  e2e = results['e2e']
+  assert [r['variant'] for r in e2e] == ['bf16', 'w4 rtn']
+  assert all(r['tokens_per_s'] > 0 for r in e2e)
+  assert e2e[1]['weight_gb'] < e2e[0]['weight_gb']
+  saved = json.loads((tmp_path / 'results.json').read_text())
+  assert len(saved['rows']) == 1 and saved['device'].startswith('cpu')
+  table = (tmp_path / 'table.md').read_text()
+  assert 'w4g128_lora64' in table and 'End-to-end decode' in table

@@ -1,0 +1,51 @@
+"""Smoke tests of the paper-table scripts on the tiny byte-level model."""
+
+import numpy as np
+import pytest
+
+from experiments import eora_tables, srr_budget
+from kernels import QuantSpec
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  words = ['the', 'model', 'weight', 'is', 'a', 'of', 'and', 'compress', 'recover', 'layer']
+  path = tmp_path / 'corpus.txt'
+  path.write_text(' '.join(rng.choice(words, size=6000)) + '\n')
+  real = eora_tables.common.calibration_for
+  # The scripts calibrate on named corpora; point every name at the small local file.
+  monkeypatch.setattr(eora_tables.common, 'calibration_for',
+                      lambda tok, src, n, t, seed: real(tok, str(path), n, t, seed))
+  real_eval = eora_tables.common.eval_windows_for
+  monkeypatch.setattr(eora_tables.common, 'eval_windows_for',
+                      lambda tok, src, t, n: real_eval(tok, str(path), t, n))
+  monkeypatch.setattr(eora_tables.common, 'probe_items', lambda p: [])
+  return path
+
+
+def test_eora_tables_smoke(corpus, tmp_path, monkeypatch):
+  monkeypatch.setattr(eora_tables, 'ROWS', {'rtn w2g32': dict(quant='rtn', bits=2, group_size=32)})
+  res = eora_tables.run(sections=list(eora_tables.SECTIONS), out_dir=str(tmp_path / 'e'),
+                        rows=['rtn w2g32'], rank=8, ranks=(4, 8), sweep_rows=['rtn w2g32'],
+                        bits_ranks=(4, 8), model='tiny-llama', calib_samples=8, calib_seqlen=32,
+                        eval_data=('a', 'b'), eval_windows=2, sweep_windows=2, eval_seqlen=32)
+  kl = {r['recovery']: r['kl a'] for r in res['tables'] if r['compression'] != 'dense'}
+  assert kl['eora'] < kl['none'] and kl['svd'] < kl['none']
+  assert len(res['rank_sweep']) == 2 and len(res['adapter_bits']) == 6
+  assert (tmp_path / 'e' / 'rank_sweep_rtn_w2g32.png').exists()
+  assert {r['recovery'] for r in res['calib_domain']} >= {'none', 'eora eigenspace shakespeare'}
+
+
+def test_srr_budget_smoke(corpus, tmp_path, monkeypatch):
+  monkeypatch.setattr(srr_budget, 'SETTINGS', {'w2g32': QuantSpec(bits=2, group_size=32)})
+  res = srr_budget.run(out_dir=str(tmp_path / 's'), blocks=(1,), ranks=(4, 8), settings=('w2g32',),
+                       k_sweep_rank=8, k_fractions=(0.0, 0.5), model='tiny-llama', calib_samples=8,
+                       calib_seqlen=32)
+  row = res['rows'][0]
+  assert row['eora r8'] <= row['svd r8'] + 1e-6 and row['eora r8'] < row['none']
+  assert row['eora r8'] <= row['eora r4'] + 1e-6
+  ks = {r['k choice']: r for r in res['k_sweep']}
+  col = [k for k in ks['searched'] if k.startswith('mean')][0]
+  assert ks['searched'][col] <= ks['fixed k=0r'][col] + 1e-6
+  assert (tmp_path / 's' / 'srr_budget.png').exists()
