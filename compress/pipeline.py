@@ -318,6 +318,30 @@ def strip_adapters(params: Params) -> Params:
   return jax.tree.map(strip, params, is_leaf=formats.is_weight_leaf)
 
 
+def dense_statistics(params: Params, cfg: ModelConfig, tokens: np.ndarray, *, batch_size: int = 8,
+                     dtype=jnp.float32, blocks: Sequence[int] | None = None,
+                     progress: bool = True) -> list[dict[str, calibration.LinearStats] | None]:
+  """Statistics of every linear input of every block on the *dense* model's activations.
+
+  One pass over the model; the result can be handed to :func:`compress_model` as
+  ``precomputed_stats`` so that several compressions calibrated on dense inputs share it.
+  ``blocks`` limits which blocks get statistics (the others hold None).
+  """
+  keys = sorted(set(llama.LINEAR_INPUTS.values()))
+  wanted = set(range(cfg.num_layers)) if blocks is None else set(blocks)
+  x = llama.embed(params, jnp.asarray(tokens), dtype)
+  out: list[dict[str, calibration.LinearStats] | None] = [None] * cfg.num_layers
+  for i in tqdm(range(max(wanted) + 1), desc='dense statistics', disable=not progress):
+    block = params['layers'][i]
+    if i in wanted:
+      out[i] = collect_stats(block, x, cfg, keys, batch_size)
+      for k, st in out[i].items():
+        calibration.check_finite(st, f'layers/{i}/{k}')
+    if i < max(wanted):
+      x = run_block(block, x, cfg, batch_size)
+  return out
+
+
 def auto_bits_rules(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, spec: LinearSpec, *,
                     budget: float, candidates: Sequence[int] = (2, 3, 4), batch_size: int = 8,
                     dtype=jnp.float32, progress: bool = True) -> list[Rule]:
@@ -337,12 +361,13 @@ def auto_bits_rules(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, 
     raise ValueError(f'average-bits budget {budget} is outside the candidates {cands}')
   if spec.qspec is None:
     raise ValueError('auto bits needs a quantization method')
-  x = llama.embed(params, jnp.asarray(calib_tokens), dtype)
+  all_stats = dense_statistics(params, cfg, calib_tokens, batch_size=batch_size, dtype=dtype,
+                               progress=progress)
   errors: dict[str, list[float]] = {}
   sizes: dict[str, int] = {}
-  for i in tqdm(range(cfg.num_layers), desc='sensitivity', disable=not progress):
+  for i in range(cfg.num_layers):
     block = params['layers'][i]
-    stats = collect_stats(block, x, cfg, sorted(set(llama.LINEAR_INPUTS.values())), batch_size)
+    stats = all_stats[i]
     for lin in llama.LINEAR_NAMES:
       w = jnp.asarray(_get(block, lin), jnp.float32)
       h = stats[llama.LINEAR_INPUTS[lin]].hessian
@@ -353,7 +378,6 @@ def auto_bits_rules(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, 
         errs.append(_output_error(w, _jit(quantize.rtn_dense, spec=qs)(w), h) ** 2)
       errors[path] = errs
       sizes[path] = int(w.size)
-    x = run_block(block, x, cfg, batch_size)
   level = {p: 0 for p in errors}
   total = sum(sizes.values())
   used = cands[0] * total
@@ -391,8 +415,10 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                    *, dense_inputs: bool = False, true_sequential: bool = False,
                    batch_size: int = 8, dtype=jnp.float32, checkpoint_dir: str | None = None,
                    compensate: Compensator | None = None, aux_tokens: np.ndarray | None = None,
-                   propagate_adapters: bool = False, progress: bool = True,
-                   stop_after: int | None = None
+                   propagate_adapters: bool = False,
+                   precomputed_stats: Sequence[dict[str, calibration.LinearStats]] | None = None,
+                   precomputed_aux_stats: Sequence[dict[str, calibration.LinearStats]] | None = None,
+                   progress: bool = True, stop_after: int | None = None
                    ) -> tuple[Params, list[LayerReport]]:
   """Compresses every linear that a rule selects, block by block.
 
@@ -413,6 +439,9 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       the inputs come from the compressed block without its adapters, so the compressed weights are
       exactly those of the same run without compensation (and ``strip_adapters`` of the result is
       that run's result), and the adapters are computed from the compression pass's statistics.
+    precomputed_stats: per-block statistics from :func:`dense_statistics` (implies dense-input
+      calibration; no forward pass runs). Lets several compressions share one calibration pass.
+    precomputed_aux_stats: the same for the recovery set (``aux_tokens`` is then not needed).
     progress: show a progress bar.
     stop_after: stop after this many blocks (for tests of resumption).
 
@@ -431,9 +460,22 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                  aux=None if aux_tokens is None else hashlib.sha256(np.asarray(aux_tokens).tobytes()).hexdigest())
   fingerprint = _run_fingerprint(params, cfg, calib_tokens, rules, options)
 
-  x = llama.embed(params, jnp.asarray(calib_tokens), dtype)
+  pre = precomputed_stats is not None
+  if pre:
+    if true_sequential:
+      raise ValueError('precomputed (dense-input) statistics cannot be used with true_sequential')
+    if head_spec is not None and not head_spec.is_noop:
+      raise ValueError('compressing the LM head needs propagated inputs, not precomputed statistics')
+    dense_inputs = True
+  x = None if pre else llama.embed(params, jnp.asarray(calib_tokens), dtype)
   x_dense = x if dense_inputs else None
-  x_aux = None if aux_tokens is None else llama.embed(params, jnp.asarray(aux_tokens), dtype)
+  x_aux = None if aux_tokens is None or precomputed_aux_stats is not None else llama.embed(
+      params, jnp.asarray(aux_tokens), dtype)
+
+  def get_stats(i, block, src, keys):
+    if pre:
+      return {k: precomputed_stats[i][k] for k in keys}
+    return collect_stats(block, src, cfg, keys, batch_size)
   layers = list(params['layers'])
   reports: list[LayerReport] = []
   start = 0
@@ -450,7 +492,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       if block_meta.get('fingerprint') != fingerprint:
         raise checkpoint.CheckpointError(f'checkpoint {ckpt}/block_{j:03d} belongs to another run')
       layers[j] = block_j
-    x = state['x'].astype(dtype)
+    x = None if state.get('x') is None else state['x'].astype(dtype)
     x_dense = None if state.get('x_dense') is None else state['x_dense'].astype(dtype)
     x_aux = None if state.get('x_aux') is None else state['x_aux'].astype(dtype)
     reports = [LayerReport(**r) for r in meta['reports']]
@@ -465,13 +507,15 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     src = x_dense if dense_inputs else x
     needed = sorted({llama.LINEAR_INPUTS[l] for l in specs})
     aux_stats = None
-    if compensate is not None and x_aux is not None and specs:
+    if compensate is not None and precomputed_aux_stats is not None and specs:
+      aux_stats = {k: precomputed_aux_stats[i][k] for k in needed}
+    elif compensate is not None and x_aux is not None and specs:
       aux_stats = collect_stats(block, x_aux, cfg, needed, batch_size)
     new_block = block
     if not specs:
       pass
     elif any(s.quant == 'awq' for s in specs.values()):
-      stats = collect_stats(block, src, cfg, needed, batch_size)
+      stats = get_stats(i, block, src, needed)
       for k, st in stats.items():
         calibration.check_finite(st, f'layers/{i}/{k}')
       new_block, rep = _awq_block(block, stats, specs, cfg, f'layers/{i}', compensate, aux_stats)
@@ -486,7 +530,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
           continue
         keys = sorted({llama.LINEAR_INPUTS[l] for l in stage_specs})
         stats_block = new_block if (true_sequential and not dense_inputs) else block
-        stats = collect_stats(stats_block, src, cfg, keys, batch_size)
+        stats = get_stats(i, stats_block, src, keys)
         for k, st in stats.items():
           calibration.check_finite(st, f'layers/{i}/{k}')
         new_block, rep = _compress_linears(new_block, block, stage_specs, stats, cfg, i, compensate,
@@ -496,8 +540,9 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     # A compensator that re-compresses the weights themselves (SRR) must propagate its adapters.
     keep = propagate_adapters or getattr(compensate, 'changes_weights', False)
     prop_block = new_block if keep else strip_adapters(new_block)
-    x = run_block(prop_block, x, cfg, batch_size)
-    if dense_inputs:
+    if not pre:
+      x = run_block(prop_block, x, cfg, batch_size)
+    if dense_inputs and not pre:
       x_dense = run_block(block, x_dense, cfg, batch_size)
     if x_aux is not None:
       x_aux = run_block(prop_block, x_aux, cfg, batch_size)

@@ -63,8 +63,12 @@ def slug(name: str) -> str:
 
 
 def compress_cached(loaded: loading.LoadedModel, calib: np.ndarray, c: CompressConfig,
-                    cache_dir: pathlib.Path, *, compensate=None) -> tuple[Any, dict[str, Any]]:
-  """Runs the pipeline once for ``c`` (or loads its saved result) and returns (params, timing)."""
+                    cache_dir: pathlib.Path, *, compensate=None, stats=None,
+                    aux_stats=None) -> tuple[Any, dict[str, Any]]:
+  """Runs the pipeline once for ``c`` (or loads its saved result) and returns (params, timing).
+
+  ``stats``: shared dense-input statistics (:func:`compress.pipeline.dense_statistics`); None runs
+  the default propagated-input calibration."""
   if (cache_dir / 'structure.json').exists():
     _, params, meta = checkpoint.load_model(cache_dir)
     return params, meta['timing']
@@ -73,6 +77,7 @@ def compress_cached(loaded: loading.LoadedModel, calib: np.ndarray, c: CompressC
   t0 = time.time()
   params, reports = pipeline.compress_model(loaded.params, loaded.config, calib, rules,
                                             batch_size=c.batch_size, compensate=compensate,
+                                            precomputed_stats=stats, precomputed_aux_stats=aux_stats,
                                             checkpoint_dir=str(cache_dir) + '.partial')
   total = time.time() - t0
   numerics = float(sum(r.seconds for r in reports))
@@ -100,12 +105,17 @@ def plain_forward_seconds(loaded: loading.LoadedModel, calib: np.ndarray, batch_
 
 
 def evaluate_models(loaded, models: dict[str, Any], tokenizer, eval_data: Sequence[str],
-                    eval_windows: int, eval_seqlen: int) -> dict[str, dict[str, Any]]:
-  """Perplexity/KL/top-1 on each corpus and probe accuracy for every model (dense computed once)."""
+                    eval_windows: int, eval_seqlen: int,
+                    other_windows: int | None = None) -> dict[str, dict[str, Any]]:
+  """Perplexity/KL/top-1 on each corpus and probe accuracy for every model (dense computed once).
+
+  ``eval_windows`` windows of the first corpus, ``other_windows`` (default the same) of the others.
+  """
   cfg = loaded.config
   out: dict[str, dict[str, Any]] = {name: {} for name in ['dense', *models]}
-  for ds in eval_data:
-    windows = common.eval_windows_for(tokenizer, ds, eval_seqlen, eval_windows)
+  for idx, ds in enumerate(eval_data):
+    n = eval_windows if idx == 0 or other_windows is None else other_windows
+    windows = common.eval_windows_for(tokenizer, ds, eval_seqlen, n)
     res = eval_lib.compare_many(loaded.params, models, cfg, windows, desc=f'eval {ds}')
     out['dense'][f'ppl {ds}'] = res['__ref__']['ppl']
     for name in models:
@@ -121,7 +131,8 @@ def evaluate_models(loaded, models: dict[str, Any], tokenizer, eval_data: Sequen
 
 def run(*, methods: Sequence[str], out_dir: str, model: str = 'smollm2-135m', calib_samples: int = 64,
         calib_seqlen: int = 512, eval_data: Sequence[str] = ('python-docs', 'shakespeare'),
-        eval_windows: int = 40, eval_seqlen: int = 512) -> list[dict[str, Any]]:
+        eval_windows: int = 40, eval_seqlen: int = 512, other_windows: int | None = None,
+        shared_stats: bool = True) -> list[dict[str, Any]]:
   unknown = [m for m in methods if m not in METHODS]
   if unknown:
     raise ValueError(f'unknown methods {unknown}; known: {list(METHODS)}')
@@ -140,11 +151,21 @@ def run(*, methods: Sequence[str], out_dir: str, model: str = 'smollm2-135m', ca
     plain = plain_forward_seconds(loaded, calib, 8)
     out.mkdir(parents=True, exist_ok=True)
     timing_path.write_text(json.dumps({'seconds': plain}))
+  stats = None
+  if shared_stats:
+    t0 = time.time()
+    stats = pipeline.dense_statistics(loaded.params, loaded.config, calib)
+    stats_seconds = time.time() - t0
   models, timings = {}, {}
   for m in tqdm(methods, desc='methods'):
-    models[m], timings[m] = compress_cached(loaded, calib, configs[m], out / 'models' / slug(m))
+    cache = out / 'models' / (slug(m) + ('' if shared_stats else '_propagated'))
+    models[m], timings[m] = compress_cached(loaded, calib, configs[m], cache, stats=stats)
+    if shared_stats:
+      timings[m] = dict(timings[m], calib_forward_seconds=stats_seconds,
+                        compress_seconds=stats_seconds + timings[m]['numerics_seconds'])
   if eval_windows:
-    metrics = evaluate_models(loaded, models, tokenizer, eval_data, eval_windows, eval_seqlen)
+    metrics = evaluate_models(loaded, models, tokenizer, eval_data, eval_windows, eval_seqlen,
+                              other_windows)
   else:  # timing only
     metrics = {name: {} for name in ['dense', *methods]}
   rows = [{'method': 'dense', **metrics['dense']}]
@@ -155,6 +176,7 @@ def run(*, methods: Sequence[str], out_dir: str, model: str = 'smollm2-135m', ca
                  'mean_rel_error': t.get('mean_rel_error')})
   for r in rows:
     r['plain_forward_s'] = plain
+    r['calibration'] = 'dense inputs, shared' if shared_stats else 'propagated'
   return rows
 
 
@@ -167,9 +189,12 @@ def define_flags() -> None:
   flags.DEFINE_integer('calib_samples', 64, 'Calibration sequences.')
   flags.DEFINE_integer('calib_seqlen', 512, 'Calibration sequence length.')
   flags.DEFINE_list('eval_data', ['python-docs', 'shakespeare'], 'Evaluation corpora.')
-  flags.DEFINE_integer('eval_windows', 40, 'Windows per corpus.')
+  flags.DEFINE_integer('eval_windows', 40, 'Windows of the first corpus.')
+  flags.DEFINE_integer('other_windows', None, 'Windows of the other corpora (default: eval_windows).')
   flags.DEFINE_integer('eval_seqlen', 512, 'Window length.')
   flags.DEFINE_string('out_dir', 'results/compress_table', 'Output directory.')
+  flags.DEFINE_bool('shared_stats', True, 'Calibrate every method on the dense model\'s inputs '
+                    'from one shared pass (fast); False: each method propagates its own inputs.')
 
 
 def main(argv):
@@ -177,7 +202,8 @@ def main(argv):
   common.quiet_logs()
   rows = run(methods=FLAGS.methods, out_dir=FLAGS.out_dir, calib_samples=FLAGS.calib_samples,
              calib_seqlen=FLAGS.calib_seqlen, eval_data=FLAGS.eval_data,
-             eval_windows=FLAGS.eval_windows, eval_seqlen=FLAGS.eval_seqlen)
+             eval_windows=FLAGS.eval_windows, eval_seqlen=FLAGS.eval_seqlen,
+             other_windows=FLAGS.other_windows, shared_stats=FLAGS.shared_stats)
   ds = FLAGS.eval_data
   cols = (['method'] + [f'ppl {d}' for d in ds] + [f'kl {ds[0]}', f'top1 {ds[0]}', 'probe_acc',
                                                      'seconds', 'calib_forward_s', 'numerics_s'])

@@ -51,14 +51,16 @@ FLAGS = flags.FLAGS
 
 
 def compensated(loaded, calib, c: CompressConfig, rank: int, cache: pathlib.Path,
-                aux=None) -> Any:
-  """The compressed model with EoRA adapters at ``rank`` (cached on disk)."""
+                aux=None, stats=None, aux_stats=None) -> Any:
+  """The compressed model with EoRA adapters at ``rank`` (cached on disk). ``stats``/``aux_stats``:
+  shared dense-input statistics (None: propagated calibration)."""
   if (cache / 'structure.json').exists():
     return checkpoint.load_model(cache)[1]
   spec = build_spec(c)
   comp = compensate.Compensator(method='eora', rank=rank)
   params, _ = pipeline.compress_model(loaded.params, loaded.config, calib, build_rules(c, spec),
-                                      compensate=comp, aux_tokens=aux,
+                                      compensate=comp, aux_tokens=aux, precomputed_stats=stats,
+                                      precomputed_aux_stats=aux_stats,
                                       checkpoint_dir=str(cache) + '.partial')
   checkpoint.save_model(cache, params, loaded.config, {'rank': rank, 'method': spec.describe()})
   return params
@@ -86,7 +88,8 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
         ranks: Sequence[int] = (8, 16, 32, 64, 128, 256), sweep_rows: Sequence[str] | None = None,
         bits_ranks: Sequence[int] = (16, 64), model: str = 'smollm2-135m', calib_samples: int = 64,
         calib_seqlen: int = 512, eval_data: Sequence[str] = ('python-docs', 'shakespeare'),
-        eval_windows: int = 40, sweep_windows: int = 16, eval_seqlen: int = 512) -> dict[str, Any]:
+        eval_windows: int = 40, other_windows: int | None = None, sweep_windows: int = 16,
+        eval_seqlen: int = 512, shared_stats: bool = True) -> dict[str, Any]:
   for s in sections:
     if s not in SECTIONS:
       raise ValueError(f'unknown section {s!r}; choose from {SECTIONS}')
@@ -95,12 +98,16 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
   loaded = loading.load_model(model)
   tok = loaded.tokenizer()
   calib = common.calibration_for(tok, 'python-docs', calib_samples, calib_seqlen, 0)
+  results: dict[str, Any] = {'model': model, 'calib': f'python-docs train {calib_samples}x{calib_seqlen}'}
   configs = {r: CompressConfig(model=model, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                                **ROWS[r]) for r in rows}
   max_rank = max([rank, *ranks, *bits_ranks]) if set(sections) & {'rank_sweep', 'adapter_bits'} else rank
-  comp = {r: compensated(loaded, calib, configs[r], max_rank, out / 'models' / f'{slug(r)}_eora{max_rank}')
+  stats = pipeline.dense_statistics(loaded.params, loaded.config, calib) if shared_stats else None
+  tag = '' if shared_stats else '_propagated'
+  comp = {r: compensated(loaded, calib, configs[r], max_rank,
+                         out / 'models' / f'{slug(r)}_eora{max_rank}{tag}', stats=stats)
           for r in rows}
-  results: dict[str, Any] = {'model': model, 'calib': f'python-docs train {calib_samples}x{calib_seqlen}'}
+  results['calibration'] = 'dense inputs, shared' if shared_stats else 'propagated'
 
   if 'tables' in sections:
     models = {}
@@ -110,7 +117,7 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
       models[f'{r} | none'] = base
       models[f'{r} | svd'] = compensate.with_svd_adapters(loaded.params, base, rank)
       models[f'{r} | eora'] = eora
-    metrics = evaluate_models(loaded, models, tok, eval_data, eval_windows, eval_seqlen)
+    metrics = evaluate_models(loaded, models, tok, eval_data, eval_windows, eval_seqlen, other_windows)
     table = [{'compression': 'dense', 'recovery': '-', **metrics['dense']}]
     for name in models:
       c, rec = name.split(' | ')
@@ -168,12 +175,15 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
   if 'calib_domain' in sections:
     r = rows[min(2, len(rows) - 1)]
     aux = common.calibration_for(tok, 'shakespeare', calib_samples, calib_seqlen, 1)
-    ood = compensated(loaded, calib, configs[r], rank, out / 'models' / f'{slug(r)}_eora{rank}_shakespeare',
-                      aux=aux)
+    aux_stats = (pipeline.dense_statistics(loaded.params, loaded.config, aux) if shared_stats
+                 else None)
+    ood = compensated(loaded, calib, configs[r], rank,
+                      out / 'models' / f'{slug(r)}_eora{rank}_shakespeare{tag}', aux=aux, stats=stats,
+                      aux_stats=aux_stats)
     models = {'none': pipeline.strip_adapters(ood),
               'eora eigenspace python-docs': compensate.truncate_adapters(comp[r], rank),
               'eora eigenspace shakespeare': ood}
-    m = evaluate_models(loaded, models, tok, eval_data, eval_windows, eval_seqlen)
+    m = evaluate_models(loaded, models, tok, eval_data, eval_windows, eval_seqlen, other_windows)
     dom = [{'compression': r, 'recovery': k, **v} for k, v in m.items()]
     results['calib_domain'] = dom
     (out / 'calib_domain.md').write_text(f'# EoRA eigenspace calibration domain, {r}, rank {rank}\n\n'
@@ -188,9 +198,11 @@ def define_flags() -> None:
   flags.DEFINE_list('ranks', ['8', '16', '32', '64', '128', '256'], 'Ranks of the sweep.')
   flags.DEFINE_list('sweep_rows', ['gptq w3g128', 'sparsegpt 2:4'], 'Compressions of the sweep.')
   flags.DEFINE_list('bits_ranks', ['16', '64'], 'Ranks of the adapter-bits section.')
-  flags.DEFINE_integer('calib_samples', 64, 'Calibration sequences.')
+  flags.DEFINE_integer('calib_samples', 32, 'Calibration sequences.')
   flags.DEFINE_integer('eval_windows', 40, 'Windows per corpus (tables, calib_domain).')
+  flags.DEFINE_integer('other_windows', None, 'Windows of the second corpus (default eval_windows).')
   flags.DEFINE_integer('sweep_windows', 16, 'Windows (rank_sweep, adapter_bits; python-docs only).')
+  flags.DEFINE_bool('shared_stats', True, 'Dense-input statistics shared by all compressions.')
   flags.DEFINE_string('out_dir', 'results/eora', 'Output directory.')
 
 
@@ -200,7 +212,8 @@ def main(argv):
   res = run(sections=FLAGS.sections, out_dir=FLAGS.out_dir, rows=FLAGS.rows, rank=FLAGS.rank,
             ranks=[int(r) for r in FLAGS.ranks], sweep_rows=FLAGS.sweep_rows,
             bits_ranks=[int(r) for r in FLAGS.bits_ranks], calib_samples=FLAGS.calib_samples,
-            eval_windows=FLAGS.eval_windows, sweep_windows=FLAGS.sweep_windows)
+            eval_windows=FLAGS.eval_windows, other_windows=FLAGS.other_windows,
+            sweep_windows=FLAGS.sweep_windows, shared_stats=FLAGS.shared_stats)
   rows = res.get('tables') or next((res[s] for s in SECTIONS if s in res), [])
   common.write_results(FLAGS.out_dir, res, rows=rows, flags=common.flag_values(FLAGS),
                        title='EoRA on SmolLM2-135M')

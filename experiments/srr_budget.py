@@ -41,21 +41,6 @@ FLAGS = flags.FLAGS
 SETTINGS = {'w3g128': QuantSpec(bits=3, group_size=128), 'w2g64': QuantSpec(bits=2, group_size=64)}
 
 
-def dense_statistics(loaded, calib: np.ndarray, blocks: Sequence[int], batch_size: int = 8):
-  """``{(block, input key): LinearStats}`` on dense activations for the requested blocks."""
-  cfg, params = loaded.config, loaded.params
-  x = llama.embed(params, jnp.asarray(calib))
-  stats = {}
-  for i in tqdm(range(max(blocks) + 1), desc='dense statistics'):
-    block = params['layers'][i]
-    if i in blocks:
-      st = pipeline.collect_stats(block, x, cfg, sorted(set(llama.LINEAR_INPUTS.values())), batch_size)
-      for k, v in st.items():
-        stats[(i, k)] = v
-    x = pipeline.run_block(block, x, cfg, batch_size)
-  return stats
-
-
 def _rel(w, w_total, h) -> float:
   return pipeline._output_error(w, w_total, h)  # pylint: disable=protected-access
 
@@ -68,7 +53,8 @@ def run(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
   loaded = loading.load_model(model)
   tok = loaded.tokenizer()
   calib = common.calibration_for(tok, 'python-docs', calib_samples, calib_seqlen, 0)
-  stats = dense_statistics(loaded, calib, list(blocks))
+  per_block = pipeline.dense_statistics(loaded.params, loaded.config, calib, blocks=list(blocks))
+  stats = {(i, k): v for i in blocks for k, v in per_block[i].items()}
   layers = [(i, lin) for i in blocks for lin in llama.LINEAR_NAMES]
   errs: dict[tuple[str, str, int], list[float]] = {}
   ksweep: dict[str, list[float]] = {}

@@ -196,3 +196,17 @@ def test_orbax_round_trip_of_compressed_model(tiny, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, out, back)
   tokens = jnp.asarray(calib[:1])
   np.testing.assert_array_equal(llama.forward(out, tokens, cfg), llama.forward(back, tokens, cfg))
+
+
+def test_precomputed_dense_stats_equal_dense_input_run(tiny):
+  cfg, params, calib = tiny
+  rules = rules_lib.uniform(WANDA24)
+  a, rep_a = pipeline.compress_model(params, cfg, calib, rules, dense_inputs=True, progress=False)
+  stats = pipeline.dense_statistics(params, cfg, calib, progress=False)
+  b, rep_b = pipeline.compress_model(params, cfg, calib, rules, precomputed_stats=stats,
+                                     progress=False)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  np.testing.assert_allclose([r.rel_error for r in rep_a], [r.rel_error for r in rep_b], rtol=1e-6)
+  with pytest.raises(ValueError, match='true_sequential'):
+    pipeline.compress_model(params, cfg, calib, rules, precomputed_stats=stats, true_sequential=True,
+                            progress=False)

@@ -141,13 +141,14 @@ _REF_CASES = [
     ('0.7', 40, None, _SMALL),  # 40 * 0.7 is not an integer (counts telescope); in = 96 padded to 120
     ('0.5', 128, None, _LARGE),
     ('2:4', 128, None, _LARGE),
-    ('4:8', 32, None, _SMALL),
+    ('4:8', 24, None, _SMALL),  # 24 = one sub-block of 16 + a remainder of 8
+    ('1:4', 8, None, _SMALL),   # a block smaller than a sub-block
     ('2:4', 40, QuantSpec(bits=3, group_size=48), _SMALL),  # groups start inside / straddle blocks
 ]
 
 
 @pytest.mark.parametrize('pattern, block_size, quant, problem', _REF_CASES,
-                         ids=['0.7-b40', '0.5-b128', '2:4-b128', '4:8-b32', '2:4-b40-w3g48'])
+                         ids=['0.7-b40', '0.5-b128', '2:4-b128', '4:8-b24', '1:4-b8', '2:4-b40-w3g48'])
 def test_matches_reference_port(pattern, block_size, quant, problem):
   _, w, h = _problem(**problem)
   n_in = problem['n_in']
@@ -198,7 +199,7 @@ def test_sparsegpt_beats_wanda_beats_magnitude(pattern, seed):
 
 
 @pytest.mark.parametrize('pattern, n, m, block_size, problem', [
-    ('2:4', 2, 4, 128, _LARGE), ('4:8', 4, 8, 32, _SMALL)], ids=['2:4', '4:8'])
+    ('2:4', 2, 4, 128, _LARGE), ('4:8', 4, 8, 24, _SMALL)], ids=['2:4', '4:8'])
 def test_nm_holds_for_all_methods(pattern, n, m, block_size, problem):
   _, w, h = _problem(**problem)
   spec = PruneSpec.parse(pattern)
