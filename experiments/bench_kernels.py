@@ -73,31 +73,6 @@ LLAMA3_8B = ModelConfig(model_type='llama', vocab_size=128256, hidden_size=4096,
                         head_dim=128, rope_theta=500000.0, rms_norm_eps=1e-5,
                         max_position_embeddings=8192)
 
-_OUT_DIR = flags.DEFINE_string('out_dir', None, 'Directory for results.json and table.md.')
-_QUICK = flags.DEFINE_bool('quick', False, 'Tiny shapes, interpret mode on CPU: a smoke run.')
-_SECTIONS = flags.DEFINE_list('sections', ['kernels', 'e2e'], 'kernels and/or e2e.')
-_SHAPES = flags.DEFINE_list('shapes', [f'{k}x{n}' for k, n in LLAMA_SHAPES],
-                            'INxOUT weights (--quick: 256x192 unless given).')
-_MS = flags.DEFINE_list('ms', [str(m) for m in MS],
-                        'Activation rows (tokens) per call (--quick: 1,17 unless given).')
-_FORMATS = flags.DEFINE_list('formats', list(FORMATS), f'Weight formats: {sorted(FORMATS)} '
-                             f'(--quick: {",".join(QUICK_FORMATS)} unless given).')
-_WITH_XLA = flags.DEFINE_bool('with_xla', False, "Also time the 'xla' reference on each leaf.")
-_SWEEP = flags.DEFINE_bool('sweep', False, 'Also try a grid of BlockSizes per point (w4g128).')
-_E2E_MODELS = flags.DEFINE_list('e2e_models', ['smollm2-135m', 'llama3-8b-random'],
-                                'Models for decode tokens/s (--quick: tiny-llama unless given).')
-_E2E_LAYERS = flags.DEFINE_integer('e2e_layers', None, 'Override the layer count of the random '
-                                   'Llama-3-8B-shaped model (memory/time).')
-_BATCH = flags.DEFINE_integer('batch', 1, 'Decode batch size.')
-_PROMPT = flags.DEFINE_integer('prompt_len', 16, 'Prompt tokens before decoding.')
-_NEW_TOKENS = flags.DEFINE_integer('new_tokens', 64, 'Decoded tokens per timed generation.')
-_TRIALS = flags.DEFINE_integer('trials', 5, 'Timing trials (median reported).')
-_TARGET_MS = flags.DEFINE_float('target_ms', 50.0, 'Minimum duration of one timing trial.')
-_ROTATE_MB = flags.DEFINE_float('rotate_mb', 4 * L2_BYTES_H100 / 2 ** 20,
-                                'Distinct weight copies per timed call add up to this much.')
-_COPY_MB = flags.DEFINE_float('copy_mb', 1024.0, 'Size of the bandwidth-probe copy.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Random seed.')
-flags.mark_flags_as_required(['out_dir'])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,19 +549,53 @@ def run(*, out_dir: str | None = None, quick: bool = False,
   return results
 
 
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this script's flags (only when run as a script, so modules import side-effect free)."""
+  flags.DEFINE_string('out_dir', None, 'Directory for results.json and table.md.')
+  flags.DEFINE_bool('quick', False, 'Tiny shapes, interpret mode on CPU: a smoke run.')
+  flags.DEFINE_list('sections', ['kernels', 'e2e'], 'kernels and/or e2e.')
+  flags.DEFINE_list('shapes', [f'{k}x{n}' for k, n in LLAMA_SHAPES],
+                              'INxOUT weights (--quick: 256x192 unless given).')
+  flags.DEFINE_list('ms', [str(m) for m in MS],
+                          'Activation rows (tokens) per call (--quick: 1,17 unless given).')
+  flags.DEFINE_list('formats', list(FORMATS), f'Weight formats: {sorted(FORMATS)} '
+                               f'(--quick: {",".join(QUICK_FORMATS)} unless given).')
+  flags.DEFINE_bool('with_xla', False, "Also time the 'xla' reference on each leaf.")
+  flags.DEFINE_bool('sweep', False, 'Also try a grid of BlockSizes per point (w4g128).')
+  flags.DEFINE_list('e2e_models', ['smollm2-135m', 'llama3-8b-random'],
+                                  'Models for decode tokens/s (--quick: tiny-llama unless given).')
+  flags.DEFINE_integer('e2e_layers', None, 'Override the layer count of the random '
+                                     'Llama-3-8B-shaped model (memory/time).')
+  flags.DEFINE_integer('batch', 1, 'Decode batch size.')
+  flags.DEFINE_integer('prompt_len', 16, 'Prompt tokens before decoding.')
+  flags.DEFINE_integer('new_tokens', 64, 'Decoded tokens per timed generation.')
+  flags.DEFINE_integer('trials', 5, 'Timing trials (median reported).')
+  flags.DEFINE_float('target_ms', 50.0, 'Minimum duration of one timing trial.')
+  flags.DEFINE_float('rotate_mb', 4 * L2_BYTES_H100 / 2 ** 20,
+                                  'Distinct weight copies per timed call add up to this much.')
+  flags.DEFINE_float('copy_mb', 1024.0, 'Size of the bandwidth-probe copy.')
+  flags.DEFINE_integer('seed', 0, 'Random seed.')
+
+
 def main(argv):
   del argv
-  given = lambda f: f.value if flags.FLAGS[f.name].present else None  # else run()'s default
-  shapes, ms = given(_SHAPES), given(_MS)
-  run(out_dir=_OUT_DIR.value, quick=_QUICK.value, sections=_SECTIONS.value,
+  if not FLAGS.out_dir:
+    raise app.UsageError('--out_dir is required')
+  given = lambda name: FLAGS[name].value if FLAGS[name].present else None  # else run()'s default
+  shapes, ms = given('shapes'), given('ms')
+  run(out_dir=FLAGS.out_dir, quick=FLAGS.quick, sections=FLAGS.sections,
       shapes=None if shapes is None else parse_shapes(shapes),
-      ms=None if ms is None else [int(m) for m in ms], fmts=given(_FORMATS),
-      with_xla=_WITH_XLA.value, sweep=_SWEEP.value, e2e_models=given(_E2E_MODELS),
-      e2e_layers=_E2E_LAYERS.value, batch=_BATCH.value, prompt_len=_PROMPT.value,
-      new_tokens=_NEW_TOKENS.value, trials=_TRIALS.value, target_ms=_TARGET_MS.value,
-      rotate_mb=_ROTATE_MB.value, copy_mb=_COPY_MB.value, seed=_SEED.value,
+      ms=None if ms is None else [int(m) for m in ms], fmts=given('formats'),
+      with_xla=FLAGS.with_xla, sweep=FLAGS.sweep, e2e_models=given('e2e_models'),
+      e2e_layers=FLAGS.e2e_layers, batch=FLAGS.batch, prompt_len=FLAGS.prompt_len,
+      new_tokens=FLAGS.new_tokens, trials=FLAGS.trials, target_ms=FLAGS.target_ms,
+      rotate_mb=FLAGS.rotate_mb, copy_mb=FLAGS.copy_mb, seed=FLAGS.seed,
       flag_values=common.flag_values(flags.FLAGS))
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -14,8 +14,9 @@ Published reference points (Llama-2-7B, WikiText-2, seqlen 4096 for Wanda's tabl
 magnitude 50% 14.89, Wanda 50% 6.42, SparseGPT 50% 6.51; 2:4: magnitude 54.4, Wanda 11.02,
 SparseGPT 10.17 (Sun et al. 2023, Table 3). A 135M model is far more fragile than a 7B one, so
 expect much larger relative degradation here; the ordering is what carries over. Note that the
-released SmolLM2 weights are Q4_1 (4-bit, group 32, asymmetric), so 4-bit RTN at group 128 is not
-lossless but close, and 3-bit/2-bit are where methods separate.
+released SmolLM2 weights are Q4_1 (4-bit, group 32, asymmetric), so 4-bit RTN at group 64 is not
+lossless but close, and 3-bit/2-bit are where methods separate. Groups are 64 where papers use 128:
+SmolLM2's hidden size 576 is not a multiple of 128.
 """
 
 from __future__ import annotations
@@ -46,15 +47,15 @@ METHODS: dict[str, dict[str, Any]] = {
     'magnitude 2:4': dict(prune='magnitude', sparsity='2:4'),
     'wanda 2:4': dict(prune='wanda', sparsity='2:4'),
     'sparsegpt 2:4': dict(prune='sparsegpt', sparsity='2:4'),
-    'rtn w4g128': dict(quant='rtn', bits=4, group_size=128),
-    'gptq w4g128': dict(quant='gptq', bits=4, group_size=128),
-    'rtn w3g128': dict(quant='rtn', bits=3, group_size=128),
-    'gptq w3g128': dict(quant='gptq', bits=3, group_size=128),
+    'rtn w4g64': dict(quant='rtn', bits=4, group_size=64),
+    'gptq w4g64': dict(quant='gptq', bits=4, group_size=64),
+    'rtn w3g64': dict(quant='rtn', bits=3, group_size=64),
+    'gptq w3g64': dict(quant='gptq', bits=3, group_size=64),
     'rtn w2g64': dict(quant='rtn', bits=2, group_size=64),
     'gptq w2g64': dict(quant='gptq', bits=2, group_size=64),
-    'sparsegpt 2:4 + gptq w4g128': dict(prune='sparsegpt', sparsity='2:4', quant='gptq', bits=4,
-                                         group_size=128),
-    'awq w3g128': dict(quant='awq', bits=3, group_size=128),
+    'sparsegpt 2:4 + gptq w4g64': dict(prune='sparsegpt', sparsity='2:4', quant='gptq', bits=4,
+                                        group_size=64),
+    'awq w3g64': dict(quant='awq', bits=3, group_size=64),
 }
 
 

@@ -7,8 +7,8 @@ calibration domain of the eigenspace.
 Expect ~1.5 h on 2 CPU cores for all sections (``--sections`` picks some; the compensated models
 are cached under ``OUT_DIR/models``). Sections:
 
-* ``tables`` (EoRA Tables 1-3): rows SparseGPT 2:4, Wanda 2:4, GPTQ w3g128, SparseGPT 2:4 + GPTQ
-  w4g128; columns none / SVD / EoRA at ``--rank``; ppl on python-docs and shakespeare test, KL and
+* ``tables`` (EoRA Tables 1-3): rows SparseGPT 2:4, Wanda 2:4, GPTQ w3g64, SparseGPT 2:4 + GPTQ
+  w4g64; columns none / SVD / EoRA at ``--rank``; ppl on python-docs and shakespeare test, KL and
   top-1 to the dense model, probe accuracy.
 * ``rank_sweep`` (EoRA Fig. 3): ranks 8..256, SVD vs EoRA, one PNG per compression. One
   compensation pass at the largest rank serves every rank: SVD and EoRA factors are ordered by
@@ -42,9 +42,9 @@ from recover import compensate
 ROWS: dict[str, dict[str, Any]] = {
     'sparsegpt 2:4': dict(prune='sparsegpt', sparsity='2:4'),
     'wanda 2:4': dict(prune='wanda', sparsity='2:4'),
-    'gptq w3g128': dict(quant='gptq', bits=3, group_size=128),
-    'sparsegpt 2:4 + gptq w4g128': dict(prune='sparsegpt', sparsity='2:4', quant='gptq', bits=4,
-                                         group_size=128),
+    'gptq w3g64': dict(quant='gptq', bits=3, group_size=64),
+    'sparsegpt 2:4 + gptq w4g64': dict(prune='sparsegpt', sparsity='2:4', quant='gptq', bits=4,
+                                        group_size=64),
 }
 SECTIONS = ('tables', 'rank_sweep', 'adapter_bits', 'calib_domain')
 FLAGS = flags.FLAGS
@@ -196,7 +196,7 @@ def define_flags() -> None:
   flags.DEFINE_list('rows', list(ROWS), 'Compressions (keys of ROWS).')
   flags.DEFINE_integer('rank', 64, 'Rank of the tables section.')
   flags.DEFINE_list('ranks', ['8', '16', '32', '64', '128', '256'], 'Ranks of the sweep.')
-  flags.DEFINE_list('sweep_rows', ['gptq w3g128', 'sparsegpt 2:4'], 'Compressions of the sweep.')
+  flags.DEFINE_list('sweep_rows', ['gptq w3g64', 'sparsegpt 2:4'], 'Compressions of the sweep.')
   flags.DEFINE_list('bits_ranks', ['16', '64'], 'Ranks of the adapter-bits section.')
   flags.DEFINE_integer('calib_samples', 32, 'Calibration sequences.')
   flags.DEFINE_integer('eval_windows', 40, 'Windows per corpus (tables, calib_domain).')

@@ -4,7 +4,7 @@ r"""SRR rank budgets: preserve-then-quantize vs quantize-then-compensate (SVD, E
 
 Expect ~15 min on 2 CPU cores. For a subset of blocks (``--blocks``) the dense model's calibration
 statistics are collected once (python-docs train, 32 x 512); then every linear of those blocks is
-quantized (RTN, 3-bit g128 and 2-bit g64) and compensated with a rank budget r in {16, 32, 64,
+quantized (RTN, 3-bit g64 and 2-bit g64) and compensated with a rank budget r in {16, 32, 64,
 128} by: plain SVD of the error (ZeroQuant-V2), EoRA, and SRR (top-k directions of the
 activation-scaled weight preserved, the residual quantized, the remaining r - k ranks spent on
 EoRA of the residual's error). The metric is the objective all three address, the relative output
@@ -38,7 +38,7 @@ from models import llama, loading
 from recover import lowrank
 
 FLAGS = flags.FLAGS
-SETTINGS = {'w3g128': QuantSpec(bits=3, group_size=128), 'w2g64': QuantSpec(bits=2, group_size=64)}
+SETTINGS = {'w3g64': QuantSpec(bits=3, group_size=64), 'w2g64': QuantSpec(bits=2, group_size=64)}
 
 
 def _rel(w, w_total, h) -> float:
@@ -46,7 +46,7 @@ def _rel(w, w_total, h) -> float:
 
 
 def run(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
-        ranks: Sequence[int] = (16, 32, 64, 128), settings: Sequence[str] = ('w3g128', 'w2g64'),
+        ranks: Sequence[int] = (16, 32, 64, 128), settings: Sequence[str] = ('w3g64', 'w2g64'),
         k_sweep_rank: int = 64, k_fractions: Sequence[float] = (0.0, 0.125, 0.25, 0.5, 0.75),
         model: str = 'smollm2-135m', calib_samples: int = 32, calib_seqlen: int = 512
         ) -> dict[str, Any]:
