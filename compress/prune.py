@@ -2,8 +2,8 @@
 
 Wanda: Sun, Liu, Bair, Kolter, "A Simple and Effective Pruning Approach for Large Language Models"
 (2023), https://arxiv.org/abs/2306.11695. Reference implementation followed: locuslab/wanda
-``lib/prune.py`` (``prune_wanda``): the score of weight ``(i, j)`` is ``|W_ij| * ||X_:,i||_2``; scores
-are compared within each output unit; unstructured pruning removes the first
+``lib/prune.py`` (``prune_wanda``): the score of weight ``(i, j)`` is ``|W_ij| * ||X_:,i||_2``;
+scores are compared within each output unit; unstructured pruning removes the first
 ``int(in * sparsity)`` entries of a stable ascending sort of each output unit's scores (an exact
 count, not a threshold), and N:M removes the ``m - n`` lowest scores in every group of ``m``
 consecutive input weights.
@@ -62,8 +62,8 @@ class PruneSpec:
       object.__setattr__(self, 'sparsity', float(self.sparsity))
       return
     if not 0 < self.n < self.m:
-      raise ValueError(f'N:M pattern {self.n}:{self.m} needs 0 < n < m (n weights kept out of every '
-                       f'm), got n={self.n}, m={self.m}.')
+      raise ValueError(f'N:M pattern {self.n}:{self.m} needs 0 < n < m (n weights kept out of '
+                       f'every m), got n={self.n}, m={self.m}.')
     derived = 1.0 - self.n / self.m
     if self.sparsity != _DEFAULT_SPARSITY and abs(self.sparsity - derived) > 1e-12:
       raise ValueError(f'PruneSpec sparsity={self.sparsity!r} conflicts with the {self.n}:{self.m} '
@@ -177,8 +177,8 @@ def mask_from_scores(scores: jax.Array, spec: PruneSpec) -> jax.Array:
   """Keep-mask from importance scores, compared within each output unit.
 
   Unstructured: each output unit (column) loses exactly ``int(in * sparsity)`` weights, the lowest
-  scores (stable sort, as the Wanda reference). N:M: in every group of ``m`` consecutive input weights
-  of each output unit the ``m - n`` lowest scores are pruned.
+  scores (stable sort, as the Wanda reference). N:M: in every group of ``m`` consecutive input
+  weights of each output unit the ``m - n`` lowest scores are pruned.
 
   Args:
     scores: float ``[in, out]``; higher = more important.
@@ -204,7 +204,7 @@ def magnitude_mask(w: jax.Array, spec: PruneSpec) -> jax.Array:
 
 
 def wanda_scores(w: jax.Array, hessian: jax.Array) -> jax.Array:
-  """Wanda scores ``|W_ij| * sqrt(H_ii)`` (``sqrt(H_ii) = ||X_:,i||``). ``[in, out]``, ``[in, in]``."""
+  """Wanda scores ``|W_ij| * sqrt(H_ii) = |W_ij| * ||X_:,i||``. w ``[in, out]``, H ``[in, in]``."""
   norms = jnp.sqrt(jnp.maximum(jnp.diagonal(jnp.asarray(hessian, jnp.float32)), 0.0))  # [in]
   return jnp.abs(jnp.asarray(w, jnp.float32)) * norms[:, None]
 
@@ -221,8 +221,8 @@ def wanda_mask(w: jax.Array, hessian: jax.Array, spec: PruneSpec) -> jax.Array:
     bool ``[in, out]``, True = kept.
   """
   if tuple(hessian.shape) != (w.shape[0], w.shape[0]):
-    raise ValueError(f'hessian shape {tuple(hessian.shape)} does not match the input dimension of the '
-                     f'weight {w.shape}.')
+    raise ValueError(f'hessian shape {tuple(hessian.shape)} does not match the input dimension '
+                     f'of the weight {w.shape}.')
   return mask_from_scores(wanda_scores(w, hessian), spec)
 
 

@@ -1,7 +1,7 @@
 """SparseGPT: one-shot pruning with OBS weight updates, optionally joint with quantization.
 
-Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot" (2023),
-https://arxiv.org/abs/2301.00774. Reference implementation followed: IST-DASLab/sparsegpt
+Frantar & Alistarh, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot"
+(2023), https://arxiv.org/abs/2301.00774. Reference implementation followed: IST-DASLab/sparsegpt
 ``sparsegpt.py`` (``SparseGPT.fasterprune``), with GPTQ's per-group quantizer refresh
 (IST-DASLab/gptq ``gptq.py fasterquant``) for the joint mode.
 
@@ -41,7 +41,8 @@ set to zero, which only drops pruned weights from the range. GPTQ reads
 ``W[:, i1 + i:i1 + i + groupsize]``, where the current block's columns are still as they were at the
 block start; here they include the block's updates so far (the same whenever ``block_size`` divides
 ``group_size``). With ``group_size=-1`` one set per output unit is computed at column 0 (the
-SparseGPT reference computes it on the whole unpruned ``W``; here block 0's pruned entries are zero).
+SparseGPT reference computes it on the whole unpruned ``W``; here block 0's pruned entries are
+zero).
 
 Implementation: blocks run in a ``lax.fori_loop`` (compile time independent of the input size),
 inside a block the columns run in sub-blocks of 16 (see ``_process_columns``), and everything is
@@ -75,7 +76,8 @@ def _upper_cholesky_of_inverse(H: jax.Array) -> jax.Array:
   return jnp.triu(U)
 
 
-def inverse_hessian_factor(hessian: jax.Array, percdamp: float = 0.01) -> tuple[jax.Array, jax.Array]:
+def inverse_hessian_factor(hessian: jax.Array,
+                           percdamp: float = 0.01) -> tuple[jax.Array, jax.Array]:
   """The reference's ``Hinv`` and the dead-input mask.
 
   Args:
@@ -328,7 +330,8 @@ def sparsegpt(w: jax.Array, hessian: jax.Array, spec: PruneSpec, *, block_size: 
       returned weight lies on that grid; :func:`sparsegpt_quant` returns it packed.
 
   Returns:
-    ``(w_pruned [in, out] float32 with exact zeros where pruned, mask bool [in, out], True = kept)``.
+    ``(w_pruned [in, out] float32 with exact zeros where pruned, mask bool [in, out])``;
+    mask True = kept.
   """
   Q, pruned, _, _ = _fasterprune(w, hessian, spec, block_size, percdamp, quant)
   return Q.T, ~pruned.T
@@ -343,7 +346,8 @@ def sparsegpt_quant(w: jax.Array, hessian: jax.Array, spec: PruneSpec, quant: Qu
     w: ``[in, out]`` weight.
     hessian: ``[in, in]`` ``X^T X``.
     spec: sparsity pattern (see :func:`sparsegpt`).
-    quant: quantization grid; its group size must divide ``in`` (and be a multiple of ``m`` for N:M).
+    quant: quantization grid; its group size must divide ``in`` (and be a multiple of ``m`` for
+      N:M).
     block_size: input columns per block.
     percdamp: dampening fraction.
 

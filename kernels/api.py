@@ -17,6 +17,7 @@ than ``DISPATCH_MAX_M`` activation rows). Pallas kernels run on the CPU only in 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -141,30 +142,26 @@ def _rows(x) -> int:
   return m
 
 
-def _register_kernels() -> None:
-  try:
-    from kernels import lowbit_pallas  # pylint: disable=g-import-not-at-top
-  except ImportError:  # a jax without Pallas/Triton support: the reference serves everything
-    lowbit_pallas = None
-  if lowbit_pallas is not None:
-    def pallas_lowbit(x, w):
-      if _rows(x) > lowbit_pallas.DISPATCH_MAX_M:
-        raise NotImplementedError(f'pallas_lowbit: M={_rows(x)} > DISPATCH_MAX_M='
-                                  f'{lowbit_pallas.DISPATCH_MAX_M}; the reference is faster.')
-      return lowbit_pallas.linear(x, w, interpret=_interpret_flag('pallas_lowbit'))
-    IMPLEMENTATIONS['pallas_lowbit'] = pallas_lowbit
+def _kernel_implementation(name: str, module) -> Callable:
+  """``name``'s entry: ``module.linear`` in the right mode, declining above
+  ``module.DISPATCH_MAX_M`` activation rows (read at call time)."""
+  def implementation(x, w):
+    if _rows(x) > module.DISPATCH_MAX_M:
+      raise NotImplementedError(f'{name}: M={_rows(x)} > DISPATCH_MAX_M='
+                                f'{module.DISPATCH_MAX_M}; the reference is faster.')
+    return module.linear(x, w, interpret=_interpret_flag(name))
+  implementation.__name__ = implementation.__qualname__ = name
+  return implementation
 
-  try:
-    from kernels import sparse24_pallas  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    sparse24_pallas = None
-  if sparse24_pallas is not None:
-    def pallas_sparse24(x, w):
-      if _rows(x) > sparse24_pallas.DISPATCH_MAX_M:
-        raise NotImplementedError(f'pallas_sparse24: M={_rows(x)} > DISPATCH_MAX_M='
-                                  f'{sparse24_pallas.DISPATCH_MAX_M}; the reference is faster.')
-      return sparse24_pallas.linear(x, w, interpret=_interpret_flag('pallas_sparse24'))
-    IMPLEMENTATIONS['pallas_sparse24'] = pallas_sparse24
+
+def _register_kernels() -> None:
+  for name, module_name in (('pallas_lowbit', 'kernels.lowbit_pallas'),
+                            ('pallas_sparse24', 'kernels.sparse24_pallas')):
+    try:
+      module = importlib.import_module(module_name)
+    except ImportError:  # a jax without Pallas/Triton support: the reference serves everything
+      continue
+    IMPLEMENTATIONS[name] = _kernel_implementation(name, module)
 
 
 _register_kernels()

@@ -1,4 +1,5 @@
-"""Pieces shared by the Pallas matmul kernels: tile sizes, masked tile loads, in-register unpacking.
+"""Pieces shared by the Pallas matmul kernels: tile sizes, masked tile loads, in-register unpacking,
+and the call plumbing (support checks, operands and ``BlockSpec``s, launch, the ``linear`` wrapper).
 
 The kernels are written for the Pallas *Triton* lowering (``jax.experimental.pallas.triton``, the
 GPU backend that ``pl.pallas_call`` uses by default in jax 0.10 and that jax 0.11 keeps, deprecated,
@@ -21,16 +22,33 @@ to ``[wr, 32 / bits, bn]`` and a reshape to ``[wr * 32 / bits, bn]``. For 3 bits
 lives in 3 words and two values straddle words, so the three word planes of a run are loaded
 separately (the packed array is viewed, for free, as ``[runs, 3, out]``) and each of the 32 slots
 selects its word, shift and spill bits from tables built with ``iota``.
+
+Entry points: each kernel module has ``<kernel>_matmul(x, w, adapter=None, *, block=None,
+interpret=False)`` (jitted, ``block`` and ``interpret`` static) with
+
+* ``adapter``: an optional float :class:`kernels.formats.LowRank` pair ``a [in, r]``, ``b [r, out]``
+  whose term ``(x @ a) @ b`` is added in the kernel's epilogue (:func:`launch`);
+* ``block``: the tile sizes (:class:`BlockSizes`), default :meth:`BlockSizes.for_shape`;
+* ``interpret``: run the kernel in Pallas interpret mode (the CPU tests);
+
+and ``linear(x, w, *, block=None, interpret=False)`` for :func:`kernels.linear`
+(:func:`linear_with_adapter`); ``check_supported`` is :func:`check_supported` with the format's
+checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
+
+from kernels import formats
+from kernels import reference
 
 # Triton's dot needs every operand dimension >= 16.
 MIN_DOT = 16
@@ -38,6 +56,8 @@ MIN_DOT = 16
 _TARGET_SMS = 132
 # The elementwise (no-MMA) GEMV path keeps one partial product per activation row in registers.
 MAX_GEMV_ROWS = 4
+# Activation dtypes the kernels take.
+ACT_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def next_pow2(n: int) -> int:
@@ -307,6 +327,39 @@ def store(o_ref, acc, tile: Tile):
   plt.store(o_ref, acc.astype(o_ref.dtype), mask=ok)
 
 
+def group_scale_zero(s_ref, z_ref, row, glen: int, num_groups: int, col_ok: jax.Array):
+  """Scale (float32) and zero point (int32), each ``[1, bn]``, of the contiguous quantization group
+  (``glen`` rows) that holds row ``row`` of the quantized array."""
+  gi = jnp.minimum(div(row, glen), num_groups - 1)
+  scale = load_row(s_ref, gi, col_ok).astype(jnp.float32)
+  zero = load_row(z_ref, gi, col_ok).astype(jnp.int32)
+  return scale, zero
+
+
+def reduce_and_store(step: Callable, tile: Tile, tail_refs, *, steps: int, splits: int, rank: int,
+                     gemv: bool, dtype) -> None:
+  """Runs this program's K loop, adds the adapter term and stores the output tile.
+
+  Args:
+    step: ``acc = step(t, acc)`` for K step ``t`` of the program, ``acc`` ``[bm, bn]`` float32.
+    tile: the program's tile.
+    tail_refs: the refs after the weight's: ``[xa_ref, b_ref, o_ref]`` with an adapter (``rank >
+      0``), else ``[o_ref]``.
+    steps, splits, rank, gemv, dtype: as passed to the kernel by :func:`launch`.
+  """
+  *adapter_refs, o_ref = tail_refs
+  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tile.bm, tile.bn), jnp.float32))
+  if rank:
+    xa_ref, b_ref = adapter_refs
+    epilogue = functools.partial(adapter_epilogue, xa_ref=xa_ref, b_ref=b_ref, tile=tile,
+                                 rank=rank, gemv=gemv, dtype=dtype)
+    if splits == 1:
+      acc = epilogue(acc)
+    else:  # the adapter term is added once, by the first K split
+      acc = jax.lax.cond(pl.program_id(2) == 0, epilogue, lambda a: a, acc)
+  store(o_ref, acc, tile)
+
+
 def k_plan(k: int, block_k: int, sub: int, split_k: int) -> tuple[int, int, int]:
   """``(bk, steps, splits)``: rows per K step, steps per program, programs along K.
 
@@ -325,3 +378,223 @@ def flatten_rows(x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
   """``[..., in]`` -> ``[M, in]`` and the leading shape."""
   lead = x.shape[:-1]
   return x.reshape(-1, x.shape[-1]), lead
+
+
+def sub_tile(k: int, block_k: int, unit: int, group_rows: int | None = None,
+             error: str = '') -> int:
+  """Rows per dot: ``block_k`` shrunk to the problem (never below ``unit``) and, with
+  ``group_rows``, to its largest power-of-two divisor, so that a dot never crosses a group.
+
+  Raises ``NotImplementedError(error)`` if a group of ``group_rows`` rows does not hold a whole
+  ``unit``.
+  """
+  cap = max(unit, min(block_k, next_pow2(k)))
+  if group_rows is None:
+    return cap
+  sub = min(cap, largest_pow2_divisor(group_rows))
+  if sub < unit:
+    raise NotImplementedError(error)
+  return sub
+
+
+# ---------------------------------------------------------------------------------------------
+# Call plumbing shared by the kernels' public functions.
+
+
+def is_quantized_adapter(adapter: formats.LowRank) -> bool:
+  return (isinstance(adapter.a, formats.QuantizedWeight)
+          or isinstance(adapter.b, formats.QuantizedWeight))
+
+
+def split_leaf(w, leaf_type: type, name: str):
+  """``(weight, adapter)`` of a ``leaf_type`` leaf or a :class:`CompressedLinear` holding one (no
+  mask); raises ``NotImplementedError`` naming the implementation ``name`` otherwise."""
+  if isinstance(w, formats.CompressedLinear):
+    if w.mask is not None:
+      raise NotImplementedError(f'{name}: a CompressedLinear with an unstructured mask is '
+                                'left to the reference implementation.')
+    if not isinstance(w.weight, leaf_type):
+      raise NotImplementedError(f'{name}: weight is a {type(w.weight).__name__}, not a '
+                                f'{leaf_type.__name__}.')
+    return w.weight, w.adapter
+  if isinstance(w, leaf_type):
+    return w, None
+  raise NotImplementedError(
+      f'{name} handles {leaf_type.__name__} leaves, got {type(w).__name__}.')
+
+
+def check_supported(x, w, block: BlockSizes | None, *, leaf_type: type, name: str,
+                    weight_desc: Callable[[int], str], sub_tile_fn: Callable,
+                    check_weight: Callable | None = None) -> BlockSizes:
+  """The support check of a kernel, from shapes and static fields only.
+
+  Raises ``NotImplementedError`` (with ``name``) for what the kernel declines and ``ValueError``
+  for inconsistent shapes.
+
+  Args:
+    x: activations or ``jax.ShapeDtypeStruct`` ``[..., in]``.
+    w: the weight leaf (arrays or ``ShapeDtypeStruct`` leaves): a ``leaf_type`` or a
+      :class:`CompressedLinear` holding one.
+    block: tile sizes; default :meth:`BlockSizes.for_shape`.
+    leaf_type: the weight type the kernel reads.
+    name: the implementation's name, for the messages.
+    weight_desc: ``in`` -> the weight as named when the activations do not match it.
+    sub_tile_fn: ``(weight, block) -> rows per dot``; raises for groups the kernel cannot tile.
+    check_weight: further checks of the weight (after the activations', before the adapter's).
+
+  Returns:
+    The tile sizes the kernel will use.
+  """
+  weight, adapter = split_leaf(w, leaf_type, name)
+  k, n = weight.shape
+  if x.dtype not in ACT_DTYPES:
+    raise NotImplementedError(f'{name} needs bf16 or f16 activations, got {x.dtype}.')
+  if len(x.shape) < 1 or x.shape[-1] != k:
+    raise ValueError(f'activations [..., {x.shape[-1] if x.shape else None}] do not match '
+                     f'{weight_desc(k)}.')
+  if check_weight is not None:
+    check_weight(weight)
+  if adapter is not None:
+    if is_quantized_adapter(adapter):
+      raise NotImplementedError(f'{name} fuses float LowRank adapters only.')
+    if adapter.a.shape[0] != k or adapter.b.shape[-1] != n:
+      raise ValueError(f'adapter a {adapter.a.shape} / b {adapter.b.shape} does not match the '
+                       f'weight {(k, n)}.')
+  m = 1
+  for d in x.shape[:-1]:
+    m *= d
+  if m == 0 or n == 0:
+    raise NotImplementedError(f'{name}: empty product.')
+  if block is None:
+    block = BlockSizes.for_shape(m, n, k)
+  sub_tile_fn(weight, block)
+  return block
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static layout of one kernel call (``[M, K] @ [K, N]``).
+
+  Attributes:
+    x2: the activations flattened to ``[M, K]``.
+    lead: the leading shape of the activations (``M`` rows in all).
+    n: output features.
+    block: the tile sizes.
+    sub: input rows per dot.
+    bk, steps, splits: as returned by :func:`k_plan`.
+  """
+  x2: jax.Array
+  lead: tuple[int, ...]
+  n: int
+  block: BlockSizes
+  sub: int
+  bk: int
+  steps: int
+  splits: int
+
+  @property
+  def m(self) -> int:
+    return self.x2.shape[0]
+
+  @property
+  def k(self) -> int:
+    return self.x2.shape[1]
+
+  @property
+  def bm(self) -> int:
+    return self.block.block_m
+
+  @property
+  def bn(self) -> int:
+    return self.block.block_n
+
+
+def plan(x: jax.Array, w, adapter: formats.LowRank | None, block: BlockSizes | None,
+         check_fn: Callable, sub_tile_fn: Callable) -> Plan:
+  """Checks the call and plans it: flattens ``x`` ``[..., K]``, picks the tiles and the K loop.
+
+  Args:
+    x: activations ``[..., K]``.
+    w: the weight ``[K, N]`` (the kernel's leaf type).
+    adapter: optional low-rank adapter.
+    block: tile sizes, or None for the default.
+    check_fn: the kernel's ``check_supported(x, leaf, block) -> BlockSizes``.
+    sub_tile_fn: ``(w, block) -> rows per dot``.
+
+  Returns:
+    The plan.
+  """
+  leaf = w if adapter is None else formats.CompressedLinear(weight=w, adapter=adapter)
+  block = check_fn(x, leaf, block)
+  sub = sub_tile_fn(w, block)
+  x2, lead = flatten_rows(x)
+  bk, steps, splits = k_plan(x2.shape[1], block.block_k, sub, block.split_k)
+  return Plan(x2=x2, lead=lead, n=w.shape[1], block=block, sub=sub, bk=bk, steps=steps,
+              splits=splits)
+
+
+def column_spec(rows: int, bn: int, planes: int | None = None) -> pl.BlockSpec:
+  """All ``rows`` of a ``[rows, N]`` (or ``[rows, planes, N]``) array, the program's ``bn``
+  columns."""
+  if planes is None:
+    return pl.BlockSpec((rows, bn), lambda i, j, s: (0, i))
+  return pl.BlockSpec((rows, planes, bn), lambda i, j, s: (0, 0, i))
+
+
+def quantized_operands(w: formats.QuantizedWeight, bn: int) -> tuple[list, list, dict]:
+  """The packed codes (:func:`packed_view`), scales and zeros of ``w``, their ``BlockSpec``s, and
+  the kernel's static parameters for them (``bits``, ``glen``, ``num_groups``, ``packed_rows``)."""
+  q = packed_view(w.qweight, w.bits)
+  groups = w.scales.shape[0]
+  specs = [column_spec(q.shape[0], bn, 3 if w.bits == 3 else None),
+           column_spec(groups, bn), column_spec(groups, bn)]
+  params = dict(bits=w.bits, glen=w.spec.group_len(w.in_features), num_groups=groups,
+                packed_rows=q.shape[0])
+  return [q, w.scales, w.zeros], specs, params
+
+
+def launch(kernel: Callable, p: Plan, operands: list, specs: list,
+           adapter: formats.LowRank | None, *, name: str, interpret: bool, **params) -> jax.Array:
+  """Runs ``kernel`` on the grid ``(cdiv(N, bn), cdiv(M, bm), splits)``; returns ``[..., N]``.
+
+  The kernel's refs are ``x [bm, K]``, then ``operands`` (the weight's, with ``specs``), then, with
+  an adapter, ``xa = x @ a`` ``[bm, r]`` and ``b [r, bn]``, then the output tile (float32 partial
+  sums ``[splits, M, N]`` when K is split, added here). Its static keywords are ``m, n, k, bk, sub,
+  steps, splits, rank, gemv, bm, bn, dtype`` and ``params``.
+  """
+  m, k, n, bm, bn = p.m, p.k, p.n, p.bm, p.bn
+  dtype = p.x2.dtype
+  operands = [p.x2, *operands]
+  specs = [pl.BlockSpec((bm, k), lambda i, j, s: (j, 0)), *specs]
+  rank = 0
+  if adapter is not None:
+    rank = adapter.a.shape[1]
+    xa = jnp.dot(p.x2, adapter.a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+    operands += [xa, adapter.b]
+    specs += [pl.BlockSpec((bm, rank), lambda i, j, s: (j, 0)), column_spec(rank, bn)]
+  if p.splits == 1:
+    out_shape = jax.ShapeDtypeStruct((m, n), dtype)
+    out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (j, i))
+  else:
+    out_shape = jax.ShapeDtypeStruct((p.splits, m, n), jnp.float32)
+    out_spec = pl.BlockSpec((pl.squeezed, bm, bn), lambda i, j, s: (s, j, i))
+  kernel = functools.partial(
+      kernel, m=m, n=n, k=k, bk=p.bk, sub=p.sub, steps=p.steps, splits=p.splits, rank=rank,
+      gemv=p.block.gemv, bm=bm, bn=bn, dtype=dtype, **params)
+  grid = (pl.cdiv(n, bn), pl.cdiv(m, bm), p.splits)
+  out = pl.pallas_call(
+      kernel, out_shape=out_shape, grid=grid, in_specs=specs, out_specs=out_spec,
+      compiler_params=compiler_params(p.block), interpret=interpret, name=name)(*operands)
+  if p.splits > 1:
+    out = out.sum(axis=0).astype(dtype)
+  return out.reshape(*p.lead, n)
+
+
+def linear_with_adapter(matmul: Callable, x: jax.Array, w, adapter: formats.LowRank | None, *,
+                        block: BlockSizes | None, interpret: bool) -> jax.Array:
+  """``matmul(x, w, adapter)`` with a float adapter fused; a quantized adapter runs through the
+  reference, outside the kernel."""
+  if adapter is not None and is_quantized_adapter(adapter):
+    y = matmul(x, w, block=block, interpret=interpret)
+    return y + reference.linear(reference.linear(x, adapter.a), adapter.b)
+  return matmul(x, w, adapter, block=block, interpret=interpret)

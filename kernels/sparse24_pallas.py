@@ -40,7 +40,6 @@ from jax.experimental.pallas import triton as plt
 
 from kernels import formats
 from kernels import pallas_common as pc
-from kernels import reference
 from kernels.pallas_common import BlockSizes
 
 __all__ = ['BlockSizes', 'DISPATCH_MAX_M', 'check_supported', 'linear', 'sparse24_matmul']
@@ -48,41 +47,34 @@ __all__ = ['BlockSizes', 'DISPATCH_MAX_M', 'check_supported', 'linear', 'sparse2
 # Above this many activation rows the default dispatch uses the jnp reference (see lowbit_pallas).
 DISPATCH_MAX_M = 1024
 
-_ACT_DTYPES = (jnp.bfloat16, jnp.float16)
+_NAME = 'pallas_sparse24'
 _VALUE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def _split(w) -> tuple[formats.Sparse24Weight, formats.LowRank | None]:
-  if isinstance(w, formats.CompressedLinear):
-    if w.mask is not None:
-      raise NotImplementedError('pallas_sparse24: a CompressedLinear with an unstructured mask is '
-                                'left to the reference implementation.')
-    if not isinstance(w.weight, formats.Sparse24Weight):
-      raise NotImplementedError(f'pallas_sparse24: weight is a {type(w.weight).__name__}, not a '
-                                'Sparse24Weight.')
-    return w.weight, w.adapter
-  if isinstance(w, formats.Sparse24Weight):
-    return w, None
-  raise NotImplementedError(
-      f'pallas_sparse24 handles Sparse24Weight leaves, got {type(w).__name__}.')
+def _check_weight(s: formats.Sparse24Weight) -> None:
+  k, n = s.shape
+  if s.indices.shape != (k // 2, n):
+    raise ValueError(f'indices {s.indices.shape} do not match values for a [{k}, {n}] weight.')
+  if k % 4:
+    raise NotImplementedError(f'pallas_sparse24 needs in % 4 == 0, got in={k}.')
+  if isinstance(s.values, formats.QuantizedWeight):
+    if s.values.g_idx is not None:
+      raise NotImplementedError('pallas_sparse24: act-order (g_idx) values are not supported.')
+  elif s.values.dtype not in _VALUE_DTYPES:
+    raise NotImplementedError(f'pallas_sparse24: values of dtype {s.values.dtype}.')
 
 
 def _sub_tile(s: formats.Sparse24Weight, block: BlockSizes) -> int:
   """Dense input rows per dot: a multiple of 4, whole packed words, inside one value group."""
-  k = s.shape[0]
   vals = s.values
-  unit = pc.MIN_DOT
-  if isinstance(vals, formats.QuantizedWeight):
-    unit = max(unit, 2 * pc.min_unpack_rows(vals.bits))
-  cap = max(unit, min(block.block_k, pc.next_pow2(k)))
-  if isinstance(vals, formats.QuantizedWeight) and vals.group_size != -1:
-    sub = min(cap, 2 * pc.largest_pow2_divisor(vals.group_size))
-    if sub < unit:
-      raise NotImplementedError(
-          f'2:4 values quantized to {vals.bits} bits with group_size={vals.group_size}: a group '
-          f'must hold a multiple of {unit // 2} compressed rows for this kernel.')
-    return sub
-  return cap
+  if not isinstance(vals, formats.QuantizedWeight):
+    return pc.sub_tile(s.shape[0], block.block_k, pc.MIN_DOT)
+  unit = max(pc.MIN_DOT, 2 * pc.min_unpack_rows(vals.bits))
+  group_rows = None if vals.group_size == -1 else 2 * vals.group_size
+  return pc.sub_tile(
+      s.shape[0], block.block_k, unit, group_rows,
+      f'2:4 values quantized to {vals.bits} bits with group_size={vals.group_size}: a group '
+      f'must hold a multiple of {unit // 2} compressed rows for this kernel.')
 
 
 def check_supported(x, w, block: BlockSizes | None = None) -> BlockSizes:
@@ -94,46 +86,11 @@ def check_supported(x, w, block: BlockSizes | None = None) -> BlockSizes:
   compressed rows, 16 for 2 bits, 32 for 3 bits); bf16/f16 activations; ``in`` a multiple of 4; any
   M and N.
 
-  Args:
-    x: activations or ``jax.ShapeDtypeStruct`` ``[..., in]``.
-    w: the weight leaf (arrays or ``ShapeDtypeStruct`` leaves).
-    block: tile sizes; default :meth:`BlockSizes.for_shape`.
-
-  Returns:
-    The tile sizes the kernel will use.
+  Arguments and result: see :func:`kernels.pallas_common.check_supported`.
   """
-  s, adapter = _split(w)
-  if x.dtype not in _ACT_DTYPES:
-    raise NotImplementedError(f'pallas_sparse24 needs bf16 or f16 activations, got {x.dtype}.')
-  k, n = s.shape
-  if len(x.shape) < 1 or x.shape[-1] != k:
-    raise ValueError(f'activations [..., {x.shape[-1] if x.shape else None}] do not match a 2:4 '
-                     f'weight with {k} input rows.')
-  if s.indices.shape != (k // 2, n):
-    raise ValueError(f'indices {s.indices.shape} do not match values for a [{k}, {n}] weight.')
-  if k % 4:
-    raise NotImplementedError(f'pallas_sparse24 needs in % 4 == 0, got in={k}.')
-  if isinstance(s.values, formats.QuantizedWeight):
-    if s.values.g_idx is not None:
-      raise NotImplementedError('pallas_sparse24: act-order (g_idx) values are not supported.')
-  elif s.values.dtype not in _VALUE_DTYPES:
-    raise NotImplementedError(f'pallas_sparse24: values of dtype {s.values.dtype}.')
-  if adapter is not None:
-    if (isinstance(adapter.a, formats.QuantizedWeight)
-        or isinstance(adapter.b, formats.QuantizedWeight)):
-      raise NotImplementedError('pallas_sparse24 fuses float LowRank adapters only.')
-    if adapter.a.shape[0] != k or adapter.b.shape[-1] != n:
-      raise ValueError(f'adapter a {adapter.a.shape} / b {adapter.b.shape} does not match the '
-                       f'weight {(k, n)}.')
-  m = 1
-  for d in x.shape[:-1]:
-    m *= d
-  if m == 0 or n == 0:
-    raise NotImplementedError('pallas_sparse24: empty product.')
-  if block is None:
-    block = BlockSizes.for_shape(m, n, k)
-  _sub_tile(s, block)
-  return block
+  return pc.check_supported(x, w, block, leaf_type=formats.Sparse24Weight, name=_NAME,
+                            weight_desc=lambda k: f'a 2:4 weight with {k} input rows',
+                            sub_tile_fn=_sub_tile, check_weight=_check_weight)
 
 
 def _kernel(*refs, m: int, n: int, k: int, bits: int | None, glen: int, num_groups: int,
@@ -143,8 +100,6 @@ def _kernel(*refs, m: int, n: int, k: int, bits: int | None, glen: int, num_grou
   x_ref, v_ref, *rest = refs
   s_ref, z_ref = (rest.pop(0), rest.pop(0)) if quant else (None, None)
   i_ref = rest.pop(0)
-  xa_ref, b_ref = (rest.pop(0), rest.pop(0)) if rank else (None, None)
-  (o_ref,) = rest
   tile = pc.make_tile(m, n, bm, bn)
   split_id = pl.program_id(2)
   ng = sub // 4  # groups of 4 input rows per sub-tile
@@ -160,9 +115,7 @@ def _kernel(*refs, m: int, n: int, k: int, bits: int | None, glen: int, num_grou
       scale = None
       if quant:
         c0 = pc.div(k0, 2)  # first compressed row
-        gi = jnp.minimum(pc.div(c0, glen), num_groups - 1)
-        scale = pc.load_row(s_ref, gi, tile.col_ok).astype(jnp.float32)  # [1, bn]
-        z = pc.load_row(z_ref, gi, tile.col_ok).astype(jnp.int32)
+        scale, z = pc.group_scale_zero(s_ref, z_ref, c0, glen, num_groups, tile.col_ok)  # [1, bn]
         v_e = pc.unpack_tile(v_ref, c0, sub // 2, bits, packed_rows, tile.col_ok, parity=0) - z
         v_o = pc.unpack_tile(v_ref, c0, sub // 2, bits, packed_rows, tile.col_ok, parity=1) - z
       else:
@@ -191,100 +144,40 @@ def _kernel(*refs, m: int, n: int, k: int, bits: int | None, glen: int, num_grou
                             scale=scale)
     return acc
 
-  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((bm, bn), jnp.float32))
-  if rank:
-    epilogue = functools.partial(pc.adapter_epilogue, xa_ref=xa_ref, b_ref=b_ref, tile=tile,
-                                 rank=rank, gemv=gemv, dtype=dtype)
-    if splits == 1:
-      acc = epilogue(acc)
-    else:
-      acc = jax.lax.cond(split_id == 0, epilogue, lambda a: a, acc)
-  pc.store(o_ref, acc, tile)
+  pc.reduce_and_store(step, tile, rest, steps=steps, splits=splits, rank=rank, gemv=gemv,
+                      dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=('block', 'interpret'))
 def sparse24_matmul(x: jax.Array, w: formats.Sparse24Weight,
                     adapter: formats.LowRank | None = None, *, block: BlockSizes | None = None,
                     interpret: bool = False) -> jax.Array:
-  """``x @ W (+ (x @ adapter.a) @ adapter.b)`` for a 2:4 weight, with the Pallas kernel.
+  """Returns ``x @ W (+ (x @ adapter.a) @ adapter.b)`` ``[..., out]`` in ``x.dtype``, W 2:4 sparse.
 
   Args:
     x: ``[..., in]`` bf16 or f16 activations.
     w: the 2:4 weight ``[in, out]`` (float or quantized values, uint8 indices).
-    adapter: optional float low-rank pair ``a [in, r]``, ``b [r, out]``, fused as an epilogue.
-    block: tile sizes (static); default :meth:`BlockSizes.for_shape`.
-    interpret: run the kernel in Pallas interpret mode (CPU tests).
-
-  Returns:
-    ``[..., out]`` in ``x.dtype``.
+    adapter, block, interpret: see "Entry points" in :mod:`kernels.pallas_common`.
   """
-  leaf = w if adapter is None else formats.CompressedLinear(weight=w, adapter=adapter)
-  block = check_supported(x, leaf, block)
-  x2, lead = pc.flatten_rows(x)
-  m, k = x2.shape
-  n = w.shape[1]
-  dtype = x.dtype
-  sub = _sub_tile(w, block)
-  bk, steps, splits = pc.k_plan(k, block.block_k, sub, block.split_k)
-  bm, bn = block.block_m, block.block_n
-  grid = (pl.cdiv(n, bn), pl.cdiv(m, bm), splits)
+  p = pc.plan(x, w, adapter, block, check_supported, _sub_tile)
+  k, n, bn = p.k, p.n, p.bn
   vals = w.values
-  quant = isinstance(vals, formats.QuantizedWeight)
-  idx = w.indices.reshape(k // 4, 2, n)  # free view: the two kept positions of each group
-
-  operands, specs = [x2], [pl.BlockSpec((bm, k), lambda i, j, s: (j, 0))]
-  if quant:
-    q = pc.packed_view(vals.qweight, vals.bits)
-    groups = vals.scales.shape[0]
-    operands += [q, vals.scales, vals.zeros]
-    specs += [
-        (pl.BlockSpec((q.shape[0], 3, bn), lambda i, j, s: (0, 0, i)) if vals.bits == 3 else
-         pl.BlockSpec((q.shape[0], bn), lambda i, j, s: (0, i))),
-        pl.BlockSpec((groups, bn), lambda i, j, s: (0, i)),
-        pl.BlockSpec((groups, bn), lambda i, j, s: (0, i)),
-    ]
-    bits, packed_rows = vals.bits, q.shape[0]
-    glen = k // 2 if vals.group_size == -1 else vals.group_size
+  if isinstance(vals, formats.QuantizedWeight):
+    operands, specs, params = pc.quantized_operands(vals, bn)
+    name = f'sparse24_w{vals.bits}_matmul'
   else:
-    groups, bits, glen, packed_rows = 1, None, k // 2, k // 4
-    operands.append(vals.reshape(k // 4, 2, n))
-    specs.append(pl.BlockSpec((k // 4, 2, bn), lambda i, j, s: (0, 0, i)))
-  operands.append(idx)
-  specs.append(pl.BlockSpec((k // 4, 2, bn), lambda i, j, s: (0, 0, i)))
-  rank = 0
-  if adapter is not None:
-    rank = adapter.a.shape[1]
-    xa = jnp.dot(x2, adapter.a.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-    operands += [xa, adapter.b]
-    specs += [pl.BlockSpec((bm, rank), lambda i, j, s: (j, 0)),
-              pl.BlockSpec((rank, bn), lambda i, j, s: (0, i))]
-  if splits == 1:
-    out_shape = jax.ShapeDtypeStruct((m, n), dtype)
-    out_spec = pl.BlockSpec((bm, bn), lambda i, j, s: (j, i))
-  else:
-    out_shape = jax.ShapeDtypeStruct((splits, m, n), jnp.float32)
-    out_spec = pl.BlockSpec((pl.squeezed, bm, bn), lambda i, j, s: (s, j, i))
-
-  kernel = functools.partial(
-      _kernel, m=m, n=n, k=k, bits=bits, glen=glen, num_groups=groups, packed_rows=packed_rows,
-      bk=bk, sub=sub, steps=steps, splits=splits, rank=rank, gemv=block.gemv, bm=bm, bn=bn,
-      dtype=dtype)
-  out = pl.pallas_call(
-      kernel, out_shape=out_shape, grid=grid, in_specs=specs, out_specs=out_spec,
-      compiler_params=pc.compiler_params(block), interpret=interpret,
-      name='sparse24_matmul' if not quant else f'sparse24_w{bits}_matmul')(*operands)
-  if splits > 1:
-    out = out.sum(axis=0).astype(dtype)
-  return out.reshape(*lead, n)
+    operands = [vals.reshape(k // 4, 2, n)]
+    specs = [pc.column_spec(k // 4, bn, 2)]
+    params = dict(bits=None, glen=k // 2, num_groups=1, packed_rows=k // 4)
+    name = 'sparse24_matmul'
+  operands.append(w.indices.reshape(k // 4, 2, n))  # free view: the kept positions of each group
+  specs.append(pc.column_spec(k // 4, bn, 2))
+  return pc.launch(_kernel, p, operands, specs, adapter, name=name, interpret=interpret, **params)
 
 
 def linear(x: jax.Array, w, *, block: BlockSizes | None = None,
            interpret: bool = False) -> jax.Array:
   """``kernels.linear`` for a :class:`Sparse24Weight` leaf or a :class:`CompressedLinear` holding
   one (float adapters fused; a quantized adapter runs through the reference, outside the kernel)."""
-  s, adapter = _split(w)
-  if adapter is not None and (isinstance(adapter.a, formats.QuantizedWeight)
-                              or isinstance(adapter.b, formats.QuantizedWeight)):
-    y = sparse24_matmul(x, s, block=block, interpret=interpret)
-    return y + reference.linear(reference.linear(x, adapter.a), adapter.b)
-  return sparse24_matmul(x, s, adapter, block=block, interpret=interpret)
+  s, adapter = pc.split_leaf(w, formats.Sparse24Weight, _NAME)
+  return pc.linear_with_adapter(sparse24_matmul, x, s, adapter, block=block, interpret=interpret)

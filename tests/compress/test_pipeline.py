@@ -16,7 +16,7 @@ from models import checkpoint, config as config_lib, llama
 
 @pytest.fixture(scope='module')
 def tiny():
-  cfg = config_lib.tiny_config(num_layers=3)
+  cfg = config_lib.tiny_config(num_layers=2)
   params = llama.init_params(cfg, jax.random.key(0), scale=0.1)
   calib = np.asarray(jax.random.randint(jax.random.key(1), (8, 32), 0, cfg.vocab_size))
   return cfg, params, calib
@@ -87,7 +87,7 @@ def test_propagated_inputs_differ_from_dense_inputs(tiny):
                                  progress=False)
   first = lambda p, i: formats.to_dense(p['layers'][i]['self_attn']['q_proj']['kernel'])
   np.testing.assert_array_equal(first(a, 0), first(b, 0))  # block 0 sees the same inputs
-  assert not np.array_equal(first(a, 2), first(b, 2))
+  assert not np.array_equal(first(a, 1), first(b, 1))
 
 
 def test_true_sequential_runs_and_differs(tiny):
@@ -105,7 +105,7 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
   rules = rules_lib.uniform(SGPT50_GPTQ4)
   full, rep_full = pipeline.compress_model(params, cfg, calib, rules, progress=False)
   ckpt = tmp_path / 'ckpt'
-  pipeline.compress_model(params, cfg, calib, rules, checkpoint_dir=str(ckpt), stop_after=2,
+  pipeline.compress_model(params, cfg, calib, rules, checkpoint_dir=str(ckpt), stop_after=1,
                           progress=False)
   resumed, rep_res = pipeline.compress_model(params, cfg, calib, rules, checkpoint_dir=str(ckpt),
                                              progress=False)

@@ -178,7 +178,8 @@ def test_wanda_differs_from_magnitude_with_uneven_inputs():
   """Guards the test above: with a non-uniform diagonal the masks must differ."""
   w, h = _weight(64), _hessian(64)
   spec = PruneSpec(sparsity=0.5)
-  assert (np.asarray(prune.wanda_mask(w, h, spec)) != np.asarray(prune.magnitude_mask(w, spec))).any()
+  wanda, magnitude = prune.wanda_mask(w, h, spec), prune.magnitude_mask(w, spec)
+  assert (np.asarray(wanda) != np.asarray(magnitude)).any()
 
 
 def test_wanda_and_magnitude_return_pruned_weights():

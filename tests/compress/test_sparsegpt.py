@@ -1,4 +1,4 @@
-"""Tests for compress/sparsegpt.py: faithfulness to the reference, sparsity patterns, layer error."""
+"""Tests for compress/sparsegpt.py: agreement with the reference, sparsity patterns, layer error."""
 
 import functools
 
@@ -138,7 +138,7 @@ _SMALL = dict(n_in=96, n_out=16, n_tokens=512, seed=3)
 _LARGE = dict(n_in=256, n_out=128, n_tokens=2048, seed=0)
 
 _REF_CASES = [
-    ('0.7', 40, None, _SMALL),  # 40 * 0.7 is not an integer (counts telescope); in = 96 padded to 120
+    ('0.7', 40, None, _SMALL),  # 40 * 0.7 is no integer (counts telescope); in = 96 padded to 120
     ('0.5', 128, None, _LARGE),
     ('2:4', 128, None, _LARGE),
     ('4:8', 24, None, _SMALL),  # 24 = one sub-block of 16 + a remainder of 8
@@ -148,7 +148,8 @@ _REF_CASES = [
 
 
 @pytest.mark.parametrize('pattern, block_size, quant, problem', _REF_CASES,
-                         ids=['0.7-b40', '0.5-b128', '2:4-b128', '4:8-b24', '1:4-b8', '2:4-b40-w3g48'])
+                         ids=['0.7-b40', '0.5-b128', '2:4-b128', '4:8-b24', '1:4-b8',
+                              '2:4-b40-w3g48'])
 def test_matches_reference_port(pattern, block_size, quant, problem):
   _, w, h = _problem(**problem)
   n_in = problem['n_in']

@@ -1,9 +1,13 @@
-"""Random kernel inputs (never zeros) and float64 NumPy references built from the raw integers."""
+"""Random kernel inputs (never zeros), float64 NumPy references built from the raw integers, and the
+test-case base shared by the Pallas kernel tests."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+from absl.testing import parameterized
 
 from kernels import formats
 from kernels.formats import QuantizedWeight, QuantSpec, Sparse24Weight
@@ -81,3 +85,43 @@ def reference(x, dense: np.ndarray, ab=None) -> np.ndarray:
 def rel_err(out, ref: np.ndarray) -> float:
   out64 = np.asarray(jnp.asarray(out, jnp.float32), np.float64)
   return float(np.linalg.norm(out64 - ref) / np.linalg.norm(ref))
+
+
+def abstract(tree):
+  """``tree`` with every array replaced by its ``jax.ShapeDtypeStruct``."""
+  return jax.eval_shape(lambda: tree)
+
+
+class KernelTestCase(parameterized.TestCase):
+  """Kernel cases, run in Pallas interpret mode (``INTERPRET = True``, the CPU tests) or compiled
+  (:func:`compiled_variant`, GPU only)."""
+  INTERPRET = True
+
+  def setUp(self):
+    super().setUp()
+    if not self.INTERPRET and jax.default_backend() != 'gpu':
+      self.skipTest('compiled Pallas kernels need a GPU')
+
+  def check_matmul(self, matmul, rng: np.random.Generator, w, dense: np.ndarray, m: int, dtype,
+                   rank: int = 0, block=None):
+    """Runs ``matmul(x, w, adapter, block=..., interpret=...)`` on random activations ``[m, in]``
+    (with a random float adapter of rank ``rank`` > 0) and checks the ``[m, out]`` output: dtype,
+    no unwritten or NaN element, relative error to the float64 reference below :data:`REL_TOL`."""
+    k, n = dense.shape
+    x = activations(rng, (m, k), dtype)
+    ad, ab = adapter(rng, k, n, rank) if rank else (None, None)
+    y = matmul(x, w, ad, block=block, interpret=self.INTERPRET)
+    self.assertEqual(y.shape, (m, n))
+    self.assertEqual(y.dtype, dtype)
+    self.assertTrue(np.all(np.isfinite(np.asarray(y, np.float32))), 'unwritten or NaN output')
+    self.assertLess(rel_err(y, reference(x, dense, ab)), REL_TOL[jnp.dtype(dtype)])
+
+
+def compiled_variant(interpret_cls: type) -> type:
+  """The compiled twin of an interpret-mode test class: same cases, ``INTERPRET = False``, marked
+  ``gpu``; named like ``interpret_cls`` without ``Interpret``."""
+  name = interpret_cls.__name__.replace('Interpret', '')
+  cls = type(name, (interpret_cls,), {
+      'INTERPRET': False, '__module__': interpret_cls.__module__, '__qualname__': name,
+      '__doc__': f'The cases of {interpret_cls.__name__}, compiled (GPU only).'})
+  return pytest.mark.gpu(cls)

@@ -7,7 +7,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from absl.testing import absltest, parameterized
 
 from kernels import formats, lowbit_pallas
@@ -37,29 +36,15 @@ _CASES = (
 )
 
 
-class _LowbitPallasBase(parameterized.TestCase):
-  """The cases, run compiled (``INTERPRET = False``) or in Pallas interpret mode."""
-  __test__ = False
-  INTERPRET = False
-
-  def setUp(self):
-    super().setUp()
-    if not self.INTERPRET and jax.default_backend() != 'gpu':
-      self.skipTest('compiled Pallas kernels need a GPU')
+class LowbitPallasInterpretTest(kd.KernelTestCase):
+  """The cases in Pallas interpret mode; ``LowbitPallasTest`` runs them compiled."""
 
   @parameterized.named_parameters(*_CASES)
   def test_matches_float64_reference(self, bits, group_size, symmetric, act_order, m, k, n, dtype,
                                      rank, block):
     rng = np.random.default_rng(hash((bits, group_size, m, k, n)) % 2 ** 32)
     w, dense = kd.quantized(rng, k, n, bits, group_size, symmetric, act_order)
-    x = kd.activations(rng, (m, k), dtype)
-    ad, ab = kd.adapter(rng, k, n, rank) if rank else (None, None)
-    y = lowbit_pallas.lowbit_matmul(x, w, ad, block=block, interpret=self.INTERPRET)
-    self.assertEqual(y.shape, (m, n))
-    self.assertEqual(y.dtype, dtype)
-    self.assertTrue(np.all(np.isfinite(np.asarray(y, np.float32))), 'unwritten or NaN output')
-    err = kd.rel_err(y, kd.reference(x, dense, ab))
-    self.assertLess(err, kd.REL_TOL[jnp.dtype(dtype)])
+    self.check_matmul(lowbit_pallas.lowbit_matmul, rng, w, dense, m, dtype, rank, block)
 
   def test_leading_dims_and_compressed_linear(self):
     rng = np.random.default_rng(7)
@@ -72,19 +57,7 @@ class _LowbitPallasBase(parameterized.TestCase):
     self.assertLess(kd.rel_err(y, kd.reference(x, dense, ab)), kd.REL_TOL[jnp.dtype(BF16)])
 
 
-@pytest.mark.gpu
-class LowbitPallasTest(_LowbitPallasBase):
-  __test__ = True
-  INTERPRET = False
-
-
-class LowbitPallasInterpretTest(_LowbitPallasBase):
-  __test__ = True
-  INTERPRET = True
-
-
-def _abstract(tree):
-  return jax.eval_shape(lambda: tree)
+LowbitPallasTest = kd.compiled_variant(LowbitPallasInterpretTest)
 
 
 class CheckSupportedTest(parameterized.TestCase):
@@ -92,7 +65,7 @@ class CheckSupportedTest(parameterized.TestCase):
 
   def _weight(self, k=256, n=64, bits=4, group_size=128, act_order=False):
     w, _ = kd.quantized(np.random.default_rng(0), k, n, bits, group_size, act_order=act_order)
-    return _abstract(w)
+    return kd.abstract(w)
 
   def test_supported_returns_blocks(self):
     w = self._weight()
@@ -120,7 +93,7 @@ class CheckSupportedTest(parameterized.TestCase):
       lowbit_pallas.check_supported(x, jax.ShapeDtypeStruct((256, 64), BF16))
     s, _ = kd.sparse24(np.random.default_rng(0), 256, 64)
     with self.assertRaises(NotImplementedError):
-      lowbit_pallas.check_supported(x, _abstract(s))
+      lowbit_pallas.check_supported(x, kd.abstract(s))
 
   def test_group_not_a_whole_tile_unsupported(self):
     x = jax.ShapeDtypeStruct((1, 96), BF16)
@@ -133,7 +106,7 @@ class CheckSupportedTest(parameterized.TestCase):
     w = self._weight()
     qa, _ = kd.quantized(np.random.default_rng(1), 256, 32, 4, 128)
     qb, _ = kd.quantized(np.random.default_rng(2), 32, 64, 4, 32)
-    leaf = formats.CompressedLinear(weight=w, adapter=_abstract(formats.LowRank(a=qa, b=qb)))
+    leaf = formats.CompressedLinear(weight=w, adapter=kd.abstract(formats.LowRank(a=qa, b=qb)))
     with self.assertRaises(NotImplementedError):
       lowbit_pallas.check_supported(jax.ShapeDtypeStruct((1, 256), BF16), leaf)
 

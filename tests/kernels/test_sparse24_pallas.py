@@ -7,7 +7,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from absl.testing import absltest, parameterized
 
 from kernels import formats, sparse24_pallas
@@ -33,15 +32,8 @@ _CASES = (
 )
 
 
-class _Sparse24PallasBase(parameterized.TestCase):
-  """The cases, run compiled (``INTERPRET = False``) or in Pallas interpret mode."""
-  __test__ = False
-  INTERPRET = False
-
-  def setUp(self):
-    super().setUp()
-    if not self.INTERPRET and jax.default_backend() != 'gpu':
-      self.skipTest('compiled Pallas kernels need a GPU')
+class Sparse24PallasInterpretTest(kd.KernelTestCase):
+  """The cases in Pallas interpret mode; ``Sparse24PallasTest`` runs them compiled."""
 
   @parameterized.named_parameters(*_CASES)
   def test_matches_float64_reference(self, bits, group_size, symmetric, value_dtype, m, k, n,
@@ -49,13 +41,7 @@ class _Sparse24PallasBase(parameterized.TestCase):
     rng = np.random.default_rng(hash((bits, group_size, m, k, n)) % 2 ** 32)
     w, dense = kd.sparse24(rng, k, n, bits, group_size, symmetric, value_dtype)
     self.assertTrue(np.all((dense.reshape(k // 4, 4, n) != 0).sum(1) <= 2))
-    x = kd.activations(rng, (m, k), dtype)
-    ad, ab = kd.adapter(rng, k, n, rank) if rank else (None, None)
-    y = sparse24_pallas.sparse24_matmul(x, w, ad, block=block, interpret=self.INTERPRET)
-    self.assertEqual(y.shape, (m, n))
-    self.assertEqual(y.dtype, dtype)
-    self.assertTrue(np.all(np.isfinite(np.asarray(y, np.float32))), 'unwritten or NaN output')
-    self.assertLess(kd.rel_err(y, kd.reference(x, dense, ab)), kd.REL_TOL[jnp.dtype(dtype)])
+    self.check_matmul(sparse24_pallas.sparse24_matmul, rng, w, dense, m, dtype, rank, block)
 
   def test_from_formats_helpers(self):
     """A weight built by ``sparse24_from_quantized`` (the compress path) multiplies correctly."""
@@ -73,19 +59,7 @@ class _Sparse24PallasBase(parameterized.TestCase):
     self.assertLess(kd.rel_err(y, ref), kd.REL_TOL[jnp.dtype(BF16)])
 
 
-@pytest.mark.gpu
-class Sparse24PallasTest(_Sparse24PallasBase):
-  __test__ = True
-  INTERPRET = False
-
-
-class Sparse24PallasInterpretTest(_Sparse24PallasBase):
-  __test__ = True
-  INTERPRET = True
-
-
-def _abstract(tree):
-  return jax.eval_shape(lambda: tree)
+Sparse24PallasTest = kd.compiled_variant(Sparse24PallasInterpretTest)
 
 
 class CheckSupportedTest(absltest.TestCase):
@@ -95,7 +69,7 @@ class CheckSupportedTest(absltest.TestCase):
     rng = np.random.default_rng(0)
     for bits in (None, 4):
       w, _ = kd.sparse24(rng, 256, 64, bits)
-      block = sparse24_pallas.check_supported(jax.ShapeDtypeStruct((1, 256), BF16), _abstract(w))
+      block = sparse24_pallas.check_supported(jax.ShapeDtypeStruct((1, 256), BF16), kd.abstract(w))
       self.assertTrue(block.gemv)
 
   def test_unsupported(self):
@@ -103,23 +77,23 @@ class CheckSupportedTest(absltest.TestCase):
     x = jax.ShapeDtypeStruct((1, 256), BF16)
     w, _ = kd.sparse24(rng, 256, 64, 4)
     with self.assertRaises(NotImplementedError):  # float32 activations
-      sparse24_pallas.check_supported(jax.ShapeDtypeStruct((1, 256), F32), _abstract(w))
+      sparse24_pallas.check_supported(jax.ShapeDtypeStruct((1, 256), F32), kd.abstract(w))
     with self.assertRaises(NotImplementedError):  # a QuantizedWeight is not a 2:4 weight
       q, _ = kd.quantized(rng, 256, 64, 4, 128)
-      sparse24_pallas.check_supported(x, _abstract(q))
+      sparse24_pallas.check_supported(x, kd.abstract(q))
     with self.assertRaises(NotImplementedError):  # masks go to the reference
-      leaf = formats.CompressedLinear(weight=_abstract(w),
+      leaf = formats.CompressedLinear(weight=kd.abstract(w),
                                       mask=jax.ShapeDtypeStruct((256, 64), jnp.bool_))
       sparse24_pallas.check_supported(x, leaf)
     with self.assertRaises(NotImplementedError):  # 2-bit values in groups of 8 compressed rows
       w2, _ = kd.sparse24(rng, 256, 64, 2, group_size=16)
-      sparse24_pallas.check_supported(x, _abstract(w2))
+      sparse24_pallas.check_supported(x, kd.abstract(w2))
     with self.assertRaises(NotImplementedError):  # in not a multiple of 4
       odd = formats.Sparse24Weight(values=jax.ShapeDtypeStruct((3, 64), BF16),
                                    indices=jax.ShapeDtypeStruct((3, 64), jnp.uint8))
       sparse24_pallas.check_supported(jax.ShapeDtypeStruct((1, 6), BF16), odd)
     with self.assertRaisesRegex(ValueError, 'do not match'):
-      sparse24_pallas.check_supported(jax.ShapeDtypeStruct((1, 128), BF16), _abstract(w))
+      sparse24_pallas.check_supported(jax.ShapeDtypeStruct((1, 128), BF16), kd.abstract(w))
 
 
 if __name__ == '__main__':
