@@ -2,7 +2,7 @@ r"""Kernel benchmark: low-bit and 2:4 matmuls against bf16 ``jnp.dot``, and end-
 
   python -m experiments.bench_kernels --out_dir=results/bench_kernels
   python -m experiments.bench_kernels --sections=kernels --shapes=4096x4096 --sweep --out_dir=...
-  python -m experiments.bench_kernels --quick --out_dir=/tmp/bench_quick   # CPU, interpret mode
+  python -m experiments.bench_kernels --quick --out_dir=results/bench_quick   # CPU, interpret mode
 
 Expect ~8 min on 1xH100 for the default kernel section (8 formats x 4 shapes x 5 M, each a Triton
 compile plus timing) and ~3 min for the end-to-end section (the random Llama-3-8B-shaped model

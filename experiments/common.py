@@ -115,7 +115,8 @@ def flag_values(flag_values_obj, names: Sequence[str] | None = None) -> dict[str
   d = flag_values_obj.flag_values_dict()
   skip = {'logtostderr', 'alsologtostderr', 'log_dir', 'v', 'verbosity', 'stderrthreshold',
           'showprefixforinfo', 'run_with_pdb', 'pdb_post_mortem', 'pdb', 'run_with_profiling',
-          'profile_file', 'use_cprofile_for_profiling', 'only_check_args', 'logger_levels',
+          'profile_file', 'use_cprofile_for_profiling', 'only_check_args', 'only_check_flags',
+          'logger_levels',
           'helpshort', 'helpfull', 'help', 'helpxml', '?', 'test_srcdir', 'test_tmpdir',
           'test_random_seed', 'test_randomize_ordering_seed', 'xml_output_file'}
   if names is not None:

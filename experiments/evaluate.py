@@ -34,7 +34,8 @@ def run(*, model: str, eval_data: Sequence[str], eval_seqlen: int, eval_windows:
     per_dataset[source] = eval_lib.perplexity(loaded.params, loaded.config, windows,
                                               batch_size=batch_size, dtype=dt, desc=f'ppl {source}')
   first = per_dataset[eval_data[0]]
-  out = {'model': model, 'model_source': loaded.source, 'eval_data': eval_data[0],
+  source = model if model in loading.REGISTRY else loaded.source  # no cache paths in results
+  out = {'model': model, 'model_source': source, 'eval_data': eval_data[0],
          'eval_seqlen': eval_seqlen, 'eval_tokens': first['eval_tokens'], 'ppl': first['ppl'],
          'per_dataset': per_dataset, 'dtype': dtype}
   items = common.probe_items(probes)
