@@ -220,6 +220,7 @@ def _awq_block(block: Params, stats: dict[str, calibration.LinearStats], specs: 
       (('self_attn/o_proj',), 'o_in', ('v_proj_out',)),
   ]
   scales_in: dict[str, jax.Array] = {}
+  t_search = time.time()
   dense = {lin: jnp.asarray(_get(block, lin), jnp.float32) for lin in llama.LINEAR_NAMES}
   for lins, key, (prev,) in groups:
     lins = tuple(l for l in lins if l in specs and specs[l].quant == 'awq')
@@ -243,6 +244,8 @@ def _awq_block(block: Params, stats: dict[str, calibration.LinearStats], specs: 
       rep = cfg.num_heads // cfg.num_kv_heads  # == 1 here
       del rep
       dense['self_attn/v_proj'] = dense['self_attn/v_proj'] / s[None, :]
+  n_awq = sum(1 for s_ in specs.values() if s_.quant == 'awq')
+  search_share = (time.time() - t_search) / max(1, n_awq)  # the shared scale search, split evenly
   for lin in llama.LINEAR_NAMES:
     spec = specs.get(lin)
     if spec is None or spec.quant != 'awq':
@@ -261,7 +264,8 @@ def _awq_block(block: Params, stats: dict[str, calibration.LinearStats], specs: 
     qw = _jit(quantize.rtn, spec=spec.qspec)(w_fit)
     leaf = formats.CompressedLinear(weight=qw)
     block = _set(block, lin, leaf)
-    reports.append((lin, dense[lin], h, leaf, time.time() - t0))
+    jax.block_until_ready(qw)
+    reports.append((lin, dense[lin], h, leaf, time.time() - t0 + search_share))
   # Linears whose folding changed but which are not AWQ-quantized keep the rescaled dense weight.
   for lin in ('mlp/up_proj', 'self_attn/v_proj'):
     if lin not in specs or specs[lin].quant != 'awq':

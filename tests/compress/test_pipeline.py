@@ -210,3 +210,16 @@ def test_precomputed_dense_stats_equal_dense_input_run(tiny):
   with pytest.raises(ValueError, match='true_sequential'):
     pipeline.compress_model(params, cfg, calib, rules, precomputed_stats=stats, true_sequential=True,
                             progress=False)
+
+
+def test_awq_folds_scales_and_keeps_the_function(tiny):
+  cfg, params, calib = tiny
+  spec = _spec(quant='awq', qspec=QuantSpec(bits=8, group_size=32))
+  out, reports = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(spec), progress=False)
+  assert len(reports) == 7 * cfg.num_layers and all(r.seconds > 0 for r in reports)
+  # 1/s went into the norms, s into the quantized rows: at 8 bits the model barely changes.
+  assert not np.allclose(out['layers'][0]['input_layernorm']['scale'],
+                         params['layers'][0]['input_layernorm']['scale'])
+  tokens = jnp.asarray(calib[:2])
+  ref, got = llama.forward(params, tokens, cfg), llama.forward(out, tokens, cfg)
+  assert float(jnp.abs(got - ref).max()) < 0.05 * float(jnp.abs(ref).max())
