@@ -177,7 +177,7 @@ def score_multiple_choice(params, cfg: ModelConfig, tokenizer, items: Sequence[A
   scores = np.zeros(len(requests))
   order = sorted(range(len(requests)), key=lambda r: len(requests[r][2]))
   chunks = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
-  longest = max(len(req[2]) for req in requests)
+  longest = max((len(req[2]) for req in requests), default=1)
   width = max(8, 1 << (longest - 1).bit_length())  # one padded width: one compile per model
   for chunk in tqdm(chunks, desc=desc, disable=not progress):
     batch = np.zeros((batch_size, width), np.int32)
