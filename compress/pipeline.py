@@ -240,9 +240,7 @@ def _awq_block(block: Params, stats: dict[str, calibration.LinearStats], specs: 
       block[prev] = {'scale': block[prev]['scale'] / s.astype(block[prev]['scale'].dtype)}
     elif prev == 'up_proj_out':
       dense['mlp/up_proj'] = dense['mlp/up_proj'] / s[None, :]
-    elif prev == 'v_proj_out':
-      rep = cfg.num_heads // cfg.num_kv_heads  # == 1 here
-      del rep
+    elif prev == 'v_proj_out':  # only reached without GQA (checked above)
       dense['self_attn/v_proj'] = dense['self_attn/v_proj'] / s[None, :]
   n_awq = sum(1 for s_ in specs.values() if s_.quant == 'awq')
   search_share = (time.time() - t_search) / max(1, n_awq)  # the shared scale search, split evenly

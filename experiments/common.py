@@ -15,7 +15,6 @@ import numpy as np
 
 import kernels
 from models import data as data_lib
-from models import evaluate as eval_lib
 from models import loading
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -148,5 +147,3 @@ def split_list(value: str | Sequence[str]) -> list[str]:
     return [v.strip() for v in value.split(',') if v.strip()]
   return list(value)
 
-
-__all__ = ['loading', 'eval_lib']
