@@ -151,12 +151,14 @@ def _sparsity(w_eff) -> float:
 # --------------------------------------------------------------------------- block helpers
 
 
-def _get(block: Params, lin: str):
+def get_linear(block: Params, lin: str):
+  """The weight leaf of linear ``lin`` (e.g. ``'self_attn/q_proj'``) of a block."""
   sub, name = lin.split('/')
   return block[sub][name]['kernel']
 
 
-def _set(block: Params, lin: str, leaf) -> Params:
+def set_linear(block: Params, lin: str, leaf) -> Params:
+  """A copy of ``block`` with linear ``lin``'s weight leaf replaced (containers copied, not arrays)."""
   sub, name = lin.split('/')
   out = dict(block)
   out[sub] = dict(block[sub])
@@ -221,7 +223,7 @@ def _awq_block(block: Params, stats: dict[str, calibration.LinearStats], specs: 
   ]
   scales_in: dict[str, jax.Array] = {}
   t_search = time.time()
-  dense = {lin: jnp.asarray(_get(block, lin), jnp.float32) for lin in llama.LINEAR_NAMES}
+  dense = {lin: jnp.asarray(get_linear(block, lin), jnp.float32) for lin in llama.LINEAR_NAMES}
   for lins, key, (prev,) in groups:
     lins = tuple(l for l in lins if l in specs and specs[l].quant == 'awq')
     if not lins:
@@ -261,13 +263,13 @@ def _awq_block(block: Params, stats: dict[str, calibration.LinearStats], specs: 
       w_fit = dense[lin]
     qw = _jit(quantize.rtn, spec=spec.qspec)(w_fit)
     leaf = formats.CompressedLinear(weight=qw)
-    block = _set(block, lin, leaf)
+    block = set_linear(block, lin, leaf)
     jax.block_until_ready(qw)
     reports.append((lin, dense[lin], h, leaf, time.time() - t0 + search_share))
   # Linears whose folding changed but which are not AWQ-quantized keep the rescaled dense weight.
   for lin in ('mlp/up_proj', 'self_attn/v_proj'):
     if lin not in specs or specs[lin].quant != 'awq':
-      block = _set(block, lin, dense[lin].astype(jnp.asarray(_get(block, lin)).dtype))
+      block = set_linear(block, lin, dense[lin].astype(jnp.asarray(get_linear(block, lin)).dtype))
   out = []
   for lin, w_ref, h, leaf, secs in reports:
     w_hat, _ = _leaf_dense(leaf)
@@ -286,7 +288,7 @@ def _awq_block(block: Params, stats: dict[str, calibration.LinearStats], specs: 
       leaf = compensate(rep.name, w_ref, leaf, st, aux, specs[lin])
       rep.extra['recover_seconds'] = time.time() - t1
       rep.rel_error_recovered = _output_error(w_ref, _leaf_dense(leaf)[1], h)
-      block = _set(block, lin, leaf)
+      block = set_linear(block, lin, leaf)
     out.append(rep)
   return block, out
 
@@ -302,7 +304,7 @@ def validate_rules(params: Params, rules: Sequence[Rule]) -> list[dict[str, Line
     for lin in llama.LINEAR_NAMES:
       spec = match(rules, f'layers/{i}/{lin}/kernel')
       if spec is not None and not spec.is_noop:
-        spec.check_shape(tuple(_get(block, lin).shape), f'layers/{i}/{lin}')
+        spec.check_shape(tuple(get_linear(block, lin).shape), f'layers/{i}/{lin}')
         specs[lin] = spec
     specs_per_block.append(specs)
   head_spec = match(rules, 'lm_head/kernel')
@@ -371,7 +373,7 @@ def auto_bits_rules(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, 
     block = params['layers'][i]
     stats = all_stats[i]
     for lin in llama.LINEAR_NAMES:
-      w = jnp.asarray(_get(block, lin), jnp.float32)
+      w = jnp.asarray(get_linear(block, lin), jnp.float32)
       h = stats[llama.LINEAR_INPUTS[lin]].hessian
       path = f'layers/{i}/{lin}/kernel'
       errs = []
@@ -584,7 +586,7 @@ def _compress_linears(new_block, dense_block, specs, stats, cfg, i, compensate, 
   reports = []
   for lin, spec in specs.items():
     name = f'layers/{i}/{lin}'
-    w = jnp.asarray(_get(dense_block, lin), jnp.float32)
+    w = jnp.asarray(get_linear(dense_block, lin), jnp.float32)
     st = stats[llama.LINEAR_INPUTS[lin]]
     t0 = time.time()
     leaf, info = compress_matrix(w, st, spec, name)
@@ -599,7 +601,7 @@ def _compress_linears(new_block, dense_block, specs, stats, cfg, i, compensate, 
       leaf = compensate(name, w, leaf, st, aux, spec)
       rep.extra['recover_seconds'] = time.time() - t1
       rep.rel_error_recovered = _output_error(w, _leaf_dense(leaf)[1], st.hessian)
-    new_block = _set(new_block, lin, leaf)
+    new_block = set_linear(new_block, lin, leaf)
     reports.append(rep)
   return new_block, reports
 

@@ -146,9 +146,14 @@ class Sparse24Weight:
 
 @flax.struct.dataclass
 class LowRank:
-  """Low-rank correction ``y += (x @ a) @ b``; ``a: [in, r]``, ``b: [r, out]``, arrays or quantized."""
+  """Low-rank correction ``y += (x @ a) @ b``; ``a: [in, r]``, ``b: [r, out]``, arrays or quantized.
+
+  ``preserved``: how many leading rank components are directions SRR preserved from the weight
+  itself (fine-tuning scales their gradient); 0 for a pure error correction.
+  """
   a: Union[jax.Array, QuantizedWeight]
   b: Union[jax.Array, QuantizedWeight]
+  preserved: int = flax.struct.field(pytree_node=False, default=0)
 
   @property
   def rank(self) -> int:

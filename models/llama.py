@@ -100,24 +100,12 @@ def _attend(q, k, v, q_pos, k_pos, cfg: ModelConfig, k_valid=None):
   return out.reshape(b, t, h * hd)
 
 
-def block_apply(block: Params, x: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
-                cache: dict[str, jax.Array] | None = None, cache_index: jax.Array | int = 0,
-                return_inputs: bool = False):
-  """One decoder block.
+def attention_residual(block: Params, x: jax.Array, cfg: ModelConfig, *,
+                       positions: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
+                       cache_index: jax.Array | int = 0):
+  """The attention half of a block with its residual: ``x + o_proj(attn(norm(x)))``.
 
-  Args:
-    block: the block's params (``params['layers'][i]``).
-    x: ``[B, T, D]`` hidden states in the compute dtype.
-    cfg: model config.
-    positions: ``[B or 1, T]`` absolute positions; default ``cache_index + arange(T)``.
-    cache: optional ``{'k': [B, S, KV, hd], 'v': ...}``; the new keys/values are written at
-      ``cache_index`` and attention runs over the cache.
-    cache_index: where the ``T`` new tokens start in the cache.
-    return_inputs: also return the input of every linear, keyed as in :data:`LINEAR_INPUTS`.
-
-  Returns:
-    ``y [B, T, D]``; plus the updated cache if ``cache`` was given; plus the inputs dict if
-    ``return_inputs``.
+  Returns ``(x_out, new_cache, attn_in, o_in)`` (``new_cache`` is None without a cache).
   """
   b, t, _ = x.shape
   if positions is None:
@@ -141,11 +129,52 @@ def block_apply(block: Params, x: jax.Array, cfg: ModelConfig, *, positions: jax
                    k_valid=k_pos < cache_index + t)
   else:
     o_in = _attend(q, k, v, positions, positions, cfg)
-  x = x + _dense(attn['o_proj'], o_in)
+  return x + _dense(attn['o_proj'], o_in), new_cache, h, o_in
+
+
+def mlp_residual(block: Params, x: jax.Array, cfg: ModelConfig):
+  """The MLP half of a block with its residual. Returns ``(y, mlp_in, down_in)``."""
   mlp = block['mlp']
   m_in = rms_norm(x, block['post_attention_layernorm']['scale'], cfg.rms_norm_eps)
   d_in = jax.nn.silu(_dense(mlp['gate_proj'], m_in)) * _dense(mlp['up_proj'], m_in)
-  y = x + _dense(mlp['down_proj'], d_in)
+  return x + _dense(mlp['down_proj'], d_in), m_in, d_in
+
+
+# The two residual halves of a block, by name (windows of local reconstruction are runs of these).
+SUBMODULES = ('attn', 'mlp')
+
+
+def submodule_apply(block: Params, x: jax.Array, cfg: ModelConfig, name: str) -> jax.Array:
+  """One residual half of a block (``'attn'`` or ``'mlp'``), no cache."""
+  if name == 'attn':
+    return attention_residual(block, x, cfg)[0]
+  if name == 'mlp':
+    return mlp_residual(block, x, cfg)[0]
+  raise ValueError(f'unknown submodule {name!r}; choose from {SUBMODULES}')
+
+
+def block_apply(block: Params, x: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
+                cache: dict[str, jax.Array] | None = None, cache_index: jax.Array | int = 0,
+                return_inputs: bool = False):
+  """One decoder block.
+
+  Args:
+    block: the block's params (``params['layers'][i]``).
+    x: ``[B, T, D]`` hidden states in the compute dtype.
+    cfg: model config.
+    positions: ``[B or 1, T]`` absolute positions; default ``cache_index + arange(T)``.
+    cache: optional ``{'k': [B, S, KV, hd], 'v': ...}``; the new keys/values are written at
+      ``cache_index`` and attention runs over the cache.
+    cache_index: where the ``T`` new tokens start in the cache.
+    return_inputs: also return the input of every linear, keyed as in :data:`LINEAR_INPUTS`.
+
+  Returns:
+    ``y [B, T, D]``; plus the updated cache if ``cache`` was given; plus the inputs dict if
+    ``return_inputs``.
+  """
+  x, new_cache, h, o_in = attention_residual(block, x, cfg, positions=positions, cache=cache,
+                                             cache_index=cache_index)
+  y, m_in, d_in = mlp_residual(block, x, cfg)
   out = (y,)
   if cache is not None:
     out += (new_cache,)
@@ -170,12 +199,23 @@ def head(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
   return logits.astype(jnp.float32)
 
 
-def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.float32) -> jax.Array:
-  """Full causal forward pass: tokens ``[B, T]`` -> float32 logits ``[B, T, V]``."""
+def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.float32,
+            prefix: jax.Array | None = None) -> jax.Array:
+  """Full causal forward pass: tokens ``[B, T]`` -> float32 logits ``[B, T, V]``.
+
+  ``prefix``: optional soft-prompt embeddings ``[B or 1, L, D]`` placed before the token
+  embeddings (positions ``0..L-1``; the tokens then sit at ``L..L+T-1``). The logits cover only
+  the ``T`` token positions; a length-0 prefix is the same as none.
+  """
   x = embed(params, tokens, dtype)
+  n_prefix = 0
+  if prefix is not None:
+    n_prefix = prefix.shape[1]
+    prefix = jnp.broadcast_to(prefix.astype(dtype), (x.shape[0],) + prefix.shape[1:])
+    x = jnp.concatenate([prefix, x], axis=1)
   for block in params['layers']:
     x = block_apply(block, x, cfg)
-  return head(params, x, cfg)
+  return head(params, x[:, n_prefix:], cfg)
 
 
 def forward_with_cache(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: list[dict],

@@ -153,7 +153,8 @@ def truncate_adapters(params: Any, rank: int) -> Any:
     a, b = leaf.adapter.a, leaf.adapter.b
     if isinstance(a, formats.QuantizedWeight) or isinstance(b, formats.QuantizedWeight):
       raise ValueError('cannot truncate a quantized adapter; truncate first, then quantize')
-    return dataclasses.replace(leaf, adapter=formats.LowRank(a=a[:, :rank], b=b[:rank]))
+    return dataclasses.replace(leaf, adapter=formats.LowRank(
+        a=a[:, :rank], b=b[:rank], preserved=min(leaf.adapter.preserved, rank)))
   return _map_compressed(cut, params)
 
 

@@ -487,6 +487,7 @@ def srr(w: jax.Array, hessian: jax.Array, rank: int, quantize_fn: QuantizeFn, *,
     k = energy_rule_k(sigma, rank)
   k = _check_k(k, rank, name)
   compressed, adapter, _ = _srr_for_k(state, k, rank, quantize_fn, name, dtype)
+  adapter = dataclasses.replace(adapter, preserved=k)
   info = {'k': k, 'rank': rank, 'energy': _energy(sigma, rank), 'scaling': scaling,
           'num_clamped': basis.num_clamped}
   return compressed, adapter, info
@@ -540,6 +541,7 @@ def srr_search_k(w: jax.Array, hessian: jax.Array, rank: int, quantize_fn: Quant
     if best is None or err < best[0]:
       best = (err, k, compressed, adapter)
   _, k, compressed, adapter = best
+  adapter = dataclasses.replace(adapter, preserved=k)
   info = {'k': k, 'rank': rank, 'energy': _energy(sigma, rank), 'scaling': scaling,
           'num_clamped': basis.num_clamped, 'errors': errors}
   return compressed, adapter, info
@@ -587,4 +589,4 @@ def quantize_adapter(lowrank: LowRank, bits: int, group_size: int = 128, *,
     return lowrank
   qa = quantize_lib.rtn(a, _adapter_spec(a.shape[0], bits, group_size, symmetric))
   qb = quantize_lib.rtn(b, _adapter_spec(b.shape[0], bits, group_size, symmetric))
-  return LowRank(a=qa, b=qb)
+  return LowRank(a=qa, b=qb, preserved=lowrank.preserved)

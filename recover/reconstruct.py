@@ -1,0 +1,423 @@
+"""Local reconstruction ("A Free Lunch in LLM Compression", Wagner et al. 2025).
+
+After compression, every *window* of the model is trained, in order, so that its output on the
+calibration inputs matches the dense model's output for the same window:
+
+* ``matrix``: one linear at a time (in the true-sequential order q/k/v, o, gate/up, down of each
+  block); target ``X_dense W_dense``, input the linear's input in the reconstructed model.
+* ``submodule``: the attention half and the MLP half of each block separately (each with its
+  residual: ``x + attn(norm(x))``, ``x + mlp(norm(x))``).
+* ``block``: one decoder block; ``blocks:K``: K consecutive blocks.
+
+Inputs of window i come from the already reconstructed windows before it (``inputs='propagated'``)
+or from the dense model (``'dense'``); targets always come from the dense model. The loss is the
+MSE (or ``1 - cos``) of the window's output. Each window is one jitted optax loop (``lax.scan``
+over AdamW steps with linear warmup and decay; reference defaults: one epoch, batch 2, lr 1e-5,
+10% warmup, no weight decay). Only the trainable split of each linear (see :mod:`recover.train`) is
+differentiated: float weights with their mask or 2:4 pattern re-applied in the forward pass (pruned
+weights stay exactly zero), the scales of quantized weights (or a straight-through latent weight,
+or a LoRA), or, with ``peft``, a LoRA (r 16, alpha 32) on every linear of the window, merged
+into float weights at the end. Norms and embeddings stay as they are.
+
+A progress bar steps once per window with its loss before and after; after every window the
+reconstructed blocks and the hidden states are checkpointed, and a rerun resumes after the last
+finished window with identical results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import pathlib
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from compress.pipeline import get_linear, set_linear
+from kernels import api as kernels_api
+from kernels import formats
+from models import checkpoint
+from models import llama
+from models.config import ModelConfig
+from recover import train
+
+Params = dict[str, Any]
+INPUTS = ('propagated', 'dense')
+QUANT_MODES = ('scales', 'ste', 'lora')
+UNIT_LINEARS = {
+    'attn': ('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj', 'self_attn/o_proj'),
+    'mlp': ('mlp/gate_proj', 'mlp/up_proj', 'mlp/down_proj'),
+}
+
+
+def parse_window(window: str) -> int:
+  """Number of residual halves (attn/mlp units) per window; 0 for ``'matrix'``."""
+  if window == 'matrix':
+    return 0
+  if window == 'submodule':
+    return 1
+  if window == 'block':
+    return 2
+  if window.startswith('blocks:'):
+    try:
+      k = int(window.split(':', 1)[1])
+    except ValueError:
+      k = 0
+    if k >= 1:
+      return 2 * k
+  raise ValueError(f'unknown reconstruction window {window!r}; choose matrix, submodule, block or '
+                   'blocks:K with K >= 1')
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconConfig:
+  """Settings of :func:`reconstruct` (reference defaults of the Free Lunch paper)."""
+  window: str = 'block'
+  epochs: float = 1.0
+  batch_size: int = 2
+  optim: train.OptimConfig = train.OptimConfig(lr=1e-5, warmup=0.1, weight_decay=0.0)
+  loss: str = 'mse'
+  inputs: str = 'propagated'
+  quant_mode: str = 'scales'
+  peft: bool = False
+  lora_rank: int = 16
+  lora_alpha: float = 32.0
+  seed: int = 0
+  eval_batch: int = 8
+
+  def __post_init__(self):
+    parse_window(self.window)
+    if self.loss not in train.LOSSES:
+      raise ValueError(f'unknown reconstruction loss {self.loss!r}; choose from {tuple(train.LOSSES)}')
+    if self.inputs not in INPUTS:
+      raise ValueError(f'--recon_inputs={self.inputs!r}: choose from {INPUTS}')
+    if self.quant_mode not in QUANT_MODES:
+      raise ValueError(f'unknown quantized-weight training mode {self.quant_mode!r}; choose from '
+                       f'{QUANT_MODES}')
+    if not self.epochs > 0:
+      raise ValueError(f'reconstruction epochs must be positive, got {self.epochs}')
+    if self.batch_size < 1 or self.eval_batch < 1:
+      raise ValueError('reconstruction batch sizes must be positive')
+    if self.lora_rank < 1:
+      raise ValueError(f'LoRA rank must be positive, got {self.lora_rank}')
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+  """One reconstruction window: blocks it touches, its units ``(block, 'attn'|'mlp')`` in order,
+  or a single linear (``linear`` set, ``units`` empty)."""
+  index: int
+  units: tuple[tuple[int, str], ...] = ()
+  linear: tuple[int, str] | None = None
+
+  @property
+  def blocks(self) -> tuple[int, ...]:
+    if self.linear is not None:
+      return (self.linear[0],)
+    return tuple(sorted({b for b, _ in self.units}))
+
+  @property
+  def name(self) -> str:
+    if self.linear is not None:
+      return f'layers/{self.linear[0]}/{self.linear[1]}'
+    first, last = self.units[0], self.units[-1]
+    if first == last:
+      return f'layers/{first[0]}/{first[1]}'
+    return f'layers/{first[0]}/{first[1]}..layers/{last[0]}/{last[1]}'
+
+  @property
+  def ends_block(self) -> bool:
+    """Whether the hidden states advance after this window."""
+    if self.linear is not None:
+      return self.linear[1] == llama.SEQUENTIAL_STAGES[-1][-1]
+    return True
+
+
+def make_windows(num_layers: int, window: str) -> list[Window]:
+  """The windows of a model with ``num_layers`` blocks, in training order."""
+  size = parse_window(window)
+  if size == 0:
+    order = [lin for stage in llama.SEQUENTIAL_STAGES for lin in stage]
+    return [Window(i * len(order) + j, linear=(i, lin))
+            for i in range(num_layers) for j, lin in enumerate(order)]
+  units = [(i, u) for i in range(num_layers) for u in llama.SUBMODULES]
+  return [Window(n, units=tuple(units[s:s + size]))
+          for n, s in enumerate(range(0, len(units), size))]
+
+
+@dataclasses.dataclass
+class WindowReport:
+  name: str
+  loss_before: float
+  loss_after: float
+  steps: int
+  trainable_params: int
+  seconds: float
+
+
+# --------------------------------------------------------------------------- plans and jitted fns
+
+
+def _plan(leaf, config: ReconConfig) -> train.LeafPlan:
+  quantized = train.default_mode(leaf) == 'scales'
+  if config.peft or (quantized and config.quant_mode == 'lora'):
+    return train.LeafPlan('lora', config.lora_rank, config.lora_alpha, merge=not quantized)
+  if quantized:
+    return train.LeafPlan(config.quant_mode)
+  return train.LeafPlan('weights')
+
+
+def _window_leaves(window: Window, blocks: dict[str, Params]) -> dict[str, Any]:
+  """``{'b<k>/<linear>': leaf}`` of the trainable linears, keyed by the block's position in the
+  window (so windows of the same shape share one compiled loop)."""
+  if window.linear is not None:
+    return {f'b0/{window.linear[1]}': get_linear(blocks['b0'], window.linear[1])}
+  first = window.blocks[0]
+  return {f'b{b - first}/{lin}': get_linear(blocks[f'b{b - first}'], lin)
+          for b, u in window.units for lin in UNIT_LINEARS[u]}
+
+
+def _local_units(window: Window) -> tuple[tuple[str, str], ...]:
+  if window.linear is not None:
+    return (('b0', 'linear:' + window.linear[1]),)
+  first = window.blocks[0]
+  return tuple((f'b{b - first}', u) for b, u in window.units)
+
+
+def _apply_fn(cfg: ModelConfig, units: tuple, static_key: tuple):
+  """``(trainable, frozen, x) -> y``: the window's forward pass with its trainable leaves."""
+  def apply(trainable, frozen, x):
+    leaves = train.forward_leaves(static_key, trainable, frozen['split'])
+    if units[0][1].startswith('linear:'):
+      (path, leaf), = leaves.items()
+      return kernels_api.linear(x, leaf)
+    blocks = dict(frozen['blocks'])
+    for path, leaf in leaves.items():
+      b, lin = path.split('/', 1)
+      blocks[b] = set_linear(blocks[b], lin, leaf)
+    for b, u in units:
+      x = llama.submodule_apply(blocks[b], x, cfg, u)
+    return x
+  return apply
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(cfg: ModelConfig, units: tuple, static_key: tuple, optim: train.OptimConfig,
+            steps: int, loss_name: str):
+  apply = _apply_fn(cfg, units, static_key)
+  loss = train.LOSSES[loss_name]
+
+  def loss_fn(trainable, frozen, batch):
+    return loss(apply(trainable, frozen, batch['x']), batch['y'])
+  run = train.train_loop(loss_fn, train.optimizer(optim, steps))
+  return jax.jit(run), jax.jit(apply)
+
+
+def _batched(fn, xs, batch: int) -> jax.Array:
+  return jnp.concatenate([fn(xs[i:i + batch]) for i in range(0, xs.shape[0], batch)], axis=0)
+
+
+def _mean_loss(apply, trainable, frozen, xs, ys, batch: int, loss_name: str):
+  """Mean window loss over all samples and the window's outputs."""
+  ys_hat = _batched(lambda x: apply(trainable, frozen, x), xs, batch)
+  return float(train.LOSSES[loss_name](ys_hat, ys)), ys_hat
+
+
+# --------------------------------------------------------------------------- one window
+
+
+def reconstruct_window(cfg: ModelConfig, window: Window, blocks: dict[int, Params],
+                       xs: jax.Array, ys: jax.Array, config: ReconConfig
+                       ) -> tuple[dict[int, Params], WindowReport, jax.Array]:
+  """Trains one window on inputs ``xs`` and dense targets ``ys`` (``[N, T, D]``, or the linear's
+  input/output features for a matrix window).
+
+  Returns the window's new blocks, its report, and its output on ``xs`` after training.
+  """
+  t0 = time.time()
+  first = window.blocks[0]
+  local = {f'b{b - first}': blocks[b] for b in window.blocks}
+  leaves = _window_leaves(window, local)
+  plans = {p: _plan(leaf, config) for p, leaf in leaves.items()}
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), window.index)
+  split = train.split_leaves(leaves, plans, key)
+  order = train.batch_order(xs.shape[0], config.batch_size, config.epochs,
+                            config.seed * 100003 + window.index)
+  units = _local_units(window)
+  run, apply = _jitted(cfg, units, split.static_key, config.optim, len(order), config.loss)
+  frozen = {'split': split.frozen, 'blocks': local}
+  before, _ = _mean_loss(apply, split.trainable, frozen, xs, ys, config.eval_batch, config.loss)
+  trained, _ = run(split.trainable, frozen, {'x': xs, 'y': ys}, jnp.asarray(order))
+  after, out = _mean_loss(apply, trained, frozen, xs, ys, config.eval_batch, config.loss)
+  final = train.final_leaves(split, trained)
+  new_blocks = dict(blocks)
+  for path, leaf in final.items():
+    b, lin = path.split('/', 1)
+    i = first + int(b[1:])
+    new_blocks[i] = set_linear(new_blocks[i], lin, leaf)
+  report = WindowReport(name=window.name, loss_before=before, loss_after=after, steps=len(order),
+                        trainable_params=train.count_params(split.trainable),
+                        seconds=time.time() - t0)
+  return new_blocks, report, out
+
+
+# --------------------------------------------------------------------------- the model
+
+
+@functools.lru_cache(maxsize=None)
+def _block_fn(cfg: ModelConfig):
+  return jax.jit(lambda block, x: llama.block_apply(block, x, cfg, return_inputs=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _units_fn(cfg: ModelConfig, units: tuple[str, ...]):
+  def fn(blocks, x):
+    for block, u in zip(blocks, units):
+      x = llama.submodule_apply(block, x, cfg, u)
+    return x
+  return jax.jit(fn)
+
+
+def _block_inputs(cfg, block, xs, batch: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+  fn = _block_fn(cfg)
+  outs, ins = [], []
+  for i in range(0, xs.shape[0], batch):
+    y, inputs = fn(block, xs[i:i + batch])
+    outs.append(y)
+    ins.append(inputs)
+  return (jnp.concatenate(outs), {k: jnp.concatenate([d[k] for d in ins]) for k in ins[0]})
+
+
+def _run_units(cfg, layers, units, xs, batch: int) -> jax.Array:
+  fn = _units_fn(cfg, tuple(u for _, u in units))
+  blocks = [layers[b] for b, _ in units]
+  return _batched(lambda x: fn(blocks, x), xs, batch)
+
+
+def _fingerprint(params, dense_params, cfg, tokens, config: ReconConfig) -> str:
+  h = hashlib.sha256()
+  h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+  h.update(np.ascontiguousarray(np.asarray(tokens)).tobytes())
+  h.update(repr(config).encode())
+  for tree in (params, dense_params):
+    for lin in llama.LINEAR_NAMES:
+      w = formats.to_dense(get_linear(tree['layers'][0], lin))
+      h.update(np.asarray(w[:2], np.float32).tobytes())
+  return h.hexdigest()[:16]
+
+
+def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: np.ndarray,
+                config: ReconConfig = ReconConfig(), *, checkpoint_dir: str | None = None,
+                progress: bool = True, stop_after: int | None = None
+                ) -> tuple[Params, list[WindowReport]]:
+  """Reconstructs every window of a compressed model against the dense model.
+
+  Args:
+    params: the compressed model (not modified).
+    dense_params: the dense model it was compressed from (the targets).
+    cfg: model config.
+    tokens: ``[N, T]`` calibration token windows.
+    config: window, schedule, loss, inputs and what to train.
+    checkpoint_dir: checkpoint after every window here and resume from it.
+    progress: show a progress bar.
+    stop_after: stop after this many windows (for tests of resumption).
+
+  Returns:
+    ``(reconstructed params, one report per window)``.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  if tokens.ndim != 2 or tokens.shape[0] < config.batch_size:
+    raise ValueError(f'reconstruction needs [N, T] tokens with N >= batch size {config.batch_size}, '
+                     f'got shape {tokens.shape}')
+  windows = make_windows(cfg.num_layers, config.window)
+  fingerprint = _fingerprint(params, dense_params, cfg, tokens, config)
+  layers = list(params['layers'])
+  dense_layers = list(dense_params['layers'])
+  x_hat = llama.embed(params, jnp.asarray(tokens))
+  x_dense = llama.embed(dense_params, jnp.asarray(tokens))
+  reports: list[WindowReport] = []
+  start = 0
+  ckpt = pathlib.Path(checkpoint_dir) if checkpoint_dir else None
+  if ckpt is not None and (ckpt / 'state').exists():
+    state, meta = checkpoint.load_tree(ckpt / 'state')
+    if meta.get('fingerprint') != fingerprint:
+      raise checkpoint.CheckpointError(
+          f'reconstruction checkpoint in {ckpt} was written by a different run (model, data or '
+          'settings differ); remove it or use another checkpoint directory')
+    start = int(meta['next_window'])
+    for b in sorted({b for w in windows[:start] for b in w.blocks}):
+      block, bmeta = checkpoint.load_tree(ckpt / f'block_{b:03d}')
+      if bmeta.get('fingerprint') != fingerprint:
+        raise checkpoint.CheckpointError(f'checkpoint {ckpt}/block_{b:03d} belongs to another run')
+      layers[b] = block
+    x_hat, x_dense = state['x_hat'], state['x_dense']
+    reports = [WindowReport(**r) for r in meta['reports']]
+    logging.info('resuming reconstruction at window %d from %s', start, ckpt)
+
+  batch = config.eval_batch
+  bar = tqdm(windows[start:], desc=f'reconstruct ({config.window})', unit='window',
+             disable=not progress, initial=start, total=len(windows))
+  stage_inputs: dict[str, Any] = {}
+  for window in bar:
+    if window.linear is not None:
+      b, lin = window.linear
+      key = llama.LINEAR_INPUTS[lin]
+      # Inputs of this stage from the block as reconstructed so far; dense targets.
+      if config.inputs == 'dense':
+        xs = _block_inputs(cfg, dense_layers[b], x_dense, batch)[1][key]
+      else:
+        xs = _block_inputs(cfg, layers[b], x_hat, batch)[1][key]
+      if 'dense' not in stage_inputs or stage_inputs['block'] != b:
+        stage_inputs = {'block': b, 'dense': _block_inputs(cfg, dense_layers[b], x_dense, batch)[1]}
+      w_dense = get_linear(dense_layers[b], lin)
+      ys = _batched(lambda x: kernels_api.linear(x, w_dense), stage_inputs['dense'][key], batch)
+      new, rep, _ = reconstruct_window(cfg, window, {b: layers[b]}, xs, ys, config)
+      layers[b] = new[b]
+      if window.ends_block:
+        x_hat = _run_units(cfg, layers, [(b, 'attn'), (b, 'mlp')],
+                           x_dense if config.inputs == 'dense' else x_hat, batch)
+        x_dense = _run_units(cfg, dense_layers, [(b, 'attn'), (b, 'mlp')], x_dense, batch)
+        stage_inputs = {}
+    else:
+      ys = _run_units(cfg, dense_layers, window.units, x_dense, batch)
+      xs = x_dense if config.inputs == 'dense' else x_hat
+      new, rep, out = reconstruct_window(cfg, window, {b: layers[b] for b in window.blocks}, xs, ys,
+                                         config)
+      for b in window.blocks:
+        layers[b] = new[b]
+      x_hat, x_dense = out, ys
+    reports.append(rep)
+    if progress:
+      bar.set_postfix(loss=f'{rep.loss_before:.3g}->{rep.loss_after:.3g}', sec=f'{rep.seconds:.1f}')
+    if ckpt is not None:
+      for b in window.blocks:
+        checkpoint.save_tree(ckpt / f'block_{b:03d}', layers[b], {'fingerprint': fingerprint})
+      checkpoint.save_tree(ckpt / 'state', {'x_hat': x_hat, 'x_dense': x_dense}, {
+          'fingerprint': fingerprint, 'next_window': window.index + 1,
+          'reports': [dataclasses.asdict(r) for r in reports]})
+    if stop_after is not None and window.index + 1 >= stop_after:
+      break
+  out = dict(params)
+  out['layers'] = layers
+  return out, reports
+
+
+def summarize(reports: Sequence[WindowReport]) -> dict[str, Any]:
+  """Aggregate numbers of a reconstruction run."""
+  if not reports:
+    return {}
+  return {
+      'windows': len(reports),
+      'mean_loss_before': float(np.mean([r.loss_before for r in reports])),
+      'mean_loss_after': float(np.mean([r.loss_after for r in reports])),
+      'steps': int(sum(r.steps for r in reports)),
+      'trainable_params_max_window': int(max(r.trainable_params for r in reports)),
+      'train_seconds': float(sum(r.seconds for r in reports)),
+  }
