@@ -38,7 +38,13 @@ def config_from_flags() -> CompressConfig:
       eval_windows=FLAGS.eval_windows, probes=FLAGS.probes, dtype=FLAGS.dtype,
       batch_size=FLAGS.batch_size, recover=FLAGS.recover, rank=FLAGS.rank,
       adapter_bits=FLAGS.adapter_bits, srr_k=FLAGS.srr_k, recover_data=FLAGS.recover_data,
-      recover_samples=FLAGS.recover_samples)
+      recover_samples=FLAGS.recover_samples, reconstruct=FLAGS.reconstruct,
+      recon_samples=FLAGS.recon_samples, recon_epochs=FLAGS.recon_epochs, recon_lr=FLAGS.recon_lr,
+      recon_batch=FLAGS.recon_batch, recon_inputs=FLAGS.recon_inputs, recon_loss=FLAGS.recon_loss,
+      recon_quant_mode=FLAGS.recon_quant_mode, recon_peft=FLAGS.recon_peft,
+      finetune=FLAGS.finetune, ft_steps=FLAGS.ft_steps, ft_samples=FLAGS.ft_samples,
+      ft_lr=FLAGS.ft_lr, ft_distill=FLAGS.ft_distill, lora_rank=FLAGS.lora_rank,
+      lora_init=FLAGS.lora_init)
 
 
 FLAGS = flags.FLAGS
@@ -80,6 +86,23 @@ def define_flags() -> None:
   flags.DEFINE_integer('srr_k', None, 'SRR preserved rank (default energy rule; -1 search).')
   flags.DEFINE_string('recover_data', None, 'Separate calibration set for recovery.')
   flags.DEFINE_integer('recover_samples', 64, 'Recovery calibration sequences.')
+  flags.DEFINE_string('reconstruct', 'none', 'Local reconstruction window: none|matrix|submodule|'
+                      'block|blocks:K.')
+  flags.DEFINE_integer('recon_samples', 128, 'Reconstruction sequences (calibration corpus).')
+  flags.DEFINE_float('recon_epochs', 1.0, 'Epochs over the reconstruction set per window.')
+  flags.DEFINE_float('recon_lr', 1e-5, 'AdamW learning rate (10% warmup, linear decay).')
+  flags.DEFINE_integer('recon_batch', 2, 'Reconstruction batch (sequences).')
+  flags.DEFINE_string('recon_inputs', 'propagated', 'propagated|dense inputs of each window.')
+  flags.DEFINE_string('recon_loss', 'mse', 'mse|cosine')
+  flags.DEFINE_string('recon_quant_mode', 'scales', 'What a quantized weight trains: scales|ste|lora')
+  flags.DEFINE_bool('recon_peft', False, 'Train a LoRA (r16, alpha 32) per window and merge it.')
+  flags.DEFINE_string('finetune', 'none', 'none|lora|qat|global|idp')
+  flags.DEFINE_integer('ft_steps', 100, 'Fine-tuning steps.')
+  flags.DEFINE_integer('ft_samples', 128, 'Fine-tuning sequences (calibration corpus).')
+  flags.DEFINE_float('ft_lr', None, 'Fine-tuning learning rate (default per method).')
+  flags.DEFINE_bool('ft_distill', False, 'Distil from the dense model instead of the LM loss.')
+  flags.DEFINE_integer('lora_rank', 16, 'LoRA rank.')
+  flags.DEFINE_string('lora_init', 'zero', 'LoRA init: zero (QLoRA)|loftq|eora|srr')
   flags.DEFINE_string('save', None, 'Write an orbax checkpoint of the compressed model here.')
   flags.DEFINE_string('out_dir', None, 'Output directory.')
   flags.DEFINE_bool('restart', False, 'Ignore an existing pipeline checkpoint in OUT_DIR.')

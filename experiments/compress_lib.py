@@ -18,6 +18,11 @@ from models import checkpoint
 from models import evaluate as eval_lib
 from models import loading
 from recover import compensate as compensate_lib
+from recover import reconstruct as reconstruct_lib
+from recover import train as train_lib
+
+FINETUNE_METHODS = ('none', 'lora', 'qat', 'global', 'idp')
+LORA_INITS = ('zero', 'loftq', 'eora', 'srr')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +60,22 @@ class CompressConfig:
   srr_k: int | None = None
   recover_data: str | None = None
   recover_samples: int = 64
+  reconstruct: str = 'none'
+  recon_samples: int = 128
+  recon_epochs: float = 1.0
+  recon_lr: float = 1e-5
+  recon_batch: int = 2
+  recon_inputs: str = 'propagated'
+  recon_loss: str = 'mse'
+  recon_quant_mode: str = 'scales'
+  recon_peft: bool = False
+  finetune: str = 'none'
+  ft_steps: int = 100
+  ft_samples: int = 128
+  ft_lr: float | None = None
+  ft_distill: bool = False
+  lora_rank: int = 16
+  lora_init: str = 'zero'
 
 
 def build_spec(c: CompressConfig) -> rules_lib.LinearSpec:
@@ -80,6 +101,24 @@ def build_spec(c: CompressConfig) -> rules_lib.LinearSpec:
     raise ValueError('--recover needs a compression (--prune or --quant)')
   if c.recover != 'none':
     compensate_lib.Compensator(method=c.recover, rank=c.rank, adapter_bits=c.adapter_bits)
+  if c.reconstruct != 'none':
+    recon_config(c)
+    if c.recon_samples < c.recon_batch:
+      raise ValueError(f'--recon_samples={c.recon_samples} is smaller than the batch {c.recon_batch}')
+  if c.finetune not in FINETUNE_METHODS:
+    raise ValueError(f'--finetune={c.finetune!r} is not a fine-tuning method; choose one of '
+                     f'{FINETUNE_METHODS}')
+  if c.finetune != 'none':
+    if c.ft_steps <= 0 or c.ft_samples <= 0:
+      raise ValueError('--ft_steps and --ft_samples must be positive')
+    if c.lora_init not in LORA_INITS:
+      raise ValueError(f'--lora_init={c.lora_init!r}; choose one of {LORA_INITS}')
+    if c.finetune == 'lora' and c.lora_init in ('eora', 'srr') and (
+        c.recover != c.lora_init or c.rank != c.lora_rank):
+      raise ValueError(f'--lora_init={c.lora_init} starts from the {c.lora_init} adapters: pass '
+                       f'--recover={c.lora_init} --rank={c.lora_rank}')
+  if (c.reconstruct != 'none' or c.finetune != 'none') and c.prune == 'none' and c.quant == 'none':
+    raise ValueError('--reconstruct/--finetune need a compression (--prune or --quant)')
   return rules_lib.LinearSpec(prune=c.prune, sparsity=sparsity, quant=c.quant, qspec=qspec,
                               act_order=c.act_order, static_groups=c.static_groups,
                               awq_clip=c.awq_clip)
@@ -88,6 +127,54 @@ def build_spec(c: CompressConfig) -> rules_lib.LinearSpec:
 def build_rules(c: CompressConfig, spec: rules_lib.LinearSpec) -> list[rules_lib.Rule]:
   extra = [rules_lib.parse_rule(r, spec) for r in c.rules]
   return extra + rules_lib.uniform(spec, include_head=c.include_head)
+
+
+def recon_config(c: CompressConfig) -> reconstruct_lib.ReconConfig:
+  """The reconstruction settings of the flags (raises ValueError naming a bad value)."""
+  try:
+    return reconstruct_lib.ReconConfig(
+        window=c.reconstruct, epochs=c.recon_epochs, batch_size=c.recon_batch,
+        optim=train_lib.OptimConfig(lr=c.recon_lr), loss=c.recon_loss, inputs=c.recon_inputs,
+        quant_mode=c.recon_quant_mode, peft=c.recon_peft, seed=c.seed)
+  except ValueError as e:
+    raise ValueError(f'--reconstruct: {e}') from e
+
+
+def train_recovery(c: CompressConfig, dense, start, cfg, tokenizer, out_dir: str | None,
+                   progress: bool = True) -> tuple[Any, dict[str, Any]]:
+  """Local reconstruction and/or fine-tuning of a compressed model; ``(params, info)`` with the
+  train seconds, tokens seen, trainable parameters, compute (sum of tokens x trainable params)
+  and peak memory."""
+  info: dict[str, Any] = {'train_seconds': 0.0, 'tokens_seen': 0, 'train_compute': 0.0}
+  params = start
+  if c.reconstruct != 'none':
+    tokens = common.calibration_for(tokenizer, c.calib_data, c.recon_samples, c.calib_seqlen, c.seed)
+    ckpt = str(pathlib.Path(out_dir) / 'recon_checkpoint') if out_dir else None
+    t0 = time.time()
+    params, reps = reconstruct_lib.reconstruct(params, dense, cfg, tokens, recon_config(c),
+                                               checkpoint_dir=ckpt, progress=progress)
+    per_window = c.recon_batch * c.calib_seqlen
+    info['train_seconds'] += time.time() - t0
+    info['tokens_seen'] += int(sum(r.steps for r in reps) * per_window)
+    info['train_compute'] += float(sum(r.steps * per_window * r.trainable_params for r in reps))
+    info['trainable_params'] = max(r.trainable_params for r in reps)
+    info['reconstruct'] = reconstruct_lib.summarize(reps)
+    info['windows'] = [dataclasses.asdict(r) for r in reps]
+  if c.finetune != 'none':
+    from recover import finetune as finetune_lib  # pylint: disable=g-import-not-at-top
+    tokens = common.calibration_for(tokenizer, c.calib_data, c.ft_samples, c.calib_seqlen, c.seed + 2)
+    t0 = time.time()
+    params, ft = finetune_lib.run_cli(c.finetune, params, cfg, tokens, dense_params=dense,
+                                      steps=c.ft_steps, lr=c.ft_lr, lora_rank=c.lora_rank,
+                                      lora_init=c.lora_init, distill=c.ft_distill, seed=c.seed,
+                                      progress=progress)
+    info['train_seconds'] += time.time() - t0
+    info['tokens_seen'] += int(ft['tokens_seen'])
+    info['train_compute'] += float(ft['tokens_seen']) * float(ft['trainable_params'])
+    info['trainable_params'] = max(info.get('trainable_params', 0), int(ft['trainable_params']))
+    info['finetune'] = ft
+  info['peak_memory_bytes'] = train_lib.peak_memory_bytes()
+  return params, info
 
 
 def evaluate_pair(params_ref, params, cfg, windows: dict[str, Any], tokenizer, items, *,
@@ -177,8 +264,12 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
                    probe_acc_compressed=ev_c['probes']['acc'])
   per_dataset = {n: {'ppl_dense': r['ppl_ref'], 'ppl_compressed': r['ppl'], 'kl_compressed': r['kl'],
                      'top1_compressed': r['top1']} for n, r in ev_c['per_dataset'].items()}
-  if compensator is not None:
-    ev_r = evaluate_pair(params, compressed, cfg, windows, tokenizer, items, dtype=dt,
+  recovered = compressed if compensator is not None else None
+  if c.reconstruct != 'none' or c.finetune != 'none':
+    recovered, train_info = train_recovery(c, params, compressed, cfg, tokenizer, out_dir)
+    results.update(train_info)
+  if recovered is not None:
+    ev_r = evaluate_pair(params, recovered, cfg, windows, tokenizer, items, dtype=dt,
                          batch_size=c.batch_size, tag='recovered')
     results.update(ppl_recovered=ev_r['per_dataset'][first]['ppl'],
                    kl_recovered=ev_r['per_dataset'][first]['kl'],
@@ -188,13 +279,13 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
       results['probe_acc_recovered'] = ev_r['probes']['acc']
     for n, r in ev_r['per_dataset'].items():
       per_dataset[n].update(ppl_recovered=r['ppl'], kl_recovered=r['kl'], top1_recovered=r['top1'])
-    results.update(compensate_lib.adapter_share(compressed))
+    results.update(compensate_lib.adapter_share(recovered))
   results.update(compress_seconds=compress_seconds, numerics_seconds=numerics,
                  calib_forward_seconds=compress_seconds - numerics - recover_seconds,
                  per_dataset=per_dataset, summary=pipeline.summarize(reports),
                  layers=[dataclasses.asdict(r) for r in reports], config=dataclasses.asdict(c))
   if save:
-    checkpoint.save_model(save, compressed, cfg, {'method': spec.describe(), 'model': c.model})
+    checkpoint.save_model(save, recovered if recovered is not None else compressed, cfg, {'method': spec.describe(), 'model': c.model})
     results['saved_to'] = save
   return results
 
@@ -203,4 +294,4 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
 
 RESULT_COLUMNS = ('method', 'ppl_dense', 'ppl_compressed', 'kl_compressed', 'top1_compressed',
                   'probe_acc_dense', 'probe_acc_compressed', 'ppl_recovered', 'kl_recovered',
-                  'top1_recovered', 'probe_acc_recovered', 'compress_seconds')
+                  'top1_recovered', 'probe_acc_recovered', 'compress_seconds', 'train_seconds')

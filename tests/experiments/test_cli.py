@@ -58,6 +58,11 @@ def test_compress_run_with_recovery_and_save(tmp_path):
     (dict(prune='wanda', sparsity='1.5'), '1.5'),
     (dict(quant='gptq', bits=4, group_size=48), 'group_size=48 does not divide'),
     (dict(quant='rtn', recover='lora'), 'not a recovery method'),
+    (dict(prune='wanda', reconstruct='rows'), 'reconstruction window'),
+    (dict(prune='wanda', reconstruct='block', recon_inputs='teacher'), 'recon_inputs'),
+    (dict(prune='wanda', finetune='sgd'), 'not a fine-tuning method'),
+    (dict(quant='rtn', finetune='lora', lora_init='eora'), '--recover=eora'),
+    (dict(reconstruct='block'), 'need a compression'),
 ])
 def test_bad_flags_fail_before_work(tmp_path, kw, match):
   c = _config(tmp_path, **kw)
@@ -80,3 +85,16 @@ def test_compress_table_smoke(tmp_path, monkeypatch):
                              calib_samples=4, calib_seqlen=32, eval_data=[_corpus(tmp_path)],
                              eval_windows=2, eval_seqlen=32)
   assert again[1]['numerics_s'] == rows[1]['numerics_s']
+
+
+def test_compress_run_with_reconstruction(tmp_path):
+  c = _config(tmp_path, prune='wanda', sparsity='0.5', reconstruct='block', recon_samples=4,
+              recon_epochs=4, recon_lr=3e-3)
+  res = compress_exp.run(c, out_dir=str(tmp_path / 'out'))
+  assert res['kl_recovered'] < res['kl_compressed']
+  for k in ('train_seconds', 'tokens_seen', 'trainable_params', 'train_compute'):
+    assert res[k] > 0, k
+  assert res['tokens_seen'] == 2 * 8 * 2 * 32  # windows x steps (2 per epoch x 4) x batch x seqlen
+  assert all(w['loss_after'] < w['loss_before'] for w in res['windows'])
+  assert (tmp_path / 'out' / 'recon_checkpoint' / 'state').exists()
+  json.dumps(res)
