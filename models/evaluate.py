@@ -26,14 +26,18 @@ from models import llama
 from models.config import ModelConfig
 
 
-def _log_probs(params, tokens, cfg: ModelConfig, dtype):
-  logits = llama.forward(params, tokens, cfg, dtype=dtype)
+def _log_probs(params, tokens, cfg: ModelConfig, dtype, prefix=None):
+  logits = llama.forward(params, tokens, cfg, dtype=dtype, prefix=prefix)
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def token_nll(params, tokens: jax.Array, cfg: ModelConfig, dtype=jnp.float32) -> jax.Array:
-  """Negative log-likelihood of ``tokens[:, 1:]`` given their prefix: ``[B, T - 1]`` float32."""
-  logp = _log_probs(params, tokens, cfg, dtype)[:, :-1]
+def token_nll(params, tokens: jax.Array, cfg: ModelConfig, dtype=jnp.float32,
+              prefix: jax.Array | None = None) -> jax.Array:
+  """Negative log-likelihood of ``tokens[:, 1:]`` given their prefix: ``[B, T - 1]`` float32.
+
+  ``prefix``: optional soft-prompt embeddings ``[B or 1, L, D]`` before the tokens
+  (:func:`models.llama.forward`)."""
+  logp = _log_probs(params, tokens, cfg, dtype, prefix)[:, :-1]
   return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
 
@@ -55,9 +59,9 @@ def compare_window_stats(params_ref, params, tokens: jax.Array, cfg: ModelConfig
 
 
 def continuation_logprob(params, tokens: jax.Array, weight: jax.Array, cfg: ModelConfig,
-                         dtype=jnp.float32) -> jax.Array:
+                         dtype=jnp.float32, prefix: jax.Array | None = None) -> jax.Array:
   """Per-row sum of ``log p(tokens[:, t+1] | tokens[:, :t+1]) * weight[:, t]``: ``[B]``."""
-  return -jnp.sum(token_nll(params, tokens, cfg, dtype) * weight, axis=-1)
+  return -jnp.sum(token_nll(params, tokens, cfg, dtype, prefix) * weight, axis=-1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,17 +77,32 @@ def _batches(windows: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
 
 
 def perplexity(params, cfg: ModelConfig, windows: np.ndarray, *, batch_size: int = 8,
-               dtype=jnp.float32, progress: bool = True, desc: str = 'perplexity') -> dict[str, Any]:
+               dtype=jnp.float32, progress: bool = True, desc: str = 'perplexity',
+               prefixes: Any = None) -> dict[str, Any]:
   """Perplexity over evaluation windows ``[N, T]``.
+
+  ``prefixes``: optional per-window soft-prompt embeddings ``[N, L, D]`` placed before each
+  window (e.g. the prompts a prompt pool routes each window to); the window's tokens are scored
+  as without them.
 
   Returns:
     ``{'ppl', 'nll', 'eval_tokens' (predicted tokens), 'seconds'}``.
   """
   windows = np.asarray(windows, np.int32)
+  if prefixes is not None:
+    prefixes = np.asarray(prefixes, np.float32)
+    if len(prefixes) != len(windows):
+      raise ValueError(f'prefixes has {len(prefixes)} rows for {len(windows)} windows')
   fn = _jitted('nll', cfg, jnp.dtype(dtype).name)
   total, count, t0 = 0.0, 0, time.time()
-  for batch in tqdm(list(_batches(windows, batch_size)), desc=desc, disable=not progress):
-    nll = np.asarray(fn(params, jnp.asarray(batch)), np.float64)
+  for i, batch in enumerate(tqdm(list(_batches(windows, batch_size)), desc=desc,
+                                 disable=not progress)):
+    if prefixes is None:
+      nll = fn(params, jnp.asarray(batch))
+    else:
+      pre = jnp.asarray(prefixes[i * batch_size:i * batch_size + len(batch)])
+      nll = fn(params, jnp.asarray(batch), prefix=pre)
+    nll = np.asarray(nll, np.float64)
     total += nll.sum()
     count += nll.size
   mean = total / count
@@ -155,13 +174,21 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 def score_multiple_choice(params, cfg: ModelConfig, tokenizer, items: Sequence[Any], *,
                           batch_size: int = 32, dtype=jnp.float32, progress: bool = True,
-                          desc: str = 'multiple choice') -> dict[str, Any]:
+                          desc: str = 'multiple choice', prefixes: Any = None) -> dict[str, Any]:
   """Scores multiple-choice items (objects with ``context``, ``choices``, ``gold``).
+
+  ``prefixes``: optional per-item soft-prompt embeddings ``[len(items), L, D]`` (e.g. the prompt
+  a prompt pool routes each item's context to); every choice of item ``i`` is scored with
+  ``prefixes[i]`` before its context.
 
   Returns:
     ``{'acc', 'acc_norm', 'n', 'predictions'}`` where ``predictions`` holds each item's argmax
     under the summed log-likelihood.
   """
+  if prefixes is not None:
+    prefixes = np.asarray(prefixes, np.float32)
+    if len(prefixes) != len(items):
+      raise ValueError(f'prefixes has {len(prefixes)} rows for {len(items)} items')
   requests = []  # (item index, choice index, full tokens, number of continuation tokens)
   for i, item in enumerate(items):
     ctx = _encode(tokenizer, item.context)
@@ -186,7 +213,14 @@ def score_multiple_choice(params, cfg: ModelConfig, tokenizer, items: Sequence[A
       toks, n_cont = requests[r][2], requests[r][3]
       batch[row, :len(toks)] = toks
       weight[row, len(toks) - n_cont - 1:len(toks) - 1] = 1.0
-    sums = np.asarray(fn(params, jnp.asarray(batch), jnp.asarray(weight)))
+    if prefixes is None:
+      sums = fn(params, jnp.asarray(batch), jnp.asarray(weight))
+    else:
+      pre = np.zeros((batch_size,) + tuple(prefixes.shape[1:]), np.float32)
+      for row, r in enumerate(chunk):
+        pre[row] = prefixes[requests[r][0]]
+      sums = fn(params, jnp.asarray(batch), jnp.asarray(weight), prefix=jnp.asarray(pre))
+    sums = np.asarray(sums)
     for row, r in enumerate(chunk):
       scores[r] = sums[row]
   correct = correct_norm = 0
