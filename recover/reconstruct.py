@@ -160,6 +160,7 @@ class WindowReport:
   steps: int
   trainable_params: int
   seconds: float
+  loop_bytes: int | None = None   # compiled training loop: arguments + temporaries + outputs
 
 
 # --------------------------------------------------------------------------- plans and jitted fns
@@ -233,11 +234,23 @@ def _mean_loss(apply, trainable, frozen, xs, ys, batch: int, loss_name: str):
 # --------------------------------------------------------------------------- one window
 
 
+def _loop_bytes(run, *args) -> int | None:
+  """Memory of the compiled training loop as XLA reports it (None where unsupported)."""
+  try:
+    m = run.lower(*args).compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def reconstruct_window(cfg: ModelConfig, window: Window, blocks: dict[int, Params],
-                       xs: jax.Array, ys: jax.Array, config: ReconConfig
+                       xs: jax.Array, ys: jax.Array, config: ReconConfig, *,
+                       measure_memory: bool = False
                        ) -> tuple[dict[int, Params], WindowReport, jax.Array]:
   """Trains one window on inputs ``xs`` and dense targets ``ys`` (``[N, T, D]``, or the linear's
-  input/output features for a matrix window).
+  input/output features for a matrix window). ``measure_memory``: also report the compiled loop's
+  memory (one extra compilation per window shape).
 
   Returns the window's new blocks, its report, and its output on ``xs`` after training.
   """
@@ -254,7 +267,9 @@ def reconstruct_window(cfg: ModelConfig, window: Window, blocks: dict[int, Param
   run, apply = _jitted(cfg, units, split.static_key, config.optim, len(order), config.loss)
   frozen = {'split': split.frozen, 'blocks': local}
   before, _ = _mean_loss(apply, split.trainable, frozen, xs, ys, config.eval_batch, config.loss)
-  trained, _ = run(split.trainable, frozen, {'x': xs, 'y': ys}, jnp.asarray(order))
+  args = (split.trainable, frozen, {'x': xs, 'y': ys}, jnp.asarray(order))
+  loop_bytes = _loop_bytes(run, *args) if measure_memory else None
+  trained, _ = run(*args)
   after, out = _mean_loss(apply, trained, frozen, xs, ys, config.eval_batch, config.loss)
   final = train.final_leaves(split, trained)
   new_blocks = dict(blocks)
@@ -264,7 +279,7 @@ def reconstruct_window(cfg: ModelConfig, window: Window, blocks: dict[int, Param
     new_blocks[i] = set_linear(new_blocks[i], lin, leaf)
   report = WindowReport(name=window.name, loss_before=before, loss_after=after, steps=len(order),
                         trainable_params=train.count_params(split.trainable),
-                        seconds=time.time() - t0)
+                        seconds=time.time() - t0, loop_bytes=loop_bytes)
   return new_blocks, report, out
 
 
@@ -315,8 +330,8 @@ def _fingerprint(params, dense_params, cfg, tokens, config: ReconConfig) -> str:
 
 def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: np.ndarray,
                 config: ReconConfig = ReconConfig(), *, checkpoint_dir: str | None = None,
-                progress: bool = True, stop_after: int | None = None
-                ) -> tuple[Params, list[WindowReport]]:
+                progress: bool = True, stop_after: int | None = None,
+                measure_memory: bool = False) -> tuple[Params, list[WindowReport]]:
   """Reconstructs every window of a compressed model against the dense model.
 
   Args:
@@ -328,6 +343,7 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
     checkpoint_dir: checkpoint after every window here and resume from it.
     progress: show a progress bar.
     stop_after: stop after this many windows (for tests of resumption).
+    measure_memory: report each window's compiled training-loop memory (``loop_bytes``).
 
   Returns:
     ``(reconstructed params, one report per window)``.
@@ -378,7 +394,8 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
         stage_inputs = {'block': b, 'dense': _block_inputs(cfg, dense_layers[b], x_dense, batch)[1]}
       w_dense = get_linear(dense_layers[b], lin)
       ys = _batched(lambda x: kernels_api.linear(x, w_dense), stage_inputs['dense'][key], batch)
-      new, rep, _ = reconstruct_window(cfg, window, {b: layers[b]}, xs, ys, config)
+      new, rep, _ = reconstruct_window(cfg, window, {b: layers[b]}, xs, ys, config,
+                                       measure_memory=measure_memory)
       layers[b] = new[b]
       if window.ends_block:
         x_hat = _run_units(cfg, layers, [(b, 'attn'), (b, 'mlp')],
@@ -389,7 +406,7 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
       ys = _run_units(cfg, dense_layers, window.units, x_dense, batch)
       xs = x_dense if config.inputs == 'dense' else x_hat
       new, rep, out = reconstruct_window(cfg, window, {b: layers[b] for b in window.blocks}, xs, ys,
-                                         config)
+                                         config, measure_memory=measure_memory)
       for b in window.blocks:
         layers[b] = new[b]
       x_hat, x_dense = out, ys
@@ -420,4 +437,5 @@ def summarize(reports: Sequence[WindowReport]) -> dict[str, Any]:
       'steps': int(sum(r.steps for r in reports)),
       'trainable_params_max_window': int(max(r.trainable_params for r in reports)),
       'train_seconds': float(sum(r.seconds for r in reports)),
+      'peak_loop_bytes': max((r.loop_bytes or 0) for r in reports) or None,
   }
