@@ -1,0 +1,571 @@
+"""Training-based recovery of a whole compressed model on the language-modelling loss.
+
+Three methods (METHODS.md §3), all one jitted optax loop over the model's seven block linears
+(:data:`models.llama.LINEAR_NAMES` of every ``params['layers'][i]``); embeddings, norms and the LM
+head stay frozen:
+
+* ``'lora'``: QLoRA-style adapters ``y += x a b`` on the frozen compressed base of every linear
+  (dense linears get one too). The adapter starts as
+
+  - ``'zero'``: ``a`` random, ``b = 0`` (QLoRA): the model starts exactly at the base model;
+  - ``'loftq'``: LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659), the base re-compressed
+    together with a rank-r SVD of its error by alternation (:func:`loftq`); needs the dense model;
+  - ``'eora'`` / ``'srr'``: the adapter the model already carries (compressed with the EoRA or SRR
+    compensator at the same rank); ``'srr'`` scales the gradient of SRR's preserved leading
+    components by ``srr_grad_scale``.
+
+* ``'qat'``: post-quantization training with a straight-through estimator: every linear stored as a
+  :class:`~kernels.formats.QuantizedWeight` trains a float latent weight that is rounded onto the
+  leaf's fixed grid in the forward pass and re-quantized (same scales and zero points) at the end.
+* ``'global'``: masked full fine-tuning: float (dense or pruned) linears train their weights with
+  the sparsity pattern applied in the forward pass (pruned weights stay exactly zero); quantized
+  ones train with the straight-through estimator as in ``'qat'``; 2:4-packed quantized values stay
+  frozen.
+
+The loss is the mean next-token cross-entropy, or with ``distill=True`` the mean over positions of
+``KL(dense || model)`` of the next-token distributions. The trainable split of each leaf, the AdamW
+schedule and the ``lax.scan`` loop come from :mod:`recover.train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from compress import quantize as quantize_lib
+from kernels import formats
+from kernels.formats import CompressedLinear, LowRank, QuantizedWeight, QuantSpec, Sparse24Weight
+from models import llama
+from models.config import ModelConfig
+from recover import train
+
+Params = dict[str, Any]
+
+METHODS = ('lora', 'qat', 'global')
+LORA_INITS = ('zero', 'loftq', 'eora', 'srr')
+DEFAULT_LR = {'lora': 1e-4, 'qat': 1e-5, 'global': 1e-5}
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_number(x) -> bool:
+  return (isinstance(x, (int, float, np.integer, np.floating))
+          and not isinstance(x, (bool, np.bool_)))
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+  """What :func:`finetune` trains and how (hashable).
+
+  Attributes:
+    method: 'lora', 'qat' or 'global'.
+    steps: optimizer steps (> 0); every step sees ``batch_size`` sequences.
+    batch_size: sequences per step.
+    lr: peak AdamW learning rate; None = the method's default (:data:`DEFAULT_LR`: lora 1e-4,
+      qat 1e-5, global 1e-5). After construction it holds the value in use.
+    warmup: fraction of the steps with linear warmup (then linear decay to 0).
+    weight_decay: AdamW weight decay.
+    lora_rank: adapter rank (clipped per layer to ``min(in, out)``).
+    lora_alpha: LoRA scale numerator of a zero-initialised adapter (``alpha / r`` is folded into
+      ``a``); a given initial adapter (LoftQ, EoRA, SRR) is used as is.
+    lora_init: 'zero', 'loftq', 'eora' or 'srr'.
+    loftq_iters: LoftQ alternations.
+    srr_grad_scale: gradient scale of SRR's preserved adapter components (``lora_init='srr'``).
+    distill: train on ``KL(dense || model)`` instead of the cross-entropy (needs the dense params).
+    seed: seed of the batch order and of zero-initialised adapters.
+  """
+  method: str
+  steps: int
+  batch_size: int = 2
+  lr: float | None = None
+  warmup: float = 0.1
+  weight_decay: float = 0.0
+  lora_rank: int = 16
+  lora_alpha: float = 32.0
+  lora_init: str = 'zero'
+  loftq_iters: int = 5
+  srr_grad_scale: float = 0.1
+  distill: bool = False
+  seed: int = 0
+
+  def __post_init__(self):
+    def bad(field, value, want):
+      raise ValueError(f'FinetuneConfig.{field}={value!r}: {want}')
+    if self.method not in METHODS:
+      bad('method', self.method, f'choose one of {METHODS}')
+    for field in ('steps', 'batch_size', 'lora_rank', 'loftq_iters'):
+      value = getattr(self, field)
+      if not _is_int(value) or value <= 0:
+        bad(field, value, 'must be a positive int')
+    if self.lr is None:
+      object.__setattr__(self, 'lr', DEFAULT_LR[self.method])
+    elif not _is_number(self.lr) or not math.isfinite(self.lr) or self.lr <= 0:
+      bad('lr', self.lr, 'must be a positive finite number (or None for the method default)')
+    if not _is_number(self.warmup) or not 0 <= self.warmup < 1:
+      bad('warmup', self.warmup, 'must be a fraction in [0, 1)')
+    if not _is_number(self.weight_decay) or not math.isfinite(self.weight_decay) or (
+        self.weight_decay < 0):
+      bad('weight_decay', self.weight_decay, 'must be a finite number >= 0')
+    if not _is_number(self.lora_alpha) or not math.isfinite(self.lora_alpha) or (
+        self.lora_alpha <= 0):
+      bad('lora_alpha', self.lora_alpha, 'must be a positive finite number')
+    if self.lora_init not in LORA_INITS:
+      bad('lora_init', self.lora_init, f'choose one of {LORA_INITS}')
+    if not _is_number(self.srr_grad_scale) or not 0 <= self.srr_grad_scale <= 1:
+      bad('srr_grad_scale', self.srr_grad_scale, 'must be in [0, 1]')
+    if not isinstance(self.distill, (bool, np.bool_)):
+      bad('distill', self.distill, 'must be a bool')
+    if not _is_int(self.seed):
+      bad('seed', self.seed, 'must be an int')
+
+  @property
+  def optim(self) -> train.OptimConfig:
+    return train.OptimConfig(lr=float(self.lr), warmup=float(self.warmup),
+                             weight_decay=float(self.weight_decay))
+
+
+# --------------------------------------------------------------------------- the linears of a model
+
+
+def linear_paths(params: Params) -> list[str]:
+  """``layers/{i}/{sub}/{name}/kernel`` of every block linear (the paths rules match)."""
+  return [f'layers/{i}/{lin}/kernel' for i in range(len(params['layers']))
+          for lin in llama.LINEAR_NAMES]
+
+
+def _split_path(path: str) -> tuple[int, str, str]:
+  _, i, sub, name, _ = path.split('/')
+  return int(i), sub, name
+
+
+def linear_leaves(params: Params) -> dict[str, Any]:
+  """``{path: weight leaf}`` of every block linear."""
+  out = {}
+  for path in linear_paths(params):
+    i, sub, name = _split_path(path)
+    out[path] = params['layers'][i][sub][name]['kernel']
+  return out
+
+
+def replace_leaves(params: Params, leaves: dict[str, Any]) -> Params:
+  """A copy of ``params`` (new containers, same arrays) with the block linears at ``leaves``' paths
+  replaced."""
+  out = dict(params)
+  layers = list(params['layers'])
+  for path, leaf in leaves.items():
+    i, sub, name = _split_path(path)
+    block = dict(layers[i])
+    block[sub] = dict(block[sub])
+    block[sub][name] = dict(block[sub][name], kernel=leaf)
+    layers[i] = block
+  out['layers'] = layers
+  return out
+
+
+def _strip(leaf):
+  if isinstance(leaf, CompressedLinear) and leaf.adapter is not None:
+    return dataclasses.replace(leaf, adapter=None)
+  return leaf
+
+
+# --------------------------------------------------------------------------- LoftQ
+
+
+def _quant_spec(c: CompressedLinear) -> QuantSpec | None:
+  """The grid of the whole ``[in, out]`` matrix of a quantized leaf (a 2:4 leaf's values use half
+  groups), or None for a float weight."""
+  w = c.weight
+  if isinstance(w, QuantizedWeight):
+    return w.spec
+  if isinstance(w, Sparse24Weight) and isinstance(w.values, QuantizedWeight):
+    v = w.values
+    return QuantSpec(bits=v.bits, group_size=-1 if v.group_size == -1 else 2 * v.group_size,
+                     symmetric=v.symmetric)
+  return None
+
+
+def loftq_dense(w: jax.Array, mask: jax.Array | None, spec: QuantSpec | None, rank: int,
+                iters: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """LoftQ's alternation on dense arrays (jittable; ``spec``, ``rank``, ``iters`` static).
+
+  ``A_0 B_0 = 0``; for ``t = 1..iters``: ``base_t = P(W - A_{t-1} B_{t-1})``, then
+  ``A_t B_t = SVD_r(W - base_t)``, where ``P`` projects onto the leaf's format: RTN on ``spec``'s
+  grid (fresh min/max scales per group) and/or the fixed sparsity ``mask``
+  (``P(R) = mask * RTN(mask * R)``; ``mask * R`` alone for a float pruned weight, which is the exact
+  minimiser). An iteration that does not lower ``||W - base - A B||_F`` is not taken: the previous
+  base and adapter are kept, which stops the alternation there (RTN with fresh scales is not an
+  exact projection, so LoftQ's plain alternation can go up). The errors are non-increasing.
+
+  Args:
+    w: the dense weight ``[in, out]``.
+    mask: bool ``[in, out]`` of the kept weights, or None.
+    spec: the quantization grid, or None for a float (pruned) weight.
+    rank: adapter rank r.
+    iters: alternations (>= 1).
+
+  Returns:
+    ``(r, a, b, errors)``: ``r`` the matrix whose projection is the final base (re-compress it
+    to build the leaf), ``a [in, r]``, ``b [r, out]``, ``errors [iters]`` =
+    ``||W - base_t - A_t B_t||_F`` after each iteration.
+  """
+  w = jnp.asarray(w, jnp.float32)
+
+  def project(r):
+    if mask is not None:
+      r = jnp.where(mask, r, 0.0)
+    if spec is not None:
+      r = quantize_lib.rtn_dense(r, spec)
+      if mask is not None:
+        r = jnp.where(mask, r, 0.0)
+    return r
+
+  def svd_r(m):
+    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
+    root = jnp.sqrt(s[:rank])
+    return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
+
+  base = project(w)
+  a, b = svd_r(w - base)
+  err = jnp.linalg.norm(w - base - a @ b)
+
+  def step(carry, _):
+    r, a, b, err = carry
+    target = w - a @ b
+    base = project(target)
+    a_new, b_new = svd_r(w - base)
+    err_new = jnp.linalg.norm(w - base - a_new @ b_new)
+    take = err_new <= err
+    pick = lambda new, old: jnp.where(take, new, old)
+    carry = (pick(target, r), pick(a_new, a), pick(b_new, b), pick(err_new, err))
+    return carry, carry[-1]
+
+  (r, a, b, _), errs = jax.lax.scan(step, (w, a, b, err), None, length=iters - 1)
+  return r, a, b, jnp.concatenate([err[None], errs])
+
+
+@functools.lru_cache(maxsize=None)
+def _loftq_jit(spec: QuantSpec | None, rank: int, iters: int, masked: bool):
+  if masked:
+    return jax.jit(lambda w, m: loftq_dense(w, m, spec, rank, iters))
+  return jax.jit(lambda w, m: loftq_dense(w, None, spec, rank, iters))
+
+
+def _rebuild(r: jax.Array, c: CompressedLinear, mask: jax.Array | None,
+             spec: QuantSpec | None) -> CompressedLinear:
+  """The leaf in ``c``'s format whose dense weight is :func:`loftq_dense`'s projection of ``r``."""
+  if mask is not None:
+    r = jnp.where(mask, r, 0.0)
+  w = c.weight
+  if spec is not None:
+    q = quantize_lib.rtn(r, spec)
+    if isinstance(w, Sparse24Weight):
+      return CompressedLinear(weight=formats.sparse24_from_quantized(q, mask))
+    return CompressedLinear(weight=q, mask=c.mask)
+  if isinstance(w, Sparse24Weight):
+    values_dtype = w.values.dtype
+    s = formats.sparse24_compress(r)
+    return CompressedLinear(weight=dataclasses.replace(s, values=s.values.astype(values_dtype)))
+  return CompressedLinear(weight=r.astype(jnp.asarray(w).dtype), mask=c.mask)
+
+
+def loftq(w: jax.Array, leaf, rank: int,
+          iters: int) -> tuple[CompressedLinear, LowRank, list[float]]:
+  """LoftQ initialisation of one compressed linear (see :func:`loftq_dense`).
+
+  Quantized leaves are re-quantized with round-to-nearest on their own grid (bits, group size,
+  symmetry; fresh scales; an act-order ``g_idx`` becomes contiguous groups), pruned leaves keep
+  their sparsity pattern (mask or 2:4) and 2:4 + quantized leaves both. The leaf's own adapter is
+  ignored.
+
+  Args:
+    w: the dense weight ``[in, out]`` the leaf was compressed from.
+    leaf: a :class:`~kernels.formats.CompressedLinear` (quantized and/or pruned).
+    rank: adapter rank in ``[1, min(in, out)]``.
+    iters: alternations (>= 1).
+
+  Returns:
+    ``(base leaf in the same format, LowRank(a, b), errors)`` where ``errors[t]`` is
+    ``||W - base - a b||_F`` after iteration ``t + 1`` (non-increasing).
+  """
+  if not isinstance(leaf, CompressedLinear):
+    raise ValueError(f'LoftQ needs a compressed leaf (CompressedLinear), got {type(leaf).__name__}')
+  c = _strip(leaf)
+  w = jnp.asarray(w, jnp.float32)
+  if tuple(w.shape) != tuple(c.shape):
+    raise ValueError(f'LoftQ: dense weight shape {tuple(w.shape)} does not match the leaf shape '
+                     f'{tuple(c.shape)}')
+  if not _is_int(rank) or not 0 < rank <= min(c.shape):
+    raise ValueError(f'LoftQ rank must be an int in [1, {min(c.shape)}], got {rank!r}')
+  if not _is_int(iters) or iters <= 0:
+    raise ValueError(f'LoftQ iters must be a positive int, got {iters!r}')
+  spec = _quant_spec(c)
+  mask = train.sparsity_mask(c)
+  if spec is None and mask is None:
+    raise ValueError('LoftQ needs a quantized or pruned leaf; this one holds a dense float weight')
+  r, a, b, errors = _loftq_jit(spec, int(rank), int(iters), mask is not None)(w, mask)
+  base = _rebuild(r, c, mask, spec)
+  return base, LowRank(a=a, b=b), [float(e) for e in np.asarray(errors)]
+
+
+# --------------------------------------------------------------------------- plans
+
+
+def _lora_plan(cfg: FinetuneConfig) -> train.LeafPlan:
+  scale = cfg.srr_grad_scale if cfg.lora_init == 'srr' else 1.0
+  return train.LeafPlan('lora', lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                        preserved_grad_scale=float(scale))
+
+
+def _examples(paths: list[str]) -> str:
+  return ', '.join(paths[:3]) + (f' and {len(paths) - 3} more' if len(paths) > 3 else '')
+
+
+def _check_dense(params: Params, dense_params: Params, why: str) -> None:
+  if dense_params is None:
+    raise ValueError(f'{why} needs dense_params (the uncompressed model)')
+  if len(dense_params.get('layers', ())) != len(params['layers']):
+    raise ValueError(f'dense_params has {len(dense_params.get("layers", ()))} layers, the model '
+                     f'{len(params["layers"])}')
+
+
+def prepare(params: Params, cfg: FinetuneConfig, *, dense_params: Params | None = None
+            ) -> tuple[dict[str, Any], dict[str, train.LeafPlan]]:
+  """The linears training starts from and how each is trained.
+
+  Returns ``(leaves, plans)``: ``leaves`` maps every block linear's path to its initial leaf (for
+  LoRA: without adapter for a zero init, with the LoftQ base and adapter, or as given for EoRA/SRR);
+  ``plans`` maps the trained paths to their :class:`~recover.train.LeafPlan` (linears without a
+  plan stay frozen). Raises ValueError when the model does not fit the configuration.
+  """
+  leaves = linear_leaves(params)
+  plans: dict[str, train.LeafPlan] = {}
+  if cfg.method == 'lora':
+    plan = _lora_plan(cfg)
+    compressed = [p for p, l in leaves.items() if isinstance(l, CompressedLinear)]
+    if cfg.lora_init == 'zero':
+      srr = [p for p in compressed
+             if leaves[p].adapter is not None and leaves[p].adapter.preserved > 0]
+      if srr:
+        raise ValueError(f"lora_init='zero' would drop SRR adapters that hold preserved weight "
+                         f"directions ({_examples(srr)}); use lora_init='srr'")
+      leaves = {p: _strip(l) for p, l in leaves.items()}
+    elif cfg.lora_init in ('eora', 'srr'):
+      missing = [p for p in compressed if leaves[p].adapter is None]
+      if missing:
+        raise ValueError(
+            f'lora_init={cfg.lora_init!r} starts from the adapters the model carries, but '
+            f'{len(missing)} compressed linears have none ({_examples(missing)}); compress with '
+            f'the {cfg.lora_init} compensator at rank {cfg.lora_rank} first')
+      wrong = [f'{p} (rank {leaves[p].adapter.rank})' for p in compressed
+               if leaves[p].adapter.rank != min(cfg.lora_rank, *leaves[p].shape)]
+      if wrong:
+        raise ValueError(f'lora_rank={cfg.lora_rank} but some adapters have another rank: '
+                         f'{_examples(wrong)}')
+      if cfg.lora_init == 'srr' and compressed and not any(
+          leaves[p].adapter.preserved > 0 for p in compressed):
+        warnings.warn("lora_init='srr' but no adapter has preserved components (not an SRR "
+                      'model, or k = 0 everywhere): srr_grad_scale has no effect', UserWarning,
+                      stacklevel=2)
+    else:  # loftq
+      _check_dense(params, dense_params, "lora_init='loftq'")
+      dense = linear_leaves(dense_params)
+      new = {}
+      for p, l in leaves.items():
+        if isinstance(l, CompressedLinear) and (_quant_spec(l) is not None
+                                                or train.sparsity_mask(l) is not None):
+          base, adapter, _ = loftq(formats.to_dense(dense[p]), l, min(cfg.lora_rank, *l.shape),
+                                   cfg.loftq_iters)
+          new[p] = dataclasses.replace(base, adapter=adapter)
+        else:
+          new[p] = _strip(l)
+      leaves = new
+    plans = {p: plan for p in leaves}
+  elif cfg.method == 'qat':
+    plans = {p: train.LeafPlan('ste') for p, l in leaves.items()
+             if isinstance(l, CompressedLinear) and isinstance(l.weight, QuantizedWeight)}
+  else:  # global
+    for p, l in leaves.items():
+      w = l.weight if isinstance(l, CompressedLinear) else l
+      if isinstance(w, QuantizedWeight):
+        plans[p] = train.LeafPlan('ste')
+      elif isinstance(w, Sparse24Weight) and isinstance(w.values, QuantizedWeight):
+        continue  # 2:4-packed quantized values: no float weight to train, stays frozen
+      else:
+        plans[p] = train.LeafPlan('weights')
+  if not plans:
+    what = {'qat': 'no linear is stored as a QuantizedWeight',
+            'global': 'no linear has a float or quantized (non-2:4) weight',
+            'lora': 'the model has no block linears'}[cfg.method]
+    raise ValueError(f'method={cfg.method!r} has nothing to train: {what}')
+  return leaves, plans
+
+
+def initial_model(params: Params, cfg: FinetuneConfig, *, dense_params: Params | None = None
+                  ) -> Params:
+  """The model training starts from (step 0), in the result's leaf formats (e.g. the LoftQ
+  initialisation before any training; a zero-initialised LoRA carries a zero-product adapter)."""
+  leaves, plans = prepare(params, cfg, dense_params=dense_params)
+  split = train.split_leaves(leaves, plans, jax.random.key(cfg.seed))
+  return replace_leaves(params, {**leaves, **train.final_leaves(split, split.trainable)})
+
+
+# --------------------------------------------------------------------------- losses and data
+
+
+def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy: ``logits [B, T, V]`` predict ``tokens[:, 1:]``."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.mean(nll)
+
+
+def kl_loss(ref_logits: jax.Array, logits: jax.Array) -> jax.Array:
+  """Mean over positions of ``KL(softmax(ref) || softmax(logits))``."""
+  ref = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(jnp.sum(jnp.exp(ref) * (ref - logp), axis=-1))
+
+
+def step_order(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+  """``[steps, batch_size]`` sample indices: seeded permutations of the ``n`` samples, epoch after
+  epoch, exactly ``steps`` rows."""
+  if not 0 < batch_size <= n:
+    raise ValueError(f'FinetuneConfig.batch_size={batch_size} must be in [1, {n}] (the number of '
+                     'token sequences)')
+  order = train.batch_order(n, batch_size, steps / (n // batch_size), seed)
+  if order.shape[0] != steps:
+    raise AssertionError(f'batch order has {order.shape[0]} steps, expected {steps}')
+  return order
+
+
+def _check_tokens(tokens, config: ModelConfig) -> np.ndarray:
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 2 or tokens.shape[1] < 2:
+    raise ValueError(f'tokens must be [N, T] with T >= 2, got shape {tokens.shape}')
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise ValueError(f'tokens must be integers, got dtype {tokens.dtype}')
+  if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
+    raise ValueError(f'tokens must lie in [0, {config.vocab_size}) (the vocabulary), got '
+                     f'[{tokens.min()}, {tokens.max()}]')
+  return tokens.astype(np.int32)
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def finetune(params: Params, cfg: FinetuneConfig, tokens, config: ModelConfig, *,
+             dense_params: Params | None = None, progress: bool = True,
+             dtype=jnp.float32) -> tuple[Params, dict[str, Any]]:
+  """Fine-tunes a (compressed) model by ``cfg`` on ``tokens``.
+
+  Args:
+    params: the model (compressed leaves in ``params['layers']``; not modified).
+    cfg: what to train (:class:`FinetuneConfig`).
+    tokens: ``[N, T]`` int token sequences; each step draws ``cfg.batch_size`` of them.
+    config: the model config.
+    dense_params: the uncompressed model (needed for LoftQ init and distillation).
+    progress: show a progress bar (one tick per step, with the loss).
+    dtype: compute dtype of the forward pass.
+
+  Returns:
+    ``(params, info)``: the trained model in the original leaf formats (LoRA: float adapters on the
+    compressed leaves; QAT: re-packed QuantizedWeight on the same grid; global: pruned weights
+    exactly zero), and ``info`` with ``method``, ``lora_init``, ``steps``, ``train_seconds``
+    (excluding compilation), ``compile_seconds``, ``tokens_seen``, ``trainable_params``,
+    ``peak_memory_bytes``, ``loss_first``, ``loss_last`` and ``losses`` (one per step).
+  """
+  if not isinstance(cfg, FinetuneConfig):
+    raise ValueError(f'cfg must be a FinetuneConfig, got {type(cfg).__name__}')
+  tokens = _check_tokens(tokens, config)
+  if cfg.distill:
+    _check_dense(params, dense_params, 'FinetuneConfig.distill=True')
+  order = step_order(tokens.shape[0], cfg.batch_size, cfg.steps, cfg.seed)
+  leaves, plans = prepare(params, cfg, dense_params=dense_params)
+  split = train.split_leaves(leaves, plans, jax.random.key(cfg.seed))
+  static = split.static_key
+  frozen = {'leaves': split.frozen, 'rest': replace_leaves(params, {p: None for p in plans}),
+            'dense': dense_params if cfg.distill else None}
+
+  bars = []  # the progress bar, opened once compilation is done
+
+  def tick(loss):
+    if bars:
+      bars[0].update(1)
+      bars[0].set_postfix(loss=f'{float(loss):.4f}')
+
+  def loss_fn(trainable, frz, batch):
+    model = replace_leaves(frz['rest'], train.forward_leaves(static, trainable, frz['leaves']))
+    logits = llama.forward(model, batch, config, dtype=dtype)
+    if cfg.distill:
+      ref = jax.lax.stop_gradient(llama.forward(frz['dense'], batch, config, dtype=dtype))
+      loss = kl_loss(ref, logits)
+    else:
+      loss = lm_loss(logits, batch)
+    if progress:
+      jax.debug.callback(tick, loss)
+    return loss
+
+  run = jax.jit(train.train_loop(loss_fn, train.optimizer(cfg.optim, cfg.steps)))
+  args = (split.trainable, frozen, jnp.asarray(tokens), jnp.asarray(order))
+  t0 = time.time()
+  compiled = run.lower(*args).compile()
+  compile_seconds = time.time() - t0
+  bars.append(tqdm(total=cfg.steps, desc=f'finetune {cfg.method}', unit='step',
+                   disable=not progress))
+  t0 = time.time()
+  trainable, losses = compiled(*args)
+  losses = np.asarray(jax.block_until_ready(losses), np.float64)
+  jax.effects_barrier()  # every progress callback has run
+  train_seconds = time.time() - t0
+  bars[0].close()
+
+  out = replace_leaves(params, {**leaves, **train.final_leaves(split, trainable)})
+  info = {
+      'method': cfg.method,
+      'lora_init': cfg.lora_init if cfg.method == 'lora' else None,
+      'distill': cfg.distill,
+      'steps': cfg.steps,
+      'batch_size': cfg.batch_size,
+      'seqlen': int(tokens.shape[1]),
+      'lr': float(cfg.lr),
+      'train_seconds': train_seconds,
+      'compile_seconds': compile_seconds,
+      'tokens_seen': int(cfg.steps * cfg.batch_size * tokens.shape[1]),
+      'trainable_params': train.count_params(split.trainable),
+      'trained_linears': len(plans),
+      'peak_memory_bytes': train.peak_memory_bytes(),
+      'loss_first': float(losses[0]),
+      'loss_last': float(losses[-1]),
+      'losses': [float(v) for v in losses],
+  }
+  return out, info
+
+
+def run_cli(method: str, params: Params, config: ModelConfig, tokens, *,
+            dense_params: Params | None = None, steps: int, lr: float | None = None,
+            batch_size: int = 2, lora_rank: int = 16, lora_init: str = 'zero',
+            distill: bool = False, seed: int = 0, progress: bool = True
+            ) -> tuple[Params, dict[str, Any]]:
+  """:func:`finetune` from flat arguments (what the experiment drivers' flags give).
+
+  ``method`` is one of :data:`METHODS`; the other fields keep :class:`FinetuneConfig`'s defaults.
+  Returns ``(params, info)`` with a JSON-serialisable ``info``.
+  """
+  if method not in METHODS:
+    hint = (' (IDP trains a prompt pool, not the weights: see recover.prompting.train_pool)'
+            if method == 'idp' else '')
+    raise ValueError(f'fine-tuning method {method!r} is not one of {METHODS}{hint}')
+  cfg = FinetuneConfig(method, steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
+                       lora_init=lora_init, distill=distill, seed=seed)
+  return finetune(params, cfg, tokens, config, dense_params=dense_params, progress=progress)

@@ -1,0 +1,31 @@
+"""Smoke test of the LoRA-initialisation table script on the tiny byte-level model."""
+
+import numpy as np
+
+from experiments import lora_table
+
+
+def test_lora_table_smoke(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  words = ['the', 'model', 'weight', 'is', 'a', 'of', 'and', 'compress', 'recover', 'layer']
+  path = tmp_path / 'corpus.txt'
+  path.write_text(' '.join(rng.choice(words, size=6000)) + '\n')
+  common = lora_table.common
+  real, real_eval = common.calibration_for, common.eval_windows_for
+  monkeypatch.setattr(common, 'calibration_for',
+                      lambda tok, src, n, t, seed: real(tok, str(path), n, t, seed))
+  monkeypatch.setattr(common, 'eval_windows_for',
+                      lambda tok, src, t, n: real_eval(tok, str(path), t, n))
+  monkeypatch.setattr(common, 'probe_items', lambda p: [])
+  monkeypatch.setattr(lora_table, 'ROWS', {'rtn w2g32': dict(quant='rtn', bits=2, group_size=32)})
+  res = lora_table.run(out_dir=str(tmp_path / 'l'), rows=['rtn w2g32'], model='tiny-llama',
+                       lora_rank=4, ft_steps=3, ft_samples=4, ft_seqlen=16, loftq_iters=2,
+                       calib_samples=8, calib_seqlen=32, eval_data=('a',), eval_windows=2,
+                       eval_seqlen=32)
+  rows = {(r['init'], r['stage']): r for r in res['rows'] if r['compression'] != 'dense'}
+  assert set(rows) == {(n, s) for n in lora_table.INIT_NAMES.values() for s in ('before', 'after')}
+  # The EoRA model and a LoftQ start are closer to the dense model than the compression alone.
+  assert rows[('EoRA', 'before')]['kl a'] < rows[('QLoRA (zero)', 'before')]['kl a']
+  assert rows[('LoftQ', 'before')]['kl a'] < rows[('QLoRA (zero)', 'before')]['kl a']
+  assert len(res['finetune']['rtn w2g32 | eora']['losses']) == 3
+  assert (tmp_path / 'l' / 'loss_curves.png').exists()
