@@ -44,7 +44,7 @@ def config_from_flags() -> CompressConfig:
       recon_quant_mode=FLAGS.recon_quant_mode, recon_peft=FLAGS.recon_peft,
       finetune=FLAGS.finetune, ft_steps=FLAGS.ft_steps, ft_samples=FLAGS.ft_samples,
       ft_lr=FLAGS.ft_lr, ft_distill=FLAGS.ft_distill, lora_rank=FLAGS.lora_rank,
-      lora_init=FLAGS.lora_init)
+      lora_init=FLAGS.lora_init, idp_prompts=FLAGS.idp_prompts)
 
 
 FLAGS = flags.FLAGS
@@ -103,6 +103,7 @@ def define_flags() -> None:
   flags.DEFINE_bool('ft_distill', False, 'Distil from the dense model instead of the LM loss.')
   flags.DEFINE_integer('lora_rank', 16, 'LoRA rank.')
   flags.DEFINE_string('lora_init', 'zero', 'LoRA init: zero (QLoRA)|loftq|eora|srr')
+  flags.DEFINE_integer('idp_prompts', 2, 'IDP: prompts in the pool (k-means groups).')
   flags.DEFINE_string('save', None, 'Write an orbax checkpoint of the compressed model here.')
   flags.DEFINE_string('out_dir', None, 'Output directory.')
   flags.DEFINE_bool('restart', False, 'Ignore an existing pipeline checkpoint in OUT_DIR.')

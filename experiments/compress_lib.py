@@ -18,6 +18,7 @@ from models import checkpoint
 from models import evaluate as eval_lib
 from models import loading
 from recover import compensate as compensate_lib
+from recover import prompting
 from recover import reconstruct as reconstruct_lib
 from recover import train as train_lib
 
@@ -76,6 +77,7 @@ class CompressConfig:
   ft_distill: bool = False
   lora_rank: int = 16
   lora_init: str = 'zero'
+  idp_prompts: int = 2
 
 
 def build_spec(c: CompressConfig) -> rules_lib.LinearSpec:
@@ -160,7 +162,22 @@ def train_recovery(c: CompressConfig, dense, start, cfg, tokenizer, out_dir: str
     info['trainable_params'] = max(r.trainable_params for r in reps)
     info['reconstruct'] = reconstruct_lib.summarize(reps)
     info['windows'] = [dataclasses.asdict(r) for r in reps]
-  if c.finetune != 'none':
+  if c.finetune == 'idp':
+    # A pool of soft prompts, one per k-means group of the training windows; no weight changes.
+    tokens = common.calibration_for(tokenizer, c.calib_data, c.ft_samples, c.calib_seqlen, c.seed + 2)
+    idp = prompting.IDPConfig(num_prompts=c.idp_prompts, steps=c.ft_steps, seed=c.seed,
+                              **({'lr': c.ft_lr} if c.ft_lr else {}))
+    t0 = time.time()
+    groups = prompting.cluster_groups(params, cfg, tokens, idp.num_prompts, c.seed)
+    pool, pinfo = prompting.train_pool(params, cfg, groups, idp)
+    info['train_seconds'] += time.time() - t0
+    seen = int(idp.num_prompts * idp.steps * idp.batch_size * tokens.shape[1])
+    info['tokens_seen'] += seen
+    info['trainable_params'] = prompting.added_parameters(pool)
+    info['train_compute'] += float(seen) * info['trainable_params']
+    info['idp'] = {k: v for k, v in pinfo.items() if k != 'losses'}
+    info['pool'] = pool
+  elif c.finetune != 'none':
     from recover import finetune as finetune_lib  # pylint: disable=g-import-not-at-top
     tokens = common.calibration_for(tokenizer, c.calib_data, c.ft_samples, c.calib_seqlen, c.seed + 2)
     t0 = time.time()
@@ -178,9 +195,24 @@ def train_recovery(c: CompressConfig, dense, start, cfg, tokenizer, out_dir: str
 
 
 def evaluate_pair(params_ref, params, cfg, windows: dict[str, Any], tokenizer, items, *,
-                  dtype, batch_size: int, tag: str) -> dict[str, Any]:
-  """KL/top-1/perplexity of ``params`` against ``params_ref`` on every corpus, plus probes."""
+                  dtype, batch_size: int, tag: str, pool: Any = None) -> dict[str, Any]:
+  """KL/top-1/perplexity of ``params`` against ``params_ref`` on every corpus, plus probes.
+
+  With a prompt ``pool`` (IDP) every window and probe item gets its routed prompt; only
+  perplexity and probe accuracy are measured then (KL/top-1 are None)."""
   out: dict[str, Any] = {'per_dataset': {}}
+  if pool is not None:
+    for name, win in windows.items():
+      pre = prompting.routed_prefixes(params, cfg, pool, win, dtype=dtype)
+      r = eval_lib.perplexity(params, cfg, win, batch_size=max(1, batch_size // 2), dtype=dtype,
+                              desc=f'eval {tag} {name}', prefixes=pre)
+      out['per_dataset'][name] = {'ppl': r['ppl'], 'kl': None, 'top1': None}
+    if items:
+      toks, mask = prompting.context_tokens(tokenizer, items)
+      pre = prompting.routed_prefixes(params, cfg, pool, toks, mask=mask, dtype=dtype)
+      out['probes'] = eval_lib.score_multiple_choice(params, cfg, tokenizer, items, dtype=dtype,
+                                                     desc=f'probes {tag}', prefixes=pre)
+    return out
   for name, win in windows.items():
     r = eval_lib.compare(params_ref, params, cfg, win, batch_size=max(1, batch_size // 2),
                          dtype=dtype, desc=f'eval {tag} {name}')
@@ -267,10 +299,13 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
   recovered = compressed if compensator is not None else None
   if c.reconstruct != 'none' or c.finetune != 'none':
     recovered, train_info = train_recovery(c, params, compressed, cfg, tokenizer, out_dir)
+    pool = train_info.pop('pool', None)
     results.update(train_info)
+  else:
+    pool = None
   if recovered is not None:
     ev_r = evaluate_pair(params, recovered, cfg, windows, tokenizer, items, dtype=dt,
-                         batch_size=c.batch_size, tag='recovered')
+                         batch_size=c.batch_size, tag='recovered', pool=pool)
     results.update(ppl_recovered=ev_r['per_dataset'][first]['ppl'],
                    kl_recovered=ev_r['per_dataset'][first]['kl'],
                    top1_recovered=ev_r['per_dataset'][first]['top1'],
@@ -285,7 +320,12 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
                  per_dataset=per_dataset, summary=pipeline.summarize(reports),
                  layers=[dataclasses.asdict(r) for r in reports], config=dataclasses.asdict(c))
   if save:
-    checkpoint.save_model(save, recovered if recovered is not None else compressed, cfg, {'method': spec.describe(), 'model': c.model})
+    checkpoint.save_model(save, recovered if recovered is not None else compressed, cfg,
+                          {'method': spec.describe(), 'model': c.model})
+    if pool is not None:
+      checkpoint.save_tree(f'{save}_prompt_pool', {'prompts': pool.prompts, 'keys': pool.keys},
+                           {'route_layer': pool.route_layer})
+      results['prompt_pool_saved_to'] = f'{save}_prompt_pool'
     results['saved_to'] = save
   return results
 

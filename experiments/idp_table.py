@@ -35,7 +35,6 @@ pool of P x L x D prompt entries against a LoRA's per-layer rank-r factors).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import pathlib
 import time
 from typing import Any, Sequence
@@ -51,6 +50,7 @@ from experiments.compress_lib import CompressConfig, build_spec
 from experiments.compress_table import METHODS, compress_cached, slug
 from models import evaluate as eval_lib
 from models import llama, loading
+from recover import finetune as finetune_lib
 from recover import prompting
 from recover import train as train_lib
 
@@ -60,41 +60,11 @@ FLAGS = flags.FLAGS
 
 def _lora(params, cfg, tokens: np.ndarray, *, steps: int, lr: float, rank: int, batch_size: int,
           seed: int) -> tuple[Any, str]:
-  """LoRA through ``recover.finetune`` if it exists: ``(params or None, note)``."""
-  try:
-    from recover import finetune as finetune_lib  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None, 'recover.finetune is not available: LoRA rows left out'
-  config_cls = getattr(finetune_lib, 'FinetuneConfig', None)
-  fn = getattr(finetune_lib, 'finetune', None)
-  if config_cls is None or fn is None:
-    return None, 'recover.finetune has no finetune/FinetuneConfig: LoRA rows left out'
-  # Pass the settings its config has fields for (its own defaults cover the rest).
-  names = {f.name for f in dataclasses.fields(config_cls)}
-  wanted = {'method': 'lora', 'steps': steps, 'lr': lr, 'batch_size': batch_size, 'rank': rank,
-            'lora_rank': rank, 'seed': seed}
-  config = config_cls(**{k: v for k, v in wanted.items() if k in names})
-  # The model config and the fine-tuning config are the 2nd and 4th arguments, in either order:
-  # the parameter annotated FinetuneConfig takes the latter.
-  sig = inspect.signature(fn)
-  second = list(sig.parameters.values())[1]
-  ft_second = 'FinetuneConfig' in str(second.annotation)
-  kwargs = {'progress': False} if 'progress' in sig.parameters else {}
-  out = (fn(params, config, tokens, cfg, **kwargs) if ft_second
-         else fn(params, cfg, tokens, config, **kwargs))
-  return (out[0] if isinstance(out, tuple) else out), repr(config)
-
-
-def _context_tokens(tokenizer, items) -> tuple[np.ndarray, np.ndarray]:
-  """Each item's context, right-padded: ``(tokens [N, W], mask [N, W])``."""
-  ids = [list(tokenizer(item.context)['input_ids']) for item in items]
-  width = max(len(t) for t in ids)
-  tokens = np.zeros((len(ids), width), np.int32)
-  mask = np.zeros((len(ids), width), bool)
-  for i, t in enumerate(ids):
-    tokens[i, :len(t)] = t
-    mask[i, :len(t)] = True
-  return tokens, mask
+  """LoRA (zero init) on the compressed model: ``(params, its config as text)``."""
+  config = finetune_lib.FinetuneConfig('lora', steps, lr=lr, batch_size=batch_size, lora_rank=rank,
+                                       seed=seed)
+  out, _ = finetune_lib.finetune(params, cfg, tokens, config, progress=False)
+  return out, repr(config)
 
 
 def _latencies(fns: dict[str, Any], args: dict[str, tuple], reps: int) -> dict[str, float]:
@@ -179,7 +149,7 @@ def run(*, out_dir: str, model: str = 'smollm2-135m', compression: str = 'gptq w
 
   # Evaluation: perplexity per test corpus, probes; IDP routes each window / item context.
   items = common.probe_items(probes)
-  ctx_tokens, ctx_mask = _context_tokens(tok, items) if items else (None, None)
+  ctx_tokens, ctx_mask = prompting.context_tokens(tok, items) if items else (None, None)
   rows = {name: {'method': name} for name in ['dense', 'compressed', *variants]
           + (['lora'] if lora_params is not None else [])}
   plain_models = {'dense': loaded.params, 'compressed': compressed}

@@ -57,7 +57,7 @@ def finetuned(loaded, start, cfg: finetune_lib.FinetuneConfig, tokens: np.ndarra
   if (cache / 'structure.json').exists():
     _, params, meta = checkpoint.load_model(cache)
     return params, meta['finetune']
-  params, info = finetune_lib.finetune(start, cfg, tokens, loaded.config,
+  params, info = finetune_lib.finetune(start, loaded.config, tokens, cfg,
                                        dense_params=loaded.params)
   checkpoint.save_model(cache, params, loaded.config, {'finetune': common.to_jsonable(info)})
   return params, info

@@ -464,16 +464,16 @@ def _check_tokens(tokens, config: ModelConfig) -> np.ndarray:
 # --------------------------------------------------------------------------- the driver
 
 
-def finetune(params: Params, cfg: FinetuneConfig, tokens, config: ModelConfig, *,
+def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *,
              dense_params: Params | None = None, progress: bool = True,
              dtype=jnp.float32) -> tuple[Params, dict[str, Any]]:
-  """Fine-tunes a (compressed) model by ``cfg`` on ``tokens``.
+  """Fine-tunes a (compressed) model by ``config`` on ``tokens``.
 
   Args:
     params: the model (compressed leaves in ``params['layers']``; not modified).
-    cfg: what to train (:class:`FinetuneConfig`).
-    tokens: ``[N, T]`` int token sequences; each step draws ``cfg.batch_size`` of them.
-    config: the model config.
+    config: what to train (:class:`FinetuneConfig`).
+    tokens: ``[N, T]`` int token sequences; each step draws ``config.batch_size`` of them.
+    cfg: the model config.
     dense_params: the uncompressed model (needed for LoftQ init and distillation).
     progress: show a progress bar (one tick per step, with the loss).
     dtype: compute dtype of the forward pass.
@@ -485,17 +485,17 @@ def finetune(params: Params, cfg: FinetuneConfig, tokens, config: ModelConfig, *
     (excluding compilation), ``compile_seconds``, ``tokens_seen``, ``trainable_params``,
     ``peak_memory_bytes``, ``loss_first``, ``loss_last`` and ``losses`` (one per step).
   """
-  if not isinstance(cfg, FinetuneConfig):
-    raise ValueError(f'cfg must be a FinetuneConfig, got {type(cfg).__name__}')
-  tokens = _check_tokens(tokens, config)
-  if cfg.distill:
+  if not isinstance(config, FinetuneConfig):
+    raise ValueError(f'config must be a FinetuneConfig, got {type(config).__name__}')
+  tokens = _check_tokens(tokens, cfg)
+  if config.distill:
     _check_dense(params, dense_params, 'FinetuneConfig.distill=True')
-  order = step_order(tokens.shape[0], cfg.batch_size, cfg.steps, cfg.seed)
-  leaves, plans = prepare(params, cfg, dense_params=dense_params)
-  split = train.split_leaves(leaves, plans, jax.random.key(cfg.seed))
+  order = step_order(tokens.shape[0], config.batch_size, config.steps, config.seed)
+  leaves, plans = prepare(params, config, dense_params=dense_params)
+  split = train.split_leaves(leaves, plans, jax.random.key(config.seed))
   static = split.static_key
   frozen = {'leaves': split.frozen, 'rest': replace_leaves(params, {p: None for p in plans}),
-            'dense': dense_params if cfg.distill else None}
+            'dense': dense_params if config.distill else None}
 
   bars = []  # the progress bar, opened once compilation is done
 
@@ -506,9 +506,9 @@ def finetune(params: Params, cfg: FinetuneConfig, tokens, config: ModelConfig, *
 
   def loss_fn(trainable, frz, batch):
     model = replace_leaves(frz['rest'], train.forward_leaves(static, trainable, frz['leaves']))
-    logits = llama.forward(model, batch, config, dtype=dtype)
-    if cfg.distill:
-      ref = jax.lax.stop_gradient(llama.forward(frz['dense'], batch, config, dtype=dtype))
+    logits = llama.forward(model, batch, cfg, dtype=dtype)
+    if config.distill:
+      ref = jax.lax.stop_gradient(llama.forward(frz['dense'], batch, cfg, dtype=dtype))
       loss = kl_loss(ref, logits)
     else:
       loss = lm_loss(logits, batch)
@@ -516,12 +516,12 @@ def finetune(params: Params, cfg: FinetuneConfig, tokens, config: ModelConfig, *
       jax.debug.callback(tick, loss)
     return loss
 
-  run = jax.jit(train.train_loop(loss_fn, train.optimizer(cfg.optim, cfg.steps)))
+  run = jax.jit(train.train_loop(loss_fn, train.optimizer(config.optim, config.steps)))
   args = (split.trainable, frozen, jnp.asarray(tokens), jnp.asarray(order))
   t0 = time.time()
   compiled = run.lower(*args).compile()
   compile_seconds = time.time() - t0
-  bars.append(tqdm(total=cfg.steps, desc=f'finetune {cfg.method}', unit='step',
+  bars.append(tqdm(total=config.steps, desc=f'finetune {config.method}', unit='step',
                    disable=not progress))
   t0 = time.time()
   trainable, losses = compiled(*args)
@@ -532,16 +532,16 @@ def finetune(params: Params, cfg: FinetuneConfig, tokens, config: ModelConfig, *
 
   out = replace_leaves(params, {**leaves, **train.final_leaves(split, trainable)})
   info = {
-      'method': cfg.method,
-      'lora_init': cfg.lora_init if cfg.method == 'lora' else None,
-      'distill': cfg.distill,
-      'steps': cfg.steps,
-      'batch_size': cfg.batch_size,
+      'method': config.method,
+      'lora_init': config.lora_init if config.method == 'lora' else None,
+      'distill': config.distill,
+      'steps': config.steps,
+      'batch_size': config.batch_size,
       'seqlen': int(tokens.shape[1]),
-      'lr': float(cfg.lr),
+      'lr': float(config.lr),
       'train_seconds': train_seconds,
       'compile_seconds': compile_seconds,
-      'tokens_seen': int(cfg.steps * cfg.batch_size * tokens.shape[1]),
+      'tokens_seen': int(config.steps * config.batch_size * tokens.shape[1]),
       'trainable_params': train.count_params(split.trainable),
       'trained_linears': len(plans),
       'peak_memory_bytes': train.peak_memory_bytes(),
@@ -568,4 +568,4 @@ def run_cli(method: str, params: Params, config: ModelConfig, tokens, *,
     raise ValueError(f'fine-tuning method {method!r} is not one of {METHODS}{hint}')
   cfg = FinetuneConfig(method, steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
                        lora_init=lora_init, distill=distill, seed=seed)
-  return finetune(params, cfg, tokens, config, dense_params=dense_params, progress=progress)
+  return finetune(params, config, tokens, cfg, dense_params=dense_params, progress=progress)

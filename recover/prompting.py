@@ -229,6 +229,28 @@ def route_inputs(params: Params, cfg: ModelConfig, pool: PromptPool, tokens: np.
   return np.asarray(route(pool, feats))
 
 
+def routed_prefixes(params: Params, cfg: ModelConfig, pool: PromptPool, tokens: np.ndarray, *,
+                    mask: np.ndarray | None = None, batch_size: int = 8,
+                    dtype=jnp.float32) -> np.ndarray:
+  """The routed prompt of every input, ``[N, L, D]``: the ``prefixes`` argument of
+  ``models.evaluate.perplexity`` / ``score_multiple_choice``."""
+  idx = route_inputs(params, cfg, pool, tokens, mask=mask, batch_size=batch_size, dtype=dtype)
+  return np.asarray(pool.prompts)[idx]
+
+
+def context_tokens(tokenizer, items) -> tuple[np.ndarray, np.ndarray]:
+  """Each multiple-choice item's context, right-padded: ``(tokens [N, W], mask [N, W])`` (what
+  routes the item)."""
+  ids = [list(tokenizer(item.context)['input_ids']) for item in items]
+  width = max(len(t) for t in ids)
+  tokens = np.zeros((len(ids), width), np.int32)
+  mask = np.zeros((len(ids), width), bool)
+  for i, t in enumerate(ids):
+    tokens[i, :len(t)] = t
+    mask[i, :len(t)] = True
+  return tokens, mask
+
+
 # --------------------------------------------------------------------------- grouping
 
 

@@ -98,3 +98,20 @@ def test_compress_run_with_reconstruction(tmp_path):
   assert all(w['loss_after'] < w['loss_before'] for w in res['windows'])
   assert (tmp_path / 'out' / 'recon_checkpoint' / 'state').exists()
   json.dumps(res)
+
+
+@pytest.mark.parametrize('kw', [
+    dict(quant='rtn', bits=3, finetune='qat', ft_lr=2e-2),
+    dict(quant='rtn', bits=3, recover='eora', rank=4, finetune='lora', lora_rank=4, lora_init='eora'),
+    dict(prune='wanda', sparsity='2:4', finetune='global', ft_lr=1e-3),
+    dict(quant='rtn', bits=3, finetune='idp', ft_lr=1e-2),
+])
+def test_compress_run_with_finetuning(tmp_path, kw):
+  c = _config(tmp_path, ft_steps=6, ft_samples=4, **kw)
+  res = compress_exp.run(c, out_dir=str(tmp_path / 'out'), save=str(tmp_path / 'saved'))
+  assert np.isfinite(res['ppl_recovered']) and res['ppl_recovered'] != res['ppl_compressed']
+  assert res['tokens_seen'] > 0 and res['trainable_params'] > 0 and res['train_seconds'] > 0
+  if kw['finetune'] == 'idp':
+    assert res['kl_recovered'] is None and res['idp']['added_parameters'] == res['trainable_params']
+    assert (tmp_path / 'saved_prompt_pool').exists()
+  json.dumps(res)

@@ -89,12 +89,12 @@ def test_bad_config_names_the_field(field, value):
 def test_bad_inputs(tiny, models):
   cfg, _, _, tokens = tiny
   with pytest.raises(ValueError, match='batch_size'):
-    finetune.finetune(models['rtn2'], FinetuneConfig('qat', 2, batch_size=17), tokens, cfg,
+    finetune.finetune(models['rtn2'], cfg, tokens, FinetuneConfig('qat', 2, batch_size=17),
                       progress=False)
   with pytest.raises(ValueError, match=r'\[N, T\]'):
-    finetune.finetune(models['rtn2'], FinetuneConfig('qat', 2), tokens[0], cfg, progress=False)
+    finetune.finetune(models['rtn2'], cfg, tokens[0], FinetuneConfig('qat', 2), progress=False)
   with pytest.raises(ValueError, match='dense_params'):
-    finetune.finetune(models['rtn2'], FinetuneConfig('lora', 2, distill=True), tokens, cfg,
+    finetune.finetune(models['rtn2'], cfg, tokens, FinetuneConfig('lora', 2, distill=True),
                       progress=False)
   with pytest.raises(ValueError, match='dense_params'):
     finetune.prepare(models['rtn2'], FinetuneConfig('lora', 2, lora_init='loftq'))
@@ -179,7 +179,7 @@ def test_qat_repacks_on_the_same_grid_and_lowers_loss(tiny, models):
   cfg, _, _, tokens = tiny
   base = models['rtn2']
   ft = FinetuneConfig('qat', 30, batch_size=4, lr=1e-2, warmup=0.0)
-  out, info = finetune.finetune(base, ft, tokens, cfg, progress=False)
+  out, info = finetune.finetune(base, cfg, tokens, ft, progress=False)
   changed = 0
   for path, old in finetune.linear_leaves(base).items():
     new = finetune.linear_leaves(out)[path]
@@ -208,7 +208,7 @@ def test_lora_zero_init_starts_at_base_and_lowers_loss(tiny, models):
   for leaf in finetune.linear_leaves(start).values():
     assert leaf.adapter is not None and not np.any(np.asarray(leaf.adapter.b))
   np.testing.assert_array_equal(_logits(start, cfg, tokens[:4]), _logits(base, cfg, tokens[:4]))
-  out, info = finetune.finetune(base, ft, tokens, cfg, progress=False)
+  out, info = finetune.finetune(base, cfg, tokens, ft, progress=False)
   first = finetune.step_order(len(tokens), 4, 20, 0)[0]
   np.testing.assert_allclose(info['loss_first'], _loss(base, cfg, tokens[first]), rtol=1e-5)
   assert _loss(out, cfg, tokens) < _loss(base, cfg, tokens) - 0.1
@@ -222,7 +222,7 @@ def test_lora_zero_init_starts_at_base_and_lowers_loss(tiny, models):
 
 def test_lora_on_dense_linears(tiny):
   cfg, params, _, tokens = tiny
-  out, info = finetune.finetune(params, FinetuneConfig('lora', 2, lora_rank=2), tokens, cfg,
+  out, info = finetune.finetune(params, cfg, tokens, FinetuneConfig('lora', 2, lora_rank=2),
                                 progress=False)
   leaf = finetune.linear_leaves(out)['layers/0/mlp/up_proj/kernel']
   assert isinstance(leaf, CompressedLinear) and leaf.adapter.rank == 2
@@ -239,7 +239,7 @@ def test_eora_init_needs_adapters_and_keeps_the_eora_model(tiny, models):
   start = finetune.initial_model(models['eora'], ft)
   np.testing.assert_allclose(_logits(start, cfg, tokens[:4]),
                              _logits(models['eora'], cfg, tokens[:4]), rtol=1e-6, atol=1e-6)
-  out, info = finetune.finetune(models['eora'], ft, tokens, cfg, progress=False)
+  out, info = finetune.finetune(models['eora'], cfg, tokens, ft, progress=False)
   first = finetune.step_order(len(tokens), 4, 10, 0)[0]
   np.testing.assert_allclose(info['loss_first'], _loss(models['eora'], cfg, tokens[first]),
                              rtol=1e-5)
@@ -251,7 +251,7 @@ def test_srr_grad_scale_zero_freezes_preserved_components(tiny, models):
   srr = models['srr']
   ft = FinetuneConfig('lora', 5, batch_size=4, lr=1e-3, lora_init='srr', lora_rank=RANK,
                       srr_grad_scale=0.0)
-  out, _ = finetune.finetune(srr, ft, tokens, cfg, progress=False)
+  out, _ = finetune.finetune(srr, cfg, tokens, ft, progress=False)
   seen = 0
   for path, old in finetune.linear_leaves(srr).items():
     new = finetune.linear_leaves(out)[path]
@@ -281,7 +281,7 @@ def test_loftq_init_and_distillation(tiny, models):
     err_base = jnp.linalg.norm(w - formats.to_dense(finetune.linear_leaves(base)[path]))
     assert float(err_init) < float(err_base)
     assert leaf.adapter.rank == RANK and isinstance(leaf.weight, QuantizedWeight)
-  out, info = finetune.finetune(base, ft, tokens, cfg, dense_params=params, progress=False)
+  out, info = finetune.finetune(base, cfg, tokens, ft, dense_params=params, progress=False)
   assert info['distill'] and info['loss_first'] > 0
   assert np.all(np.isfinite(info['losses']))
   assert info['loss_last'] < info['loss_first']
@@ -294,7 +294,7 @@ def test_global_keeps_pruned_weights_zero_and_lowers_loss(tiny, models):
   cfg, _, _, tokens = tiny
   mixed = models['mixed']
   ft = FinetuneConfig('global', 20, batch_size=4, lr=3e-3)
-  out, info = finetune.finetune(mixed, ft, tokens, cfg, progress=False)
+  out, info = finetune.finetune(mixed, cfg, tokens, ft, progress=False)
   old_leaves, new_leaves = finetune.linear_leaves(mixed), finetune.linear_leaves(out)
   kinds = set()
   for path, old in old_leaves.items():
