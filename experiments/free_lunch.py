@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -90,6 +91,7 @@ def reconstructed(s: Setup, row: str, config: rec.ReconConfig) -> tuple[Any, dic
           'tokens_seen': int(sum(r.steps for r in reports) * tokens),
           'train_compute': float(sum(r.steps * tokens * r.trainable_params for r in reports))}
   checkpoint.save_model(cache, params, s.loaded.config, {'recon': info})
+  shutil.rmtree(str(cache) + '.partial', ignore_errors=True)
   return params, info
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments import eora_tables, srr_budget
+from experiments import eora_tables, free_lunch, srr_budget
 from kernels import QuantSpec
 
 
@@ -49,3 +49,23 @@ def test_srr_budget_smoke(corpus, tmp_path, monkeypatch):
   col = [k for k in ks['searched'] if k.startswith('mean')][0]
   assert ks['searched'][col] <= ks['fixed k=0r'][col] + 1e-6
   assert (tmp_path / 's' / 'srr_budget.png').exists()
+
+
+def test_free_lunch_smoke(corpus, tmp_path, monkeypatch):
+  monkeypatch.setattr(free_lunch, 'ROWS', {'wanda 50%': dict(prune='wanda', sparsity='0.5'),
+                                           'magnitude 50%': dict(prune='magnitude', sparsity='0.5')})
+  res = free_lunch.run(sections=list(free_lunch.SECTIONS), out_dir=str(tmp_path / 'f'),
+                       rows=['wanda 50%', 'magnitude 50%'], window_row='wanda 50%',
+                       windows=('matrix', 'block'), global_steps=(2, 8), global_lr=1e-3,
+                       model='tiny-llama', calib_samples=4, calib_seqlen=32, recon_samples=4,
+                       recon_lr=3e-3, recon_epochs=2, eval_data=('a', 'b'), eval_windows=2,
+                       other_windows=2, eval_seqlen=32)
+  crit = {(r['compression'], r['reconstruction']): r for r in res['criteria']}
+  for row in ('wanda 50%', 'magnitude 50%'):
+    assert crit[(row, 'block')]['kl a'] < crit[(row, 'none')]['kl a']
+  wins = {r['window']: r for r in res['windows']}
+  assert set(wins) == {'dense', 'none', 'matrix', 'block'}
+  assert wins['block']['loop_MiB'] > 0 and wins['matrix']['windows'] == 14
+  glob = {r['method']: r for r in res['global']}
+  assert glob['global retraining, 8 steps']['train_compute'] > glob['block reconstruction']['train_compute']
+  assert (tmp_path / 'f' / 'global_compute.png').exists()
