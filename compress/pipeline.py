@@ -13,9 +13,10 @@ For block ``i`` (METHODS.md §1, as the GPTQ/SparseGPT/Wanda references do):
 
 ``dense_inputs=True`` collects statistics from the dense model's activations instead (the
 inputs stay dense all the way). Memory: one block's weights plus the calibration activations.
-Progress: one bar step per block. After every block the compressed blocks, the propagated
-activations and the report are checkpointed (``checkpoint_dir``); a rerun with the same arguments
-resumes after the last finished block and gives identical results.
+Progress: one bar step per block. The finished blocks, the propagated activations and the report
+are checkpointed (``checkpoint_dir``) at most every ``checkpoint_every_s`` seconds and after the
+last block; a rerun with the same arguments resumes after the last saved block and gives
+identical results.
 
 ``compress_model`` is the only tree walker; the one-matrix numerics live in their own modules.
 """
@@ -422,8 +423,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                    propagate_adapters: bool = False,
                    precomputed_stats: Sequence[dict[str, calibration.LinearStats]] | None = None,
                    precomputed_aux_stats: Sequence[dict[str, calibration.LinearStats]] | None = None,
-                   progress: bool = True, stop_after: int | None = None
-                   ) -> tuple[Params, list[LayerReport]]:
+                   progress: bool = True, stop_after: int | None = None,
+                   checkpoint_every_s: float = 60.0) -> tuple[Params, list[LayerReport]]:
   """Compresses every linear that a rule selects, block by block.
 
   Args:
@@ -435,7 +436,10 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     true_sequential: re-collect statistics after each stage of a block (q/k/v, o, gate/up, down).
     batch_size: sequences per jitted calibration step.
     dtype: compute dtype of the calibration passes.
-    checkpoint_dir: checkpoint after every block here and resume from it.
+    checkpoint_dir: checkpoint finished blocks here and resume from it.
+    checkpoint_every_s: write the checkpoint when this many seconds have passed since the last
+      one (and after the last block); 0 writes after every block. An interruption repeats at
+      most this much work.
     compensate: optional callback adding a low-rank correction to each compressed leaf.
     aux_tokens: optional ``[N2, T2]`` separate calibration set whose statistics are handed to
       ``compensate`` (e.g. task data for EoRA's eigenspace).
@@ -502,6 +506,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     reports = [LayerReport(**r) for r in meta['reports']]
     logging.info('resuming compression at block %d from %s', start, ckpt)
 
+  saved_upto, last_save = start, time.time()
   bar = tqdm(range(start, cfg.num_layers), desc='compress', unit='block', disable=not progress,
              initial=start, total=cfg.num_layers)
   for i in bar:
@@ -553,15 +558,19 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     if progress:
       errs = [r.rel_error for r in reports if r.name.startswith(f'layers/{i}/')]
       bar.set_postfix(err=f'{np.mean(errs):.4f}' if errs else '-', sec=f'{time.time() - t_block:.1f}')
-    if ckpt is not None:
-      # The finished block first, then the state that points past it: a crash in between
-      # only repeats this block.
-      checkpoint.save_tree(ckpt / f'block_{i:03d}', new_block, {'fingerprint': fingerprint})
+    stop = stop_after is not None and i + 1 >= stop_after
+    if ckpt is not None and (stop or i + 1 == cfg.num_layers or
+                             time.time() - last_save >= checkpoint_every_s):
+      # The finished blocks first, then the state that points past them: a crash in between
+      # only repeats these blocks.
+      for j in range(saved_upto, i + 1):
+        checkpoint.save_tree(ckpt / f'block_{j:03d}', layers[j], {'fingerprint': fingerprint})
       state = {'x': x, 'x_dense': x_dense, 'x_aux': x_aux}
       checkpoint.save_tree(ckpt / 'state', state, {
           'fingerprint': fingerprint, 'next_block': i + 1,
           'reports': [dataclasses.asdict(r) for r in reports]})
-    if stop_after is not None and i + 1 >= stop_after:
+      saved_upto, last_save = i + 1, time.time()
+    if stop:
       break
 
   out = dict(params)

@@ -19,9 +19,10 @@ weights stay exactly zero), the scales of quantized weights (or a straight-throu
 or a LoRA), or, with ``peft``, a LoRA (r 16, alpha 32) on every linear of the window, merged
 into float weights at the end. Norms and embeddings stay as they are.
 
-A progress bar steps once per window with its loss before and after; after every window the
-reconstructed blocks and the hidden states are checkpointed, and a rerun resumes after the last
-finished window with identical results.
+A progress bar steps once per window with its loss before and after; finished windows (the
+reconstructed blocks and the hidden states) are checkpointed at most every ``checkpoint_every_s``
+seconds and after the last window, and a rerun resumes after the last saved window with
+identical results.
 """
 
 from __future__ import annotations
@@ -331,7 +332,8 @@ def _fingerprint(params, dense_params, cfg, tokens, config: ReconConfig) -> str:
 def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: np.ndarray,
                 config: ReconConfig = ReconConfig(), *, checkpoint_dir: str | None = None,
                 progress: bool = True, stop_after: int | None = None,
-                measure_memory: bool = False) -> tuple[Params, list[WindowReport]]:
+                measure_memory: bool = False, checkpoint_every_s: float = 60.0
+                ) -> tuple[Params, list[WindowReport]]:
   """Reconstructs every window of a compressed model against the dense model.
 
   Args:
@@ -340,7 +342,9 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
     cfg: model config.
     tokens: ``[N, T]`` calibration token windows.
     config: window, schedule, loss, inputs and what to train.
-    checkpoint_dir: checkpoint after every window here and resume from it.
+    checkpoint_dir: checkpoint finished windows here and resume from it.
+    checkpoint_every_s: write the checkpoint when this many seconds have passed since the last
+      one (and after the last window); 0 writes after every window.
     progress: show a progress bar.
     stop_after: stop after this many windows (for tests of resumption).
     measure_memory: report each window's compiled training-loop memory (``loop_bytes``).
@@ -381,6 +385,8 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
   bar = tqdm(windows[start:], desc=f'reconstruct ({config.window})', unit='window',
              disable=not progress, initial=start, total=len(windows))
   stage_inputs: dict[str, Any] = {}
+  touched: set[int] = set()
+  last_save = time.time()
   for window in bar:
     if window.linear is not None:
       b, lin = window.linear
@@ -413,13 +419,17 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
     reports.append(rep)
     if progress:
       bar.set_postfix(loss=f'{rep.loss_before:.3g}->{rep.loss_after:.3g}', sec=f'{rep.seconds:.1f}')
-    if ckpt is not None:
-      for b in window.blocks:
+    touched.update(window.blocks)
+    stop = stop_after is not None and window.index + 1 >= stop_after
+    if ckpt is not None and (stop or window.index + 1 == len(windows) or
+                             time.time() - last_save >= checkpoint_every_s):
+      for b in sorted(touched):
         checkpoint.save_tree(ckpt / f'block_{b:03d}', layers[b], {'fingerprint': fingerprint})
       checkpoint.save_tree(ckpt / 'state', {'x_hat': x_hat, 'x_dense': x_dense}, {
           'fingerprint': fingerprint, 'next_window': window.index + 1,
           'reports': [dataclasses.asdict(r) for r in reports]})
-    if stop_after is not None and window.index + 1 >= stop_after:
+      touched, last_save = set(), time.time()
+    if stop:
       break
   out = dict(params)
   out['layers'] = layers
