@@ -109,6 +109,23 @@ def write_results(out_dir: str | os.PathLike, results: Mapping[str, Any], *,
   return out
 
 
+def keep_other_sections(out_dir: str | os.PathLike, results: Mapping[str, Any],
+                        sections: Sequence[str]) -> dict[str, Any]:
+  """``results`` plus the sections of an earlier ``results.json`` in ``out_dir`` that this run
+  did not recompute (so a table script can run its sections in separate invocations)."""
+  merged = dict(results)
+  path = pathlib.Path(out_dir) / 'results.json'
+  if path.exists():
+    try:
+      old = json.loads(path.read_text())
+    except json.JSONDecodeError:
+      return merged
+    for sec in sections:
+      if sec not in merged and sec in old:
+        merged[sec] = old[sec]
+  return merged
+
+
 def flag_values(flag_values_obj, names: Sequence[str] | None = None) -> dict[str, Any]:
   """The script's own flags (absl's FLAGS also holds absl's internal ones)."""
   d = flag_values_obj.flag_values_dict()

@@ -214,6 +214,7 @@ def main(argv):
             bits_ranks=[int(r) for r in FLAGS.bits_ranks], calib_samples=FLAGS.calib_samples,
             eval_windows=FLAGS.eval_windows, other_windows=FLAGS.other_windows,
             sweep_windows=FLAGS.sweep_windows, shared_stats=FLAGS.shared_stats)
+  res = common.keep_other_sections(FLAGS.out_dir, res, SECTIONS)
   rows = res.get('tables') or next((res[s] for s in SECTIONS if s in res), [])
   common.write_results(FLAGS.out_dir, res, rows=rows, flags=common.flag_values(FLAGS),
                        title='EoRA on SmolLM2-135M')

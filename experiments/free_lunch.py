@@ -264,6 +264,7 @@ def main(argv):
             recon_lr=FLAGS.recon_lr, recon_epochs=FLAGS.recon_epochs,
             eval_windows=FLAGS.eval_windows, other_windows=FLAGS.other_windows,
             models_dir=FLAGS.models_dir)
+  res = common.keep_other_sections(FLAGS.out_dir, res, SECTIONS)
   rows = next((res[s] for s in SECTIONS if s in res), [])
   common.write_results(FLAGS.out_dir, res, rows=rows, flags=common.flag_values(FLAGS),
                        title='Free Lunch reconstruction on SmolLM2-135M')
