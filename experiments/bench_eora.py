@@ -74,7 +74,7 @@ def run(*, rank: int = 64, calib_samples: int = 64, calib_seqlen: int = 512,
       {'what': f'statistics pass ({calib_samples}x{calib_seqlen})', 'seconds': stats_s},
       {'what': f'EoRA numerics, {n} linears, rank {rank}', 'seconds': eora_s,
        'vs_reference': eora_s / REFERENCE_SECONDS},
-      {'what': f'EoRA numerics + statistics pass', 'seconds': eora_s + stats_s,
+      {'what': 'EoRA numerics + statistics pass', 'seconds': eora_s + stats_s,
        'vs_reference': (eora_s + stats_s) / REFERENCE_SECONDS},
       {'what': f'SVD (ZeroQuant-V2) numerics, rank {rank}', 'seconds': svd_s},
   ]

@@ -18,7 +18,6 @@ from typing import Any, Sequence
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from experiments import common

@@ -15,7 +15,6 @@ import numpy as np
 
 import kernels
 from models import data as data_lib
-from models import loading
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 

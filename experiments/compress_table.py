@@ -21,7 +21,6 @@ SmolLM2's hidden size 576 is not a multiple of 128.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import time

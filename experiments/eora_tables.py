@@ -29,7 +29,6 @@ import pathlib
 from typing import Any, Sequence
 
 from absl import app, flags
-import numpy as np
 
 from experiments import common
 from experiments.compress_lib import CompressConfig, build_rules, build_spec

@@ -21,7 +21,6 @@ EoRA tables script gives downstream numbers for SVD/EoRA.
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import time
 from typing import Any, Sequence

@@ -19,7 +19,6 @@ activations (``float32`` or ``bfloat16``); norms, softmax and logits are compute
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
