@@ -100,7 +100,9 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
   results: dict[str, Any] = {'model': model, 'calib': f'python-docs train {calib_samples}x{calib_seqlen}'}
   configs = {r: CompressConfig(model=model, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                                **ROWS[r]) for r in rows}
-  max_rank = max([rank, *ranks, *bits_ranks]) if set(sections) & {'rank_sweep', 'adapter_bits'} else rank
+  # One compensation pass at the largest rank of any section serves every section (truncation
+  # is exact), so the sections can run in separate invocations on one cache.
+  max_rank = max([rank, *ranks, *bits_ranks])
   stats = pipeline.dense_statistics(loaded.params, loaded.config, calib) if shared_stats else None
   tag = '' if shared_stats else '_propagated'
   comp = {r: compensated(loaded, calib, configs[r], max_rank,
