@@ -106,10 +106,12 @@ def plain_forward_seconds(loaded: loading.LoadedModel, calib: np.ndarray, batch_
 
 def evaluate_models(loaded, models: dict[str, Any], tokenizer, eval_data: Sequence[str],
                     eval_windows: int, eval_seqlen: int,
-                    other_windows: int | None = None) -> dict[str, dict[str, Any]]:
+                    other_windows: int | None = None, probes: bool = True
+                    ) -> dict[str, dict[str, Any]]:
   """Perplexity/KL/top-1 on each corpus and probe accuracy for every model (dense computed once).
 
-  ``eval_windows`` windows of the first corpus, ``other_windows`` (default the same) of the others.
+  ``eval_windows`` windows of the first corpus, ``other_windows`` (default the same) of the others;
+  ``probes=False`` skips the probes (``probe_acc`` is then None).
   """
   cfg = loaded.config
   out: dict[str, dict[str, Any]] = {name: {} for name in ['dense', *models]}
@@ -122,8 +124,11 @@ def evaluate_models(loaded, models: dict[str, Any], tokenizer, eval_data: Sequen
       out[name][f'ppl {ds}'] = res[name]['ppl']
       out[name][f'kl {ds}'] = res[name]['kl']
       out[name][f'top1 {ds}'] = res[name]['top1']
-  items = common.probe_items(None)
+  items = common.probe_items(None) if probes else []
   for name, params in [('dense', loaded.params), *models.items()]:
+    if not items:
+      out[name]['probe_acc'] = None
+      continue
     out[name]['probe_acc'] = eval_lib.score_multiple_choice(params, cfg, tokenizer, items,
                                                             progress=False)['acc']
   return out

@@ -13,7 +13,9 @@ are cached under ``OUT_DIR/models``). Sections:
 * ``rank_sweep`` (EoRA Fig. 3): ranks 8..256, SVD vs EoRA, one PNG per compression. One
   compensation pass at the largest rank serves every rank: SVD and EoRA factors are ordered by
   singular value, so truncating them gives exactly the lower-rank results.
-* ``adapter_bits`` (EoRA Fig. 4): 16/4/3-bit adapters at two ranks: accuracy and size overhead.
+* ``adapter_bits`` (EoRA Fig. 4): 16/4/3-bit adapters at two ranks: accuracy and size overhead
+  (perplexity and KL; probe accuracy too with ``--probes_in_sweeps``; the rank sweep never scores
+  probes).
 * ``calib_domain``: the eigenspace from python-docs (in-domain for python-docs) vs shakespeare.
 
 Paper (Llama-3-8B, rank 128, EoRA Tables 1-3): ARC-C with SparseGPT 2:4 goes 37.4 -> 41.9 (SVD)
@@ -88,7 +90,8 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
         bits_ranks: Sequence[int] = (16, 64), model: str = 'smollm2-135m', calib_samples: int = 64,
         calib_seqlen: int = 512, eval_data: Sequence[str] = ('python-docs', 'shakespeare'),
         eval_windows: int = 40, other_windows: int | None = None, sweep_windows: int = 16,
-        eval_seqlen: int = 512, shared_stats: bool = True) -> dict[str, Any]:
+        eval_seqlen: int = 512, shared_stats: bool = True,
+        probes_in_sweeps: bool = False) -> dict[str, Any]:
   for s in sections:
     if s not in SECTIONS:
       raise ValueError(f'unknown section {s!r}; choose from {SECTIONS}')
@@ -138,7 +141,8 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
         models[f'eora r{k}'] = compensate.truncate_adapters(comp[r], k)
         models[f'svd r{k}'] = compensate.with_svd_adapters(loaded.params, base, k)
       models['none'] = base
-      m = evaluate_models(loaded, models, tok, eval_data[:1], sweep_windows, eval_seqlen)
+      m = evaluate_models(loaded, models, tok, eval_data[:1], sweep_windows, eval_seqlen,
+                          probes=False)
       ds = eval_data[0]
       for k in ranks:
         sweep.append({'compression': r, 'rank': k, 'ppl svd': m[f'svd r{k}'][f'ppl {ds}'],
@@ -162,7 +166,8 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
         trunc = compensate.truncate_adapters(comp[r], k)
         for b in (16, 4, 3):
           models[f'r{k} b{b}'] = trunc if b == 16 else compensate.quantize_adapters(trunc, b)
-      m = evaluate_models(loaded, models, tok, eval_data[:1], sweep_windows, eval_seqlen)
+      m = evaluate_models(loaded, models, tok, eval_data[:1], sweep_windows, eval_seqlen,
+                          probes=probes_in_sweeps)
       ds = eval_data[0]
       for name, p in models.items():
         share = compensate.adapter_share(p)
@@ -204,6 +209,7 @@ def define_flags() -> None:
   flags.DEFINE_integer('other_windows', None, 'Windows of the second corpus (default eval_windows).')
   flags.DEFINE_integer('sweep_windows', 16, 'Windows (rank_sweep, adapter_bits; python-docs only).')
   flags.DEFINE_bool('shared_stats', True, 'Dense-input statistics shared by all compressions.')
+  flags.DEFINE_bool('probes_in_sweeps', False, 'Also score the probes in the adapter-bits section.')
   flags.DEFINE_string('out_dir', 'results/eora', 'Output directory.')
 
 
@@ -214,7 +220,8 @@ def main(argv):
             ranks=[int(r) for r in FLAGS.ranks], sweep_rows=FLAGS.sweep_rows,
             bits_ranks=[int(r) for r in FLAGS.bits_ranks], calib_samples=FLAGS.calib_samples,
             eval_windows=FLAGS.eval_windows, other_windows=FLAGS.other_windows,
-            sweep_windows=FLAGS.sweep_windows, shared_stats=FLAGS.shared_stats)
+            sweep_windows=FLAGS.sweep_windows, shared_stats=FLAGS.shared_stats,
+            probes_in_sweeps=FLAGS.probes_in_sweeps)
   res = common.keep_other_sections(FLAGS.out_dir, res, SECTIONS)
   rows = res.get('tables') or next((res[s] for s in SECTIONS if s in res), [])
   common.write_results(FLAGS.out_dir, res, rows=rows, flags=common.flag_values(FLAGS),
