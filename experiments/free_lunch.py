@@ -39,20 +39,14 @@ import numpy as np
 from compress import pipeline
 from experiments import common
 from experiments.compress_lib import CompressConfig
-from experiments.compress_table import compress_cached, evaluate_models, slug
+from experiments.compress_table import METHODS, compress_cached, evaluate_models, slug
 from models import checkpoint
 from models import loading
 from recover import reconstruct as rec
 from recover import train
 
-ROWS: dict[str, dict[str, Any]] = {
-    'magnitude 50%': dict(prune='magnitude', sparsity='0.5'),
-    'wanda 50%': dict(prune='wanda', sparsity='0.5'),
-    'sparsegpt 50%': dict(prune='sparsegpt', sparsity='0.5'),
-    'magnitude 2:4': dict(prune='magnitude', sparsity='2:4'),
-    'wanda 2:4': dict(prune='wanda', sparsity='2:4'),
-    'sparsegpt 2:4': dict(prune='sparsegpt', sparsity='2:4'),
-}
+# The pruning rows of the compression table (same settings, same cached models).
+ROWS: dict[str, dict[str, Any]] = {k: v for k, v in METHODS.items() if 'prune' in v and 'quant' not in v}
 SECTIONS = ('criteria', 'windows', 'global')
 WINDOWS = ('matrix', 'submodule', 'block', 'blocks:2', 'blocks:4')
 FLAGS = flags.FLAGS
