@@ -406,14 +406,9 @@ def auto_bits_rules(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, 
 
 
 def _run_fingerprint(params, cfg, calib, rules, options) -> str:
-  h = hashlib.sha256()
-  h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-  h.update(np.ascontiguousarray(np.asarray(calib)).tobytes())
-  h.update(repr([(r.pattern, r.spec) for r in rules]).encode())
-  h.update(json.dumps(options, sort_keys=True, default=str).encode())
-  emb = np.asarray(params['embed_tokens']['embedding'][:4], np.float32)
-  h.update(emb.tobytes())
-  return h.hexdigest()[:16]
+  settings = repr([(r.pattern, r.spec) for r in rules]) + json.dumps(options, sort_keys=True,
+                                                                      default=str)
+  return checkpoint.run_fingerprint(cfg, calib, settings, [params['embed_tokens']['embedding'][:4]])
 
 
 def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, rules: Sequence[Rule],

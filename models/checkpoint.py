@@ -12,6 +12,7 @@ renamed), so an interrupted save never leaves a half-written checkpoint under th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import shutil
@@ -145,3 +146,15 @@ def load_model(path: str | pathlib.Path):
     if cfg.get(k) is not None:
       cfg[k] = tuple(cfg[k])
   return ModelConfig(**cfg), params, meta
+
+
+def run_fingerprint(cfg, tokens, settings: str, arrays=()) -> str:
+  """A short hash naming a resumable run: model config, input tokens, its settings (as text) and
+  a few sample arrays of the params it starts from. A checkpoint is resumed only by the same run."""
+  h = hashlib.sha256()
+  h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+  h.update(np.ascontiguousarray(np.asarray(tokens)).tobytes())
+  h.update(settings.encode())
+  for a in arrays:
+    h.update(np.asarray(a, np.float32).tobytes())
+  return h.hexdigest()[:16]

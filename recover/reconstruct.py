@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import pathlib
 import time
@@ -318,15 +316,9 @@ def _run_units(cfg, layers, units, xs, batch: int) -> jax.Array:
 
 
 def _fingerprint(params, dense_params, cfg, tokens, config: ReconConfig) -> str:
-  h = hashlib.sha256()
-  h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-  h.update(np.ascontiguousarray(np.asarray(tokens)).tobytes())
-  h.update(repr(config).encode())
-  for tree in (params, dense_params):
-    for lin in llama.LINEAR_NAMES:
-      w = formats.to_dense(get_linear(tree['layers'][0], lin))
-      h.update(np.asarray(w[:2], np.float32).tobytes())
-  return h.hexdigest()[:16]
+  samples = [formats.to_dense(get_linear(tree['layers'][0], lin))[:2]
+             for tree in (params, dense_params) for lin in llama.LINEAR_NAMES]
+  return checkpoint.run_fingerprint(cfg, tokens, repr(config), samples)
 
 
 def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: np.ndarray,
