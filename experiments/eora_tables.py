@@ -27,7 +27,9 @@ Calibration: python-docs train, 64 x 512 (EoRA's paper uses 64-256 task sequence
 
 from __future__ import annotations
 
+import functools
 import pathlib
+import shutil
 from typing import Any, Sequence
 
 from absl import app, flags
@@ -54,9 +56,12 @@ FLAGS = flags.FLAGS
 def compensated(loaded, calib, c: CompressConfig, rank: int, cache: pathlib.Path,
                 aux=None, stats=None, aux_stats=None) -> Any:
   """The compressed model with EoRA adapters at ``rank`` (cached on disk). ``stats``/``aux_stats``:
-  shared dense-input statistics (None: propagated calibration)."""
+  shared dense-input statistics, or zero-argument callables computing them, called only on a cache
+  miss (None: propagated calibration)."""
   if (cache / 'structure.json').exists():
     return checkpoint.load_model(cache)[1]
+  stats = stats() if callable(stats) else stats
+  aux_stats = aux_stats() if callable(aux_stats) else aux_stats
   spec = build_spec(c)
   comp = compensate.Compensator(method='eora', rank=rank)
   params, _ = pipeline.compress_model(loaded.params, loaded.config, calib, build_rules(c, spec),
@@ -64,6 +69,7 @@ def compensated(loaded, calib, c: CompressConfig, rank: int, cache: pathlib.Path
                                       precomputed_aux_stats=aux_stats,
                                       checkpoint_dir=str(cache) + '.partial')
   checkpoint.save_model(cache, params, loaded.config, {'rank': rank, 'method': spec.describe()})
+  shutil.rmtree(str(cache) + '.partial', ignore_errors=True)  # the finished run's resume state
   return params
 
 
@@ -106,7 +112,8 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
   # One compensation pass at the largest rank of any section serves every section (truncation
   # is exact), so the sections can run in separate invocations on one cache.
   max_rank = max([rank, *ranks, *bits_ranks])
-  stats = pipeline.dense_statistics(loaded.params, loaded.config, calib) if shared_stats else None
+  stats = (functools.cache(lambda: pipeline.dense_statistics(loaded.params, loaded.config, calib))
+           if shared_stats else None)
   tag = '' if shared_stats else '_propagated'
   comp = {r: compensated(loaded, calib, configs[r], max_rank,
                          out / 'models' / f'{slug(r)}_eora{max_rank}{tag}', stats=stats)
@@ -181,8 +188,8 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
   if 'calib_domain' in sections:
     r = rows[min(2, len(rows) - 1)]
     aux = common.calibration_for(tok, 'shakespeare', calib_samples, calib_seqlen, 1)
-    aux_stats = (pipeline.dense_statistics(loaded.params, loaded.config, aux) if shared_stats
-                 else None)
+    aux_stats = ((lambda: pipeline.dense_statistics(loaded.params, loaded.config, aux))
+                 if shared_stats else None)
     ood = compensated(loaded, calib, configs[r], rank,
                       out / 'models' / f'{slug(r)}_eora{rank}_shakespeare{tag}', aux=aux, stats=stats,
                       aux_stats=aux_stats)

@@ -27,8 +27,9 @@ the analogue of training on the task's data.
 
 from __future__ import annotations
 
+import functools
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app, flags
 import numpy as np
@@ -40,6 +41,7 @@ from experiments.compress_table import evaluate_models, slug
 from experiments.eora_tables import compensated
 from models import checkpoint
 from models import loading
+from recover import compensate
 from recover import finetune as finetune_lib
 
 ROWS: dict[str, dict[str, Any]] = {
@@ -61,6 +63,22 @@ def finetuned(loaded, start, cfg: finetune_lib.FinetuneConfig, tokens: np.ndarra
                                        dense_params=loaded.params)
   checkpoint.save_model(cache, params, loaded.config, {'finetune': common.to_jsonable(info)})
   return params, info
+
+
+def eora_start(loaded, calib, c: CompressConfig, row: str, rank: int, out: pathlib.Path,
+               stats: Callable[[], Any], eora_models: str | None) -> Any:
+  """The EoRA model of ``row`` at ``rank``: truncated from a cached EoRA model of a rank >= ``rank``
+  in ``eora_models`` (``eora_tables`` writes them, on the same calibration draw), else computed
+  and cached under ``out/models`` from the shared dense statistics ``stats()`` (called only then).
+  Truncation is exact (factors are ordered by singular value)."""
+  if eora_models:
+    prefix = f'{slug(row)}_eora'
+    cached = sorted((int(d.name[len(prefix):]), d) for d in pathlib.Path(eora_models).glob(f'{prefix}*')
+                    if d.name[len(prefix):].isdigit() and (d / 'structure.json').exists())
+    for cached_rank, d in cached:
+      if cached_rank >= rank:
+        return compensate.truncate_adapters(checkpoint.load_model(d)[1], rank)
+  return compensated(loaded, calib, c, rank, out / 'models' / f'{slug(row)}_eora{rank}', stats=stats)
 
 
 def _plot(path: pathlib.Path, curves: dict[str, dict[str, list[float]]], title: str) -> None:
@@ -87,7 +105,7 @@ def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), inits: Sequence[str]
         ft_seqlen: int = 256, ft_batch: int = 2, lr: float | None = None, loftq_iters: int = 5,
         calib_samples: int = 32, calib_seqlen: int = 512,
         eval_data: Sequence[str] = ('python-docs', 'shakespeare'), eval_windows: int = 10,
-        eval_seqlen: int = 512) -> dict[str, Any]:
+        eval_seqlen: int = 512, eora_models: str | None = None) -> dict[str, Any]:
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
     raise ValueError(f'unknown rows {unknown}; known: {list(ROWS)}')
@@ -103,7 +121,7 @@ def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), inits: Sequence[str]
   tok = loaded.tokenizer()
   calib = common.calibration_for(tok, 'python-docs', calib_samples, calib_seqlen, 0)
   ft_tokens = common.calibration_for(tok, 'python-docs', ft_samples, ft_seqlen, 1)
-  stats = pipeline.dense_statistics(loaded.params, loaded.config, calib)
+  stats = functools.cache(lambda: pipeline.dense_statistics(loaded.params, loaded.config, calib))
   lr_used = cfgs[inits[0]].lr
   tag = f'r{lora_rank}_s{ft_steps}_n{ft_samples}x{ft_seqlen}_b{ft_batch}_lr{lr_used:g}'
 
@@ -113,8 +131,7 @@ def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), inits: Sequence[str]
   for r in rows:
     c = CompressConfig(model=model, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                        **ROWS[r])
-    eora = compensated(loaded, calib, c, lora_rank, out / 'models' / f'{slug(r)}_eora{lora_rank}',
-                       stats=stats)
+    eora = eora_start(loaded, calib, c, r, lora_rank, out, stats, eora_models)
     base = pipeline.strip_adapters(eora)
     starts = {'zero': base, 'loftq': base, 'eora': eora}
     curves[r] = {}
@@ -165,6 +182,8 @@ def define_flags() -> None:
   flags.DEFINE_list('eval_data', ['python-docs', 'shakespeare'], 'Evaluation corpora.')
   flags.DEFINE_integer('eval_windows', 10, 'Evaluation windows per corpus.')
   flags.DEFINE_integer('eval_seqlen', 512, 'Evaluation window length.')
+  flags.DEFINE_string('eora_models', None, 'Cached EoRA models to truncate (e.g. results/eora/models, '
+                      'same calibration); default: compute them under OUT_DIR/models.')
   flags.DEFINE_string('out_dir', 'results/lora', 'Output directory.')
 
 
@@ -176,7 +195,8 @@ def main(argv):
             ft_seqlen=FLAGS.ft_seqlen, ft_batch=FLAGS.ft_batch, lr=FLAGS.lr,
             loftq_iters=FLAGS.loftq_iters, calib_samples=FLAGS.calib_samples,
             calib_seqlen=FLAGS.calib_seqlen, eval_data=FLAGS.eval_data,
-            eval_windows=FLAGS.eval_windows, eval_seqlen=FLAGS.eval_seqlen)
+            eval_windows=FLAGS.eval_windows, eval_seqlen=FLAGS.eval_seqlen,
+            eora_models=FLAGS.eora_models)
   ds = FLAGS.eval_data
   cols = (['compression', 'init', 'stage'] + [f'ppl {d}' for d in ds] +
           [f'kl {ds[0]}', f'top1 {ds[0]}', 'probe_acc', 'train_seconds', 'loss_first', 'loss_last'])

@@ -194,7 +194,7 @@ def eigen_basis(hessian: jax.Array, *, num_tokens: int | None = None,
   """Eigendecomposes ``H`` in float64 (locally enabled x64) for :func:`eora_from_basis` and SRR.
 
   Warns (``UserWarning`` naming the layer) when some eigenvalues are treated as zero: ``H`` is
-  rank-deficient, i.e. the calibration set has too few (independent) tokens for this layer.
+  rank-deficient: too few calibration tokens, or inputs confined to fewer directions.
 
   Args:
     hessian: ``X^T X`` ``[in, in]`` (float32 accumulation is fine).
@@ -222,11 +222,16 @@ def eigen_basis(hessian: jax.Array, *, num_tokens: int | None = None,
     num_clamped = int(jnp.sum(~keep))
   if num_clamped:
     n_in = int(np.shape(hessian)[0])
+    if num_tokens is not None and float(num_tokens) < n_in:
+      hint = (f'The calibration data ({int(num_tokens)} tokens) is too little for a full-rank H: '
+              'use more calibration tokens than input features.')
+    else:
+      hint = ('The inputs span (nearly) fewer directions than features, as with a few dominant '
+              'activation channels; more varied calibration data can fill them.')
     warnings.warn(
         f'{_label(name)}: {num_clamped} of {n_in} Hessian eigenvalues are <= '
         f'{rel_eig_threshold:g} x the largest; they are treated as zero (truncated '
-        'pseudo-inverse), so the correction ignores those input directions. The calibration data '
-        'is too little for a full-rank H: use more calibration tokens than input features.',
+        f'pseudo-inverse), so the correction ignores those input directions. {hint}',
         UserWarning, stacklevel=3)
   return EigenBasis(q=q, sqrt_l=sqrt_l, inv_sqrt_l=inv_sqrt_l, num_clamped=num_clamped)
 

@@ -1,6 +1,8 @@
 """Smoke test of the LoRA-initialisation table script on the tiny byte-level model."""
 
+import jax
 import numpy as np
+import pytest
 
 from experiments import lora_table
 
@@ -29,3 +31,20 @@ def test_lora_table_smoke(tmp_path, monkeypatch):
   assert rows[('LoftQ', 'before')]['kl a'] < rows[('QLoRA (zero)', 'before')]['kl a']
   assert len(res['finetune']['rtn w2g32 | eora']['losses']) == 3
   assert (tmp_path / 'l' / 'loss_curves.png').exists()
+
+  # A cached EoRA model of a higher rank is truncated instead of recomputed (no statistics pass);
+  # a rank above every cached one falls back to computing it.
+  def no_stats():
+    raise AssertionError('statistics recomputed')
+
+  models_dir = tmp_path / 'l' / 'models'
+  cached = lora_table.checkpoint.load_model(models_dir / 'rtn_w2g32_eora4')[1]
+  got = lora_table.eora_start(None, None, None, 'rtn w2g32', 2, tmp_path / 'm', no_stats,
+                              str(models_dir))
+  want = lora_table.compensate.truncate_adapters(cached, 2)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  assert got['layers'][0]['mlp']['down_proj']['kernel'].adapter.a.shape[-1] == 2
+  with pytest.raises(AssertionError, match='recomputed'):
+    lora_table.eora_start(None, None, None, 'rtn w2g32', 8, tmp_path / 'm', no_stats,
+                          str(models_dir))

@@ -153,8 +153,12 @@ def test_eora_rank_deficient_hessian():
   h = _hessian(x)
   _, d = _error_problem()
   with pytest.warns(UserWarning, match='layers_3/mlp/down_proj') as record:
-    lr = lowrank.eora(jnp.asarray(d), jnp.asarray(h), 8, name='layers_3/mlp/down_proj')
-  assert any('calibration data is too little' in str(r.message) for r in record)
+    lr = lowrank.eora(jnp.asarray(d), jnp.asarray(h), 8, num_tokens=n_tok,
+                      name='layers_3/mlp/down_proj')
+  assert any('(24 tokens) is too little' in str(r.message) for r in record)
+  # Enough tokens, but inputs confined to fewer directions: the hint names the cause instead.
+  with pytest.warns(UserWarning, match='fewer directions than features'):
+    lowrank.eora(jnp.asarray(d), jnp.asarray(h), 8, num_tokens=10 * N_IN, name='x')
   a, b = np.asarray(lr.a), np.asarray(lr.b)
   assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
   err = _x_err(x, d, lr)
