@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import pathlib
 import shutil
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import app, flags
 
@@ -97,7 +97,10 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
         calib_seqlen: int = 512, eval_data: Sequence[str] = ('python-docs', 'shakespeare'),
         eval_windows: int = 40, other_windows: int | None = None, sweep_windows: int = 16,
         eval_seqlen: int = 512, shared_stats: bool = True,
-        probes_in_sweeps: bool = False) -> dict[str, Any]:
+        probes_in_sweeps: bool = False,
+        save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+  """Runs ``sections``; ``save(results)`` is called after each finished section (so a later
+  failure loses nothing already measured)."""
   for s in sections:
     if s not in SECTIONS:
       raise ValueError(f'unknown section {s!r}; choose from {SECTIONS}')
@@ -138,15 +141,18 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
         f'kl {eval_data[0]}', f'top1 {eval_data[0]}', 'probe_acc']
     (out / 'tables.md').write_text(f'# EoRA Tables 1-3 analogue, rank {rank}\n\n' +
                                    common.markdown_table(table, cols))
+    if save:
+      save(results)
 
   if 'rank_sweep' in sections:
     sweep = []
     for r in (sweep_rows or rows):
       base = pipeline.strip_adapters(comp[r])
+      svd = compensate.with_svd_adapters(loaded.params, base, max(ranks))  # one SVD per linear
       models = {}
       for k in ranks:
         models[f'eora r{k}'] = compensate.truncate_adapters(comp[r], k)
-        models[f'svd r{k}'] = compensate.with_svd_adapters(loaded.params, base, k)
+        models[f'svd r{k}'] = compensate.truncate_adapters(svd, k)
       models['none'] = base
       m = evaluate_models(loaded, models, tok, eval_data[:1], sweep_windows, eval_seqlen,
                           probes=False)
@@ -164,6 +170,8 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
     results['rank_sweep'] = sweep
     (out / 'rank_sweep.md').write_text('# Rank sweep (EoRA Fig. 3 analogue)\n\n' +
                                        common.markdown_table(sweep))
+    if save:
+      save(results)
 
   if 'adapter_bits' in sections:
     bits_rows = []
@@ -184,6 +192,8 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
     results['adapter_bits'] = bits_rows
     (out / 'adapter_bits.md').write_text('# Adapter quantization (EoRA Fig. 4 analogue)\n\n' +
                                          common.markdown_table(bits_rows))
+    if save:
+      save(results)
 
   if 'calib_domain' in sections:
     r = rows[min(2, len(rows) - 1)]
@@ -201,6 +211,8 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
     results['calib_domain'] = dom
     (out / 'calib_domain.md').write_text(f'# EoRA eigenspace calibration domain, {r}, rank {rank}\n\n'
                                          + common.markdown_table(dom))
+    if save:
+      save(results)
   return results
 
 
@@ -223,16 +235,19 @@ def define_flags() -> None:
 def main(argv):
   del argv
   common.quiet_logs()
-  res = run(sections=FLAGS.sections, out_dir=FLAGS.out_dir, rows=FLAGS.rows, rank=FLAGS.rank,
-            ranks=[int(r) for r in FLAGS.ranks], sweep_rows=FLAGS.sweep_rows,
-            bits_ranks=[int(r) for r in FLAGS.bits_ranks], calib_samples=FLAGS.calib_samples,
-            eval_windows=FLAGS.eval_windows, other_windows=FLAGS.other_windows,
-            sweep_windows=FLAGS.sweep_windows, shared_stats=FLAGS.shared_stats,
-            probes_in_sweeps=FLAGS.probes_in_sweeps)
-  res = common.keep_other_sections(FLAGS.out_dir, res, SECTIONS)
-  rows = res.get('tables') or next((res[s] for s in SECTIONS if s in res), [])
-  common.write_results(FLAGS.out_dir, res, rows=rows, flags=common.flag_values(FLAGS),
-                       title='EoRA on SmolLM2-135M')
+
+  def save(res: dict[str, Any]) -> None:
+    res = common.keep_other_sections(FLAGS.out_dir, res, SECTIONS)
+    rows = res.get('tables') or next((res[s] for s in SECTIONS if s in res), [])
+    common.write_results(FLAGS.out_dir, res, rows=rows, flags=common.flag_values(FLAGS),
+                         title='EoRA on SmolLM2-135M')
+
+  run(sections=FLAGS.sections, out_dir=FLAGS.out_dir, rows=FLAGS.rows, rank=FLAGS.rank,
+      ranks=[int(r) for r in FLAGS.ranks], sweep_rows=FLAGS.sweep_rows,
+      bits_ranks=[int(r) for r in FLAGS.bits_ranks], calib_samples=FLAGS.calib_samples,
+      eval_windows=FLAGS.eval_windows, other_windows=FLAGS.other_windows,
+      sweep_windows=FLAGS.sweep_windows, shared_stats=FLAGS.shared_stats,
+      probes_in_sweeps=FLAGS.probes_in_sweeps, save=save)
   for s in SECTIONS:
     p = pathlib.Path(FLAGS.out_dir) / f'{s}.md'
     if p.exists():

@@ -27,6 +27,7 @@ the analogue of training on the task's data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 from typing import Any, Callable, Sequence
@@ -53,14 +54,29 @@ INIT_NAMES = {'zero': 'QLoRA (zero)', 'loftq': 'LoftQ', 'eora': 'EoRA'}
 FLAGS = flags.FLAGS
 
 
+def loftq_start(loaded, base, cfg: finetune_lib.FinetuneConfig, cache: pathlib.Path) -> Any:
+  """``base`` re-compressed by LoftQ with its adapters (cached on disk): computed once, it is both
+  the 'before' model and the start of fine-tuning."""
+  if (cache / 'structure.json').exists():
+    return checkpoint.load_model(cache)[1]
+  params = finetune_lib.initial_model(base, cfg, dense_params=loaded.params)
+  checkpoint.save_model(cache, params, loaded.config, {'loftq_iters': cfg.loftq_iters})
+  return params
+
+
 def finetuned(loaded, start, cfg: finetune_lib.FinetuneConfig, tokens: np.ndarray,
               cache: pathlib.Path) -> tuple[Any, dict[str, Any]]:
-  """``finetune`` of ``start`` by ``cfg`` (cached on disk with its info)."""
+  """``finetune`` of ``start`` by ``cfg`` (cached on disk with its info). A LoftQ ``cfg`` trains
+  from the LoftQ initialisation ``start`` already carries (see :func:`loftq_start`)."""
   if (cache / 'structure.json').exists():
     _, params, meta = checkpoint.load_model(cache)
     return params, meta['finetune']
-  params, info = finetune_lib.finetune(start, loaded.config, tokens, cfg,
+  # The adapters ``start`` carries (EoRA, or LoftQ's) are the initialisation: 'eora' is the
+  # finetune mode that trains from carried adapters.
+  run_cfg = (dataclasses.replace(cfg, lora_init='eora') if cfg.lora_init == 'loftq' else cfg)
+  params, info = finetune_lib.finetune(start, loaded.config, tokens, run_cfg,
                                        dense_params=loaded.params)
+  info['lora_init'] = cfg.lora_init
   checkpoint.save_model(cache, params, loaded.config, {'finetune': common.to_jsonable(info)})
   return params, info
 
@@ -133,18 +149,16 @@ def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), inits: Sequence[str]
                        **ROWS[r])
     eora = eora_start(loaded, calib, c, r, lora_rank, out, stats, eora_models)
     base = pipeline.strip_adapters(eora)
-    starts = {'zero': base, 'loftq': base, 'eora': eora}
     curves[r] = {}
     for i in inits:
-      if i == 'zero':
-        models[f'{r} | {i} | before'] = base
-      elif i == 'loftq':
-        models[f'{r} | {i} | before'] = finetune_lib.initial_model(base, cfgs[i],
-                                                                   dense_params=loaded.params)
+      if i == 'loftq':
+        start = loftq_start(loaded, base, cfgs[i], out / 'models' / f'{slug(r)}_loftq{lora_rank}'
+                            f'_i{loftq_iters}')
       else:
-        models[f'{r} | {i} | before'] = eora
+        start = base if i == 'zero' else eora
+      models[f'{r} | {i} | before'] = start
       cache = out / 'models' / f'{slug(r)}_lora_{i}_{tag}'
-      models[f'{r} | {i} | after'], infos[f'{r} | {i}'] = finetuned(loaded, starts[i], cfgs[i],
+      models[f'{r} | {i} | after'], infos[f'{r} | {i}'] = finetuned(loaded, start, cfgs[i],
                                                                     ft_tokens, cache)
       curves[r][INIT_NAMES[i]] = list(infos[f'{r} | {i}']['losses'])
 
