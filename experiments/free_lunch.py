@@ -158,8 +158,8 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str] = tuple(RO
       'model': model, 'calib': f'python-docs train {calib_samples}x{calib_seqlen} (dense stats)',
       'recon': f'python-docs train {recon_samples}x{calib_seqlen}, lr {recon_lr}, '
                f'{recon_epochs} epoch(s), batch {base_config.batch_size}'}
-  evaluate = lambda models, data=eval_data: evaluate_models(  # noqa: E731
-      loaded, models, tok, data, eval_windows, eval_seqlen, other_windows)
+  evaluate = lambda models, data=eval_data, probes=True: evaluate_models(  # noqa: E731
+      loaded, models, tok, data, eval_windows, eval_seqlen, other_windows, probes=probes)
   ds = eval_data[0]
 
   if 'criteria' in sections:
@@ -205,7 +205,7 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str] = tuple(RO
     g_infos = {}
     for n in global_steps:
       models[f'global {n}'], g_infos[n] = global_retrained(s, window_row, n, global_lr, seed)
-    m = evaluate(models, eval_data[:1])
+    m = evaluate(models, eval_data[:1], probes=False)  # the table has no probe column
     table = [{'method': 'dense', f'ppl {ds}': m['dense'][f'ppl {ds}']},
              {'method': 'none', f'ppl {ds}': m['none'][f'ppl {ds}'], f'kl {ds}': m['none'][f'kl {ds}']}]
     table.append({'method': 'block reconstruction', f'ppl {ds}': m['block recon'][f'ppl {ds}'],
