@@ -1,13 +1,14 @@
 r"""Kernel benchmark: low-bit and 2:4 matmuls against bf16 ``jnp.dot``, and end-to-end decode speed.
 
   python -m experiments.bench_kernels --out_dir=results/bench_kernels
-  python -m experiments.bench_kernels --sections=kernels --shapes=4096x4096 --sweep --out_dir=...
+  python -m experiments.bench_kernels --sections=kernels --shapes=4096x4096 --sweep=w4g128 --out_dir=DIR
   python -m experiments.bench_kernels --quick --out_dir=results/bench_quick   # CPU, interpret mode
 
-Expect ~8 min on 1xH100 for the default kernel section (8 formats x 4 shapes x 5 M, each a Triton
-compile plus timing) and ~3 min for the end-to-end section (the random Llama-3-8B-shaped model
-is 16 GB in bf16); split with ``--sections`` / ``--shapes`` to stay under a 10-minute limit;
-neither estimate is measured: no GPU was available when this was written. ``--quick``
+Measured on 1xH100 (``results/bench_kernels_h100``): about 2 min per shape for the kernel section
+(8 formats x 5 M, each a Triton compile plus timing; the 8192x28672 shape needs more), and about
+1.5 min for ``--sections=e2e --e2e_models=llama3-8b-random --e2e_layers=8``; run one shape per
+invocation (``--shapes``) to stay under a 10-minute limit. A point whose tiles do not compile
+(e.g. over the shared-memory limit) is reported with its ``error`` and the run goes on. ``--quick``
 runs tiny shapes through the kernels in Pallas interpret mode on the CPU in well under a minute
 (the timings then say nothing about GPU speed; it checks the script end to end).
 
@@ -197,7 +198,7 @@ def sweep_candidates(m: int) -> list[BlockSizes]:
     gemv = m <= 4
     bm = max(1, 1 << (m - 1).bit_length()) if gemv else 16
     for bn in (32, 64, 128):
-      for bk in (256, 512):
+      for bk in (128, 256, 512):
         for split in (1, 4):
           out.append(BlockSizes(block_m=bm, block_n=bn, block_k=bk, split_k=split, gemv=gemv,
                                 num_warps=4, num_stages=4))
@@ -221,7 +222,8 @@ def _rel_err(y, x, leaf) -> float:
 
 
 def bench_kernels(*, shapes: Sequence[tuple[int, int]], ms: Sequence[int], fmts: Sequence[str],
-                  interpret: bool, with_xla: bool, sweep: bool, trials: int, target_s: float,
+                  interpret: bool, with_xla: bool, sweep: Sequence[str], trials: int,
+                  target_s: float,
                   rotate_bytes: float, copy_bw: float, seed: int) -> list[dict[str, Any]]:
   """One row per (format, shape, M): kernel time, bandwidth, TFLOP/s, speedup over bf16."""
   rows = []
@@ -255,37 +257,61 @@ def bench_kernels(*, shapes: Sequence[tuple[int, int]], ms: Sequence[int], fmts:
         impl, fn = _kernel_fn(fmt, None, interpret)
         with api.interpret_mode(interpret), api.recording() as log:
           jax.eval_shape(kernels.linear, x, first)
-        seconds, y = time_calls(fn, x, leaves, trials=trials, target_s=target_s)
-        io_bytes = nbytes + x.size * 2 + m * n * 2
-        rank = FORMATS[fmt].get('rank', 0)
-        flops = 2 * m * k * n + 2 * m * rank * (k + n)
-        row.update(
-            impl=impl, default_impl=log[-1] if log else None, block=_block_str(block),
-            copies=len(leaves), time_us=1e6 * seconds, bytes=io_bytes,
-            bandwidth_gbs=io_bytes / seconds / 1e9,
-            pct_copy_bw=100.0 * io_bytes / seconds / 1e9 / copy_bw,
-            tflops=flops / seconds / 1e12, bf16_us=bf16_us[m],
-            speedup_vs_bf16=bf16_us[m] / (1e6 * seconds),
-            rel_err=_rel_err(y, x, first))
-        if with_xla:
-          xla_s, _ = time_calls(reference.linear, x, leaves, trials=trials, target_s=target_s)
-          row.update(xla_us=1e6 * xla_s, speedup_vs_xla=xla_s / seconds)
-        if sweep and fmt == 'w4g128':
-          best = (seconds, 'default')
-          for cand in sweep_candidates(m):
-            try:
-              _check_fn(fmt)(x, first, cand)
-            except NotImplementedError:
-              continue
-            _, cfn = _kernel_fn(fmt, cand, interpret)
-            t, _ = time_calls(cfn, x, leaves, trials=trials, target_s=target_s)
-            best = min(best, (t, _block_str(cand)))
-          row.update(sweep_best_us=1e6 * best[0], sweep_best_block=best[1])
+        row.update(impl=impl, default_impl=log[-1] if log else None, block=_block_str(block))
+        try:
+          seconds, y = time_calls(fn, x, leaves, trials=trials, target_s=target_s)
+        except jax.errors.JaxRuntimeError as e:  # e.g. tiles over the shared-memory limit
+          seconds, row['error'] = None, _first_line(e)
+        if seconds is not None:
+          io_bytes = nbytes + x.size * 2 + m * n * 2
+          rank = FORMATS[fmt].get('rank', 0)
+          flops = 2 * m * k * n + 2 * m * rank * (k + n)
+          row.update(
+              copies=len(leaves), time_us=1e6 * seconds, bytes=io_bytes,
+              bandwidth_gbs=io_bytes / seconds / 1e9,
+              pct_copy_bw=100.0 * io_bytes / seconds / 1e9 / copy_bw,
+              tflops=flops / seconds / 1e12, bf16_us=bf16_us[m],
+              speedup_vs_bf16=bf16_us[m] / (1e6 * seconds),
+              rel_err=_rel_err(y, x, first))
+          if with_xla:
+            xla_s, _ = time_calls(reference.linear, x, leaves, trials=trials, target_s=target_s)
+            row.update(xla_us=1e6 * xla_s, speedup_vs_xla=xla_s / seconds)
+        if fmt in sweep:
+          row.update(_sweep(fmt, x, first, leaves, m, seconds, interpret=interpret,
+                            trials=trials, target_s=target_s, bf16_us=bf16_us[m]))
         logging.info('%s', row)
         rows.append(row)
       del leaves, first
   _adapter_overhead(rows)
   return rows
+
+
+def _sweep(fmt: str, x, first, leaves, m: int, default_s: float | None, *, interpret: bool,
+           trials: int, target_s: float, bf16_us: float) -> dict[str, Any]:
+  """Times every :func:`sweep_candidates` tile (those that compile) against the default."""
+  best = (math.inf, None) if default_s is None else (default_s, 'default')
+  failed = 0
+  for cand in sweep_candidates(m):
+    try:
+      _check_fn(fmt)(x, first, cand)
+    except NotImplementedError:
+      continue
+    _, cfn = _kernel_fn(fmt, cand, interpret)
+    try:
+      t, _ = time_calls(cfn, x, leaves, trials=trials, target_s=target_s)
+    except jax.errors.JaxRuntimeError as e:
+      logging.warning('%s %s: %s', fmt, _block_str(cand), _first_line(e))
+      failed += 1
+      continue
+    best = min(best, (t, _block_str(cand)))
+  if best[1] is None:
+    return {'sweep_failed': failed}
+  return {'sweep_best_us': 1e6 * best[0], 'sweep_best_block': best[1],
+          'sweep_speedup_vs_bf16': bf16_us / (1e6 * best[0]), 'sweep_failed': failed}
+
+
+def _first_line(e: Exception) -> str:
+  return str(e).strip().splitlines()[0][:200]
 
 
 def _block_str(b: BlockSizes) -> str:
@@ -469,7 +495,7 @@ def parse_shapes(values: Sequence[str]) -> list[tuple[int, int]]:
 def run(*, out_dir: str | None = None, quick: bool = False,
         sections: Sequence[str] = ('kernels', 'e2e'),
         shapes: Sequence[tuple[int, int]] | None = None, ms: Sequence[int] | None = None,
-        fmts: Sequence[str] | None = None, with_xla: bool = False, sweep: bool = False,
+        fmts: Sequence[str] | None = None, with_xla: bool = False, sweep: Sequence[str] = (),
         e2e_models: Sequence[str] | None = None, e2e_layers: int | None = None, batch: int = 1,
         prompt_len: int = 16, new_tokens: int = 64, trials: int = 5, target_ms: float = 50.0,
         rotate_mb: float = 4 * L2_BYTES_H100 / 2 ** 20, copy_mb: float = 1024.0, seed: int = 0,
@@ -529,7 +555,9 @@ def run(*, out_dir: str | None = None, quick: bool = False,
   if out_dir is not None:
     columns = ['format', 'shape', 'M', 'impl', 'default_impl', 'block', 'time_us', 'bf16_us',
                'speedup_vs_bf16', 'pct_copy_bw', 'bandwidth_gbs', 'tflops', 'rel_err',
-               'adapter_overhead_pct', 'xla_us', 'sweep_best_us', 'sweep_best_block', 'skipped']
+               'adapter_overhead_pct', 'xla_us', 'sweep_best_us', 'sweep_best_block',
+               'sweep_speedup_vs_bf16', 'skipped',
+               'error']
     columns = [c for c in columns if any(c in r for r in rows)] or None
     title = (f'Kernel benchmark on {results["device"]} (copy bandwidth '
              f'{bw["copy_bandwidth_gbs"]:.0f} GB/s)')
@@ -564,7 +592,8 @@ def define_flags() -> None:
   flags.DEFINE_list('formats', list(FORMATS), f'Weight formats: {sorted(FORMATS)} '
                                f'(--quick: {",".join(QUICK_FORMATS)} unless given).')
   flags.DEFINE_bool('with_xla', False, "Also time the 'xla' reference on each leaf.")
-  flags.DEFINE_bool('sweep', False, 'Also try a grid of BlockSizes per point (w4g128).')
+  flags.DEFINE_list('sweep', [], 'Formats for which to also try a grid of BlockSizes per point '
+                   '(the best is reported as sweep_best_us / sweep_best_block).')
   flags.DEFINE_list('e2e_models', ['smollm2-135m', 'llama3-8b-random'],
                                   'Models for decode tokens/s (--quick: tiny-llama unless given).')
   flags.DEFINE_integer('e2e_layers', None, 'Override the layer count of the random '

@@ -85,14 +85,14 @@ class BlockSizes:
   in steps of ``block_k`` input rows (a step is split further so that one dot never crosses a
   quantization group), and split-K partial sums ``[split_k, M, N]`` (float32) are added outside.
 
-  How the defaults (:meth:`for_shape`) were chosen: no GPU was available when they were written, so
-  they come from the roofline argument, not from a sweep. At decode sizes (M <= 16) the weight is
-  all of the memory traffic and the only aim is to keep enough bytes in flight: narrow output tiles
-  (``block_n = 64``), long K steps (``block_k = 512``, i.e. 8 KiB of int4 words per step and column
-  tile) and split-K until there are about two programs per SM of an H100; for M <= 4 the product is
-  an elementwise multiply-and-reduce (``gemv=True``) rather than an MMA on a zero-padded 16-row
-  tile. At prefill sizes the tiles are the usual Triton GEMM ones (64-128 x 128 x 64). Re-derive
-  them with ``experiments/bench_kernels.py --sweep`` on the target GPU.
+  How the defaults (:meth:`for_shape`) were chosen: from a tile sweep on an H100
+  (``results/bench_kernels_h100``, int4 g128 on the 4096x14336 Llama-3-8B linear, sweep winners
+  per M). One row is the elementwise multiply-and-reduce (``gemv=True``) with 128-wide output tiles
+  and 256-row K steps; 2-16 rows are a 16-row dot tile with ``block_n = 64`` and 128-row K steps
+  (512-row steps overran the 227 KiB of shared memory with act-order scales and 2:4 values); both
+  split K 4 ways, further when the output tiles alone give fewer than about two programs per SM.
+  64 and more rows use 64-wide output tiles and 64-row K steps. Re-derive them with
+  ``experiments/bench_kernels.py --sweep=FORMAT`` on another GPU.
 
   Attributes:
     block_m: activation rows per program (power of two; >= 16 unless ``gemv``).
@@ -132,22 +132,23 @@ class BlockSizes:
   def for_shape(cls, m: int, n: int, k: int) -> 'BlockSizes':
     """Default tiles for an ``[m, k] @ [k, n]`` product (see the class docstring)."""
     if m <= 16:
-      gemv = m <= MAX_GEMV_ROWS
-      block_m = next_pow2(m) if gemv else 16
-      block_n, block_k = 64, 512
+      gemv = m == 1
+      block_m = 1 if gemv else 16
+      block_n, block_k = (128, 256) if gemv else (64, 128)
       n_tiles = -(-n // block_n)
+      # Split K 4 ways (more while there are fewer than ~2 programs per SM), keeping >= 2 K steps
+      # per program.
       split = 1
-      # Split K until ~2 programs per SM, keeping >= 2 K steps per program.
-      while (n_tiles * split * 2 <= 2 * _TARGET_SMS and split < 16
-             and k >= split * 2 * 2 * block_k):
+      while (split < 16 and k >= split * 2 * 2 * block_k
+             and (split < 4 or n_tiles * split < 2 * _TARGET_SMS)):
         split *= 2
       return cls(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split, gemv=gemv,
                  num_warps=4, num_stages=4)
     if m <= 64:
-      return cls(block_m=next_pow2(m), block_n=128, block_k=128, num_warps=4, num_stages=3)
+      return cls(block_m=next_pow2(m), block_n=64, block_k=64, num_warps=4, num_stages=3)
     if m < 128:
-      return cls(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3)
-    return cls(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+      return cls(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=3)
+    return cls(block_m=128, block_n=64, block_k=64, num_warps=4, num_stages=3)
 
 
 def compiler_params(block: BlockSizes):

@@ -58,3 +58,32 @@ def test_quick_run_writes_results(tmp_path):
   assert len(saved['rows']) == 1 and saved['device'].startswith('cpu')
   table = (tmp_path / 'table.md').read_text()
   assert 'w4g128_lora64' in table and 'End-to-end decode' in table
+
+
+@pytest.mark.skipif(jax.default_backend() == 'gpu', reason='the quick run is the CPU smoke test')
+def test_uncompilable_points_are_reported_and_swept(tmp_path, monkeypatch):
+  # A default tile that fails to compile (as 512-row K steps did on an H100: shared memory) is
+  # reported with its error, the sweep still runs and skips the candidates that fail too.
+  real = bench_kernels.time_calls
+  fail_blocks = {bench_kernels.BlockSizes.for_shape(1, 192, 256)}
+  cands = [bench_kernels.BlockSizes(block_m=1, block_n=64, block_k=128, gemv=True),
+           bench_kernels.BlockSizes(block_m=1, block_n=32, block_k=128, gemv=True)]
+  fail_blocks.add(cands[1])
+  monkeypatch.setattr(bench_kernels, 'sweep_candidates', lambda m: cands)
+
+  def time_calls(fn, x, weights, **kw):
+    block = getattr(fn, 'keywords', {}).get('block', 'dense')
+    if block is None:
+      block = bench_kernels.BlockSizes.for_shape(x.shape[0], 192, 256)
+    if block in fail_blocks:
+      raise jax.errors.JaxRuntimeError('RESOURCE_EXHAUSTED: Shared memory size limit exceeded')
+    return real(fn, x, weights, **kw)
+
+  monkeypatch.setattr(bench_kernels, 'time_calls', time_calls)
+  results = bench_kernels.run(out_dir=str(tmp_path), quick=True, ms=(1,), fmts=('w4g128',),
+                              sections=('kernels',), sweep=('w4g128',))
+  (row,) = results['rows']
+  assert row['error'].startswith('RESOURCE_EXHAUSTED') and 'time_us' not in row
+  assert row['sweep_best_block'] == bench_kernels._block_str(cands[0])
+  assert row['sweep_failed'] == 1 and row['sweep_best_us'] > 0
+  assert 'RESOURCE_EXHAUSTED' in (tmp_path / 'table.md').read_text()

@@ -123,11 +123,19 @@ class CheckSupportedTest(parameterized.TestCase):
       BlockSizes(**{**base, **kwargs})
 
   def test_default_blocks_split_k_at_decode(self):
-    # A narrow output (32 tiles of 64) and a long K: split-K gives the SMs enough programs.
-    block = BlockSizes.for_shape(1, 2048, 8192)
-    self.assertGreater(block.split_k, 1)
-    self.assertEqual(BlockSizes.for_shape(1, 28672, 8192).split_k, 1)
-
+    # Decode: one row takes the GEMV path; K splits 4 ways, further while the output tiles alone
+    # give fewer than ~2 programs per SM, never below 2 K steps per program.
+    wide = BlockSizes.for_shape(1, 28672, 8192)
+    self.assertTrue(wide.gemv)
+    self.assertEqual(wide.split_k, 4)
+    narrow = BlockSizes.for_shape(1, 2048, 8192)  # 16 tiles of 128
+    self.assertEqual(narrow.split_k, 16)
+    self.assertEqual(BlockSizes.for_shape(1, 2048, 512).split_k, 1)  # one 256-row step each
+    few = BlockSizes.for_shape(4, 4096, 4096)  # 2-16 rows: a 16-row dot tile
+    self.assertFalse(few.gemv)
+    self.assertEqual((few.block_m, few.block_k), (16, 128))
+    # Prefill tiles fit the shared memory that 512-row K steps overran on an H100.
+    self.assertEqual(BlockSizes.for_shape(256, 4096, 4096).block_k, 64)
 
 if __name__ == '__main__':
   absltest.main()
