@@ -27,7 +27,6 @@ the analogue of training on the task's data.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import pathlib
 from typing import Any, Callable, Sequence
@@ -66,17 +65,14 @@ def loftq_start(loaded, base, cfg: finetune_lib.FinetuneConfig, cache: pathlib.P
 
 def finetuned(loaded, start, cfg: finetune_lib.FinetuneConfig, tokens: np.ndarray,
               cache: pathlib.Path) -> tuple[Any, dict[str, Any]]:
-  """``finetune`` of ``start`` by ``cfg`` (cached on disk with its info). A LoftQ ``cfg`` trains
-  from the LoftQ initialisation ``start`` already carries (see :func:`loftq_start`)."""
+  """``finetune`` of ``start`` by ``cfg`` (cached on disk with its info). A LoftQ ``start`` is
+  already the LoftQ initialisation (:func:`loftq_start`), trained as it is."""
   if (cache / 'structure.json').exists():
     _, params, meta = checkpoint.load_model(cache)
     return params, meta['finetune']
-  # The adapters ``start`` carries (EoRA, or LoftQ's) are the initialisation: 'eora' is the
-  # finetune mode that trains from carried adapters.
-  run_cfg = (dataclasses.replace(cfg, lora_init='eora') if cfg.lora_init == 'loftq' else cfg)
-  params, info = finetune_lib.finetune(start, loaded.config, tokens, run_cfg,
-                                       dense_params=loaded.params)
-  info['lora_init'] = cfg.lora_init
+  params, info = finetune_lib.finetune(start, loaded.config, tokens, cfg,
+                                       dense_params=loaded.params,
+                                       from_initial=cfg.lora_init == 'loftq')
   checkpoint.save_model(cache, params, loaded.config, {'finetune': common.to_jsonable(info)})
   return params, info
 

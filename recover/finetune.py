@@ -339,21 +339,44 @@ def _check_dense(params: Params, dense_params: Params, why: str) -> None:
                      f'{len(params["layers"])}')
 
 
-def prepare(params: Params, cfg: FinetuneConfig, *, dense_params: Params | None = None
-            ) -> tuple[dict[str, Any], dict[str, train.LeafPlan]]:
+def _check_carried(leaves: dict[str, Any], paths: list[str], cfg: FinetuneConfig,
+                   why: str) -> None:
+  """Raises unless every linear in ``paths`` carries a float adapter of rank ``cfg.lora_rank``
+  (capped by its shape): what trains from the adapters a model carries."""
+  missing = [p for p in paths
+             if not isinstance(leaves[p], CompressedLinear) or leaves[p].adapter is None]
+  if missing:
+    raise ValueError(f'{why} trains the adapters the model carries, but {len(missing)} linears '
+                     f'have none ({_examples(missing)})')
+  wrong = [f'{p} (rank {leaves[p].adapter.rank})' for p in paths
+           if leaves[p].adapter.rank != min(cfg.lora_rank, *leaves[p].shape)]
+  if wrong:
+    raise ValueError(f'lora_rank={cfg.lora_rank} but some adapters have another rank: '
+                     f'{_examples(wrong)}')
+
+
+def prepare(params: Params, cfg: FinetuneConfig, *, dense_params: Params | None = None,
+            from_initial: bool = False) -> tuple[dict[str, Any], dict[str, train.LeafPlan]]:
   """The linears training starts from and how each is trained.
 
   Returns ``(leaves, plans)``: ``leaves`` maps every block linear's path to its initial leaf (for
   LoRA: without adapter for a zero init, with the LoftQ base and adapter, or as given for EoRA/SRR);
   ``plans`` maps the trained paths to their :class:`~recover.train.LeafPlan` (linears without a
-  plan stay frozen). Raises ValueError when the model does not fit the configuration.
+  plan stay frozen). ``from_initial=True`` says that ``params`` is already
+  :func:`initial_model`'s result for ``cfg`` (e.g. a LoftQ start computed once and reused): LoRA
+  then trains the adapters every linear carries, as they are. Raises ValueError when the model does
+  not fit the configuration.
   """
   leaves = linear_leaves(params)
   plans: dict[str, train.LeafPlan] = {}
   if cfg.method == 'lora':
     plan = _lora_plan(cfg)
     compressed = [p for p, l in leaves.items() if isinstance(l, CompressedLinear)]
-    if cfg.lora_init == 'zero':
+    if from_initial:
+      _check_carried(leaves, list(leaves), cfg,
+                     f'from_initial=True (the model as initial_model(lora_init={cfg.lora_init!r}) '
+                     'returns it)')
+    elif cfg.lora_init == 'zero':
       srr = [p for p in compressed
              if leaves[p].adapter is not None and leaves[p].adapter.preserved > 0]
       if srr:
@@ -361,17 +384,9 @@ def prepare(params: Params, cfg: FinetuneConfig, *, dense_params: Params | None 
                          f"directions ({_examples(srr)}); use lora_init='srr'")
       leaves = {p: _strip(l) for p, l in leaves.items()}
     elif cfg.lora_init in ('eora', 'srr'):
-      missing = [p for p in compressed if leaves[p].adapter is None]
-      if missing:
-        raise ValueError(
-            f'lora_init={cfg.lora_init!r} starts from the adapters the model carries, but '
-            f'{len(missing)} compressed linears have none ({_examples(missing)}); compress with '
-            f'the {cfg.lora_init} compensator at rank {cfg.lora_rank} first')
-      wrong = [f'{p} (rank {leaves[p].adapter.rank})' for p in compressed
-               if leaves[p].adapter.rank != min(cfg.lora_rank, *leaves[p].shape)]
-      if wrong:
-        raise ValueError(f'lora_rank={cfg.lora_rank} but some adapters have another rank: '
-                         f'{_examples(wrong)}')
+      _check_carried(leaves, compressed, cfg,
+                     f'lora_init={cfg.lora_init!r} (compress with the {cfg.lora_init} compensator '
+                     f'at rank {cfg.lora_rank} first)')
       if cfg.lora_init == 'srr' and compressed and not any(
           leaves[p].adapter.preserved > 0 for p in compressed):
         warnings.warn("lora_init='srr' but no adapter has preserved components (not an SRR "
@@ -465,8 +480,8 @@ def _check_tokens(tokens, config: ModelConfig) -> np.ndarray:
 
 
 def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *,
-             dense_params: Params | None = None, progress: bool = True,
-             dtype=jnp.float32) -> tuple[Params, dict[str, Any]]:
+             dense_params: Params | None = None, from_initial: bool = False,
+             progress: bool = True, dtype=jnp.float32) -> tuple[Params, dict[str, Any]]:
   """Fine-tunes a (compressed) model by ``config`` on ``tokens``.
 
   Args:
@@ -475,6 +490,8 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
     tokens: ``[N, T]`` int token sequences; each step draws ``config.batch_size`` of them.
     cfg: the model config.
     dense_params: the uncompressed model (needed for LoftQ init and distillation).
+    from_initial: ``params`` is :func:`initial_model`'s result for ``config`` (see
+      :func:`prepare`); LoRA trains the adapters it carries, and LoftQ needs no dense model then.
     progress: show a progress bar (one tick per step, with the loss).
     dtype: compute dtype of the forward pass.
 
@@ -491,7 +508,7 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
   if config.distill:
     _check_dense(params, dense_params, 'FinetuneConfig.distill=True')
   order = step_order(tokens.shape[0], config.batch_size, config.steps, config.seed)
-  leaves, plans = prepare(params, config, dense_params=dense_params)
+  leaves, plans = prepare(params, config, dense_params=dense_params, from_initial=from_initial)
   split = train.split_leaves(leaves, plans, jax.random.key(config.seed))
   static = split.static_key
   frozen = {'leaves': split.frozen, 'rest': replace_leaves(params, {p: None for p in plans}),

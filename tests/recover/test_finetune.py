@@ -287,6 +287,28 @@ def test_loftq_init_and_distillation(tiny, models):
   assert info['loss_last'] < info['loss_first']
 
 
+@pytest.mark.parametrize('init', ['zero', 'loftq'])
+def test_finetune_from_initial_model_equals_finetune_from_the_base(tiny, models, init):
+  # A start computed once (initial_model) and trained with from_initial=True trains exactly as
+  # finetune from the compressed model does, and keeps its init's name.
+  cfg, params, _, tokens = tiny
+  base = models['rtn2']
+  ft = FinetuneConfig('lora', 3, batch_size=4, lr=1e-3, lora_init=init, lora_rank=RANK,
+                      loftq_iters=2)
+  start = finetune.initial_model(base, ft, dense_params=params)
+  a, info_a = finetune.finetune(base, cfg, tokens, ft, dense_params=params, progress=False)
+  b, info_b = finetune.finetune(start, cfg, tokens, ft, from_initial=True, progress=False)
+  assert info_b['lora_init'] == init
+  np.testing.assert_allclose(info_b['losses'], info_a['losses'], rtol=1e-6)
+  for path, leaf in finetune.linear_leaves(a).items():
+    other = finetune.linear_leaves(b)[path]
+    np.testing.assert_array_equal(other.weight.qweight, leaf.weight.qweight)
+    np.testing.assert_allclose(other.adapter.a, leaf.adapter.a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(other.adapter.b, leaf.adapter.b, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match='from_initial=True .* have none'):
+    finetune.prepare(base, ft, from_initial=True)  # the compressed model is not a start
+
+
 # --------------------------------------------------------------------------- global
 
 
