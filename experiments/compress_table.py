@@ -67,11 +67,14 @@ def compress_cached(loaded: loading.LoadedModel, calib: np.ndarray, c: CompressC
                     aux_stats=None) -> tuple[Any, dict[str, Any]]:
   """Runs the pipeline once for ``c`` (or loads its saved result) and returns (params, timing).
 
-  ``stats``: shared dense-input statistics (:func:`compress.pipeline.dense_statistics`); None runs
-  the default propagated-input calibration."""
+  ``stats``/``aux_stats``: shared dense-input statistics (:func:`compress.pipeline.dense_statistics`),
+  or zero-argument callables computing them, called only on a cache miss; None runs the default
+  propagated-input calibration."""
   if (cache_dir / 'structure.json').exists():
     _, params, meta = checkpoint.load_model(cache_dir)
     return params, meta['timing']
+  stats = stats() if callable(stats) else stats
+  aux_stats = aux_stats() if callable(aux_stats) else aux_stats
   spec = build_spec(c)
   rules = build_rules(c, spec)
   t0 = time.time()

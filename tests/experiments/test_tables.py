@@ -69,3 +69,52 @@ def test_free_lunch_smoke(corpus, tmp_path, monkeypatch):
   glob = {r['method']: r for r in res['global']}
   assert glob['global retraining, 8 steps']['train_compute'] > glob['block reconstruction']['train_compute']
   assert (tmp_path / 'f' / 'global_compute.png').exists()
+
+
+def test_compress_cached_computes_statistics_only_on_a_miss(tmp_path, monkeypatch):
+  from experiments import compress_table
+  from models import checkpoint, config as config_lib, llama
+  import jax
+  cfg = config_lib.tiny_config(num_layers=1)
+  params = llama.init_params(cfg, jax.random.key(0))
+  cache = tmp_path / 'm'
+  checkpoint.save_model(cache, params, cfg, {'timing': {'numerics_seconds': 1.5}})
+
+  def no_stats():
+    raise AssertionError('statistics computed')
+
+  got, timing = compress_table.compress_cached(None, None, None, cache, stats=no_stats)
+  assert timing == {'numerics_seconds': 1.5}
+  np.testing.assert_array_equal(np.asarray(got['embed_tokens']['embedding']),
+                                np.asarray(params['embed_tokens']['embedding']))
+  # A miss calls the callable once and hands its result to the pipeline.
+  seen = {}
+
+  def fake_compress(*args, precomputed_stats=None, precomputed_aux_stats=None, **kw):
+    seen['stats'], seen['aux'] = precomputed_stats, precomputed_aux_stats
+    raise RuntimeError('stop')
+
+  monkeypatch.setattr(compress_table.pipeline, 'compress_model', fake_compress)
+  monkeypatch.setattr(compress_table, 'build_spec', lambda c: None)
+  monkeypatch.setattr(compress_table, 'build_rules', lambda c, s: None)
+  loaded = type('L', (), {'params': params, 'config': cfg})()
+  with pytest.raises(RuntimeError, match='stop'):
+    compress_table.compress_cached(loaded, None, type('C', (), {'batch_size': 4})(),
+                                   tmp_path / 'miss', stats=lambda: 'S', aux_stats=lambda: 'A')
+  assert seen == {'stats': 'S', 'aux': 'A'}
+
+
+def test_idp_table_smoke(corpus, tmp_path):
+  from experiments import idp_table
+  res = idp_table.run(out_dir=str(tmp_path / 'i'), model='tiny-llama', compression='rtn w2g64',
+                      calib_samples=4, calib_seqlen=32, train_windows=4, train_seqlen=32,
+                      prompt_len=2, steps=2, eval_data=('a', 'b'), eval_windows=2,
+                      eval_seqlen=32, latency_batch=1, latency_reps=1, lora_rank=2)
+  rows = {r['method']: r for r in res['table']}
+  assert set(rows) == {'dense', 'compressed', 'one prompt', 'idp pool', 'lora'}
+  assert all(np.isfinite(r['ppl a']) and r['latency_s' if m != 'dense' else 'ppl b'] > 0
+             for m, r in rows.items())
+  # Two prompts of 2 tokens per layer entry against rank-2 adapters on every linear.
+  assert 0 < rows['idp pool']['added_params'] < rows['lora']['added_params']
+  assert res['idp_vs_lora']['params_ratio'] > 1
+  assert sum(res['routing']['a']) == pytest.approx(1.0)
