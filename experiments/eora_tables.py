@@ -91,6 +91,34 @@ def _plot(path: pathlib.Path, title: str, ranks, series: dict[str, list[float]],
   plt.close(fig)
 
 
+def _plot_bits(path: pathlib.Path, bits_rows: Sequence[dict[str, Any]], ds: str) -> None:
+  """Adapter-bits plot (EoRA Fig. 4 analogue): one panel per compression, perplexity against the
+  adapters' share of the model size, one line per rank through its 3/4/16-bit points."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  comps = list(dict.fromkeys(r['compression'] for r in bits_rows))
+  fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.5), squeeze=False)
+  for ax, comp in zip(axes[0], comps):
+    mine = [r for r in bits_rows if r['compression'] == comp]
+    for rank in dict.fromkeys(r['adapter'].split()[0] for r in mine):
+      pts = sorted((100 * r['adapter_share'], r[f'ppl {ds}'], r['adapter'].split()[1])
+                   for r in mine if r['adapter'].split()[0] == rank)
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=f'rank {rank[1:]}')
+      for x, y, b in pts:
+        ax.annotate(f'{b[1:]}-bit', (x, y), textcoords='offset points', xytext=(4, 4),
+                    fontsize=7)
+    ax.set_xlabel('adapters, % of model bytes')
+    ax.set_ylabel(f'perplexity ({ds})')
+    ax.set_title(comp, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle('EoRA adapters quantized to 16 / 4 / 3 bits')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int = 64,
         ranks: Sequence[int] = (8, 16, 32, 64, 128, 256), sweep_rows: Sequence[str] | None = None,
         bits_ranks: Sequence[int] = (16, 64), model: str = 'smollm2-135m', calib_samples: int = 64,
@@ -187,11 +215,12 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
       for name, p in models.items():
         share = compensate.adapter_share(p)
         bits_rows.append({'compression': r, 'adapter': name, f'ppl {ds}': m[name][f'ppl {ds}'],
-                          f'kl {ds}': m[name][f'kl {ds}'], 'probe_acc': m[name]['probe_acc'],
-                          'adapter_share': share['adapter_share']})
+                          f'kl {ds}': m[name][f'kl {ds}'], 'adapter_share': share['adapter_share'],
+                          **({'probe_acc': m[name]['probe_acc']} if probes_in_sweeps else {})})
     results['adapter_bits'] = bits_rows
     (out / 'adapter_bits.md').write_text('# Adapter quantization (EoRA Fig. 4 analogue)\n\n' +
                                          common.markdown_table(bits_rows))
+    _plot_bits(out / 'adapter_bits.png', bits_rows, eval_data[0])
     if save:
       save(results)
 

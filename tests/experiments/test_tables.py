@@ -34,6 +34,7 @@ def test_eora_tables_smoke(corpus, tmp_path, monkeypatch):
   assert kl['eora'] < kl['none'] and kl['svd'] < kl['none']
   assert len(res['rank_sweep']) == 2 and len(res['adapter_bits']) == 3
   assert (tmp_path / 'e' / 'rank_sweep_rtn_w2g32.png').exists()
+  assert (tmp_path / 'e' / 'adapter_bits.png').exists()
   assert {r['recovery'] for r in res['calib_domain']} >= {'none', 'eora eigenspace shakespeare'}
 
 
