@@ -91,7 +91,9 @@ class BlockSizes:
   and 256-row K steps; 2-16 rows are a 16-row dot tile with ``block_n = 64`` and 128-row K steps
   (512-row steps overran the 227 KiB of shared memory with act-order scales and 2:4 values); both
   split K 4 ways, further when the output tiles alone give fewer than about two programs per SM.
-  64 and more rows use 64-wide output tiles and 64-row K steps. Re-derive them with
+  64 and more rows use 64-wide output tiles and 64-row K steps. Act-order weights (scales gathered
+  per input row) take 32-wide output tiles at up to 16 rows, with 512-row K steps for one row (the
+  sweep's winners for them: 2x and 1.3x faster than the shared tiles). Re-derive them with
   ``experiments/bench_kernels.py --sweep=FORMAT`` on another GPU.
 
   Attributes:
@@ -129,12 +131,15 @@ class BlockSizes:
       raise ValueError('split_k, num_warps and num_stages must be >= 1.')
 
   @classmethod
-  def for_shape(cls, m: int, n: int, k: int) -> 'BlockSizes':
-    """Default tiles for an ``[m, k] @ [k, n]`` product (see the class docstring)."""
+  def for_shape(cls, m: int, n: int, k: int, gathered: bool = False) -> 'BlockSizes':
+    """Default tiles for an ``[m, k] @ [k, n]`` product (see the class docstring);
+    ``gathered``: scales and zeros are gathered per input row (act-order ``g_idx``)."""
     if m <= 16:
       gemv = m == 1
       block_m = 1 if gemv else 16
       block_n, block_k = (128, 256) if gemv else (64, 128)
+      if gathered:  # a [block_k, block_n] scale gather per step: narrower tiles
+        block_n, block_k = (32, 512) if gemv else (32, 128)
       n_tiles = -(-n // block_n)
       # Split K 4 ways (more while there are fewer than ~2 programs per SM), keeping >= 2 K steps
       # per program.
@@ -467,7 +472,7 @@ def check_supported(x, w, block: BlockSizes | None, *, leaf_type: type, name: st
   if m == 0 or n == 0:
     raise NotImplementedError(f'{name}: empty product.')
   if block is None:
-    block = BlockSizes.for_shape(m, n, k)
+    block = BlockSizes.for_shape(m, n, k, gathered=getattr(weight, 'g_idx', None) is not None)
   sub_tile_fn(weight, block)
   return block
 

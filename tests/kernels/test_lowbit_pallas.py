@@ -25,6 +25,7 @@ _CASES = (
     ('w2_g32_sym_m1', 2, 32, True, False, 1, 64, 40, BF16, 0, None),
     ('w8_gall_asym_m17', 8, -1, False, False, 17, 128, 72, BF16, 0, None),
     ('w8_g128_sym_m3_f16', 8, 128, True, False, 3, 256, 64, F16, 0, None),
+    ('w4_g128_actorder_m1_gemv', 4, 128, False, True, 1, 640, 96, BF16, 0, None),
     ('w4_g32_actorder_m3', 4, 32, False, True, 3, 128, 64, BF16, 0, None),
     ('w3_g64_actorder_m17_f16', 3, 64, False, True, 17, 128, 48, F16, 0, None),
     ('w4_in100_m2', 4, -1, False, False, 2, 100, 48, BF16, 0, None),
@@ -136,6 +137,15 @@ class CheckSupportedTest(parameterized.TestCase):
     self.assertEqual((few.block_m, few.block_k), (16, 128))
     # Prefill tiles fit the shared memory that 512-row K steps overran on an H100.
     self.assertEqual(BlockSizes.for_shape(256, 4096, 4096).block_k, 64)
+
+  def test_act_order_gets_narrow_decode_tiles(self):
+    # Scales gathered per input row: the narrow tiles the H100 sweep picked for act-order weights.
+    w, act = self._weight(), self._weight(act_order=True)
+    for m, want in ((1, (32, 512)), (9, (32, 128))):
+      x = jax.ShapeDtypeStruct((m, 256), BF16)
+      block = lowbit_pallas.check_supported(x, act)
+      self.assertEqual((block.block_n, block.block_k), want)
+      self.assertEqual(lowbit_pallas.check_supported(x, w).block_n, 128 if m == 1 else 64)
 
 if __name__ == '__main__':
   absltest.main()
