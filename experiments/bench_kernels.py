@@ -556,8 +556,7 @@ def run(*, out_dir: str | None = None, quick: bool = False,
     columns = ['format', 'shape', 'M', 'impl', 'default_impl', 'block', 'time_us', 'bf16_us',
                'speedup_vs_bf16', 'pct_copy_bw', 'bandwidth_gbs', 'tflops', 'rel_err',
                'adapter_overhead_pct', 'xla_us', 'sweep_best_us', 'sweep_best_block',
-               'sweep_speedup_vs_bf16', 'skipped',
-               'error']
+               'sweep_speedup_vs_bf16', 'skipped', 'error']
     columns = [c for c in columns if any(c in r for r in rows)] or None
     title = (f'Kernel benchmark on {results["device"]} (copy bandwidth '
              f'{bw["copy_bandwidth_gbs"]:.0f} GB/s)')

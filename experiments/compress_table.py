@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import time
 from typing import Any, Sequence
 
@@ -63,16 +64,19 @@ def slug(name: str) -> str:
 
 
 def compress_cached(loaded: loading.LoadedModel, calib: np.ndarray, c: CompressConfig,
-                    cache_dir: pathlib.Path, *, compensate=None, stats=None,
+                    cache_dir: pathlib.Path, *, compensate=None, aux_tokens=None, stats=None,
                     aux_stats=None) -> tuple[Any, dict[str, Any]]:
   """Runs the pipeline once for ``c`` (or loads its saved result) and returns (params, timing).
+
+  ``compensate``/``aux_tokens``: the pipeline's compensator and its separate recovery calibration
+  tokens (:func:`compress.pipeline.compress_model`).
 
   ``stats``/``aux_stats``: shared dense-input statistics (:func:`compress.pipeline.dense_statistics`),
   or zero-argument callables computing them, called only on a cache miss; None runs the default
   propagated-input calibration."""
   if (cache_dir / 'structure.json').exists():
     _, params, meta = checkpoint.load_model(cache_dir)
-    return params, meta['timing']
+    return params, meta.get('timing', {})
   stats = stats() if callable(stats) else stats
   aux_stats = aux_stats() if callable(aux_stats) else aux_stats
   spec = build_spec(c)
@@ -80,7 +84,7 @@ def compress_cached(loaded: loading.LoadedModel, calib: np.ndarray, c: CompressC
   t0 = time.time()
   params, reports = pipeline.compress_model(loaded.params, loaded.config, calib, rules,
                                             batch_size=c.batch_size, compensate=compensate,
-                                            precomputed_stats=stats, precomputed_aux_stats=aux_stats,
+                                            aux_tokens=aux_tokens, precomputed_stats=stats, precomputed_aux_stats=aux_stats,
                                             checkpoint_dir=str(cache_dir) + '.partial')
   total = time.time() - t0
   numerics = float(sum(r.seconds for r in reports))
@@ -89,10 +93,7 @@ def compress_cached(loaded: loading.LoadedModel, calib: np.ndarray, c: CompressC
             'calib_forward_seconds': total - numerics - recover,
             **pipeline.summarize(reports)}
   checkpoint.save_model(cache_dir, params, loaded.config, {'timing': timing, 'method': spec.describe()})
-  partial = pathlib.Path(str(cache_dir) + '.partial')
-  if partial.exists():
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(partial)
+  shutil.rmtree(str(cache_dir) + '.partial', ignore_errors=True)  # the finished run's resume state
   return params, timing
 
 

@@ -29,15 +29,13 @@ from __future__ import annotations
 
 import functools
 import pathlib
-import shutil
 from typing import Any, Callable, Sequence
 
 from absl import app, flags
 
 from experiments import common
-from experiments.compress_lib import CompressConfig, build_rules, build_spec
-from experiments.compress_table import evaluate_models, slug
-from models import checkpoint
+from experiments.compress_lib import CompressConfig
+from experiments.compress_table import compress_cached, evaluate_models, slug
 from models import loading
 from compress import pipeline
 from recover import compensate
@@ -55,22 +53,12 @@ FLAGS = flags.FLAGS
 
 def compensated(loaded, calib, c: CompressConfig, rank: int, cache: pathlib.Path,
                 aux=None, stats=None, aux_stats=None) -> Any:
-  """The compressed model with EoRA adapters at ``rank`` (cached on disk). ``stats``/``aux_stats``:
-  shared dense-input statistics, or zero-argument callables computing them, called only on a cache
-  miss (None: propagated calibration)."""
-  if (cache / 'structure.json').exists():
-    return checkpoint.load_model(cache)[1]
-  stats = stats() if callable(stats) else stats
-  aux_stats = aux_stats() if callable(aux_stats) else aux_stats
-  spec = build_spec(c)
-  comp = compensate.Compensator(method='eora', rank=rank)
-  params, _ = pipeline.compress_model(loaded.params, loaded.config, calib, build_rules(c, spec),
-                                      compensate=comp, aux_tokens=aux, precomputed_stats=stats,
-                                      precomputed_aux_stats=aux_stats,
-                                      checkpoint_dir=str(cache) + '.partial')
-  checkpoint.save_model(cache, params, loaded.config, {'rank': rank, 'method': spec.describe()})
-  shutil.rmtree(str(cache) + '.partial', ignore_errors=True)  # the finished run's resume state
-  return params
+  """The compressed model with EoRA adapters at ``rank`` (cached on disk; :func:`compress_cached`).
+  ``stats``/``aux_stats``: shared dense-input statistics, or zero-argument callables computing them,
+  called only on a cache miss (None: propagated calibration)."""
+  return compress_cached(loaded, calib, c, cache,
+                         compensate=compensate.Compensator(method='eora', rank=rank),
+                         aux_tokens=aux, stats=stats, aux_stats=aux_stats)[0]
 
 
 def _plot(path: pathlib.Path, title: str, ranks, series: dict[str, list[float]], ylabel: str):
