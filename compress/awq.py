@@ -34,17 +34,32 @@ weight's per-(group, output) scales, so the consumer either folds ``1/s`` into t
 AWQ does (the RMSNorm weight in front of q/k/v and gate/up, the output columns of v_proj in front
 of o_proj when their shapes allow it, the output columns of up_proj in front of down_proj), or
 multiplies the inputs by ``1/s`` at run time. :func:`awq_dense` returns the equivalent dense weight
-``diag(1/s) dequantize(q)`` for evaluation.
+``diag(1/s) dequantize(q)`` for evaluation. :func:`awq_block` does the folding for one decoder
+block (what the pipeline calls).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import time
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
-from compress.calibration import output_error
+from compress import calibration
+from compress.matrix import LayerReport, LinearRecovery, jitted, leaf_dense, recover_linear
+from compress.matrix import relative_error, sparsity
 from compress.quantize import rtn, rtn_dense
+from compress.rules import LinearSpec
+from kernels import formats
 from kernels.formats import QuantizedWeight, QuantSpec
+from models import llama
+from models import tree
+from models.config import ModelConfig
+
+Params = dict[str, Any]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -52,12 +67,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def _check_args(w, hessian, act_mean, spec, n_grid):
   if not isinstance(spec, QuantSpec):
     raise ValueError(f'spec must be a QuantSpec, got {type(spec).__name__}.')
-  if w.ndim != 2:
-    raise ValueError(f'awq expects a 2-D weight [in, out], got shape {w.shape}.')
-  n_in = w.shape[0]
-  if hessian.shape != (n_in, n_in):
-    raise ValueError(
-        f'awq: hessian of shape {hessian.shape} does not match a weight with {n_in} inputs.')
+  n_in = calibration.check_weight_hessian(w, hessian, 'awq')
   if act_mean is not None and act_mean.shape != (n_in,):
     raise ValueError(
         f'awq: act_mean of shape {act_mean.shape} does not match a weight with {n_in} inputs.')
@@ -103,7 +113,7 @@ def awq_grid_errors(w: jax.Array, hessian: jax.Array, act_mean: jax.Array, spec:
 
   def error(alpha):
     s = awq_scales(act_mean, alpha)[:, None]  # [in, 1]
-    return output_error(w, rtn_dense(w * s, spec) / s, hessian)
+    return calibration.output_error(w, rtn_dense(w * s, spec) / s, hessian)
 
   # lax.map keeps one candidate weight alive at a time.
   return alphas, jax.lax.map(error, alphas)
@@ -214,3 +224,99 @@ def awq_dense(w: jax.Array, hessian: jax.Array, act_mean: jax.Array, spec: Quant
   """
   ws, s = _awq_scaled_weight(w, hessian, act_mean, spec, n_grid, clip, clip_grid, max_shrink)
   return rtn_dense(ws, spec) / s[:, None]
+
+
+# --------------------------------------------------------------------------- one block
+
+
+def awq_block(block: Params, stats: dict[str, calibration.LinearStats],
+              specs: dict[str, LinearSpec], cfg: ModelConfig, prefix: str,
+              recovery: LinearRecovery | None = None,
+              aux_stats: dict[str, calibration.LinearStats] | None = None
+              ) -> tuple[Params, list[LayerReport]]:
+  """AWQ on one block: search per-input-channel scales for each group of linears sharing an input,
+  fold ``1/s`` into the preceding op (RMSNorm scale, or up_proj's output columns for down_proj),
+  then quantize ``diag(s) W`` (with optional clip search). o_proj is scaled only when v_proj's output
+  matches its input (no GQA), as in the llm-awq reference; otherwise it is plain RTN."""
+  block = jax.tree.map(lambda x: x, block)  # shallow copy of containers
+  reports = []
+  groups = [
+      (('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj'), 'attn_in', ('input_layernorm',)),
+      (('mlp/gate_proj', 'mlp/up_proj'), 'mlp_in', ('post_attention_layernorm',)),
+      (('mlp/down_proj',), 'down_in', ('up_proj_out',)),
+      (('self_attn/o_proj',), 'o_in', ('v_proj_out',)),
+  ]
+  scales_in: dict[str, jax.Array] = {}
+  t_search = time.time()
+  dense = {lin: jnp.asarray(tree.get_linear(block, lin), jnp.float32) for lin in llama.LINEAR_NAMES}
+  is_awq = lambda l: l in specs and specs[l].quant == 'awq'  # noqa: E731
+  for lins, key, (prev,) in groups:
+    if not any(is_awq(l) for l in lins):
+      continue
+    if prev == 'v_proj_out' and cfg.num_heads != cfg.num_kv_heads:
+      continue
+    # The fold changes what every reader of the input sees, and the producer of a projection's
+    # output: scale only when all readers are AWQ-quantized and the producer is AWQ or dense.
+    # Otherwise the AWQ linears of the group are plain RTN (s = 1) and nothing is folded.
+    producer = {'up_proj_out': 'mlp/up_proj', 'v_proj_out': 'self_attn/v_proj'}.get(prev)
+    if not all(is_awq(l) for l in lins) or (producer in specs and not is_awq(producer)):
+      logging.warning('%s: AWQ scales of %s skipped (linears sharing the input or its producer '
+                      'use another method); they are plain RTN', prefix, ', '.join(lins))
+      continue
+    spec = specs[lins[0]]
+    st = stats[key]
+    w_cat = jnp.concatenate([dense[l] for l in lins], axis=1)
+    s = jitted(awq_search, spec=spec.qspec)(w_cat, st.hessian,
+                                                  calibration.mean_abs_activation(st))
+    scales_in[key] = s
+    for l in lins:
+      dense[l] = dense[l] * s[:, None]
+    if prev in ('input_layernorm', 'post_attention_layernorm'):
+      block[prev] = {'scale': block[prev]['scale'] / s.astype(block[prev]['scale'].dtype)}
+    elif prev == 'up_proj_out':
+      dense['mlp/up_proj'] = dense['mlp/up_proj'] / s[None, :]
+    elif prev == 'v_proj_out':  # only reached without GQA (checked above)
+      dense['self_attn/v_proj'] = dense['self_attn/v_proj'] / s[None, :]
+  n_awq = sum(1 for s_ in specs.values() if s_.quant == 'awq')
+  search_share = (time.time() - t_search) / max(1, n_awq)  # the shared scale search, split evenly
+  for lin in llama.LINEAR_NAMES:
+    spec = specs.get(lin)
+    if spec is None or spec.quant != 'awq':
+      continue
+    key = llama.LINEAR_INPUTS[lin]
+    h = stats[key].hessian
+    s = scales_in.get(key)
+    if s is not None:
+      h = h / s[:, None] / s[None, :]  # statistics of the rescaled input x / s
+    t0 = time.time()
+    if spec.awq_clip:
+      max_val = jitted(awq_clip, spec=spec.qspec)(dense[lin], h)
+      w_fit = apply_clip(dense[lin], max_val, spec.qspec)
+    else:
+      w_fit = dense[lin]
+    qw = jitted(rtn, spec=spec.qspec)(w_fit)
+    leaf = formats.CompressedLinear(weight=qw)
+    block = tree.set_linear(block, lin, leaf)
+    jax.block_until_ready(qw)
+    reports.append((lin, dense[lin], h, leaf, time.time() - t0 + search_share))
+  # Linears whose folding changed but which are not AWQ-quantized keep the rescaled dense weight.
+  for lin in ('mlp/up_proj', 'self_attn/v_proj'):
+    if lin not in specs or specs[lin].quant != 'awq':
+      block = tree.set_linear(block, lin, dense[lin].astype(jnp.asarray(tree.get_linear(block, lin)).dtype))
+  out = []
+  for lin, w_ref, h, leaf, secs in reports:
+    w_hat, _ = leaf_dense(leaf)
+    rep = LayerReport(name=f'{prefix}/{lin}', method=specs[lin].describe(),
+                      rel_error=relative_error(w_ref, w_hat, h), sparsity=sparsity(w_hat),
+                      bits=specs[lin].bits, seconds=secs)
+    if recovery is not None:
+      # The target is the rescaled dense weight diag(s) W on the rescaled input x / s.
+      key = llama.LINEAR_INPUTS[lin]
+      s = scales_in.get(key)
+      rescale = lambda st: st if s is None else dataclasses.replace(
+          st, hessian=st.hessian / s[:, None] / s[None, :], act_abs_sum=st.act_abs_sum / s)
+      aux = None if aux_stats is None else rescale(aux_stats[key])
+      leaf = recover_linear(rep, recovery, w_ref, leaf, rescale(stats[key]), aux, specs[lin], h)
+      block = tree.set_linear(block, lin, leaf)
+    out.append(rep)
+  return block, out

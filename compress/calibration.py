@@ -14,14 +14,27 @@ set once and the result is cached:
   ``sum_tokens ||x (W - W_hat)||^2 = trace(D^T H D)`` with ``D = W - W_hat`` (:func:`output_error`).
 
 Shapes: ``x [..., in]`` (any leading axes are tokens), ``H [in, in]``.
+
+:func:`collect_stats` runs one decoder block over calibration activations and accumulates the
+statistics of every distinct linear input (q/k/v share one, gate/up share one);
+:func:`dense_statistics` does so for every block of the dense model in one pass.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
+
+from models import llama
+from models.config import ModelConfig
+
+Params = dict[str, Any]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -116,6 +129,17 @@ def check_finite(stats: LinearStats, name: str) -> None:
         'the dtype of the earlier (possibly already compressed) layers.')
 
 
+def check_weight_hessian(w, hessian, method: str) -> int:
+  """Raises ValueError unless ``w`` is ``[in, out]`` and ``hessian`` is ``[in, in]``; returns ``in``."""
+  if w.ndim != 2:
+    raise ValueError(f'{method} expects a 2-D weight [in, out], got shape {tuple(w.shape)}.')
+  n_in = w.shape[0]
+  if tuple(hessian.shape) != (n_in, n_in):
+    raise ValueError(f'{method}: hessian shape {tuple(hessian.shape)} does not match a weight with '
+                     f'{n_in} inputs (expected ({n_in}, {n_in})).')
+  return n_in
+
+
 def output_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> jax.Array:
   """``sum_tokens ||x W - x W_hat||^2 = trace(D^T H D)`` with ``D = W - W_hat``.
 
@@ -130,3 +154,68 @@ def output_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> jax.Arra
   d = jnp.asarray(w, jnp.float32) - jnp.asarray(w_hat, jnp.float32)  # [in, out]
   hd = jnp.matmul(jnp.asarray(hessian, jnp.float32), d, precision=_HIGHEST)  # [in, out]
   return jnp.sum(d * hd)
+
+
+# --------------------------------------------------------------------------- collecting statistics
+
+
+@functools.lru_cache(maxsize=None)
+def _stats_fn(cfg: ModelConfig, keys: tuple[str, ...], dtype_name: str):
+  """Jitted ``(block, x, stats) -> stats`` accumulating the statistics of the named inputs."""
+  def fn(block, x, stats):
+    _, inputs = llama.block_apply(block, x, cfg, return_inputs=True)
+    return {k: update_stats(stats[k], inputs[k]) for k in keys}
+  return jax.jit(fn, donate_argnums=(2,))
+
+
+@functools.lru_cache(maxsize=None)
+def _out_fn(cfg: ModelConfig, dtype_name: str):
+  return jax.jit(lambda block, x: llama.block_apply(block, x, cfg))
+
+
+def input_width(cfg: ModelConfig, key: str) -> int:
+  """Features of the linear input ``key`` (see :data:`models.llama.LINEAR_INPUTS`)."""
+  return {'attn_in': cfg.hidden_size, 'o_in': cfg.num_heads * cfg.head_dim,
+          'mlp_in': cfg.hidden_size, 'down_in': cfg.intermediate_size}[key]
+
+
+def collect_stats(block: Params, xs: np.ndarray | jax.Array, cfg: ModelConfig,
+                  keys: Sequence[str], batch_size: int) -> dict[str, LinearStats]:
+  """Statistics of the inputs ``keys`` (see ``llama.LINEAR_INPUTS``) of ``block`` on ``xs [N,T,D]``."""
+  keys = tuple(sorted(set(keys)))
+  stats = {k: init_stats(input_width(cfg, k)) for k in keys}
+  fn = _stats_fn(cfg, keys, jnp.dtype(xs.dtype).name)
+  for i in range(0, xs.shape[0], batch_size):
+    stats = fn(block, jnp.asarray(xs[i:i + batch_size]), stats)
+  return stats
+
+
+def run_block(block: Params, xs, cfg: ModelConfig, batch_size: int) -> jax.Array:
+  """Block ``block``'s output on ``xs [N, T, D]``, ``batch_size`` sequences per jitted call."""
+  fn = _out_fn(cfg, jnp.dtype(xs.dtype).name)
+  return jnp.concatenate([fn(block, jnp.asarray(xs[i:i + batch_size]))
+                          for i in range(0, xs.shape[0], batch_size)], axis=0)
+
+
+def dense_statistics(params: Params, cfg: ModelConfig, tokens: np.ndarray, *, batch_size: int = 8,
+                     dtype=jnp.float32, blocks: Sequence[int] | None = None,
+                     progress: bool = True) -> list[dict[str, LinearStats] | None]:
+  """Statistics of every linear input of every block on the *dense* model's activations.
+
+  One pass over the model; the result can be handed to :func:`compress.pipeline.compress_model` as
+  ``precomputed_stats`` so that several compressions calibrated on dense inputs share it.
+  ``blocks`` limits which blocks get statistics (the others hold None).
+  """
+  keys = sorted(set(llama.LINEAR_INPUTS.values()))
+  wanted = set(range(cfg.num_layers)) if blocks is None else set(blocks)
+  x = llama.embed(params, jnp.asarray(tokens), dtype)
+  out: list[dict[str, LinearStats] | None] = [None] * cfg.num_layers
+  for i in tqdm(range(max(wanted) + 1), desc='dense statistics', disable=not progress):
+    block = params['layers'][i]
+    if i in wanted:
+      out[i] = collect_stats(block, x, cfg, keys, batch_size)
+      for k, st in out[i].items():
+        check_finite(st, f'layers/{i}/{k}')
+    if i < max(wanted):
+      x = run_block(block, x, cfg, batch_size)
+  return out

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from compress.calibration import check_weight_hessian
 from compress.quantize import compute_qparams, quantize_codes
 from kernels.formats import QuantizedWeight, QuantSpec
 
@@ -167,13 +168,7 @@ def damped_inverse_cholesky(
 def _check_args(w, hessian, spec, block_size, mask, max_damp_retries):
   if not isinstance(spec, QuantSpec):
     raise ValueError(f'spec must be a QuantSpec, got {type(spec).__name__}.')
-  if w.ndim != 2:
-    raise ValueError(f'gptq expects a 2-D weight [in, out], got shape {w.shape}.')
-  n_in = w.shape[0]
-  if hessian.shape != (n_in, n_in):
-    raise ValueError(
-        f'gptq: hessian of shape {hessian.shape} does not match a weight with {n_in} inputs '
-        f'(expected ({n_in}, {n_in})).')
+  n_in = check_weight_hessian(w, hessian, 'gptq')
   if mask is not None and mask.shape != w.shape:
     raise ValueError(f'gptq: mask of shape {mask.shape} does not match the weight {w.shape}.')
   if block_size <= 0:

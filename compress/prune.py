@@ -24,6 +24,7 @@ import re
 import jax
 import jax.numpy as jnp
 
+from compress.calibration import check_weight_hessian
 from kernels.formats import (
     CompressedLinear, QuantizedWeight, sparse24_compress)
 
@@ -220,9 +221,7 @@ def wanda_mask(w: jax.Array, hessian: jax.Array, spec: PruneSpec) -> jax.Array:
   Returns:
     bool ``[in, out]``, True = kept.
   """
-  if tuple(hessian.shape) != (w.shape[0], w.shape[0]):
-    raise ValueError(f'hessian shape {tuple(hessian.shape)} does not match the input dimension '
-                     f'of the weight {w.shape}.')
+  check_weight_hessian(w, hessian, 'wanda')
   return mask_from_scores(wanda_scores(w, hessian), spec)
 
 

@@ -133,6 +133,6 @@ def parse_rule(text: str, base: LinearSpec) -> Rule:
     bits = int(value)
   except ValueError as e:
     raise ValueError(f'rule {text!r}: {value!r} is not a bit width or none') from e
-  if base.qspec is None:
+  if base.qspec is None or base.quant == 'none':
     raise ValueError(f'rule {text!r} sets bits but no quantization method is selected')
   return Rule(pattern, dataclasses.replace(base, qspec=dataclasses.replace(base.qspec, bits=bits)))

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from compress import quantize
+from compress.calibration import check_weight_hessian
 from compress.prune import PruneSpec, lowest_k_mask
 from kernels.formats import QuantizedWeight, QuantSpec
 
@@ -115,12 +116,7 @@ def inverse_hessian_factor(hessian: jax.Array,
 
 
 def _check_args(w, hessian, spec: PruneSpec, block_size: int, quant: QuantSpec | None):
-  if w.ndim != 2:
-    raise ValueError(f'sparsegpt expects a 2-D weight [in, out], got shape {w.shape}.')
-  n_in = w.shape[0]
-  if hessian.shape != (n_in, n_in):
-    raise ValueError(f'hessian shape {hessian.shape} does not match the input dimension of the '
-                     f'weight {w.shape}.')
+  n_in = check_weight_hessian(w, hessian, 'sparsegpt')
   if not isinstance(spec, PruneSpec):
     raise ValueError(f'spec must be a PruneSpec, got {type(spec).__name__}.')
   if not isinstance(block_size, int) or block_size <= 0:

@@ -23,13 +23,13 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from compress import pipeline
+from compress import calibration
 from experiments import common
-from experiments.compress_lib import CompressConfig
-from experiments.compress_table import compress_cached, slug
+from experiments.compress_lib import compress_cached, compressions
 from kernels import formats
 from models import llama
 from models import loading
+from models import tree
 from recover import compensate
 
 FLAGS = flags.FLAGS
@@ -42,8 +42,8 @@ def _compensate_all(comp: compensate.Compensator, dense, compressed, stats) -> f
   for i, (bd, bc) in enumerate(zip(dense['layers'], compressed['layers'])):
     for lin in llama.LINEAR_NAMES:
       st = stats[i][llama.LINEAR_INPUTS[lin]]
-      leaf = comp(f'layers/{i}/{lin}', jnp.asarray(pipeline.get_linear(bd, lin), jnp.float32),
-                  pipeline.get_linear(bc, lin), st, None, None)
+      leaf = comp(f'layers/{i}/{lin}', jnp.asarray(tree.get_linear(bd, lin), jnp.float32),
+                  tree.get_linear(bc, lin), st, None, None)
       jax.block_until_ready(formats.to_dense(leaf.adapter.a))
   return time.time() - t0
 
@@ -55,11 +55,10 @@ def run(*, rank: int = 64, calib_samples: int = 64, calib_seqlen: int = 512,
   tok = loaded.tokenizer()
   calib = common.calibration_for(tok, 'python-docs', calib_samples, calib_seqlen, 0)
   t0 = time.time()
-  stats = pipeline.dense_statistics(loaded.params, loaded.config, calib)
+  stats = calibration.dense_statistics(loaded.params, loaded.config, calib)
   stats_s = time.time() - t0
-  c = CompressConfig(calib_samples=calib_samples, calib_seqlen=calib_seqlen, quant='gptq', bits=3,
-                     group_size=64)
-  cache = pathlib.Path(models_dir or 'results/bench_eora/models') / slug(row)
+  c = compressions([row], calib_samples=calib_samples, calib_seqlen=calib_seqlen)[row]
+  cache = pathlib.Path(models_dir or 'results/bench_eora/models') / common.slug(row)
   compressed, _ = compress_cached(loaded, calib, c, cache, stats=stats)
   # Warm-up on one block compiles the shape-keyed ops, as a long run amortises them.
   warm = {'layers': compressed['layers'][:1]}

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
 import pathlib
+import shutil
 import subprocess
-from typing import Any, Mapping, Sequence
+import types
+import typing
+from typing import Any, Callable, Mapping, Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import kernels
+from models import checkpoint
 from models import data as data_lib
+from models import evaluate as eval_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -125,6 +132,23 @@ def keep_other_sections(out_dir: str | os.PathLike, results: Mapping[str, Any],
   return merged
 
 
+def write_sections(out_dir: str | os.PathLike, results: Mapping[str, Any],
+                   sections: Sequence[str], *, flags: Mapping[str, Any], title: str) -> None:
+  """``write_results`` for a script of several sections: the sections of an earlier run that
+  this one did not recompute are kept, and the table is the first section present."""
+  res = keep_other_sections(out_dir, results, sections)
+  rows = next((res[s] for s in sections if s in res), [])
+  write_results(out_dir, res, rows=rows, flags=flags, title=title)
+
+
+def print_sections(out_dir: str | os.PathLike, sections: Sequence[str]) -> None:
+  """Prints the markdown table ``OUT_DIR/SECTION.md`` of every section that has one."""
+  for sec in sections:
+    p = pathlib.Path(out_dir) / f'{sec}.md'
+    if p.exists():
+      print(p.read_text())
+
+
 def flag_values(flag_values_obj, names: Sequence[str] | None = None) -> dict[str, Any]:
   """The script's own flags (absl's FLAGS also holds absl's internal ones)."""
   d = flag_values_obj.flag_values_dict()
@@ -163,3 +187,198 @@ def split_list(value: str | Sequence[str]) -> list[str]:
     return [v.strip() for v in value.split(',') if v.strip()]
   return list(value)
 
+
+def flag_field(default, help: str, choices: Sequence[str] | None = None):
+  """A dataclass field that ``define_flags_from`` turns into a flag: its default, help text and,
+  for a string, the allowed values (an enum flag)."""
+  metadata = {'help': help} if choices is None else {'help': help, 'choices': tuple(choices)}
+  return dataclasses.field(default=default, metadata=metadata)
+
+
+_DEFINE = {str: flags.DEFINE_string, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           bool: flags.DEFINE_bool}
+
+
+def _flag_type(tp) -> tuple[type, bool]:
+  """``(X, is_tuple)`` of a field typed ``X``, ``X | None`` or ``tuple[X, ...]``."""
+  if typing.get_origin(tp) in (typing.Union, types.UnionType):
+    (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+  if typing.get_origin(tp) is tuple:
+    return typing.get_args(tp)[0], True
+  return tp, False
+
+
+def define_flags_from(cls, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines one absl flag per field of the dataclass ``cls``, named after the field, with its
+  default and the help (and choices) of its ``flag_field``. A ``str``/``int``/``float``/``bool``
+  field (or ``X | None``, default None) gets that kind of flag, a field with choices an enum flag
+  and a ``tuple[X, ...]`` field a comma-list flag. ``from_flags`` builds ``cls`` back. Example::
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Config:
+      bits: int = flag_field(4, 'Weight bits.')
+      srr_k: int | None = flag_field(None, 'Preserved rank (default: energy rule).')
+      dtype: str = flag_field('float32', 'Compute dtype.', choices=('float32', 'bfloat16'))
+      eval_data: tuple[str, ...] = flag_field(('python-docs',), 'Corpora.')
+
+    define_flags_from(Config)      # --bits=3 --srr_k=-1 --dtype=bfloat16 --eval_data=a,b
+    ...                            # app.run parses the command line
+    c = from_flags(Config)         # Config(bits=3, srr_k=-1, dtype='bfloat16',
+                                   #        eval_data=('a', 'b'))
+  """
+  flags.disclaim_key_flags()  # the flags belong to the caller's module (its --help lists them)
+  hints = typing.get_type_hints(cls)
+  for f in dataclasses.fields(cls):
+    help_, choices = f.metadata.get('help'), f.metadata.get('choices')
+    if not help_:
+      raise ValueError(f'{cls.__name__}.{f.name} has no help text: declare it with flag_field')
+    tp, is_tuple = _flag_type(hints[f.name])
+    if is_tuple:
+      flags.DEFINE_list(f.name, [str(v) for v in f.default], help_, flag_values=flag_values)
+    elif choices:
+      flags.DEFINE_enum(f.name, f.default, choices, help_, flag_values=flag_values)
+    else:
+      _DEFINE[tp](f.name, f.default, help_, flag_values=flag_values)
+
+
+def from_flags(cls, flag_values: flags.FlagValues = flags.FLAGS):
+  """The dataclass ``cls`` from the parsed flags of ``define_flags_from(cls)`` (comma lists become
+  tuples of the field's element type; raises ValueError on an element that does not convert)."""
+  hints = typing.get_type_hints(cls)
+  kw = {}
+  for f in dataclasses.fields(cls):
+    value = getattr(flag_values, f.name)
+    tp, is_tuple = _flag_type(hints[f.name])
+    if is_tuple:
+      try:
+        value = tuple(tp(v) for v in split_list(value) if str(v).strip())
+      except ValueError as e:
+        raise ValueError(f'--{f.name}={",".join(map(str, value))}: {e}') from e
+    kw[f.name] = value
+  return cls(**kw)
+
+
+# --------------------------------------------------------------------------- cached models
+
+
+def slug(name: str) -> str:
+  """A file-name-safe form of a row name (``'gptq w3g64'`` -> ``'gptq_w3g64'``)."""
+  return ''.join(ch if ch.isalnum() else '_' for ch in name).strip('_')
+
+
+def cached_model(cache_dir: str | os.PathLike, loaded,
+                 compute: Callable[[], tuple[Any, Mapping[str, Any]]]) -> tuple[Any, dict[str, Any]]:
+  """``compute() -> (params, info)`` once: the result is saved under ``cache_dir`` (an orbax
+  model checkpoint of a model of ``loaded.config``, read only then, with ``info`` as its
+  metadata) and loaded from there on later calls. A resumable
+  computation keeps its partial state in ``CACHE_DIR.partial``, which is removed once the result
+  is saved."""
+  cache = pathlib.Path(cache_dir)
+  if (cache / 'structure.json').exists():
+    _, params, meta = checkpoint.load_model(cache)
+    return params, {k: v for k, v in meta.items() if k != 'config'}
+  params, info = compute()
+  info = to_jsonable(dict(info))
+  checkpoint.save_model(cache, params, loaded.config, info)
+  shutil.rmtree(partial_dir(cache), ignore_errors=True)
+  return params, info
+
+
+def partial_dir(cache_dir: str | os.PathLike) -> str:
+  """Where :func:`cached_model`'s computation keeps its resumable state."""
+  return str(cache_dir) + '.partial'
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def windows_by_corpus(tokenizer, eval_data: Sequence[str], eval_windows: int, eval_seqlen: int,
+                      other_windows: int | None = None) -> dict[str, np.ndarray]:
+  """Test windows of every corpus: ``eval_windows`` of the first, ``other_windows`` (default the
+  same) of the others."""
+  return {ds: eval_windows_for(tokenizer, ds, eval_seqlen,
+                               eval_windows if i == 0 or other_windows is None else other_windows)
+          for i, ds in enumerate(eval_data)}
+
+
+def evaluate_models(loaded, models: Mapping[str, Any], windows: Mapping[str, np.ndarray], *,
+                    items: Sequence[Any] = (), pools: Mapping[str, Any] | None = None,
+                    dtype=jnp.float32, batch_size: int = 4, progress: bool = True,
+                    dense_probes: bool = True) -> dict[str, dict[str, Any]]:
+  """Every model against the dense one (``loaded.params``, computed once per batch) on every
+  corpus, and on the multiple-choice ``items``.
+
+  Returns ``{'dense': row, name: row, ...}`` with ``'ppl DS'``, ``'kl DS'``, ``'top1 DS'`` per
+  corpus (the dense row: perplexity and ``'eval_tokens DS'``) and ``'probe_acc'`` (None without
+  items). A model with a prompt pool in ``pools`` (IDP) is evaluated with each window's and each
+  item's routed prompt; it gets perplexity and probe accuracy only. ``dense_probes=False`` leaves
+  the dense model's probe accuracy out (e.g. when it was measured before).
+  """
+  from recover import prompting  # pylint: disable=g-import-not-at-top
+  cfg, tokenizer = loaded.config, loaded.tokenizer()
+  pools = dict(pools or {})
+  plain = {n: p for n, p in models.items() if n not in pools}
+  out: dict[str, dict[str, Any]] = {name: {} for name in ['dense', *models]}
+  for ds, win in windows.items():
+    res = eval_lib.compare_many(loaded.params, plain, cfg, win, batch_size=batch_size, dtype=dtype,
+                                progress=progress, desc=f'eval {ds}')
+    out['dense'][f'ppl {ds}'] = res['__ref__']['ppl']
+    out['dense'][f'eval_tokens {ds}'] = res['__ref__']['eval_tokens']
+    for name in plain:
+      out[name].update({f'{k} {ds}': res[name][k] for k in ('ppl', 'kl', 'top1')})
+    for name, pool in pools.items():
+      pre = prompting.routed_prefixes(models[name], cfg, pool, win, dtype=dtype)
+      out[name][f'ppl {ds}'] = eval_lib.perplexity(models[name], cfg, win, batch_size=batch_size,
+                                                   dtype=dtype, prefixes=pre, progress=progress,
+                                                   desc=f'eval {name} {ds}')['ppl']
+  if items:
+    ctx = prompting.context_tokens(tokenizer, items) if pools else None
+  for name, params in [('dense', loaded.params), *models.items()]:
+    if not items or (name == 'dense' and not dense_probes):
+      out[name]['probe_acc'] = None
+      continue
+    pre = None
+    if name in pools:
+      pre = prompting.routed_prefixes(params, cfg, pools[name], ctx[0], mask=ctx[1], dtype=dtype)
+    out[name]['probe_acc'] = eval_lib.score_multiple_choice(
+        params, cfg, tokenizer, items, dtype=dtype, prefixes=pre, progress=False)['acc']
+  return out
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def line_plot(path: str | os.PathLike, panels: Mapping[str, Mapping[str, tuple[Sequence, Sequence]]],
+              *, xlabel: str, ylabel: str, xscale: str | tuple[str, int] | None = None,
+              hlines: Mapping[str, Mapping[str, float]] | None = None,
+              point_labels: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
+              suptitle: str | None = None, panel_size: tuple[float, float] = (5.0, 3.5)) -> None:
+  """One PNG of line charts: ``panels[title][series] = (xs, ys)``, one panel per title side by
+  side. ``xscale``: ``'log'`` or ``('log', base)``; ``hlines[title][name]``: dashed reference
+  levels; ``point_labels[title][series]``: a text beside each point."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(panels), figsize=(panel_size[0] * len(panels), panel_size[1]),
+                           squeeze=False)
+  for ax, (title, series) in zip(axes[0], panels.items()):
+    for name, (xs, ys) in series.items():
+      ax.plot(xs, ys, marker='o' if len(xs) < 40 else None, label=name)
+      for x, y, text in zip(xs, ys, (point_labels or {}).get(title, {}).get(name, ())):
+        ax.annotate(text, (x, y), textcoords='offset points', xytext=(4, 4), fontsize=7)
+    for name, y in (hlines or {}).get(title, {}).items():
+      ax.axhline(y, linestyle='--', linewidth=1, color='gray')
+      ax.text(ax.get_xlim()[0], y, f' {name}', va='bottom', fontsize=8, color='gray')
+    if xscale is not None:
+      kind, base = (xscale, None) if isinstance(xscale, str) else xscale
+      ax.set_xscale(kind, **({'base': base} if base else {}))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9 if len(panels) > 1 else None)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  if suptitle:
+    fig.suptitle(suptitle)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

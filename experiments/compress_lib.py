@@ -4,19 +4,20 @@ and what the table scripts call with their own settings."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import shutil
 import time
 from typing import Any
 
-from compress import pipeline
+from compress import allocate, pipeline
 from compress import rules as rules_lib
 from compress.prune import PruneSpec
 from experiments import common
 from kernels import QuantSpec
 from models import checkpoint
-from models import evaluate as eval_lib
 from models import loading
+from models import tree
 from recover import compensate as compensate_lib
 from recover import prompting
 from recover import reconstruct as reconstruct_lib
@@ -28,56 +29,66 @@ LORA_INITS = ('zero', 'loftq', 'eora', 'srr')
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CompressConfig:
-  """Everything ``run`` needs (the flags, validated)."""
-  model: str = 'smollm2-135m'
-  prune: str = 'none'
-  sparsity: str = '0.5'
-  quant: str = 'none'
-  bits: int = 4
-  group_size: int = 128
-  act_order: bool = False
-  static_groups: bool = False
-  sym: bool = False
-  awq_clip: bool = False
-  true_sequential: bool = False
-  dense_inputs: bool = False
-  rules: tuple[str, ...] = ()
-  auto_bits: float | None = None
-  auto_candidates: tuple[int, ...] = (2, 3, 4)
-  include_head: bool = False
-  calib_data: str = 'python-docs'
-  calib_samples: int = 64
-  calib_seqlen: int = 512
-  seed: int = 0
-  eval_data: tuple[str, ...] = ('python-docs',)
-  eval_seqlen: int = 512
-  eval_windows: int = 40
-  probes: str | None = None
-  dtype: str = 'float32'
-  batch_size: int = 8
-  recover: str = 'none'
-  rank: int = 64
-  adapter_bits: int = 16
-  srr_k: int | None = None
-  recover_data: str | None = None
-  recover_samples: int = 64
-  reconstruct: str = 'none'
-  recon_samples: int = 128
-  recon_epochs: float = 1.0
-  recon_lr: float = 1e-5
-  recon_batch: int = 2
-  recon_inputs: str = 'propagated'
-  recon_loss: str = 'mse'
-  recon_quant_mode: str = 'scales'
-  recon_peft: bool = False
-  finetune: str = 'none'
-  ft_steps: int = 100
-  ft_samples: int = 128
-  ft_lr: float | None = None
-  ft_distill: bool = False
-  lora_rank: int = 16
-  lora_init: str = 'zero'
-  idp_prompts: int = 2
+  """Everything ``run`` needs, and the single declaration of ``experiments.compress``'s flags: each
+  field is a flag of the same name, default and help (``common.define_flags_from``)."""
+  model: str = common.flag_field('smollm2-135m', 'Model name, checkpoint directory or .gguf.')
+  prune: str = common.flag_field('none', 'Pruning method: none|magnitude|wanda|sparsegpt.')
+  sparsity: str = common.flag_field('0.5', 'Unstructured ratio in (0, 1), or N:M (2:4, 4:8).')
+  quant: str = common.flag_field('none', 'Quantization method: none|rtn|gptq|awq.')
+  bits: int = common.flag_field(4, 'Weight bits: 2, 3, 4 or 8.')
+  group_size: int = common.flag_field(128, 'Quantization group size (-1: per output unit).')
+  act_order: bool = common.flag_field(False, 'GPTQ act-order.')
+  static_groups: bool = common.flag_field(False, 'GPTQ static groups.')
+  sym: bool = common.flag_field(False, 'Symmetric quantization grid.')
+  awq_clip: bool = common.flag_field(False, "AWQ's clipping search.")
+  true_sequential: bool = common.flag_field(False, 'Re-collect statistics inside a block.')
+  dense_inputs: bool = common.flag_field(False, 'Calibrate on dense activations.')
+  rules: tuple[str, ...] = common.flag_field(
+      (), 'Mixed precision: REGEX=BITS or REGEX=none rules, first match wins, ahead of the '
+      'uniform spec.')
+  auto_bits: float | None = common.flag_field(
+      None, 'Allot bits per layer from measured sensitivity under this average-bits budget.')
+  auto_candidates: tuple[int, ...] = common.flag_field((2, 3, 4), 'Bit widths for --auto_bits.')
+  include_head: bool = common.flag_field(False, 'Also compress the LM head.')
+  calib_data: str = common.flag_field('python-docs', 'Calibration corpus or file (train split).')
+  calib_samples: int = common.flag_field(64, 'Calibration sequences.')
+  calib_seqlen: int = common.flag_field(512, 'Calibration sequence length.')
+  seed: int = common.flag_field(0, 'Seed of the calibration sampler.')
+  eval_data: tuple[str, ...] = common.flag_field(
+      ('python-docs',), 'Comma list of corpora or files (test split).')
+  eval_seqlen: int = common.flag_field(512, 'Evaluation window length.')
+  eval_windows: int = common.flag_field(40, 'Evaluation windows per corpus.')
+  probes: str | None = common.flag_field(
+      None, "Multiple-choice JSONL (default: shipped probes; 'none').")
+  dtype: str = common.flag_field('float32', 'Compute dtype.', choices=('float32', 'bfloat16'))
+  batch_size: int = common.flag_field(8, 'Sequences per calibration/evaluation step.')
+  recover: str = common.flag_field('none', 'Recovery method: none|svd|eora|actsvd|srr.')
+  rank: int = common.flag_field(64, 'Adapter rank.')
+  adapter_bits: int = common.flag_field(16, 'Adapter bits: 16 (float), 8, 4, 3.')
+  srr_k: int | None = common.flag_field(
+      None, 'SRR preserved rank (default energy rule; -1 search).')
+  recover_data: str | None = common.flag_field(None, 'Separate calibration set for recovery.')
+  recover_samples: int = common.flag_field(64, 'Recovery calibration sequences.')
+  reconstruct: str = common.flag_field(
+      'none', 'Local reconstruction window: none|matrix|submodule|block|blocks:K.')
+  recon_samples: int = common.flag_field(128, 'Reconstruction sequences (calibration corpus).')
+  recon_epochs: float = common.flag_field(1.0, 'Epochs over the reconstruction set per window.')
+  recon_lr: float = common.flag_field(1e-5, 'AdamW learning rate (10% warmup, linear decay).')
+  recon_batch: int = common.flag_field(2, 'Reconstruction batch (sequences).')
+  recon_inputs: str = common.flag_field('propagated', 'propagated|dense inputs of each window.')
+  recon_loss: str = common.flag_field('mse', 'Reconstruction loss: mse|cosine.')
+  recon_quant_mode: str = common.flag_field(
+      'scales', 'What a quantized weight trains: scales|ste|lora.')
+  recon_peft: bool = common.flag_field(
+      False, 'Train a LoRA (r16, alpha 32) per window and merge it.')
+  finetune: str = common.flag_field('none', 'Fine-tuning method: none|lora|qat|global|idp.')
+  ft_steps: int = common.flag_field(100, 'Fine-tuning steps.')
+  ft_samples: int = common.flag_field(128, 'Fine-tuning sequences (calibration corpus).')
+  ft_lr: float | None = common.flag_field(None, 'Fine-tuning learning rate (default per method).')
+  ft_distill: bool = common.flag_field(False, 'Distil from the dense model instead of the LM loss.')
+  lora_rank: int = common.flag_field(16, 'LoRA rank.')
+  lora_init: str = common.flag_field('zero', 'LoRA init: zero (QLoRA)|loftq|eora|srr.')
+  idp_prompts: int = common.flag_field(2, 'IDP: prompts in the pool (k-means groups).')
 
 
 def build_spec(c: CompressConfig) -> rules_lib.LinearSpec:
@@ -142,6 +153,14 @@ def recon_config(c: CompressConfig) -> reconstruct_lib.ReconConfig:
     raise ValueError(f'--reconstruct: {e}') from e
 
 
+def _add_compute(info: dict[str, Any], tokens_seen: int, train_compute: float,
+                 trainable_params: int) -> None:
+  """Adds one training stage's tokens and compute to ``info`` (trainable params: the largest)."""
+  info['tokens_seen'] += int(tokens_seen)
+  info['train_compute'] += float(train_compute)
+  info['trainable_params'] = max(info.get('trainable_params', 0), int(trainable_params))
+
+
 def train_recovery(c: CompressConfig, dense, start, cfg, tokenizer, out_dir: str | None,
                    progress: bool = True) -> tuple[Any, dict[str, Any]]:
   """Local reconstruction and/or fine-tuning of a compressed model; ``(params, info)`` with the
@@ -155,12 +174,11 @@ def train_recovery(c: CompressConfig, dense, start, cfg, tokenizer, out_dir: str
     t0 = time.time()
     params, reps = reconstruct_lib.reconstruct(params, dense, cfg, tokens, recon_config(c),
                                                checkpoint_dir=ckpt, progress=progress)
-    per_window = c.recon_batch * c.calib_seqlen
     info['train_seconds'] += time.time() - t0
-    info['tokens_seen'] += int(sum(r.steps for r in reps) * per_window)
-    info['train_compute'] += float(sum(r.steps * per_window * r.trainable_params for r in reps))
-    info['trainable_params'] = max(r.trainable_params for r in reps)
-    info['reconstruct'] = reconstruct_lib.summarize(reps)
+    summary = reconstruct_lib.summarize(reps, tokens_per_step=c.recon_batch * c.calib_seqlen)
+    _add_compute(info, summary['tokens_seen'], summary['train_compute'],
+                 summary['trainable_params_max_window'])
+    info['reconstruct'] = summary
     info['windows'] = [dataclasses.asdict(r) for r in reps]
   if c.finetune == 'idp':
     # A pool of soft prompts, one per k-means group of the training windows; no weight changes.
@@ -171,61 +189,27 @@ def train_recovery(c: CompressConfig, dense, start, cfg, tokenizer, out_dir: str
     groups = prompting.cluster_groups(params, cfg, tokens, idp.num_prompts, c.seed)
     pool, pinfo = prompting.train_pool(params, cfg, groups, idp)
     info['train_seconds'] += time.time() - t0
-    seen = int(idp.num_prompts * idp.steps * idp.batch_size * tokens.shape[1])
-    info['tokens_seen'] += seen
-    info['trainable_params'] = prompting.added_parameters(pool)
-    info['train_compute'] += float(seen) * info['trainable_params']
+    _add_compute(info, pinfo['tokens_seen'], pinfo['train_compute'], pinfo['added_parameters'])
     info['idp'] = {k: v for k, v in pinfo.items() if k != 'losses'}
     info['pool'] = pool
   elif c.finetune != 'none':
     from recover import finetune as finetune_lib  # pylint: disable=g-import-not-at-top
     tokens = common.calibration_for(tokenizer, c.calib_data, c.ft_samples, c.calib_seqlen, c.seed + 2)
     t0 = time.time()
-    params, ft = finetune_lib.run_cli(c.finetune, params, cfg, tokens, dense_params=dense,
-                                      steps=c.ft_steps, lr=c.ft_lr, lora_rank=c.lora_rank,
-                                      lora_init=c.lora_init, distill=c.ft_distill, seed=c.seed,
-                                      progress=progress)
+    ft_config = finetune_lib.FinetuneConfig(c.finetune, c.ft_steps, lr=c.ft_lr,
+                                            lora_rank=c.lora_rank, lora_init=c.lora_init,
+                                            distill=c.ft_distill, seed=c.seed)
+    params, ft = finetune_lib.finetune(params, cfg, tokens, ft_config, dense_params=dense,
+                                       progress=progress)
     info['train_seconds'] += time.time() - t0
-    info['tokens_seen'] += int(ft['tokens_seen'])
-    info['train_compute'] += float(ft['tokens_seen']) * float(ft['trainable_params'])
-    info['trainable_params'] = max(info.get('trainable_params', 0), int(ft['trainable_params']))
+    _add_compute(info, ft['tokens_seen'], ft['train_compute'], ft['trainable_params'])
     info['finetune'] = ft
   info['peak_memory_bytes'] = train_lib.peak_memory_bytes()
   return params, info
 
 
-def evaluate_pair(params_ref, params, cfg, windows: dict[str, Any], tokenizer, items, *,
-                  dtype, batch_size: int, tag: str, pool: Any = None) -> dict[str, Any]:
-  """KL/top-1/perplexity of ``params`` against ``params_ref`` on every corpus, plus probes.
-
-  With a prompt ``pool`` (IDP) every window and probe item gets its routed prompt; only
-  perplexity and probe accuracy are measured then (KL/top-1 are None)."""
-  out: dict[str, Any] = {'per_dataset': {}}
-  if pool is not None:
-    for name, win in windows.items():
-      pre = prompting.routed_prefixes(params, cfg, pool, win, dtype=dtype)
-      r = eval_lib.perplexity(params, cfg, win, batch_size=max(1, batch_size // 2), dtype=dtype,
-                              desc=f'eval {tag} {name}', prefixes=pre)
-      out['per_dataset'][name] = {'ppl': r['ppl'], 'kl': None, 'top1': None}
-    if items:
-      toks, mask = prompting.context_tokens(tokenizer, items)
-      pre = prompting.routed_prefixes(params, cfg, pool, toks, mask=mask, dtype=dtype)
-      out['probes'] = eval_lib.score_multiple_choice(params, cfg, tokenizer, items, dtype=dtype,
-                                                     desc=f'probes {tag}', prefixes=pre)
-    return out
-  for name, win in windows.items():
-    r = eval_lib.compare(params_ref, params, cfg, win, batch_size=max(1, batch_size // 2),
-                         dtype=dtype, desc=f'eval {tag} {name}')
-    out['per_dataset'][name] = r
-  if items:
-    out['probes'] = eval_lib.score_multiple_choice(params, cfg, tokenizer, items, dtype=dtype,
-                                                   desc=f'probes {tag}')
-  return out
-
-
 def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = None,
-        restart: bool = False, loaded: loading.LoadedModel | None = None,
-        dense_eval: dict[str, Any] | None = None) -> dict[str, Any]:
+        restart: bool = False, loaded: loading.LoadedModel | None = None) -> dict[str, Any]:
   """Compress, recover and evaluate; returns the results dict (``results.json``'s content)."""
   spec = build_spec(c)
   dt = common.parse_dtype(c.dtype)
@@ -247,7 +231,7 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
       aux = common.calibration_for(tokenizer, c.recover_data, c.recover_samples, c.calib_seqlen,
                                    c.seed + 1)
   if c.auto_bits is not None:
-    rules = pipeline.auto_bits_rules(params, cfg, calib, spec, budget=c.auto_bits,
+    rules = allocate.auto_bits_rules(params, cfg, calib, spec, budget=c.auto_bits,
                                      candidates=c.auto_candidates, batch_size=c.batch_size,
                                      dtype=dt) + rules
 
@@ -259,7 +243,7 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
   t0 = time.time()
   compressed, reports = pipeline.compress_model(
       params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
-      batch_size=c.batch_size, dtype=dt, checkpoint_dir=ckpt_dir, compensate=compensator,
+      batch_size=c.batch_size, dtype=dt, checkpoint_dir=ckpt_dir, recovery=compensator,
       aux_tokens=aux)
   compress_seconds = time.time() - t0
   numerics = sum(r.seconds for r in reports)
@@ -269,9 +253,6 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
   results: dict[str, Any] = {'model': c.model, 'method': spec.describe(),
                              'calib_data': c.calib_data, 'calib_tokens': int(calib.size),
                              'eval_data': c.eval_data[0], 'eval_seqlen': c.eval_seqlen}
-  if dense_eval is None:
-    dense_eval = {'probes': eval_lib.score_multiple_choice(params, cfg, tokenizer, items, dtype=dt,
-                                                           desc='probes dense') if items else None}
   base = None
   if compensator is not None and compensator.changes_weights:
     # SRR re-quantizes a residual: the compression alone is a separate run without compensation.
@@ -281,39 +262,37 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
   elif compensator is not None:
     # The compression alone: the same leaves without their adapters (the pipeline propagates
     # activations without adapters, so these are exactly the uncompensated run's weights).
-    base = pipeline.strip_adapters(compressed)
-  ev_c = evaluate_pair(params, base if base is not None else compressed, cfg, windows, tokenizer,
-                       items, dtype=dt, batch_size=c.batch_size, tag='compressed')
+    base = tree.strip_adapters(compressed)
+  evaluate = functools.partial(common.evaluate_models, loaded, windows=windows, items=items,
+                               dtype=dt, batch_size=max(1, c.batch_size // 2))
+  ev = evaluate({'compressed': base if base is not None else compressed})
   first = c.eval_data[0]
-  results.update(
-      ppl_dense=ev_c['per_dataset'][first]['ppl_ref'],
-      ppl_compressed=ev_c['per_dataset'][first]['ppl'],
-      kl_compressed=ev_c['per_dataset'][first]['kl'],
-      top1_compressed=ev_c['per_dataset'][first]['top1'],
-      eval_tokens=ev_c['per_dataset'][first]['eval_tokens'])
+  results.update(ppl_dense=ev['dense'][f'ppl {first}'],
+                 ppl_compressed=ev['compressed'][f'ppl {first}'],
+                 kl_compressed=ev['compressed'][f'kl {first}'],
+                 top1_compressed=ev['compressed'][f'top1 {first}'],
+                 eval_tokens=ev['dense'][f'eval_tokens {first}'])
   if items:
-    results.update(probe_acc_dense=dense_eval['probes']['acc'],
-                   probe_acc_compressed=ev_c['probes']['acc'])
-  per_dataset = {n: {'ppl_dense': r['ppl_ref'], 'ppl_compressed': r['ppl'], 'kl_compressed': r['kl'],
-                     'top1_compressed': r['top1']} for n, r in ev_c['per_dataset'].items()}
+    results.update(probe_acc_dense=ev['dense']['probe_acc'],
+                   probe_acc_compressed=ev['compressed']['probe_acc'])
+  per_dataset = {ds: {'ppl_dense': ev['dense'][f'ppl {ds}'],
+                      **{f'{k}_compressed': ev['compressed'][f'{k} {ds}']
+                         for k in ('ppl', 'kl', 'top1')}} for ds in c.eval_data}
   recovered = compressed if compensator is not None else None
+  pool = None
   if c.reconstruct != 'none' or c.finetune != 'none':
     recovered, train_info = train_recovery(c, params, compressed, cfg, tokenizer, out_dir)
     pool = train_info.pop('pool', None)
     results.update(train_info)
-  else:
-    pool = None
   if recovered is not None:
-    ev_r = evaluate_pair(params, recovered, cfg, windows, tokenizer, items, dtype=dt,
-                         batch_size=c.batch_size, tag='recovered', pool=pool)
-    results.update(ppl_recovered=ev_r['per_dataset'][first]['ppl'],
-                   kl_recovered=ev_r['per_dataset'][first]['kl'],
-                   top1_recovered=ev_r['per_dataset'][first]['top1'],
-                   recover_seconds=recover_seconds)
+    ev = evaluate({'recovered': recovered}, pools=None if pool is None else {'recovered': pool},
+                  dense_probes=False)['recovered']
+    results.update(ppl_recovered=ev[f'ppl {first}'], kl_recovered=ev.get(f'kl {first}'),
+                   top1_recovered=ev.get(f'top1 {first}'), recover_seconds=recover_seconds)
     if items:
-      results['probe_acc_recovered'] = ev_r['probes']['acc']
-    for n, r in ev_r['per_dataset'].items():
-      per_dataset[n].update(ppl_recovered=r['ppl'], kl_recovered=r['kl'], top1_recovered=r['top1'])
+      results['probe_acc_recovered'] = ev['probe_acc']
+    for ds in c.eval_data:
+      per_dataset[ds].update({f'{k}_recovered': ev.get(f'{k} {ds}') for k in ('ppl', 'kl', 'top1')})
     results.update(compensate_lib.adapter_share(recovered))
   results.update(compress_seconds=compress_seconds, numerics_seconds=numerics,
                  calib_forward_seconds=compress_seconds - numerics - recover_seconds,
@@ -330,6 +309,77 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
   return results
 
 
+# --------------------------------------------------------------------------- table rows, cached
+
+# The compressions of the paper tables, by row name (the table scripts pick their rows from here).
+COMPRESSIONS: dict[str, dict[str, Any]] = {
+    'magnitude 50%': dict(prune='magnitude', sparsity='0.5'),
+    'wanda 50%': dict(prune='wanda', sparsity='0.5'),
+    'sparsegpt 50%': dict(prune='sparsegpt', sparsity='0.5'),
+    'magnitude 2:4': dict(prune='magnitude', sparsity='2:4'),
+    'wanda 2:4': dict(prune='wanda', sparsity='2:4'),
+    'sparsegpt 2:4': dict(prune='sparsegpt', sparsity='2:4'),
+    'rtn w4g64': dict(quant='rtn', bits=4, group_size=64),
+    'gptq w4g64': dict(quant='gptq', bits=4, group_size=64),
+    'rtn w3g64': dict(quant='rtn', bits=3, group_size=64),
+    'gptq w3g64': dict(quant='gptq', bits=3, group_size=64),
+    'rtn w2g64': dict(quant='rtn', bits=2, group_size=64),
+    'gptq w2g64': dict(quant='gptq', bits=2, group_size=64),
+    'sparsegpt 2:4 + gptq w4g64': dict(prune='sparsegpt', sparsity='2:4', quant='gptq', bits=4,
+                                        group_size=64),
+    'awq w3g64': dict(quant='awq', bits=3, group_size=64),
+}
+
+
+def compressions(names, **overrides) -> dict[str, CompressConfig]:
+  """The configs of the rows ``names`` of :data:`COMPRESSIONS` (with ``overrides``, e.g. the
+  calibration size); an unknown row raises ValueError naming the known ones, and every config is
+  validated (:func:`build_spec`) before any work."""
+  unknown = [n for n in names if n not in COMPRESSIONS]
+  if unknown:
+    raise ValueError(f'unknown compressions {unknown}; known: {list(COMPRESSIONS)}')
+  configs = {n: CompressConfig(**COMPRESSIONS[n], **overrides) for n in names}
+  for c in configs.values():
+    build_spec(c)
+  return configs
+
+
+def compress_cached(loaded: loading.LoadedModel, calib, c: CompressConfig, cache_dir, *,
+                    recovery=None, aux_tokens=None, stats=None, aux_stats=None
+                    ) -> tuple[Any, dict[str, Any]]:
+  """Runs the pipeline once for ``c`` (or loads its saved result) and returns (params, timing).
+
+  ``recovery``/``aux_tokens``: the pipeline's recovery (e.g. an EoRA ``Compensator``) and its
+  separate calibration tokens (:func:`compress.pipeline.compress_model`).
+  ``stats``/``aux_stats``: shared dense-input statistics
+  (:func:`compress.calibration.dense_statistics`), or zero-argument callables computing them,
+  called only on a cache miss; None runs the default propagated-input calibration."""
+  def compute():
+    st = stats() if callable(stats) else stats
+    aux_st = aux_stats() if callable(aux_stats) else aux_stats
+    spec = build_spec(c)
+    t0 = time.time()
+    params, reports = pipeline.compress_model(
+        loaded.params, loaded.config, calib, build_rules(c, spec), batch_size=c.batch_size,
+        recovery=recovery, aux_tokens=aux_tokens, precomputed_stats=st,
+        precomputed_aux_stats=aux_st, checkpoint_dir=common.partial_dir(cache_dir))
+    total = time.time() - t0
+    numerics = float(sum(r.seconds for r in reports))
+    recover = float(sum(r.extra.get('recover_seconds', 0.0) for r in reports))
+    timing = {'compress_seconds': total, 'numerics_seconds': numerics, 'recover_seconds': recover,
+              'calib_forward_seconds': total - numerics - recover, **pipeline.summarize(reports)}
+    return params, {'timing': timing, 'method': spec.describe()}
+  params, meta = common.cached_model(cache_dir, loaded, compute)
+  return params, meta.get('timing', {})
+
+
+def compensated(loaded: loading.LoadedModel, calib, c: CompressConfig, rank: int, cache_dir, *,
+                aux=None, stats=None, aux_stats=None) -> Any:
+  """The compressed model of ``c`` with EoRA adapters at ``rank`` (cached;
+  :func:`compress_cached`)."""
+  return compress_cached(loaded, calib, c, cache_dir,
+                         recovery=compensate_lib.Compensator(method='eora', rank=rank),
+                         aux_tokens=aux, stats=stats, aux_stats=aux_stats)[0]
 
 
 RESULT_COLUMNS = ('method', 'ppl_dense', 'ppl_compressed', 'kl_compressed', 'top1_compressed',

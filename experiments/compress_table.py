@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
 import time
 from typing import Any, Sequence
 
@@ -33,68 +32,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from compress import pipeline
+from compress import calibration
 from experiments import common
-from experiments.compress_lib import CompressConfig, build_rules, build_spec
-from models import checkpoint
-from models import evaluate as eval_lib
+from experiments.compress_lib import COMPRESSIONS, compress_cached, compressions
 from models import llama, loading
-
-METHODS: dict[str, dict[str, Any]] = {
-    'magnitude 50%': dict(prune='magnitude', sparsity='0.5'),
-    'wanda 50%': dict(prune='wanda', sparsity='0.5'),
-    'sparsegpt 50%': dict(prune='sparsegpt', sparsity='0.5'),
-    'magnitude 2:4': dict(prune='magnitude', sparsity='2:4'),
-    'wanda 2:4': dict(prune='wanda', sparsity='2:4'),
-    'sparsegpt 2:4': dict(prune='sparsegpt', sparsity='2:4'),
-    'rtn w4g64': dict(quant='rtn', bits=4, group_size=64),
-    'gptq w4g64': dict(quant='gptq', bits=4, group_size=64),
-    'rtn w3g64': dict(quant='rtn', bits=3, group_size=64),
-    'gptq w3g64': dict(quant='gptq', bits=3, group_size=64),
-    'rtn w2g64': dict(quant='rtn', bits=2, group_size=64),
-    'gptq w2g64': dict(quant='gptq', bits=2, group_size=64),
-    'sparsegpt 2:4 + gptq w4g64': dict(prune='sparsegpt', sparsity='2:4', quant='gptq', bits=4,
-                                        group_size=64),
-    'awq w3g64': dict(quant='awq', bits=3, group_size=64),
-}
-
-
-def slug(name: str) -> str:
-  return ''.join(ch if ch.isalnum() else '_' for ch in name).strip('_')
-
-
-def compress_cached(loaded: loading.LoadedModel, calib: np.ndarray, c: CompressConfig,
-                    cache_dir: pathlib.Path, *, compensate=None, aux_tokens=None, stats=None,
-                    aux_stats=None) -> tuple[Any, dict[str, Any]]:
-  """Runs the pipeline once for ``c`` (or loads its saved result) and returns (params, timing).
-
-  ``compensate``/``aux_tokens``: the pipeline's compensator and its separate recovery calibration
-  tokens (:func:`compress.pipeline.compress_model`).
-
-  ``stats``/``aux_stats``: shared dense-input statistics (:func:`compress.pipeline.dense_statistics`),
-  or zero-argument callables computing them, called only on a cache miss; None runs the default
-  propagated-input calibration."""
-  if (cache_dir / 'structure.json').exists():
-    _, params, meta = checkpoint.load_model(cache_dir)
-    return params, meta.get('timing', {})
-  stats = stats() if callable(stats) else stats
-  aux_stats = aux_stats() if callable(aux_stats) else aux_stats
-  spec = build_spec(c)
-  rules = build_rules(c, spec)
-  t0 = time.time()
-  params, reports = pipeline.compress_model(loaded.params, loaded.config, calib, rules,
-                                            batch_size=c.batch_size, compensate=compensate,
-                                            aux_tokens=aux_tokens, precomputed_stats=stats, precomputed_aux_stats=aux_stats,
-                                            checkpoint_dir=str(cache_dir) + '.partial')
-  total = time.time() - t0
-  numerics = float(sum(r.seconds for r in reports))
-  recover = float(sum(r.extra.get('recover_seconds', 0.0) for r in reports))
-  timing = {'compress_seconds': total, 'numerics_seconds': numerics, 'recover_seconds': recover,
-            'calib_forward_seconds': total - numerics - recover,
-            **pipeline.summarize(reports)}
-  checkpoint.save_model(cache_dir, params, loaded.config, {'timing': timing, 'method': spec.describe()})
-  shutil.rmtree(str(cache_dir) + '.partial', ignore_errors=True)  # the finished run's resume state
-  return params, timing
 
 
 def plain_forward_seconds(loaded: loading.LoadedModel, calib: np.ndarray, batch_size: int) -> float:
@@ -108,50 +49,15 @@ def plain_forward_seconds(loaded: loading.LoadedModel, calib: np.ndarray, batch_
   return time.time() - t0
 
 
-def evaluate_models(loaded, models: dict[str, Any], tokenizer, eval_data: Sequence[str],
-                    eval_windows: int, eval_seqlen: int,
-                    other_windows: int | None = None, probes: bool = True
-                    ) -> dict[str, dict[str, Any]]:
-  """Perplexity/KL/top-1 on each corpus and probe accuracy for every model (dense computed once).
-
-  ``eval_windows`` windows of the first corpus, ``other_windows`` (default the same) of the others;
-  ``probes=False`` skips the probes (``probe_acc`` is then None).
-  """
-  cfg = loaded.config
-  out: dict[str, dict[str, Any]] = {name: {} for name in ['dense', *models]}
-  for idx, ds in enumerate(eval_data):
-    n = eval_windows if idx == 0 or other_windows is None else other_windows
-    windows = common.eval_windows_for(tokenizer, ds, eval_seqlen, n)
-    res = eval_lib.compare_many(loaded.params, models, cfg, windows, desc=f'eval {ds}')
-    out['dense'][f'ppl {ds}'] = res['__ref__']['ppl']
-    for name in models:
-      out[name][f'ppl {ds}'] = res[name]['ppl']
-      out[name][f'kl {ds}'] = res[name]['kl']
-      out[name][f'top1 {ds}'] = res[name]['top1']
-  items = common.probe_items(None) if probes else []
-  for name, params in [('dense', loaded.params), *models.items()]:
-    if not items:
-      out[name]['probe_acc'] = None
-      continue
-    out[name]['probe_acc'] = eval_lib.score_multiple_choice(params, cfg, tokenizer, items,
-                                                            progress=False)['acc']
-  return out
-
-
 def run(*, methods: Sequence[str], out_dir: str, model: str = 'smollm2-135m', calib_samples: int = 64,
         calib_seqlen: int = 512, eval_data: Sequence[str] = ('python-docs', 'shakespeare'),
         eval_windows: int = 40, eval_seqlen: int = 512, other_windows: int | None = None,
         shared_stats: bool = True) -> list[dict[str, Any]]:
-  unknown = [m for m in methods if m not in METHODS]
-  if unknown:
-    raise ValueError(f'unknown methods {unknown}; known: {list(METHODS)}')
+  configs = compressions(methods, model=model, calib_samples=calib_samples,
+                         calib_seqlen=calib_seqlen)  # every bad value fails before any work
   out = pathlib.Path(out_dir)
   loaded = loading.load_model(model)
   tokenizer = loaded.tokenizer()
-  configs = {m: CompressConfig(model=model, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                               **METHODS[m]) for m in methods}
-  for c in configs.values():
-    build_spec(c)  # every bad value fails before any work
   calib = common.calibration_for(tokenizer, 'python-docs', calib_samples, calib_seqlen, 0)
   timing_path = out / 'plain_forward.json'
   if timing_path.exists():
@@ -163,18 +69,19 @@ def run(*, methods: Sequence[str], out_dir: str, model: str = 'smollm2-135m', ca
   stats = None
   if shared_stats:
     t0 = time.time()
-    stats = pipeline.dense_statistics(loaded.params, loaded.config, calib)
+    stats = calibration.dense_statistics(loaded.params, loaded.config, calib)
     stats_seconds = time.time() - t0
   models, timings = {}, {}
   for m in tqdm(methods, desc='methods'):
-    cache = out / 'models' / (slug(m) + ('' if shared_stats else '_propagated'))
+    cache = out / 'models' / (common.slug(m) + ('' if shared_stats else '_propagated'))
     models[m], timings[m] = compress_cached(loaded, calib, configs[m], cache, stats=stats)
     if shared_stats:
       timings[m] = dict(timings[m], calib_forward_seconds=stats_seconds,
                         compress_seconds=stats_seconds + timings[m]['numerics_seconds'])
   if eval_windows:
-    metrics = evaluate_models(loaded, models, tokenizer, eval_data, eval_windows, eval_seqlen,
-                              other_windows)
+    metrics = common.evaluate_models(
+        loaded, models, common.windows_by_corpus(tokenizer, eval_data, eval_windows, eval_seqlen,
+                                                 other_windows), items=common.probe_items(None))
   else:  # timing only
     metrics = {name: {} for name in ['dense', *methods]}
   rows = [{'method': 'dense', **metrics['dense']}]
@@ -194,7 +101,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so modules import side-effect free)."""
-  flags.DEFINE_list('methods', list(METHODS), 'Methods (keys of METHODS) to run.')
+  flags.DEFINE_list('methods', list(COMPRESSIONS), 'Rows (keys of compress_lib.COMPRESSIONS) to run.')
   flags.DEFINE_integer('calib_samples', 64, 'Calibration sequences.')
   flags.DEFINE_integer('calib_seqlen', 512, 'Calibration sequence length.')
   flags.DEFINE_list('eval_data', ['python-docs', 'shakespeare'], 'Evaluation corpora.')

@@ -33,78 +33,36 @@ from typing import Any, Callable, Sequence
 
 from absl import app, flags
 
+from compress import calibration
 from experiments import common
-from experiments.compress_lib import CompressConfig
-from experiments.compress_table import compress_cached, evaluate_models, slug
+from experiments.compress_lib import compensated, compressions
+from models import tree
 from models import loading
-from compress import pipeline
 from recover import compensate
 
-ROWS: dict[str, dict[str, Any]] = {
-    'sparsegpt 2:4': dict(prune='sparsegpt', sparsity='2:4'),
-    'wanda 2:4': dict(prune='wanda', sparsity='2:4'),
-    'gptq w3g64': dict(quant='gptq', bits=3, group_size=64),
-    'sparsegpt 2:4 + gptq w4g64': dict(prune='sparsegpt', sparsity='2:4', quant='gptq', bits=4,
-                                        group_size=64),
-}
+ROWS = ('sparsegpt 2:4', 'wanda 2:4', 'gptq w3g64', 'sparsegpt 2:4 + gptq w4g64')
 SECTIONS = ('tables', 'rank_sweep', 'adapter_bits', 'calib_domain')
 FLAGS = flags.FLAGS
-
-
-def compensated(loaded, calib, c: CompressConfig, rank: int, cache: pathlib.Path,
-                aux=None, stats=None, aux_stats=None) -> Any:
-  """The compressed model with EoRA adapters at ``rank`` (cached on disk; :func:`compress_cached`).
-  ``stats``/``aux_stats``: shared dense-input statistics, or zero-argument callables computing them,
-  called only on a cache miss (None: propagated calibration)."""
-  return compress_cached(loaded, calib, c, cache,
-                         compensate=compensate.Compensator(method='eora', rank=rank),
-                         aux_tokens=aux, stats=stats, aux_stats=aux_stats)[0]
-
-
-def _plot(path: pathlib.Path, title: str, ranks, series: dict[str, list[float]], ylabel: str):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  for name, ys in series.items():
-    ax.plot(ranks, ys, marker='o', label=name)
-  ax.set_xscale('log', base=2)
-  ax.set_xlabel('adapter rank')
-  ax.set_ylabel(ylabel)
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def _plot_bits(path: pathlib.Path, bits_rows: Sequence[dict[str, Any]], ds: str) -> None:
   """Adapter-bits plot (EoRA Fig. 4 analogue): one panel per compression, perplexity against the
   adapters' share of the model size, one line per rank through its 3/4/16-bit points."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  comps = list(dict.fromkeys(r['compression'] for r in bits_rows))
-  fig, axes = plt.subplots(1, len(comps), figsize=(4.2 * len(comps), 3.5), squeeze=False)
-  for ax, comp in zip(axes[0], comps):
-    mine = [r for r in bits_rows if r['compression'] == comp]
-    for rank in dict.fromkeys(r['adapter'].split()[0] for r in mine):
-      pts = sorted((100 * r['adapter_share'], r[f'ppl {ds}'], r['adapter'].split()[1])
-                   for r in mine if r['adapter'].split()[0] == rank)
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=f'rank {rank[1:]}')
-      for x, y, b in pts:
-        ax.annotate(f'{b[1:]}-bit', (x, y), textcoords='offset points', xytext=(4, 4),
-                    fontsize=7)
-    ax.set_xlabel('adapters, % of model bytes')
-    ax.set_ylabel(f'perplexity ({ds})')
-    ax.set_title(comp, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle('EoRA adapters quantized to 16 / 4 / 3 bits')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  panels, labels = {}, {}
+  for r in bits_rows:
+    rank, bits = r['adapter'].split()
+    pts = panels.setdefault(r['compression'], {}).setdefault(f'rank {rank[1:]}', ([], [], []))
+    pts[0].append(100 * r['adapter_share'])
+    pts[1].append(r[f'ppl {ds}'])
+    pts[2].append(f'{bits[1:]}-bit')
+  for comp, series in panels.items():
+    for name, (xs, ys, texts) in series.items():
+      order = sorted(range(len(xs)), key=lambda i: xs[i])
+      series[name] = ([xs[i] for i in order], [ys[i] for i in order])
+      labels.setdefault(comp, {})[name] = [texts[i] for i in order]
+  common.line_plot(path, panels, xlabel='adapters, % of model bytes', ylabel=f'perplexity ({ds})',
+                   point_labels=labels, suptitle='EoRA adapters quantized to 16 / 4 / 3 bits',
+                   panel_size=(4.2, 3.5))
 
 
 def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int = 64,
@@ -120,22 +78,27 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
   for s in sections:
     if s not in SECTIONS:
       raise ValueError(f'unknown section {s!r}; choose from {SECTIONS}')
+  configs = compressions(rows, model=model, calib_samples=calib_samples, calib_seqlen=calib_seqlen)
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   loaded = loading.load_model(model)
   tok = loaded.tokenizer()
   calib = common.calibration_for(tok, 'python-docs', calib_samples, calib_seqlen, 0)
   results: dict[str, Any] = {'model': model, 'calib': f'python-docs train {calib_samples}x{calib_seqlen}'}
-  configs = {r: CompressConfig(model=model, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                               **ROWS[r]) for r in rows}
+
+  def evaluate(models, data=eval_data, n=eval_windows, other=other_windows, probes=True):
+    windows = common.windows_by_corpus(tok, data, n, eval_seqlen, other)
+    return common.evaluate_models(loaded, models, windows,
+                                  items=common.probe_items(None) if probes else [])
+
   # One compensation pass at the largest rank of any section serves every section (truncation
   # is exact), so the sections can run in separate invocations on one cache.
   max_rank = max([rank, *ranks, *bits_ranks])
-  stats = (functools.cache(lambda: pipeline.dense_statistics(loaded.params, loaded.config, calib))
+  stats = (functools.cache(lambda: calibration.dense_statistics(loaded.params, loaded.config, calib))
            if shared_stats else None)
   tag = '' if shared_stats else '_propagated'
   comp = {r: compensated(loaded, calib, configs[r], max_rank,
-                         out / 'models' / f'{slug(r)}_eora{max_rank}{tag}', stats=stats)
+                         out / 'models' / f'{common.slug(r)}_eora{max_rank}{tag}', stats=stats)
           for r in rows}
   results['calibration'] = 'dense inputs, shared' if shared_stats else 'propagated'
 
@@ -143,11 +106,11 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
     models = {}
     for r in rows:
       eora = compensate.truncate_adapters(comp[r], rank)
-      base = pipeline.strip_adapters(eora)
+      base = tree.strip_adapters(eora)
       models[f'{r} | none'] = base
       models[f'{r} | svd'] = compensate.with_svd_adapters(loaded.params, base, rank)
       models[f'{r} | eora'] = eora
-    metrics = evaluate_models(loaded, models, tok, eval_data, eval_windows, eval_seqlen, other_windows)
+    metrics = evaluate(models)
     table = [{'compression': 'dense', 'recovery': '-', **metrics['dense']}]
     for name in models:
       c, rec = name.split(' | ')
@@ -163,15 +126,14 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
   if 'rank_sweep' in sections:
     sweep = []
     for r in (sweep_rows or rows):
-      base = pipeline.strip_adapters(comp[r])
+      base = tree.strip_adapters(comp[r])
       svd = compensate.with_svd_adapters(loaded.params, base, max(ranks))  # one SVD per linear
       models = {}
       for k in ranks:
         models[f'eora r{k}'] = compensate.truncate_adapters(comp[r], k)
         models[f'svd r{k}'] = compensate.truncate_adapters(svd, k)
       models['none'] = base
-      m = evaluate_models(loaded, models, tok, eval_data[:1], sweep_windows, eval_seqlen,
-                          probes=False)
+      m = evaluate(models, eval_data[:1], sweep_windows, probes=False)
       ds = eval_data[0]
       for k in ranks:
         sweep.append({'compression': r, 'rank': k, 'ppl svd': m[f'svd r{k}'][f'ppl {ds}'],
@@ -179,10 +141,13 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
                       'kl eora': m[f'eora r{k}'][f'kl {ds}'], 'ppl none': m['none'][f'ppl {ds}'],
                       'ppl dense': m['dense'][f'ppl {ds}']})
       rows_r = [s for s in sweep if s['compression'] == r]
-      _plot(out / f'rank_sweep_{slug(r)}.png', f'{r}: SmolLM2, {ds} test', list(ranks),
-            {'SVD': [s['ppl svd'] for s in rows_r], 'EoRA': [s['ppl eora'] for s in rows_r],
-             'none': [s['ppl none'] for s in rows_r], 'dense': [s['ppl dense'] for s in rows_r]},
-            'perplexity')
+      common.line_plot(
+          out / f'rank_sweep_{common.slug(r)}.png',
+          {f'{r}: SmolLM2, {ds} test': {
+              name: (list(ranks), [s[f'ppl {key}'] for s in rows_r])
+              for name, key in (('SVD', 'svd'), ('EoRA', 'eora'), ('none', 'none'),
+                                ('dense', 'dense'))}},
+          xlabel='adapter rank', ylabel='perplexity', xscale=('log', 2))
     results['rank_sweep'] = sweep
     (out / 'rank_sweep.md').write_text('# Rank sweep (EoRA Fig. 3 analogue)\n\n' +
                                        common.markdown_table(sweep))
@@ -197,8 +162,7 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
         trunc = compensate.truncate_adapters(comp[r], k)
         for b in (16, 4, 3):
           models[f'r{k} b{b}'] = trunc if b == 16 else compensate.quantize_adapters(trunc, b)
-      m = evaluate_models(loaded, models, tok, eval_data[:1], sweep_windows, eval_seqlen,
-                          probes=probes_in_sweeps)
+      m = evaluate(models, eval_data[:1], sweep_windows, probes=probes_in_sweeps)
       ds = eval_data[0]
       for name, p in models.items():
         share = compensate.adapter_share(p)
@@ -215,15 +179,15 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
   if 'calib_domain' in sections:
     r = rows[min(2, len(rows) - 1)]
     aux = common.calibration_for(tok, 'shakespeare', calib_samples, calib_seqlen, 1)
-    aux_stats = ((lambda: pipeline.dense_statistics(loaded.params, loaded.config, aux))
+    aux_stats = ((lambda: calibration.dense_statistics(loaded.params, loaded.config, aux))
                  if shared_stats else None)
     ood = compensated(loaded, calib, configs[r], rank,
-                      out / 'models' / f'{slug(r)}_eora{rank}_shakespeare{tag}', aux=aux, stats=stats,
+                      out / 'models' / f'{common.slug(r)}_eora{rank}_shakespeare{tag}', aux=aux, stats=stats,
                       aux_stats=aux_stats)
-    models = {'none': pipeline.strip_adapters(ood),
+    models = {'none': tree.strip_adapters(ood),
               'eora eigenspace python-docs': compensate.truncate_adapters(comp[r], rank),
               'eora eigenspace shakespeare': ood}
-    m = evaluate_models(loaded, models, tok, eval_data, eval_windows, eval_seqlen, other_windows)
+    m = evaluate(models)
     dom = [{'compression': r, 'recovery': k, **v} for k, v in m.items()]
     results['calib_domain'] = dom
     (out / 'calib_domain.md').write_text(f'# EoRA eigenspace calibration domain, {r}, rank {rank}\n\n'
@@ -235,7 +199,7 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str], rank: int
 
 def define_flags() -> None:
   flags.DEFINE_list('sections', list(SECTIONS), f'Sections to run: {SECTIONS}.')
-  flags.DEFINE_list('rows', list(ROWS), 'Compressions (keys of ROWS).')
+  flags.DEFINE_list('rows', list(ROWS), 'Compressions (keys of compress_lib.COMPRESSIONS).')
   flags.DEFINE_integer('rank', 64, 'Rank of the tables section.')
   flags.DEFINE_list('ranks', ['8', '16', '32', '64', '128', '256'], 'Ranks of the sweep.')
   flags.DEFINE_list('sweep_rows', ['gptq w3g64', 'sparsegpt 2:4'], 'Compressions of the sweep.')
@@ -254,10 +218,8 @@ def main(argv):
   common.quiet_logs()
 
   def save(res: dict[str, Any]) -> None:
-    res = common.keep_other_sections(FLAGS.out_dir, res, SECTIONS)
-    rows = res.get('tables') or next((res[s] for s in SECTIONS if s in res), [])
-    common.write_results(FLAGS.out_dir, res, rows=rows, flags=common.flag_values(FLAGS),
-                         title='EoRA on SmolLM2-135M')
+    common.write_sections(FLAGS.out_dir, res, SECTIONS, flags=common.flag_values(FLAGS),
+                          title='EoRA on SmolLM2-135M')
 
   run(sections=FLAGS.sections, out_dir=FLAGS.out_dir, rows=FLAGS.rows, rank=FLAGS.rank,
       ranks=[int(r) for r in FLAGS.ranks], sweep_rows=FLAGS.sweep_rows,
@@ -265,10 +227,7 @@ def main(argv):
       eval_windows=FLAGS.eval_windows, other_windows=FLAGS.other_windows,
       sweep_windows=FLAGS.sweep_windows, shared_stats=FLAGS.shared_stats,
       probes_in_sweeps=FLAGS.probes_in_sweeps, save=save)
-  for s in SECTIONS:
-    p = pathlib.Path(FLAGS.out_dir) / f'{s}.md'
-    if p.exists():
-      print(p.read_text())
+  common.print_sections(FLAGS.out_dir, SECTIONS)
 
 
 if __name__ == '__main__':

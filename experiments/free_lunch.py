@@ -28,25 +28,22 @@ than 10x less compute. Our budget is smaller (16 x 512 tokens per window), hence
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
-import shutil
-import time
 from typing import Any, Sequence
 
 from absl import app, flags
 import numpy as np
 
-from compress import pipeline
+from compress import calibration
 from experiments import common
-from experiments.compress_lib import CompressConfig
-from experiments.compress_table import METHODS, compress_cached, evaluate_models, slug
-from models import checkpoint
+from experiments.compress_lib import COMPRESSIONS, compress_cached, compressions
 from models import loading
 from recover import reconstruct as rec
 from recover import train
 
 # The pruning rows of the compression table (same settings, same cached models).
-ROWS: dict[str, dict[str, Any]] = {k: v for k, v in METHODS.items() if 'prune' in v and 'quant' not in v}
+ROWS = tuple(k for k, v in COMPRESSIONS.items() if 'prune' in v and 'quant' not in v)
 SECTIONS = ('criteria', 'windows', 'global')
 WINDOWS = ('matrix', 'submodule', 'block', 'blocks:2', 'blocks:4')
 FLAGS = flags.FLAGS
@@ -64,71 +61,41 @@ class Setup:
 
   def compressed(self, row: str):
     """The compressed model of ``row`` (cached; shared dense-input statistics)."""
-    cache = self.models_dir / slug(row)
-    if not (cache / 'structure.json').exists() and self.stats is None:
-      self.stats = pipeline.dense_statistics(self.loaded.params, self.loaded.config, self.calib)
-    c = CompressConfig(calib_samples=len(self.calib), calib_seqlen=self.calib.shape[1], **ROWS[row])
-    return compress_cached(self.loaded, self.calib, c, cache, stats=self.stats)[0]
+    if self.stats is None:  # computed once, on the first cache miss
+      self.stats = functools.cache(lambda: calibration.dense_statistics(
+          self.loaded.params, self.loaded.config, self.calib))
+    c = compressions([row], calib_samples=len(self.calib), calib_seqlen=self.calib.shape[1])[row]
+    return compress_cached(self.loaded, self.calib, c, self.models_dir / common.slug(row),
+                           stats=self.stats)[0]
 
 
 def reconstructed(s: Setup, row: str, config: rec.ReconConfig) -> tuple[Any, dict[str, Any]]:
   """``row`` reconstructed with ``config`` (cached with its report; resumable)."""
-  cache = s.out / 'models' / f'{slug(row)}_recon_{slug(config.window)}'
-  if (cache / 'structure.json').exists():
-    _, params, meta = checkpoint.load_model(cache)
-    return params, meta['recon']
-  base = s.compressed(row)
-  params, reports = rec.reconstruct(base, s.loaded.params, s.loaded.config, s.recon_tokens, config,
-                                    checkpoint_dir=str(cache) + '.partial', measure_memory=True)
-  tokens = config.batch_size * s.recon_tokens.shape[1]
-  info = {**rec.summarize(reports), 'window': config.window,
-          'tokens_seen': int(sum(r.steps for r in reports) * tokens),
-          'train_compute': float(sum(r.steps * tokens * r.trainable_params for r in reports))}
-  checkpoint.save_model(cache, params, s.loaded.config, {'recon': info})
-  shutil.rmtree(str(cache) + '.partial', ignore_errors=True)
-  return params, info
+  cache = s.out / 'models' / f'{common.slug(row)}_recon_{common.slug(config.window)}'
+
+  def compute():
+    params, reports = rec.reconstruct(s.compressed(row), s.loaded.params, s.loaded.config,
+                                      s.recon_tokens, config,
+                                      checkpoint_dir=common.partial_dir(cache), measure_memory=True)
+    summary = rec.summarize(reports, tokens_per_step=config.batch_size * s.recon_tokens.shape[1])
+    return params, {'recon': {**summary, 'window': config.window}}
+  params, meta = common.cached_model(cache, s.loaded, compute)
+  return params, meta['recon']
 
 
 def global_retrained(s: Setup, row: str, steps: int, lr: float, seed: int) -> tuple[Any, dict]:
   """Masked full fine-tuning of ``row`` for ``steps`` steps (cached)."""
   from recover import finetune  # pylint: disable=g-import-not-at-top
-  cache = s.out / 'models' / f'{slug(row)}_global_{steps}'
-  if (cache / 'structure.json').exists():
-    _, params, meta = checkpoint.load_model(cache)
-    return params, meta['global']
-  base = s.compressed(row)
-  t0 = time.time()
-  params, info = finetune.finetune(
-      base, s.loaded.config, s.recon_tokens,
-      finetune.FinetuneConfig(method='global', steps=steps, lr=lr, seed=seed),
-      dense_params=s.loaded.params)
-  info = {k: v for k, v in info.items() if k != 'losses'}
-  info['train_seconds'] = info.get('train_seconds', time.time() - t0)
-  info['train_compute'] = float(info['tokens_seen']) * float(info['trainable_params'])
-  checkpoint.save_model(cache, params, s.loaded.config, {'global': info})
-  return params, info
+  cache = s.out / 'models' / f'{common.slug(row)}_global_{steps}'
 
-
-def _plot(path: pathlib.Path, title: str, series: dict[str, tuple[list, list]], xlabel: str,
-          hlines: dict[str, float]):
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(5.5, 3.8))
-  for name, (xs, ys) in series.items():
-    ax.plot(xs, ys, marker='o', label=name)
-  for name, y in hlines.items():
-    ax.axhline(y, linestyle='--', linewidth=1, color='gray')
-    ax.text(ax.get_xlim()[0], y, f' {name}', va='bottom', fontsize=8, color='gray')
-  ax.set_xscale('log')
-  ax.set_xlabel(xlabel)
-  ax.set_ylabel('perplexity (python-docs test)')
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  def compute():
+    params, info = finetune.finetune(
+        s.compressed(row), s.loaded.config, s.recon_tokens,
+        finetune.FinetuneConfig(method='global', steps=steps, lr=lr, seed=seed),
+        dense_params=s.loaded.params)
+    return params, {'global': {k: v for k, v in info.items() if k != 'losses'}}
+  params, meta = common.cached_model(cache, s.loaded, compute)
+  return params, meta['global']
 
 
 def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str] = tuple(ROWS),
@@ -145,6 +112,7 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str] = tuple(RO
   for r in [*rows, window_row]:
     if r not in ROWS:
       raise ValueError(f'unknown row {r!r}; choose from {list(ROWS)}')
+  compressions([*rows, window_row])  # every bad value fails before any work
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   loaded = loading.load_model(model)
@@ -158,8 +126,12 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str] = tuple(RO
       'model': model, 'calib': f'python-docs train {calib_samples}x{calib_seqlen} (dense stats)',
       'recon': f'python-docs train {recon_samples}x{calib_seqlen}, lr {recon_lr}, '
                f'{recon_epochs} epoch(s), batch {base_config.batch_size}'}
-  evaluate = lambda models, data=eval_data, probes=True: evaluate_models(  # noqa: E731
-      loaded, models, tok, data, eval_windows, eval_seqlen, other_windows, probes=probes)
+
+  def evaluate(models, data=eval_data, probes=True):
+    windows = common.windows_by_corpus(tok, data, eval_windows, eval_seqlen, other_windows)
+    return common.evaluate_models(loaded, models, windows,
+                                  items=common.probe_items(None) if probes else [])
+
   ds = eval_data[0]
 
   if 'criteria' in sections:
@@ -224,9 +196,13 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str] = tuple(RO
     hl = {'dense': m['dense'][f'ppl {ds}'], 'no recovery': m['none'][f'ppl {ds}']}
     for key, label, fname in (('train_compute', 'compute (tokens x trainable params)', 'global_compute.png'),
                               ('train_s', 'wall time (s, 2 CPU cores)', 'global_time.png')):
-      _plot(out / fname, f'{window_row}: reconstruction vs global retraining',
-            {'global retraining': ([r[key] for r in gl], [r[f'ppl {ds}'] for r in gl]),
-             'block reconstruction': ([table[2][key]], [table[2][f'ppl {ds}']])}, label, hl)
+      common.line_plot(
+          out / fname, {f'{window_row}: reconstruction vs global retraining': {
+              'global retraining': ([r[key] for r in gl], [r[f'ppl {ds}'] for r in gl]),
+              'block reconstruction': ([table[2][key]], [table[2][f'ppl {ds}']])}},
+          xlabel=label, ylabel='perplexity (python-docs test)', xscale='log',
+          hlines={f'{window_row}: reconstruction vs global retraining': hl},
+          panel_size=(5.5, 3.8))
   return results
 
 
@@ -258,14 +234,9 @@ def main(argv):
             recon_lr=FLAGS.recon_lr, recon_epochs=FLAGS.recon_epochs,
             eval_windows=FLAGS.eval_windows, other_windows=FLAGS.other_windows,
             models_dir=FLAGS.models_dir)
-  res = common.keep_other_sections(FLAGS.out_dir, res, SECTIONS)
-  rows = next((res[s] for s in SECTIONS if s in res), [])
-  common.write_results(FLAGS.out_dir, res, rows=rows, flags=common.flag_values(FLAGS),
-                       title='Free Lunch reconstruction on SmolLM2-135M')
-  for sec in SECTIONS:
-    p = pathlib.Path(FLAGS.out_dir) / f'{sec}.md'
-    if p.exists():
-      print(p.read_text())
+  common.write_sections(FLAGS.out_dir, res, SECTIONS, flags=common.flag_values(FLAGS),
+                        title='Free Lunch reconstruction on SmolLM2-135M')
+  common.print_sections(FLAGS.out_dir, SECTIONS)
 
 
 if __name__ == '__main__':

@@ -44,11 +44,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from compress import pipeline
+from compress import calibration
 from experiments import common
-from experiments.compress_lib import CompressConfig, build_spec
-from experiments.compress_table import METHODS, compress_cached, slug
-from models import evaluate as eval_lib
+from experiments.compress_lib import compress_cached, compressions
 from models import llama, loading
 from recover import finetune as finetune_lib
 from recover import prompting
@@ -91,8 +89,6 @@ def run(*, out_dir: str, model: str = 'smollm2-135m', compression: str = 'gptq w
         eval_data: Sequence[str] = ('python-docs', 'shakespeare'), eval_windows: int = 20,
         eval_seqlen: int = 512, probes: str | None = None, latency_batch: int = 4,
         latency_reps: int = 5, seed: int = 0) -> dict[str, Any]:
-  if compression not in METHODS:
-    raise ValueError(f'unknown compression {compression!r}; known: {list(METHODS)}')
   if grouping not in GROUPINGS:
     raise ValueError(f'--grouping={grouping!r}; choose from {GROUPINGS}')
   n_prompts = len(train_data) if grouping == 'corpora' else (num_prompts or len(train_data))
@@ -101,9 +97,8 @@ def run(*, out_dir: str, model: str = 'smollm2-135m', compression: str = 'gptq w
                      f'per training corpus ({len(train_data)})')
   idp_config = prompting.IDPConfig(num_prompts=n_prompts, prompt_len=prompt_len, steps=steps,
                                    batch_size=batch_size, lr=lr, seed=seed, route_layer=route_layer)
-  c = CompressConfig(model=model, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                     **METHODS[compression])
-  build_spec(c)  # bad values fail before any work
+  c = compressions([compression], model=model, calib_samples=calib_samples,
+                   calib_seqlen=calib_seqlen)[compression]  # bad values fail before any work
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   loaded = loading.load_model(model)
@@ -116,8 +111,8 @@ def run(*, out_dir: str, model: str = 'smollm2-135m', compression: str = 'gptq w
   calib = common.calibration_for(tok, 'python-docs', calib_samples, calib_seqlen, 0)
   cache = pathlib.Path(models_dir) if models_dir else out / 'models'
   compressed, timing = compress_cached(
-      loaded, calib, c, cache / slug(compression),
-      stats=lambda: pipeline.dense_statistics(loaded.params, cfg, calib))  # only on a cache miss
+      loaded, calib, c, cache / common.slug(compression),
+      stats=lambda: calibration.dense_statistics(loaded.params, cfg, calib))  # only on a cache miss
   results['compress_numerics_seconds'] = timing.get('numerics_seconds')
 
   # Training windows: one group per corpus, or k-means groups of the pooled windows.
@@ -150,41 +145,28 @@ def run(*, out_dir: str, model: str = 'smollm2-135m', compression: str = 'gptq w
 
   # Evaluation: perplexity per test corpus, probes; IDP routes each window / item context.
   items = common.probe_items(probes)
-  ctx_tokens, ctx_mask = prompting.context_tokens(tok, items) if items else (None, None)
-  rows = {name: {'method': name} for name in ['dense', 'compressed', *variants]
-          + (['lora'] if lora_params is not None else [])}
-  plain_models = {'dense': loaded.params, 'compressed': compressed}
+  windows = common.windows_by_corpus(tok, eval_data, eval_windows, eval_seqlen)
+  models = {'compressed': compressed, **{name: compressed for name in variants}}
   if lora_params is not None:
-    plain_models['lora'] = lora_params
-  routing: dict[str, list[float]] = {}
-  first_windows = None
-  for ds in eval_data:
-    windows = common.eval_windows_for(tok, ds, eval_seqlen, eval_windows)
-    first_windows = windows if first_windows is None else first_windows
-    for name, params in plain_models.items():
-      rows[name][f'ppl {ds}'] = eval_lib.perplexity(params, cfg, windows, progress=False)['ppl']
-    for name, v in variants.items():
-      idx = prompting.route_inputs(compressed, cfg, v['pool'], windows)
-      if name == 'idp pool':
-        routing[ds] = np.bincount(idx, minlength=n_prompts) / len(idx)
-      prefixes = np.asarray(v['pool'].prompts)[idx]
-      rows[name][f'ppl {ds}'] = eval_lib.perplexity(compressed, cfg, windows, progress=False,
-                                                    prefixes=prefixes)['ppl']
+    models['lora'] = lora_params
+  metrics = common.evaluate_models(loaded, models, windows, items=items,
+                                   pools={name: v['pool'] for name, v in variants.items()})
+  rows = {name: {'method': name, **{k: v for k, v in m.items() if k.startswith(('ppl', 'probe'))}}
+          for name, m in metrics.items()}
+  # How the pool routes the test windows of each corpus and the probe contexts.
+  idp_pool = variants['idp pool']['pool']
+  share = lambda idx: np.bincount(idx, minlength=n_prompts) / len(idx)  # noqa: E731
+  routing = {ds: share(prompting.route_inputs(compressed, cfg, idp_pool, win))
+             for ds, win in windows.items()}
   results['routing'] = {ds: r.tolist() for ds, r in routing.items()}
   if grouping == 'corpora':
     hits = [routing[d][train_data.index(d)] for d in eval_data if d in train_data]
     results['route_acc'] = float(np.mean(hits)) if hits else None
   if items:
-    for name, params in plain_models.items():
-      rows[name]['probe_acc'] = eval_lib.score_multiple_choice(params, cfg, tok, items,
-                                                               progress=False)['acc']
-    for name, v in variants.items():
-      idx = prompting.route_inputs(compressed, cfg, v['pool'], ctx_tokens, mask=ctx_mask)
-      if name == 'idp pool':
-        results['probe_routing'] = (np.bincount(idx, minlength=n_prompts) / len(idx)).tolist()
-      rows[name]['probe_acc'] = eval_lib.score_multiple_choice(
-          compressed, cfg, tok, items, progress=False,
-          prefixes=np.asarray(v['pool'].prompts)[idx])['acc']
+    ctx_tokens, ctx_mask = prompting.context_tokens(tok, items)
+    results['probe_routing'] = share(prompting.route_inputs(
+        compressed, cfg, idp_pool, ctx_tokens, mask=ctx_mask)).tolist()
+  first_windows = windows[eval_data[0]]
 
   # Added parameters and latency (one batch of the first corpus's test windows).
   base_count = train_lib.count_params(compressed)
@@ -221,7 +203,7 @@ def run(*, out_dir: str, model: str = 'smollm2-135m', compression: str = 'gptq w
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so modules import side-effect free)."""
   flags.DEFINE_string('model', 'smollm2-135m', 'Model name (smollm2-135m, tiny-llama) or path.')
-  flags.DEFINE_string('compression', 'gptq w3g64', 'Compression (a key of compress_table.METHODS).')
+  flags.DEFINE_string('compression', 'gptq w3g64', 'Compression (a key of compress_lib.COMPRESSIONS).')
   flags.DEFINE_string('models_dir', None, 'Cache of compressed models (default OUT_DIR/models).')
   flags.DEFINE_integer('calib_samples', 64, 'Calibration sequences (python-docs train).')
   flags.DEFINE_integer('calib_seqlen', 512, 'Calibration sequence length.')

@@ -34,20 +34,16 @@ from typing import Any, Callable, Sequence
 from absl import app, flags
 import numpy as np
 
-from compress import pipeline
+from compress import calibration
 from experiments import common
-from experiments.compress_lib import CompressConfig
-from experiments.compress_table import evaluate_models, slug
-from experiments.eora_tables import compensated
+from experiments.compress_lib import compensated, compressions
 from models import checkpoint
 from models import loading
+from models import tree
 from recover import compensate
 from recover import finetune as finetune_lib
 
-ROWS: dict[str, dict[str, Any]] = {
-    'gptq w3g64': dict(quant='gptq', bits=3, group_size=64),
-    'sparsegpt 2:4': dict(prune='sparsegpt', sparsity='2:4'),
-}
+ROWS = ('gptq w3g64', 'sparsegpt 2:4')
 INITS = ('zero', 'loftq', 'eora')
 INIT_NAMES = {'zero': 'QLoRA (zero)', 'loftq': 'LoftQ', 'eora': 'EoRA'}
 FLAGS = flags.FLAGS
@@ -56,60 +52,39 @@ FLAGS = flags.FLAGS
 def loftq_start(loaded, base, cfg: finetune_lib.FinetuneConfig, cache: pathlib.Path) -> Any:
   """``base`` re-compressed by LoftQ with its adapters (cached on disk): computed once, it is both
   the 'before' model and the start of fine-tuning."""
-  if (cache / 'structure.json').exists():
-    return checkpoint.load_model(cache)[1]
-  params = finetune_lib.initial_model(base, cfg, dense_params=loaded.params)
-  checkpoint.save_model(cache, params, loaded.config, {'loftq_iters': cfg.loftq_iters})
-  return params
+  return common.cached_model(cache, loaded, lambda: (
+      finetune_lib.initial_model(base, cfg, dense_params=loaded.params),
+      {'loftq_iters': cfg.loftq_iters}))[0]
 
 
 def finetuned(loaded, start, cfg: finetune_lib.FinetuneConfig, tokens: np.ndarray,
               cache: pathlib.Path) -> tuple[Any, dict[str, Any]]:
   """``finetune`` of ``start`` by ``cfg`` (cached on disk with its info). A LoftQ ``start`` is
   already the LoftQ initialisation (:func:`loftq_start`), trained as it is."""
-  if (cache / 'structure.json').exists():
-    _, params, meta = checkpoint.load_model(cache)
-    return params, meta['finetune']
-  params, info = finetune_lib.finetune(start, loaded.config, tokens, cfg,
-                                       dense_params=loaded.params,
-                                       from_initial=cfg.lora_init == 'loftq')
-  checkpoint.save_model(cache, params, loaded.config, {'finetune': common.to_jsonable(info)})
-  return params, info
+  def compute():
+    params, info = finetune_lib.finetune(start, loaded.config, tokens, cfg,
+                                         dense_params=loaded.params,
+                                         from_initial=cfg.lora_init == 'loftq')
+    return params, {'finetune': info}
+  params, meta = common.cached_model(cache, loaded, compute)
+  return params, meta['finetune']
 
 
-def eora_start(loaded, calib, c: CompressConfig, row: str, rank: int, out: pathlib.Path,
+def eora_start(loaded, calib, c, row: str, rank: int, out: pathlib.Path,
                stats: Callable[[], Any], eora_models: str | None) -> Any:
   """The EoRA model of ``row`` at ``rank``: truncated from a cached EoRA model of a rank >= ``rank``
   in ``eora_models`` (``eora_tables`` writes them, on the same calibration draw), else computed
   and cached under ``out/models`` from the shared dense statistics ``stats()`` (called only then).
   Truncation is exact (factors are ordered by singular value)."""
   if eora_models:
-    prefix = f'{slug(row)}_eora'
+    prefix = f'{common.slug(row)}_eora'
     cached = sorted((int(d.name[len(prefix):]), d) for d in pathlib.Path(eora_models).glob(f'{prefix}*')
                     if d.name[len(prefix):].isdigit() and (d / 'structure.json').exists())
     for cached_rank, d in cached:
       if cached_rank >= rank:
         return compensate.truncate_adapters(checkpoint.load_model(d)[1], rank)
-  return compensated(loaded, calib, c, rank, out / 'models' / f'{slug(row)}_eora{rank}', stats=stats)
-
-
-def _plot(path: pathlib.Path, curves: dict[str, dict[str, list[float]]], title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.5), squeeze=False)
-  for ax, (row, series) in zip(axes[0], curves.items()):
-    for name, losses in series.items():
-      ax.plot(np.arange(1, len(losses) + 1), losses, label=name)
-    ax.set_xlabel('step')
-    ax.set_ylabel('training loss (cross-entropy)')
-    ax.set_title(row)
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  return compensated(loaded, calib, c, rank, out / 'models' / f'{common.slug(row)}_eora{rank}',
+                     stats=stats)
 
 
 def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), inits: Sequence[str] = INITS,
@@ -118,9 +93,7 @@ def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), inits: Sequence[str]
         calib_samples: int = 32, calib_seqlen: int = 512,
         eval_data: Sequence[str] = ('python-docs', 'shakespeare'), eval_windows: int = 10,
         eval_seqlen: int = 512, eora_models: str | None = None) -> dict[str, Any]:
-  unknown = [r for r in rows if r not in ROWS]
-  if unknown:
-    raise ValueError(f'unknown rows {unknown}; known: {list(ROWS)}')
+  configs = compressions(rows, model=model, calib_samples=calib_samples, calib_seqlen=calib_seqlen)
   bad = [i for i in inits if i not in INITS]
   if bad:
     raise ValueError(f'unknown inits {bad}; choose from {INITS}')
@@ -133,7 +106,7 @@ def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), inits: Sequence[str]
   tok = loaded.tokenizer()
   calib = common.calibration_for(tok, 'python-docs', calib_samples, calib_seqlen, 0)
   ft_tokens = common.calibration_for(tok, 'python-docs', ft_samples, ft_seqlen, 1)
-  stats = functools.cache(lambda: pipeline.dense_statistics(loaded.params, loaded.config, calib))
+  stats = functools.cache(lambda: calibration.dense_statistics(loaded.params, loaded.config, calib))
   lr_used = cfgs[inits[0]].lr
   tag = f'r{lora_rank}_s{ft_steps}_n{ft_samples}x{ft_seqlen}_b{ft_batch}_lr{lr_used:g}'
 
@@ -141,24 +114,24 @@ def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), inits: Sequence[str]
   infos: dict[str, dict[str, Any]] = {}
   curves: dict[str, dict[str, list[float]]] = {}
   for r in rows:
-    c = CompressConfig(model=model, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                       **ROWS[r])
-    eora = eora_start(loaded, calib, c, r, lora_rank, out, stats, eora_models)
-    base = pipeline.strip_adapters(eora)
+    eora = eora_start(loaded, calib, configs[r], r, lora_rank, out, stats, eora_models)
+    base = tree.strip_adapters(eora)
     curves[r] = {}
     for i in inits:
       if i == 'loftq':
-        start = loftq_start(loaded, base, cfgs[i], out / 'models' / f'{slug(r)}_loftq{lora_rank}'
+        start = loftq_start(loaded, base, cfgs[i], out / 'models' / f'{common.slug(r)}_loftq{lora_rank}'
                             f'_i{loftq_iters}')
       else:
         start = base if i == 'zero' else eora
       models[f'{r} | {i} | before'] = start
-      cache = out / 'models' / f'{slug(r)}_lora_{i}_{tag}'
+      cache = out / 'models' / f'{common.slug(r)}_lora_{i}_{tag}'
       models[f'{r} | {i} | after'], infos[f'{r} | {i}'] = finetuned(loaded, start, cfgs[i],
                                                                     ft_tokens, cache)
       curves[r][INIT_NAMES[i]] = list(infos[f'{r} | {i}']['losses'])
 
-  metrics = evaluate_models(loaded, models, tok, eval_data, eval_windows, eval_seqlen)
+  metrics = common.evaluate_models(
+      loaded, models, common.windows_by_corpus(tok, eval_data, eval_windows, eval_seqlen),
+      items=common.probe_items(None))
   table = [{'compression': 'dense', 'init': '-', 'stage': '-', **metrics['dense']}]
   for name in models:
     r, i, stage = name.split(' | ')
@@ -168,7 +141,11 @@ def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), inits: Sequence[str]
       row.update({k: info[k] for k in ('train_seconds', 'loss_first', 'loss_last',
                                        'trainable_params', 'tokens_seen')})
     table.append(row)
-  _plot(out / 'loss_curves.png', curves, f'LoRA rank {lora_rank}, {ft_steps} steps, {model}')
+  common.line_plot(out / 'loss_curves.png',
+                   {r: {name: (list(range(1, len(ls) + 1)), ls) for name, ls in series.items()}
+                    for r, series in curves.items()},
+                   xlabel='step', ylabel='training loss (cross-entropy)',
+                   suptitle=f'LoRA rank {lora_rank}, {ft_steps} steps, {model}')
   return {'model': model, 'calib': f'python-docs train {calib_samples}x{calib_seqlen}',
           'finetune_data': f'python-docs train {ft_samples}x{ft_seqlen} (seed 1)',
           'lora_rank': lora_rank, 'ft_steps': ft_steps, 'lr': lr_used, 'rows': table,
@@ -177,7 +154,7 @@ def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), inits: Sequence[str]
 
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script)."""
-  flags.DEFINE_list('rows', list(ROWS), 'Compressions (keys of ROWS).')
+  flags.DEFINE_list('rows', list(ROWS), 'Compressions (keys of compress_lib.COMPRESSIONS).')
   flags.DEFINE_list('inits', list(INITS), f'Adapter initialisations: {INITS}.')
   flags.DEFINE_string('model', 'smollm2-135m', 'Model name or path (tiny-llama for a smoke test).')
   flags.DEFINE_integer('lora_rank', 64, 'Adapter rank (also the rank of the EoRA adapters).')

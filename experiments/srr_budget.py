@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from compress import pipeline, quantize
+from compress import calibration
+from compress import quantize
+from compress.matrix import relative_error
 from experiments import common
 from kernels import QuantSpec, formats
 from models import llama, loading
@@ -41,7 +43,7 @@ SETTINGS = {'w3g64': QuantSpec(bits=3, group_size=64), 'w2g64': QuantSpec(bits=2
 
 
 def _rel(w, w_total, h) -> float:
-  return pipeline._output_error(w, w_total, h)  # pylint: disable=protected-access
+  return relative_error(w, w_total, h)
 
 
 def run(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
@@ -52,7 +54,7 @@ def run(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
   loaded = loading.load_model(model)
   tok = loaded.tokenizer()
   calib = common.calibration_for(tok, 'python-docs', calib_samples, calib_seqlen, 0)
-  per_block = pipeline.dense_statistics(loaded.params, loaded.config, calib, blocks=list(blocks))
+  per_block = calibration.dense_statistics(loaded.params, loaded.config, calib, blocks=list(blocks))
   stats = {(i, k): v for i in blocks for k, v in per_block[i].items()}
   layers = [(i, lin) for i in blocks for lin in llama.LINEAR_NAMES]
   errs: dict[tuple[str, str, int], list[float]] = {}
@@ -109,23 +111,14 @@ def run(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
             for name, v in ksweep.items()]
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.5))
-  for ax, setting, row in zip(np.atleast_1d(axes), settings, rows):
-    for method in ('svd', 'eora', 'srr'):
-      ax.plot(ranks, [row[f'{method} r{r}'] for r in ranks], marker='o', label=method.upper())
-    ax.axhline(row['none'], color='gray', ls='--', label='no compensation')
-    ax.set_xscale('log', base=2)
-    ax.set_xlabel('rank budget')
-    ax.set_ylabel('mean relative output error')
-    ax.set_title(f'SmolLM2 layers, RTN {setting}')
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.tight_layout()
-  fig.savefig(out / 'srr_budget.png', dpi=120)
-  plt.close(fig)
+  common.line_plot(
+      out / 'srr_budget.png',
+      {f'SmolLM2 layers, RTN {setting}': {
+          method.upper(): (list(ranks), [row[f'{method} r{r}'] for r in ranks])
+          for method in ('svd', 'eora', 'srr')} for setting, row in zip(settings, rows)},
+      xlabel='rank budget', ylabel='mean relative output error', xscale=('log', 2),
+      hlines={f'SmolLM2 layers, RTN {setting}': {'no compensation': row['none']}
+              for setting, row in zip(settings, rows)})
   (out / 'srr_budget.md').write_text(
       '# SRR vs SVD vs EoRA: mean relative output error over layers\n\n' +
       common.markdown_table(rows) + '\n# SRR k choice\n\n' + common.markdown_table(k_rows))

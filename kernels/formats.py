@@ -139,8 +139,7 @@ class Sparse24Weight:
 
   @property
   def shape(self) -> tuple[int, int]:
-    half, out = (self.values.shape if not isinstance(self.values, QuantizedWeight)
-                 else self.values.shape)
+    half, out = self.values.shape  # an array's or a QuantizedWeight's logical shape
     return (2 * half, out)
 
 

@@ -49,11 +49,18 @@ def pack(q: jax.Array, bits: int, axis: int = 0) -> jax.Array:
     int32 array with ``q.shape[axis] * bits // 32`` entries along ``axis``.
   """
   check_bits(bits)
+  if not isinstance(q, jax.core.Tracer):
+    lo, hi = (int(v) for v in (jnp.min(q), jnp.max(q))) if np.size(q) else (0, 0)
+    if lo < 0 or hi >= 1 << bits:
+      raise ValueError(f'cannot pack values in [{lo}, {hi}] into {bits} bits: codes must lie in '
+                       f'[0, {(1 << bits) - 1}].')
   q = jnp.moveaxis(jnp.asarray(q), axis, 0)
   n = q.shape[0]
   if n % 32:
     raise ValueError(f'cannot pack {n} values along axis {axis}: the length must be a multiple of 32.')
-  runs = q.astype(jnp.uint32).reshape((n // 32, 32) + q.shape[1:])
+  # Under jit the range cannot be checked: out-of-range codes are cut to their low bits so they
+  # never spill into their neighbours.
+  runs = q.astype(jnp.uint32).reshape((n // 32, 32) + q.shape[1:]) & jnp.uint32((1 << bits) - 1)
   words = [jnp.zeros((n // 32,) + q.shape[1:], jnp.uint32) for _ in range(bits)]
   for k, (word, shift, spill) in enumerate(_plan(bits)):
     v = runs[:, k]

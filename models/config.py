@@ -59,6 +59,7 @@ class ModelConfig:
     q = self.num_heads * self.head_dim
     kv = self.num_kv_heads * self.head_dim
     block = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+    block += (q + 2 * kv) * self.qkv_bias + d * self.o_bias + (2 * f + d) * self.mlp_bias
     head = 0 if self.tie_word_embeddings else v * d
     return self.num_layers * block + v * d + d + head
 

@@ -23,12 +23,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from models import llama
+from models import losses
 from models.config import ModelConfig
 
 
 def _log_probs(params, tokens, cfg: ModelConfig, dtype, prefix=None):
-  logits = llama.forward(params, tokens, cfg, dtype=dtype, prefix=prefix)
-  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return losses.log_probs(llama.forward(params, tokens, cfg, dtype=dtype, prefix=prefix))
 
 
 def token_nll(params, tokens: jax.Array, cfg: ModelConfig, dtype=jnp.float32,
@@ -37,8 +37,7 @@ def token_nll(params, tokens: jax.Array, cfg: ModelConfig, dtype=jnp.float32,
 
   ``prefix``: optional soft-prompt embeddings ``[B or 1, L, D]`` before the tokens
   (:func:`models.llama.forward`)."""
-  logp = _log_probs(params, tokens, cfg, dtype, prefix)[:, :-1]
-  return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+  return losses.nll_of(_log_probs(params, tokens, cfg, dtype, prefix)[:, :-1], tokens)
 
 
 def compare_window_stats(params_ref, params, tokens: jax.Array, cfg: ModelConfig, dtype=jnp.float32):
@@ -47,15 +46,7 @@ def compare_window_stats(params_ref, params, tokens: jax.Array, cfg: ModelConfig
   Returns a dict of ``[B, T - 1]`` arrays (next-token predictions at positions 0..T-2).
   """
   lr = _log_probs(params_ref, tokens, cfg, dtype)[:, :-1]
-  lp = _log_probs(params, tokens, cfg, dtype)[:, :-1]
-  tgt = tokens[:, 1:, None]
-  kl = jnp.sum(jnp.exp(lr) * (lr - lp), axis=-1)
-  return {
-      'nll_ref': -jnp.take_along_axis(lr, tgt, axis=-1)[..., 0],
-      'nll': -jnp.take_along_axis(lp, tgt, axis=-1)[..., 0],
-      'kl': kl,
-      'top1': (jnp.argmax(lr, -1) == jnp.argmax(lp, -1)).astype(jnp.float32),
-  }
+  return {'nll_ref': losses.nll_of(lr, tokens), **_stats_vs_ref(params, tokens, lr, cfg, dtype)}
 
 
 def continuation_logprob(params, tokens: jax.Array, weight: jax.Array, cfg: ModelConfig,
@@ -132,10 +123,8 @@ def _stats_vs_ref(params, tokens: jax.Array, ref_logp: jax.Array, cfg: ModelConf
   """Per-token NLL, ``KL(P_ref || P)`` and top-1 agreement of ``params`` given the reference's
   log-probabilities ``ref_logp [B, T - 1, V]``."""
   lp = _log_probs(params, tokens, cfg, dtype)[:, :-1]
-  nll = -jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]
-  kl = jnp.sum(jnp.exp(ref_logp) * (ref_logp - lp), axis=-1)
-  top1 = (jnp.argmax(ref_logp, -1) == jnp.argmax(lp, -1)).astype(jnp.float32)
-  return {'nll': nll, 'kl': kl, 'top1': top1}
+  return {'nll': losses.nll_of(lp, tokens), 'kl': losses.kl_divergence(ref_logp, lp),
+          'top1': losses.top1_agreement(ref_logp, lp)}
 
 
 def _ref_logp(params, tokens, cfg: ModelConfig, dtype=jnp.float32):
@@ -155,7 +144,7 @@ def compare_many(params_ref, models: dict[str, Any], cfg: ModelConfig, windows: 
   for batch in tqdm(list(_batches(windows, batch_size)), desc=desc, disable=not progress):
     tokens = jnp.asarray(batch)
     lr = ref_fn(params_ref, tokens)
-    ref_nll += float(-jnp.take_along_axis(lr, tokens[:, 1:, None], axis=-1).sum())
+    ref_nll += float(losses.nll_of(lr, tokens).sum())
     count += lr.shape[0] * lr.shape[1]
     for name, params in models.items():
       out = vs_fn(params, tokens, lr)

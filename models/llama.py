@@ -283,7 +283,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
   """Random-initialised params (normal(0, scale) kernels, unit norms): the tiny test model."""
   d, f = cfg.hidden_size, cfg.intermediate_size
   qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  keys = iter(jax.random.split(key, 8 * cfg.num_layers + 4))
+  keys = iter(jax.random.split(key, 16 * cfg.num_layers + 4))  # kernels and biases
   nrm = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)
 
   def lin(i, o, bias=False):

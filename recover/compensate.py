@@ -1,8 +1,9 @@
 """Training-free compensation inside the compression pipeline.
 
-:func:`make_compensator` returns the callback that :func:`compress.pipeline.compress_model` calls
-right after each linear is compressed: it adds a low-rank adapter (SVD, EoRA, ACT-S) to the
-compressed leaf, or, for SRR, re-compresses the layer with its top directions preserved. The
+:class:`Compensator` is the :class:`~compress.matrix.LinearRecovery` that
+:func:`compress.pipeline.compress_model` calls right after each linear is compressed: it adds a
+low-rank adapter (SVD, EoRA, ACT-S) to the compressed leaf, or, for SRR, re-compresses the layer
+with its top directions preserved. The
 eigenspace comes from the compression pass's statistics, or from a separate recovery calibration
 set when the pipeline is given one (EoRA uses task data for it). Eigendecompositions are shared by
 the linears that read the same input (q/k/v; gate/up).
@@ -13,13 +14,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
-from compress import pipeline
 from compress.calibration import LinearStats
+from compress.matrix import compress_matrix
 from compress.rules import LinearSpec
 from kernels import formats
 from models import llama
+from models import tree
 from recover import lowrank
 
 METHODS = ('none', 'svd', 'eora', 'actsvd', 'srr')
@@ -28,7 +31,8 @@ ADAPTER_BITS = (16, 8, 4, 3, 2)
 
 @dataclasses.dataclass
 class Compensator:
-  """Callable ``(name, w, leaf, stats, aux_stats, spec) -> leaf`` for ``compress_model``.
+  """The :class:`~compress.matrix.LinearRecovery` of training-free compensation: called as
+  ``(name, w, leaf, stats, aux_stats, spec) -> leaf`` by ``compress_model``.
 
   Attributes:
     method: 'svd', 'eora', 'actsvd' or 'srr'.
@@ -81,7 +85,7 @@ class Compensator:
       qspec = dataclasses.replace(spec, quant='rtn') if spec.quant == 'awq' else spec
 
       def quantize_fn(residual):
-        new_leaf, _ = pipeline.compress_matrix(residual, stats, qspec, name)
+        new_leaf, _ = compress_matrix(residual, stats, qspec, name)
         return new_leaf, formats.to_dense(new_leaf)
 
       basis = self._basis(name, st)
@@ -118,18 +122,9 @@ def adapter_share(params: Any) -> dict[str, float]:
     if isinstance(x, formats.CompressedLinear) and x.adapter is not None:
       adapters += formats.weight_nbytes(x.adapter.a) + formats.weight_nbytes(x.adapter.b)
 
-  import jax  # pylint: disable=g-import-not-at-top
   jax.tree.map(visit, params, is_leaf=formats.is_weight_leaf)
   return {'adapter_bytes': adapters, 'model_bytes': total,
           'adapter_share': adapters / total if total else 0.0}
-
-
-def _map_compressed(fn, params: Any, *others: Any) -> Any:
-  """Applies ``fn(leaf, *other_leaves)`` to every CompressedLinear of ``params`` (same paths)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.tree.map(
-      lambda x, *o: fn(x, *o) if isinstance(x, formats.CompressedLinear) else x,
-      params, *others, is_leaf=formats.is_weight_leaf)
 
 
 def with_svd_adapters(dense: Any, compressed: Any, rank: int) -> Any:
@@ -138,7 +133,7 @@ def with_svd_adapters(dense: Any, compressed: Any, rank: int) -> Any:
     r = min(rank, *leaf.shape)
     delta = jnp.asarray(w, jnp.float32) - formats.to_dense(leaf)
     return dataclasses.replace(leaf, adapter=lowrank.svd_compensate(delta, r))
-  return _map_compressed(add, compressed, dense)
+  return tree.map_compressed(add, compressed, dense)
 
 
 def truncate_adapters(params: Any, rank: int) -> Any:
@@ -155,7 +150,7 @@ def truncate_adapters(params: Any, rank: int) -> Any:
       raise ValueError('cannot truncate a quantized adapter; truncate first, then quantize')
     return dataclasses.replace(leaf, adapter=formats.LowRank(
         a=a[:, :rank], b=b[:rank], preserved=min(leaf.adapter.preserved, rank)))
-  return _map_compressed(cut, params)
+  return tree.map_compressed(cut, params)
 
 
 def quantize_adapters(params: Any, bits: int, group_size: int = 64) -> Any:
@@ -164,4 +159,4 @@ def quantize_adapters(params: Any, bits: int, group_size: int = 64) -> Any:
     if leaf.adapter is None or bits == 16:
       return leaf
     return dataclasses.replace(leaf, adapter=lowrank.quantize_adapter(leaf.adapter, bits, group_size))
-  return _map_compressed(q, params)
+  return tree.map_compressed(q, params)

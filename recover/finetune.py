@@ -1,15 +1,16 @@
 """Training-based recovery of a whole compressed model on the language-modelling loss.
 
-Three methods (METHODS.md §3), all one jitted optax loop over the model's seven block linears
-(:data:`models.llama.LINEAR_NAMES` of every ``params['layers'][i]``); embeddings, norms and the LM
-head stay frozen:
+Three methods (recover/METHODS.md §2.3-2.5), all one jitted optax loop over the model's seven
+block linears (:data:`models.llama.LINEAR_NAMES` of every ``params['layers'][i]``); embeddings,
+norms and the LM head stay frozen:
 
 * ``'lora'``: QLoRA-style adapters ``y += x a b`` on the frozen compressed base of every linear
   (dense linears get one too). The adapter starts as
 
   - ``'zero'``: ``a`` random, ``b = 0`` (QLoRA): the model starts exactly at the base model;
   - ``'loftq'``: LoftQ (Li et al. 2023, https://arxiv.org/abs/2310.08659), the base re-compressed
-    together with a rank-r SVD of its error by alternation (:func:`loftq`); needs the dense model;
+    together with a rank-r SVD of its error by alternation (:func:`recover.loftq.loftq`); needs
+    the dense model;
   - ``'eora'`` / ``'srr'``: the adapter the model already carries (compressed with the EoRA or SRR
     compensator at the same rank); ``'srr'`` scales the gradient of SRR's preserved leading
     components by ``srr_grad_scale``.
@@ -30,7 +31,6 @@ schedule and the ``lax.scan`` loop come from :mod:`recover.train`.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import time
 import warnings
@@ -41,12 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from compress import quantize as quantize_lib
 from kernels import formats
-from kernels.formats import CompressedLinear, LowRank, QuantizedWeight, QuantSpec, Sparse24Weight
+from kernels.formats import CompressedLinear, QuantizedWeight, Sparse24Weight
 from models import llama
+from models import losses
+from models import tree
 from models.config import ModelConfig
 from recover import train
+from recover.loftq import loftq, quant_spec
 
 Params = dict[str, Any]
 
@@ -135,189 +137,6 @@ class FinetuneConfig:
                              weight_decay=float(self.weight_decay))
 
 
-# --------------------------------------------------------------------------- the linears of a model
-
-
-def linear_paths(params: Params) -> list[str]:
-  """``layers/{i}/{sub}/{name}/kernel`` of every block linear (the paths rules match)."""
-  return [f'layers/{i}/{lin}/kernel' for i in range(len(params['layers']))
-          for lin in llama.LINEAR_NAMES]
-
-
-def _split_path(path: str) -> tuple[int, str, str]:
-  _, i, sub, name, _ = path.split('/')
-  return int(i), sub, name
-
-
-def linear_leaves(params: Params) -> dict[str, Any]:
-  """``{path: weight leaf}`` of every block linear."""
-  out = {}
-  for path in linear_paths(params):
-    i, sub, name = _split_path(path)
-    out[path] = params['layers'][i][sub][name]['kernel']
-  return out
-
-
-def replace_leaves(params: Params, leaves: dict[str, Any]) -> Params:
-  """A copy of ``params`` (new containers, same arrays) with the block linears at ``leaves``' paths
-  replaced."""
-  out = dict(params)
-  layers = list(params['layers'])
-  for path, leaf in leaves.items():
-    i, sub, name = _split_path(path)
-    block = dict(layers[i])
-    block[sub] = dict(block[sub])
-    block[sub][name] = dict(block[sub][name], kernel=leaf)
-    layers[i] = block
-  out['layers'] = layers
-  return out
-
-
-def _strip(leaf):
-  if isinstance(leaf, CompressedLinear) and leaf.adapter is not None:
-    return dataclasses.replace(leaf, adapter=None)
-  return leaf
-
-
-# --------------------------------------------------------------------------- LoftQ
-
-
-def _quant_spec(c: CompressedLinear) -> QuantSpec | None:
-  """The grid of the whole ``[in, out]`` matrix of a quantized leaf (a 2:4 leaf's values use half
-  groups), or None for a float weight."""
-  w = c.weight
-  if isinstance(w, QuantizedWeight):
-    return w.spec
-  if isinstance(w, Sparse24Weight) and isinstance(w.values, QuantizedWeight):
-    v = w.values
-    return QuantSpec(bits=v.bits, group_size=-1 if v.group_size == -1 else 2 * v.group_size,
-                     symmetric=v.symmetric)
-  return None
-
-
-def loftq_dense(w: jax.Array, mask: jax.Array | None, spec: QuantSpec | None, rank: int,
-                iters: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """LoftQ's alternation on dense arrays (jittable; ``spec``, ``rank``, ``iters`` static).
-
-  ``A_0 B_0 = 0``; for ``t = 1..iters``: ``base_t = P(W - A_{t-1} B_{t-1})``, then
-  ``A_t B_t = SVD_r(W - base_t)``, where ``P`` projects onto the leaf's format: RTN on ``spec``'s
-  grid (fresh min/max scales per group) and/or the fixed sparsity ``mask``
-  (``P(R) = mask * RTN(mask * R)``; ``mask * R`` alone for a float pruned weight, which is the exact
-  minimiser). An iteration that does not lower ``||W - base - A B||_F`` is not taken: the previous
-  base and adapter are kept, which stops the alternation there (RTN with fresh scales is not an
-  exact projection, so LoftQ's plain alternation can go up). The errors are non-increasing.
-
-  Args:
-    w: the dense weight ``[in, out]``.
-    mask: bool ``[in, out]`` of the kept weights, or None.
-    spec: the quantization grid, or None for a float (pruned) weight.
-    rank: adapter rank r.
-    iters: alternations (>= 1).
-
-  Returns:
-    ``(r, a, b, errors)``: ``r`` the matrix whose projection is the final base (re-compress it
-    to build the leaf), ``a [in, r]``, ``b [r, out]``, ``errors [iters]`` =
-    ``||W - base_t - A_t B_t||_F`` after each iteration.
-  """
-  w = jnp.asarray(w, jnp.float32)
-
-  def project(r):
-    if mask is not None:
-      r = jnp.where(mask, r, 0.0)
-    if spec is not None:
-      r = quantize_lib.rtn_dense(r, spec)
-      if mask is not None:
-        r = jnp.where(mask, r, 0.0)
-    return r
-
-  def svd_r(m):
-    u, s, vt = jnp.linalg.svd(m, full_matrices=False)
-    root = jnp.sqrt(s[:rank])
-    return u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
-
-  base = project(w)
-  a, b = svd_r(w - base)
-  err = jnp.linalg.norm(w - base - a @ b)
-
-  def step(carry, _):
-    r, a, b, err = carry
-    target = w - a @ b
-    base = project(target)
-    a_new, b_new = svd_r(w - base)
-    err_new = jnp.linalg.norm(w - base - a_new @ b_new)
-    take = err_new <= err
-    pick = lambda new, old: jnp.where(take, new, old)
-    carry = (pick(target, r), pick(a_new, a), pick(b_new, b), pick(err_new, err))
-    return carry, carry[-1]
-
-  (r, a, b, _), errs = jax.lax.scan(step, (w, a, b, err), None, length=iters - 1)
-  return r, a, b, jnp.concatenate([err[None], errs])
-
-
-@functools.lru_cache(maxsize=None)
-def _loftq_jit(spec: QuantSpec | None, rank: int, iters: int, masked: bool):
-  if masked:
-    return jax.jit(lambda w, m: loftq_dense(w, m, spec, rank, iters))
-  return jax.jit(lambda w, m: loftq_dense(w, None, spec, rank, iters))
-
-
-def _rebuild(r: jax.Array, c: CompressedLinear, mask: jax.Array | None,
-             spec: QuantSpec | None) -> CompressedLinear:
-  """The leaf in ``c``'s format whose dense weight is :func:`loftq_dense`'s projection of ``r``."""
-  if mask is not None:
-    r = jnp.where(mask, r, 0.0)
-  w = c.weight
-  if spec is not None:
-    q = quantize_lib.rtn(r, spec)
-    if isinstance(w, Sparse24Weight):
-      return CompressedLinear(weight=formats.sparse24_from_quantized(q, mask))
-    return CompressedLinear(weight=q, mask=c.mask)
-  if isinstance(w, Sparse24Weight):
-    values_dtype = w.values.dtype
-    s = formats.sparse24_compress(r)
-    return CompressedLinear(weight=dataclasses.replace(s, values=s.values.astype(values_dtype)))
-  return CompressedLinear(weight=r.astype(jnp.asarray(w).dtype), mask=c.mask)
-
-
-def loftq(w: jax.Array, leaf, rank: int,
-          iters: int) -> tuple[CompressedLinear, LowRank, list[float]]:
-  """LoftQ initialisation of one compressed linear (see :func:`loftq_dense`).
-
-  Quantized leaves are re-quantized with round-to-nearest on their own grid (bits, group size,
-  symmetry; fresh scales; an act-order ``g_idx`` becomes contiguous groups), pruned leaves keep
-  their sparsity pattern (mask or 2:4) and 2:4 + quantized leaves both. The leaf's own adapter is
-  ignored.
-
-  Args:
-    w: the dense weight ``[in, out]`` the leaf was compressed from.
-    leaf: a :class:`~kernels.formats.CompressedLinear` (quantized and/or pruned).
-    rank: adapter rank in ``[1, min(in, out)]``.
-    iters: alternations (>= 1).
-
-  Returns:
-    ``(base leaf in the same format, LowRank(a, b), errors)`` where ``errors[t]`` is
-    ``||W - base - a b||_F`` after iteration ``t + 1`` (non-increasing).
-  """
-  if not isinstance(leaf, CompressedLinear):
-    raise ValueError(f'LoftQ needs a compressed leaf (CompressedLinear), got {type(leaf).__name__}')
-  c = _strip(leaf)
-  w = jnp.asarray(w, jnp.float32)
-  if tuple(w.shape) != tuple(c.shape):
-    raise ValueError(f'LoftQ: dense weight shape {tuple(w.shape)} does not match the leaf shape '
-                     f'{tuple(c.shape)}')
-  if not _is_int(rank) or not 0 < rank <= min(c.shape):
-    raise ValueError(f'LoftQ rank must be an int in [1, {min(c.shape)}], got {rank!r}')
-  if not _is_int(iters) or iters <= 0:
-    raise ValueError(f'LoftQ iters must be a positive int, got {iters!r}')
-  spec = _quant_spec(c)
-  mask = train.sparsity_mask(c)
-  if spec is None and mask is None:
-    raise ValueError('LoftQ needs a quantized or pruned leaf; this one holds a dense float weight')
-  r, a, b, errors = _loftq_jit(spec, int(rank), int(iters), mask is not None)(w, mask)
-  base = _rebuild(r, c, mask, spec)
-  return base, LowRank(a=a, b=b), [float(e) for e in np.asarray(errors)]
-
-
 # --------------------------------------------------------------------------- plans
 
 
@@ -367,7 +186,7 @@ def prepare(params: Params, cfg: FinetuneConfig, *, dense_params: Params | None 
   then trains the adapters every linear carries, as they are. Raises ValueError when the model does
   not fit the configuration.
   """
-  leaves = linear_leaves(params)
+  leaves = tree.linear_leaves(params)
   plans: dict[str, train.LeafPlan] = {}
   if cfg.method == 'lora':
     plan = _lora_plan(cfg)
@@ -382,7 +201,7 @@ def prepare(params: Params, cfg: FinetuneConfig, *, dense_params: Params | None 
       if srr:
         raise ValueError(f"lora_init='zero' would drop SRR adapters that hold preserved weight "
                          f"directions ({_examples(srr)}); use lora_init='srr'")
-      leaves = {p: _strip(l) for p, l in leaves.items()}
+      leaves = {p: tree.strip_adapter(l) for p, l in leaves.items()}
     elif cfg.lora_init in ('eora', 'srr'):
       _check_carried(leaves, compressed, cfg,
                      f'lora_init={cfg.lora_init!r} (compress with the {cfg.lora_init} compensator '
@@ -394,16 +213,16 @@ def prepare(params: Params, cfg: FinetuneConfig, *, dense_params: Params | None 
                       stacklevel=2)
     else:  # loftq
       _check_dense(params, dense_params, "lora_init='loftq'")
-      dense = linear_leaves(dense_params)
+      dense = tree.linear_leaves(dense_params)
       new = {}
       for p, l in leaves.items():
-        if isinstance(l, CompressedLinear) and (_quant_spec(l) is not None
+        if isinstance(l, CompressedLinear) and (quant_spec(l) is not None
                                                 or train.sparsity_mask(l) is not None):
           base, adapter, _ = loftq(formats.to_dense(dense[p]), l, min(cfg.lora_rank, *l.shape),
                                    cfg.loftq_iters)
           new[p] = dataclasses.replace(base, adapter=adapter)
         else:
-          new[p] = _strip(l)
+          new[p] = tree.strip_adapter(l)
       leaves = new
     plans = {p: plan for p in leaves}
   elif cfg.method == 'qat':
@@ -432,24 +251,10 @@ def initial_model(params: Params, cfg: FinetuneConfig, *, dense_params: Params |
   initialisation before any training; a zero-initialised LoRA carries a zero-product adapter)."""
   leaves, plans = prepare(params, cfg, dense_params=dense_params)
   split = train.split_leaves(leaves, plans, jax.random.key(cfg.seed))
-  return replace_leaves(params, {**leaves, **train.final_leaves(split, split.trainable)})
+  return tree.replace_leaves(params, {**leaves, **train.final_leaves(split, split.trainable)})
 
 
 # --------------------------------------------------------------------------- losses and data
-
-
-def lm_loss(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """Mean next-token cross-entropy: ``logits [B, T, V]`` predict ``tokens[:, 1:]``."""
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
-  return jnp.mean(nll)
-
-
-def kl_loss(ref_logits: jax.Array, logits: jax.Array) -> jax.Array:
-  """Mean over positions of ``KL(softmax(ref) || softmax(logits))``."""
-  ref = jax.nn.log_softmax(ref_logits.astype(jnp.float32), axis=-1)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return jnp.mean(jnp.sum(jnp.exp(ref) * (ref - logp), axis=-1))
 
 
 def step_order(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
@@ -500,6 +305,7 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
     compressed leaves; QAT: re-packed QuantizedWeight on the same grid; global: pruned weights
     exactly zero), and ``info`` with ``method``, ``lora_init``, ``steps``, ``train_seconds``
     (excluding compilation), ``compile_seconds``, ``tokens_seen``, ``trainable_params``,
+    ``train_compute`` (tokens seen x trainable parameters),
     ``peak_memory_bytes``, ``loss_first``, ``loss_last`` and ``losses`` (one per step).
   """
   if not isinstance(config, FinetuneConfig):
@@ -511,7 +317,7 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
   leaves, plans = prepare(params, config, dense_params=dense_params, from_initial=from_initial)
   split = train.split_leaves(leaves, plans, jax.random.key(config.seed))
   static = split.static_key
-  frozen = {'leaves': split.frozen, 'rest': replace_leaves(params, {p: None for p in plans}),
+  frozen = {'leaves': split.frozen, 'rest': tree.replace_leaves(params, {p: None for p in plans}),
             'dense': dense_params if config.distill else None}
 
   bars = []  # the progress bar, opened once compilation is done
@@ -522,13 +328,13 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
       bars[0].set_postfix(loss=f'{float(loss):.4f}')
 
   def loss_fn(trainable, frz, batch):
-    model = replace_leaves(frz['rest'], train.forward_leaves(static, trainable, frz['leaves']))
+    model = tree.replace_leaves(frz['rest'], train.forward_leaves(static, trainable, frz['leaves']))
     logits = llama.forward(model, batch, cfg, dtype=dtype)
     if config.distill:
       ref = jax.lax.stop_gradient(llama.forward(frz['dense'], batch, cfg, dtype=dtype))
-      loss = kl_loss(ref, logits)
+      loss = losses.kl_loss(ref, logits)
     else:
-      loss = lm_loss(logits, batch)
+      loss = losses.lm_loss(logits, batch)
     if progress:
       jax.debug.callback(tick, loss)
     return loss
@@ -541,13 +347,13 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
   bars.append(tqdm(total=config.steps, desc=f'finetune {config.method}', unit='step',
                    disable=not progress))
   t0 = time.time()
-  trainable, losses = compiled(*args)
-  losses = np.asarray(jax.block_until_ready(losses), np.float64)
+  trainable, step_losses = compiled(*args)
+  step_losses = np.asarray(jax.block_until_ready(step_losses), np.float64)
   jax.effects_barrier()  # every progress callback has run
   train_seconds = time.time() - t0
   bars[0].close()
 
-  out = replace_leaves(params, {**leaves, **train.final_leaves(split, trainable)})
+  out = tree.replace_leaves(params, {**leaves, **train.final_leaves(split, trainable)})
   info = {
       'method': config.method,
       'lora_init': config.lora_init if config.method == 'lora' else None,
@@ -560,29 +366,12 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
       'compile_seconds': compile_seconds,
       'tokens_seen': int(config.steps * config.batch_size * tokens.shape[1]),
       'trainable_params': train.count_params(split.trainable),
+      'train_compute': float(config.steps * config.batch_size * tokens.shape[1])
+                       * train.count_params(split.trainable),
       'trained_linears': len(plans),
       'peak_memory_bytes': train.peak_memory_bytes(),
-      'loss_first': float(losses[0]),
-      'loss_last': float(losses[-1]),
-      'losses': [float(v) for v in losses],
+      'loss_first': float(step_losses[0]),
+      'loss_last': float(step_losses[-1]),
+      'losses': [float(v) for v in step_losses],
   }
   return out, info
-
-
-def run_cli(method: str, params: Params, config: ModelConfig, tokens, *,
-            dense_params: Params | None = None, steps: int, lr: float | None = None,
-            batch_size: int = 2, lora_rank: int = 16, lora_init: str = 'zero',
-            distill: bool = False, seed: int = 0, progress: bool = True
-            ) -> tuple[Params, dict[str, Any]]:
-  """:func:`finetune` from flat arguments (what the experiment drivers' flags give).
-
-  ``method`` is one of :data:`METHODS`; the other fields keep :class:`FinetuneConfig`'s defaults.
-  Returns ``(params, info)`` with a JSON-serialisable ``info``.
-  """
-  if method not in METHODS:
-    hint = (' (IDP trains a prompt pool, not the weights: see recover.prompting.train_pool)'
-            if method == 'idp' else '')
-    raise ValueError(f'fine-tuning method {method!r} is not one of {METHODS}{hint}')
-  cfg = FinetuneConfig(method, steps, batch_size=batch_size, lr=lr, lora_rank=lora_rank,
-                       lora_init=lora_init, distill=distill, seed=seed)
-  return finetune(params, config, tokens, cfg, dense_params=dense_params, progress=progress)

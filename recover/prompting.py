@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models import llama
+from models import losses as losses_lib
 from models.config import ModelConfig
 from recover import train as train_lib
 
@@ -172,15 +173,6 @@ def forward_with_pool(params: Params, cfg: ModelConfig, pool: PromptPool, tokens
 def added_parameters(pool: PromptPool) -> int:
   """Parameters the pool adds to the model: its prompts plus its routing keys."""
   return int(pool.prompts.size + pool.keys.size)
-
-
-def lm_loss(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
-            prefix: jax.Array | None = None, dtype=jnp.float32) -> jax.Array:
-  """Mean next-token cross-entropy over the token positions of ``tokens [B, T]`` (``T - 1``
-  predictions per row) with an optional soft prompt ``prefix [B or 1, L, D]``."""
-  logits = llama.forward(params, tokens, cfg, dtype=dtype, prefix=prefix)
-  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
 # --------------------------------------------------------------------------- batched drivers
@@ -335,7 +327,8 @@ def train_pool(params: Params, cfg: ModelConfig, token_groups: Sequence[np.ndarr
   Returns:
     The pool and ``{'losses' [P, steps] (training-batch loss per step), 'loss_first',
     'loss_last' (per prompt, mean of the first/last tenth of the steps), 'group_sizes',
-    'added_parameters', 'seconds', 'peak_memory_bytes'}``.
+    'added_parameters', 'tokens_seen', 'train_compute' (tokens seen x added parameters),
+    'seconds', 'peak_memory_bytes'}``.
   """
   groups = _check_groups(token_groups, config)
   t0 = time.time()
@@ -347,12 +340,14 @@ def train_pool(params: Params, cfg: ModelConfig, token_groups: Sequence[np.ndarr
   prompts0 = init_prompts(params, config.num_prompts, config.prompt_len, config.seed)
 
   def loss_fn(prompt, frozen, batch):
-    return lm_loss(frozen, cfg, batch, prefix=prompt[None], dtype=dtype)
+    logits = llama.forward(frozen, batch, cfg, dtype=dtype, prefix=prompt[None])
+    return losses_lib.lm_loss(logits, batch)
 
   opt = train_lib.optimizer(train_lib.OptimConfig(lr=config.lr, warmup=config.warmup),
                             config.steps)
   run = jax.jit(train_lib.train_loop(loss_fn, opt))
   prompts, losses = [], []
+  tokens_seen = 0
   for p, g in enumerate(groups):
     bs = min(config.batch_size, len(g))
     per_epoch = len(g) // bs
@@ -364,6 +359,7 @@ def train_pool(params: Params, cfg: ModelConfig, token_groups: Sequence[np.ndarr
     prompt, loss = run(prompts0[p], params, data, steps_idx)
     prompts.append(prompt)
     losses.append(np.asarray(loss, np.float32))
+    tokens_seen += int(order.size * g.shape[1])
   pool = PromptPool(prompts=jnp.stack(prompts).astype(jnp.float32),
                     keys=jnp.stack(keys).astype(jnp.float32), route_layer=config.route_layer)
   tenth = max(1, config.steps // 10)
@@ -373,6 +369,8 @@ def train_pool(params: Params, cfg: ModelConfig, token_groups: Sequence[np.ndarr
       'loss_last': [float(l[-tenth:].mean()) for l in losses],
       'group_sizes': [int(len(g)) for g in groups],
       'added_parameters': added_parameters(pool),
+      'tokens_seen': tokens_seen,
+      'train_compute': float(tokens_seen) * added_parameters(pool),
       'seconds': time.time() - t0,
       'peak_memory_bytes': train_lib.peak_memory_bytes(),
   }

@@ -29,21 +29,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import pathlib
 import time
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from compress.pipeline import get_linear, set_linear
 from kernels import api as kernels_api
 from kernels import formats
 from models import checkpoint
 from models import llama
+from models import losses
+from models import tree
 from models.config import ModelConfig
 from recover import train
 
@@ -93,8 +91,9 @@ class ReconConfig:
 
   def __post_init__(self):
     parse_window(self.window)
-    if self.loss not in train.LOSSES:
-      raise ValueError(f'unknown reconstruction loss {self.loss!r}; choose from {tuple(train.LOSSES)}')
+    if self.loss not in losses.OUTPUT_LOSSES:
+      raise ValueError(f'unknown reconstruction loss {self.loss!r}; choose from '
+                       f'{tuple(losses.OUTPUT_LOSSES)}')
     if self.inputs not in INPUTS:
       raise ValueError(f'--recon_inputs={self.inputs!r}: choose from {INPUTS}')
     if self.quant_mode not in QUANT_MODES:
@@ -174,21 +173,24 @@ def _plan(leaf, config: ReconConfig) -> train.LeafPlan:
   return train.LeafPlan('weights')
 
 
-def _window_leaves(window: Window, blocks: dict[str, Params]) -> dict[str, Any]:
-  """``{'b<k>/<linear>': leaf}`` of the trainable linears, keyed by the block's position in the
-  window (so windows of the same shape share one compiled loop)."""
+def _window_leaves(window: Window, local: Params) -> dict[str, Any]:
+  """``{path: leaf}`` of the trainable linears of the window's blocks ``local`` (a model of those
+  blocks alone, ``{'layers': [...]}``), so windows of the same shape share one compiled loop."""
   if window.linear is not None:
-    return {f'b0/{window.linear[1]}': get_linear(blocks['b0'], window.linear[1])}
+    return {tree.linear_path(0, window.linear[1]): tree.get_linear(local['layers'][0],
+                                                                   window.linear[1])}
   first = window.blocks[0]
-  return {f'b{b - first}/{lin}': get_linear(blocks[f'b{b - first}'], lin)
+  return {tree.linear_path(b - first, lin): tree.get_linear(local['layers'][b - first], lin)
           for b, u in window.units for lin in UNIT_LINEARS[u]}
 
 
-def _local_units(window: Window) -> tuple[tuple[str, str], ...]:
+def _local_units(window: Window) -> tuple[tuple[int, str], ...]:
+  """``(position of the block in the window, unit)`` in order; a matrix window's unit is
+  ``'linear:<name>'``."""
   if window.linear is not None:
-    return (('b0', 'linear:' + window.linear[1]),)
+    return ((0, 'linear:' + window.linear[1]),)
   first = window.blocks[0]
-  return tuple((f'b{b - first}', u) for b, u in window.units)
+  return tuple((b - first, u) for b, u in window.units)
 
 
 def _apply_fn(cfg: ModelConfig, units: tuple, static_key: tuple):
@@ -198,10 +200,7 @@ def _apply_fn(cfg: ModelConfig, units: tuple, static_key: tuple):
     if units[0][1].startswith('linear:'):
       (path, leaf), = leaves.items()
       return kernels_api.linear(x, leaf)
-    blocks = dict(frozen['blocks'])
-    for path, leaf in leaves.items():
-      b, lin = path.split('/', 1)
-      blocks[b] = set_linear(blocks[b], lin, leaf)
+    blocks = tree.replace_leaves(frozen['local'], leaves)['layers']
     for b, u in units:
       x = llama.submodule_apply(blocks[b], x, cfg, u)
     return x
@@ -212,7 +211,7 @@ def _apply_fn(cfg: ModelConfig, units: tuple, static_key: tuple):
 def _jitted(cfg: ModelConfig, units: tuple, static_key: tuple, optim: train.OptimConfig,
             steps: int, loss_name: str):
   apply = _apply_fn(cfg, units, static_key)
-  loss = train.LOSSES[loss_name]
+  loss = losses.OUTPUT_LOSSES[loss_name]
 
   def loss_fn(trainable, frozen, batch):
     return loss(apply(trainable, frozen, batch['x']), batch['y'])
@@ -227,7 +226,7 @@ def _batched(fn, xs, batch: int) -> jax.Array:
 def _mean_loss(apply, trainable, frozen, xs, ys, batch: int, loss_name: str):
   """Mean window loss over all samples and the window's outputs."""
   ys_hat = _batched(lambda x: apply(trainable, frozen, x), xs, batch)
-  return float(train.LOSSES[loss_name](ys_hat, ys)), ys_hat
+  return float(losses.OUTPUT_LOSSES[loss_name](ys_hat, ys)), ys_hat
 
 
 # --------------------------------------------------------------------------- one window
@@ -255,7 +254,7 @@ def reconstruct_window(cfg: ModelConfig, window: Window, blocks: dict[int, Param
   """
   t0 = time.time()
   first = window.blocks[0]
-  local = {f'b{b - first}': blocks[b] for b in window.blocks}
+  local = {'layers': [blocks[b] for b in window.blocks]}
   leaves = _window_leaves(window, local)
   plans = {p: _plan(leaf, config) for p, leaf in leaves.items()}
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), window.index)
@@ -264,18 +263,16 @@ def reconstruct_window(cfg: ModelConfig, window: Window, blocks: dict[int, Param
                             config.seed * 100003 + window.index)
   units = _local_units(window)
   run, apply = _jitted(cfg, units, split.static_key, config.optim, len(order), config.loss)
-  frozen = {'split': split.frozen, 'blocks': local}
+  frozen = {'split': split.frozen, 'local': local}
   before, _ = _mean_loss(apply, split.trainable, frozen, xs, ys, config.eval_batch, config.loss)
   args = (split.trainable, frozen, {'x': xs, 'y': ys}, jnp.asarray(order))
   loop_bytes = _loop_bytes(run, *args) if measure_memory else None
   trained, _ = run(*args)
   after, out = _mean_loss(apply, trained, frozen, xs, ys, config.eval_batch, config.loss)
-  final = train.final_leaves(split, trained)
+  trained_local = tree.replace_leaves(local, train.final_leaves(split, trained))['layers']
   new_blocks = dict(blocks)
-  for path, leaf in final.items():
-    b, lin = path.split('/', 1)
-    i = first + int(b[1:])
-    new_blocks[i] = set_linear(new_blocks[i], lin, leaf)
+  for k, block in enumerate(trained_local):
+    new_blocks[first + k] = block
   report = WindowReport(name=window.name, loss_before=before, loss_after=after, steps=len(order),
                         trainable_params=train.count_params(split.trainable),
                         seconds=time.time() - t0, loop_bytes=loop_bytes)
@@ -316,8 +313,8 @@ def _run_units(cfg, layers, units, xs, batch: int) -> jax.Array:
 
 
 def _fingerprint(params, dense_params, cfg, tokens, config: ReconConfig) -> str:
-  samples = [formats.to_dense(get_linear(tree['layers'][0], lin))[:2]
-             for tree in (params, dense_params) for lin in llama.LINEAR_NAMES]
+  samples = [formats.to_dense(tree.get_linear(p['layers'][0], lin))[:2]
+             for p in (params, dense_params) for lin in llama.LINEAR_NAMES]
   return checkpoint.run_fingerprint(cfg, tokens, repr(config), samples)
 
 
@@ -355,31 +352,21 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
   x_hat = llama.embed(params, jnp.asarray(tokens))
   x_dense = llama.embed(dense_params, jnp.asarray(tokens))
   reports: list[WindowReport] = []
-  start = 0
-  ckpt = pathlib.Path(checkpoint_dir) if checkpoint_dir else None
-  if ckpt is not None and (ckpt / 'state').exists():
-    state, meta = checkpoint.load_tree(ckpt / 'state')
-    if meta.get('fingerprint') != fingerprint:
-      raise checkpoint.CheckpointError(
-          f'reconstruction checkpoint in {ckpt} was written by a different run (model, data or '
-          'settings differ); remove it or use another checkpoint directory')
-    start = int(meta['next_window'])
+  sweep = checkpoint.ResumableSweep(checkpoint_dir, fingerprint, len(windows),
+                                    desc=f'reconstruct ({config.window})', unit='window',
+                                    what='reconstruction checkpoint', every_s=checkpoint_every_s,
+                                    stop_after=stop_after, progress=progress)
+  start, state, meta = sweep.resume()
+  if state is not None:
     for b in sorted({b for w in windows[:start] for b in w.blocks}):
-      block, bmeta = checkpoint.load_tree(ckpt / f'block_{b:03d}')
-      if bmeta.get('fingerprint') != fingerprint:
-        raise checkpoint.CheckpointError(f'checkpoint {ckpt}/block_{b:03d} belongs to another run')
-      layers[b] = block
+      layers[b] = sweep.load_block(b)
     x_hat, x_dense = state['x_hat'], state['x_dense']
     reports = [WindowReport(**r) for r in meta['reports']]
-    logging.info('resuming reconstruction at window %d from %s', start, ckpt)
 
   batch = config.eval_batch
-  bar = tqdm(windows[start:], desc=f'reconstruct ({config.window})', unit='window',
-             disable=not progress, initial=start, total=len(windows))
   stage_inputs: dict[str, Any] = {}
-  touched: set[int] = set()
-  last_save = time.time()
-  for window in bar:
+  for n in sweep.steps(start):
+    window = windows[n]
     if window.linear is not None:
       b, lin = window.linear
       key = llama.LINEAR_INPUTS[lin]
@@ -390,7 +377,7 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
         xs = _block_inputs(cfg, layers[b], x_hat, batch)[1][key]
       if 'dense' not in stage_inputs or stage_inputs['block'] != b:
         stage_inputs = {'block': b, 'dense': _block_inputs(cfg, dense_layers[b], x_dense, batch)[1]}
-      w_dense = get_linear(dense_layers[b], lin)
+      w_dense = tree.get_linear(dense_layers[b], lin)
       ys = _batched(lambda x: kernels_api.linear(x, w_dense), stage_inputs['dense'][key], batch)
       new, rep, _ = reconstruct_window(cfg, window, {b: layers[b]}, xs, ys, config,
                                        measure_memory=measure_memory)
@@ -410,29 +397,29 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
       x_hat, x_dense = out, ys
     reports.append(rep)
     if progress:
-      bar.set_postfix(loss=f'{rep.loss_before:.3g}->{rep.loss_after:.3g}', sec=f'{rep.seconds:.1f}')
-    touched.update(window.blocks)
-    stop = stop_after is not None and window.index + 1 >= stop_after
-    if ckpt is not None and (stop or window.index + 1 == len(windows) or
-                             time.time() - last_save >= checkpoint_every_s):
-      for b in sorted(touched):
-        checkpoint.save_tree(ckpt / f'block_{b:03d}', layers[b], {'fingerprint': fingerprint})
-      checkpoint.save_tree(ckpt / 'state', {'x_hat': x_hat, 'x_dense': x_dense}, {
-          'fingerprint': fingerprint, 'next_window': window.index + 1,
-          'reports': [dataclasses.asdict(r) for r in reports]})
-      touched, last_save = set(), time.time()
-    if stop:
+      sweep.bar.set_postfix(loss=f'{rep.loss_before:.3g}->{rep.loss_after:.3g}',
+                            sec=f'{rep.seconds:.1f}')
+    if sweep.done(window.index, layers, window.blocks, {'x_hat': x_hat, 'x_dense': x_dense},
+                  {'reports': [dataclasses.asdict(r) for r in reports]}):
       break
   out = dict(params)
   out['layers'] = layers
   return out, reports
 
 
-def summarize(reports: Sequence[WindowReport]) -> dict[str, Any]:
-  """Aggregate numbers of a reconstruction run."""
+def summarize(reports: Sequence[WindowReport], tokens_per_step: int | None = None
+              ) -> dict[str, Any]:
+  """Aggregate numbers of a reconstruction run; with ``tokens_per_step`` (batch x sequence
+  length) also ``tokens_seen`` and ``train_compute`` (the sum over windows of tokens seen x
+  trainable parameters)."""
   if not reports:
     return {}
-  return {
+  compute = {}
+  if tokens_per_step is not None:
+    compute = {'tokens_seen': int(sum(r.steps for r in reports) * tokens_per_step),
+               'train_compute': float(sum(r.steps * tokens_per_step * r.trainable_params
+                                          for r in reports))}
+  return {**compute,
       'windows': len(reports),
       'mean_loss_before': float(np.mean([r.loss_before for r in reports])),
       'mean_loss_after': float(np.mean([r.loss_after for r in reports])),

@@ -332,23 +332,6 @@ def train_loop(loss_fn: LossFn, opt: optax.GradientTransformation) -> Callable:
   return run
 
 
-def mse(y: jax.Array, target: jax.Array) -> jax.Array:
-  d = y.astype(jnp.float32) - target.astype(jnp.float32)
-  return jnp.mean(d * d)
-
-
-def cosine_loss(y: jax.Array, target: jax.Array) -> jax.Array:
-  """Mean over tokens of ``1 - cos(y, target)`` along the feature axis."""
-  y = y.astype(jnp.float32)
-  t = target.astype(jnp.float32)
-  num = jnp.sum(y * t, -1)
-  den = jnp.linalg.norm(y, axis=-1) * jnp.linalg.norm(t, axis=-1) + 1e-8
-  return jnp.mean(1.0 - num / den)
-
-
-LOSSES = {'mse': mse, 'cosine': cosine_loss}
-
-
 def peak_memory_bytes() -> int | None:
   """Peak device memory if the backend reports it (GPU/TPU), else the process's peak RSS."""
   try:

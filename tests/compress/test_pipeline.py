@@ -7,19 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compress import pipeline
+from compress import allocate, calibration, pipeline
 from compress import rules as rules_lib
 from compress.prune import PruneSpec
 from kernels import formats, QuantSpec
-from models import checkpoint, config as config_lib, llama
+from models import checkpoint, llama
+from tests.utils import tiny_model
 
 
 @pytest.fixture(scope='module')
 def tiny():
-  cfg = config_lib.tiny_config(num_layers=2)
-  params = llama.init_params(cfg, jax.random.key(0), scale=0.1)
-  calib = np.asarray(jax.random.randint(jax.random.key(1), (8, 32), 0, cfg.vocab_size))
-  return cfg, params, calib
+  return tiny_model(calib_shape=(8, 32))
 
 
 def _spec(**kw):
@@ -170,7 +168,7 @@ def test_lm_head_only_when_asked(tiny):
 def test_auto_bits_meets_budget_and_mixes(tiny):
   cfg, params, calib = tiny
   spec = _spec(quant='rtn', qspec=QuantSpec(bits=3, group_size=32))
-  rules = pipeline.auto_bits_rules(params, cfg, calib, spec, budget=2.5, candidates=(2, 3, 4),
+  rules = allocate.auto_bits_rules(params, cfg, calib, spec, budget=2.5, candidates=(2, 3, 4),
                                    progress=False)
   sizes = {r.pattern: None for r in rules}
   assert len(sizes) == 7 * cfg.num_layers
@@ -183,7 +181,7 @@ def test_auto_bits_meets_budget_and_mixes(tiny):
   assert avg <= 2.5 + 1e-9 and avg > 2.2
   assert len(set(bits)) > 1
   with pytest.raises(ValueError, match='outside the candidates'):
-    pipeline.auto_bits_rules(params, cfg, calib, spec, budget=5.0, progress=False)
+    allocate.auto_bits_rules(params, cfg, calib, spec, budget=5.0, progress=False)
 
 
 def test_orbax_round_trip_of_compressed_model(tiny, tmp_path):
@@ -202,7 +200,7 @@ def test_precomputed_dense_stats_equal_dense_input_run(tiny):
   cfg, params, calib = tiny
   rules = rules_lib.uniform(WANDA24)
   a, rep_a = pipeline.compress_model(params, cfg, calib, rules, dense_inputs=True, progress=False)
-  stats = pipeline.dense_statistics(params, cfg, calib, progress=False)
+  stats = calibration.dense_statistics(params, cfg, calib, progress=False)
   b, rep_b = pipeline.compress_model(params, cfg, calib, rules, precomputed_stats=stats,
                                      progress=False)
   jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -223,3 +221,19 @@ def test_awq_folds_scales_and_keeps_the_function(tiny):
   tokens = jnp.asarray(calib[:2])
   ref, got = llama.forward(params, tokens, cfg), llama.forward(out, tokens, cfg)
   assert float(jnp.abs(got - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+
+
+@pytest.mark.parametrize('other', ['.*/k_proj/kernel=none', '.*/up_proj/kernel=none'])
+def test_awq_mixed_with_another_method_keeps_the_function(tiny, other):
+  """A linear that shares AWQ's input (or produces it) but is not AWQ-quantized must not see a
+  folded 1/s it was not compensated for: the model stays as close as with AWQ everywhere."""
+  cfg, params, calib = tiny
+  spec = _spec(quant='awq', qspec=QuantSpec(bits=8, group_size=32))
+  tokens = jnp.asarray(calib[:2])
+  ref = llama.forward(params, tokens, cfg)
+  err = {}
+  for name, extra in (('all', []), ('mixed', [rules_lib.parse_rule(other, spec)])):
+    out, _ = pipeline.compress_model(params, cfg, calib, extra + rules_lib.uniform(spec),
+                                     progress=False)
+    err[name] = float(jnp.abs(llama.forward(out, tokens, cfg) - ref).max())
+  assert err['mixed'] <= 1.5 * err['all'] + 1e-6, err

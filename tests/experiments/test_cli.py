@@ -71,7 +71,7 @@ def test_bad_flags_fail_before_work(tmp_path, kw, match):
 
 
 def test_compress_table_smoke(tmp_path, monkeypatch):
-  monkeypatch.setattr(compress_table, 'METHODS', {
+  monkeypatch.setattr(compress_exp, 'COMPRESSIONS', {
       'wanda 2:4': dict(prune='wanda', sparsity='2:4'),
       'rtn w2g32': dict(quant='rtn', bits=2, group_size=32)})
   monkeypatch.setattr(compress_table.common, 'probe_items', lambda path: [])

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import lora_table
+from experiments import compress_lib, lora_table
 
 
 def test_lora_table_smoke(tmp_path, monkeypatch):
@@ -19,7 +19,8 @@ def test_lora_table_smoke(tmp_path, monkeypatch):
   monkeypatch.setattr(common, 'eval_windows_for',
                       lambda tok, src, t, n: real_eval(tok, str(path), t, n))
   monkeypatch.setattr(common, 'probe_items', lambda p: [])
-  monkeypatch.setattr(lora_table, 'ROWS', {'rtn w2g32': dict(quant='rtn', bits=2, group_size=32)})
+  monkeypatch.setitem(compress_lib.COMPRESSIONS, 'rtn w2g32',
+                      dict(quant='rtn', bits=2, group_size=32))
   res = lora_table.run(out_dir=str(tmp_path / 'l'), rows=['rtn w2g32'], model='tiny-llama',
                        lora_rank=4, ft_steps=3, ft_samples=4, ft_seqlen=16, loftq_iters=2,
                        calib_samples=8, calib_seqlen=32, eval_data=('a',), eval_windows=2,

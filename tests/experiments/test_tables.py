@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from experiments import eora_tables, free_lunch, srr_budget
+from experiments import compress_lib, eora_tables, free_lunch, srr_budget
 from kernels import QuantSpec
 
 
@@ -25,7 +25,7 @@ def corpus(tmp_path, monkeypatch):
 
 
 def test_eora_tables_smoke(corpus, tmp_path, monkeypatch):
-  monkeypatch.setattr(eora_tables, 'ROWS', {'rtn w2g32': dict(quant='rtn', bits=2, group_size=32)})
+  monkeypatch.setitem(compress_lib.COMPRESSIONS, 'rtn w2g32', dict(quant='rtn', bits=2, group_size=32))
   res = eora_tables.run(sections=list(eora_tables.SECTIONS), out_dir=str(tmp_path / 'e'),
                         rows=['rtn w2g32'], rank=8, ranks=(4, 8), sweep_rows=['rtn w2g32'],
                         bits_ranks=(8,), model='tiny-llama', calib_samples=8, calib_seqlen=32,
@@ -53,8 +53,6 @@ def test_srr_budget_smoke(corpus, tmp_path, monkeypatch):
 
 
 def test_free_lunch_smoke(corpus, tmp_path, monkeypatch):
-  monkeypatch.setattr(free_lunch, 'ROWS', {'wanda 50%': dict(prune='wanda', sparsity='0.5'),
-                                           'magnitude 50%': dict(prune='magnitude', sparsity='0.5')})
   res = free_lunch.run(sections=list(free_lunch.SECTIONS), out_dir=str(tmp_path / 'f'),
                        rows=['wanda 50%', 'magnitude 50%'], window_row='wanda 50%',
                        windows=('matrix', 'block'), global_steps=(2, 8), global_lr=1e-3,
@@ -73,7 +71,7 @@ def test_free_lunch_smoke(corpus, tmp_path, monkeypatch):
 
 
 def test_compress_cached_computes_statistics_only_on_a_miss(tmp_path, monkeypatch):
-  from experiments import compress_table
+  from experiments import compress_lib
   from models import checkpoint, config as config_lib, llama
   import jax
   cfg = config_lib.tiny_config(num_layers=1)
@@ -84,7 +82,7 @@ def test_compress_cached_computes_statistics_only_on_a_miss(tmp_path, monkeypatc
   def no_stats():
     raise AssertionError('statistics computed')
 
-  got, timing = compress_table.compress_cached(None, None, None, cache, stats=no_stats)
+  got, timing = compress_lib.compress_cached(None, None, None, cache, stats=no_stats)
   assert timing == {'numerics_seconds': 1.5}
   np.testing.assert_array_equal(np.asarray(got['embed_tokens']['embedding']),
                                 np.asarray(params['embed_tokens']['embedding']))
@@ -95,12 +93,12 @@ def test_compress_cached_computes_statistics_only_on_a_miss(tmp_path, monkeypatc
     seen['stats'], seen['aux'] = precomputed_stats, precomputed_aux_stats
     raise RuntimeError('stop')
 
-  monkeypatch.setattr(compress_table.pipeline, 'compress_model', fake_compress)
-  monkeypatch.setattr(compress_table, 'build_spec', lambda c: None)
-  monkeypatch.setattr(compress_table, 'build_rules', lambda c, s: None)
+  monkeypatch.setattr(compress_lib.pipeline, 'compress_model', fake_compress)
+  monkeypatch.setattr(compress_lib, 'build_spec', lambda c: None)
+  monkeypatch.setattr(compress_lib, 'build_rules', lambda c, s: None)
   loaded = type('L', (), {'params': params, 'config': cfg})()
   with pytest.raises(RuntimeError, match='stop'):
-    compress_table.compress_cached(loaded, None, type('C', (), {'batch_size': 4})(),
+    compress_lib.compress_cached(loaded, None, type('C', (), {'batch_size': 4})(),
                                    tmp_path / 'miss', stats=lambda: 'S', aux_stats=lambda: 'A')
   assert seen == {'stats': 'S', 'aux': 'A'}
 

@@ -8,16 +8,14 @@ import pytest
 from compress import pipeline
 from compress import rules as rules_lib
 from kernels import formats, QuantSpec
-from models import checkpoint, config as config_lib, llama
-from recover import compensate, lowrank
+from models import checkpoint, llama, tree
+from recover import compensate
+from tests.utils import tiny_model
 
 
 @pytest.fixture(scope='module')
 def tiny():
-  cfg = config_lib.tiny_config(num_layers=2)
-  params = llama.init_params(cfg, jax.random.key(0), scale=0.1)
-  calib = np.asarray(jax.random.randint(jax.random.key(1), (16, 32), 0, cfg.vocab_size))
-  return cfg, params, calib
+  return tiny_model(calib_shape=(16, 32))
 
 
 RTN2 = rules_lib.LinearSpec(quant='rtn', qspec=QuantSpec(bits=2, group_size=32))
@@ -26,7 +24,7 @@ RTN2 = rules_lib.LinearSpec(quant='rtn', qspec=QuantSpec(bits=2, group_size=32))
 def _run(tiny, method, rank, **kw):
   cfg, params, calib = tiny
   comp = compensate.Compensator(method=method, rank=rank, **kw)
-  return pipeline.compress_model(params, cfg, calib, rules_lib.uniform(RTN2), compensate=comp,
+  return pipeline.compress_model(params, cfg, calib, rules_lib.uniform(RTN2), recovery=comp,
                                  progress=False)
 
 
@@ -34,10 +32,10 @@ def test_eora_reduces_error_and_keeps_compressed_weights(tiny):
   cfg, params, calib = tiny
   plain, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(RTN2), progress=False)
   rec, reports = _run(tiny, 'eora', 8)
-  jax.tree.map(np.testing.assert_array_equal, pipeline.strip_adapters(rec), plain)
+  jax.tree.map(np.testing.assert_array_equal, tree.strip_adapters(rec), plain)
   for r in reports:
     assert r.rel_error_recovered < r.rel_error
-  svd = compensate.with_svd_adapters(params, pipeline.strip_adapters(rec), 8)
+  svd = compensate.with_svd_adapters(params, tree.strip_adapters(rec), 8)
   # On its own calibration statistics EoRA is optimal, so it beats SVD layer by layer.
   _, rep_svd = _run(tiny, 'svd', 8)
   for e, s in zip(reports, rep_svd):

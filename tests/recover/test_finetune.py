@@ -13,9 +13,10 @@ from compress import rules as rules_lib
 from compress.prune import PruneSpec
 from kernels import formats, QuantSpec
 from kernels.formats import CompressedLinear, QuantizedWeight, Sparse24Weight
-from models import config as config_lib, llama
-from recover import compensate, finetune, train
+from models import llama, losses, tree
+from recover import compensate, finetune, loftq, train
 from recover.finetune import FinetuneConfig
+from tests.utils import tiny_model
 
 RTN2 = rules_lib.LinearSpec(quant='rtn', qspec=QuantSpec(bits=2, group_size=32))
 RANK = 8
@@ -23,9 +24,7 @@ RANK = 8
 
 @pytest.fixture(scope='module')
 def tiny():
-  cfg = config_lib.tiny_config(num_layers=2)
-  params = llama.init_params(cfg, jax.random.key(0), scale=0.1)
-  calib = np.asarray(jax.random.randint(jax.random.key(1), (16, 32), 0, cfg.vocab_size))
+  cfg, params, calib = tiny_model(calib_shape=(16, 32))
   # Learnable text: arithmetic progressions over a 40-token sub-vocabulary.
   rng = np.random.default_rng(0)
   start = rng.integers(0, 40, size=(16, 1))
@@ -44,7 +43,7 @@ def models(tiny):
   for method in ('eora', 'srr'):
     comp = compensate.Compensator(method=method, rank=RANK)
     out[method], _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(RTN2),
-                                             compensate=comp, progress=False)
+                                             recovery=comp, progress=False)
   mixed = [
       rules_lib.Rule(r'layers/\d+/self_attn/[qkv]_proj/kernel',
                      rules_lib.LinearSpec(prune='magnitude', sparsity=PruneSpec.parse('2:4'))),
@@ -58,7 +57,7 @@ def models(tiny):
 
 def _loss(params, cfg, tokens):
   tokens = jnp.asarray(tokens)
-  return float(finetune.lm_loss(llama.forward(params, tokens, cfg), tokens))
+  return float(losses.lm_loss(llama.forward(params, tokens, cfg), tokens))
 
 
 def _logits(params, cfg, tokens):
@@ -125,7 +124,7 @@ def _leaf(kind, w):
 def test_loftq_error_decreases(kind):
   w = jax.random.normal(jax.random.key(5), (64, 96))
   leaf = _leaf(kind, w)
-  base, adapter, errors = finetune.loftq(w, leaf, 8, 5)
+  base, adapter, errors = loftq.loftq(w, leaf, 8, 5)
   assert len(errors) == 5
   assert all(e1 <= e0 * (1 + 1e-6) for e0, e1 in zip(errors, errors[1:])), errors
   assert errors[-1] < errors[0]
@@ -145,9 +144,9 @@ def test_loftq_error_decreases(kind):
 def test_loftq_rejects_dense_and_bad_rank():
   w = jnp.ones((64, 32))
   with pytest.raises(ValueError, match='quantized or pruned'):
-    finetune.loftq(w, CompressedLinear(weight=w), 4, 2)
+    loftq.loftq(w, CompressedLinear(weight=w), 4, 2)
   with pytest.raises(ValueError, match='rank'):
-    finetune.loftq(w, _leaf('quant', w), 33, 2)
+    loftq.loftq(w, _leaf('quant', w), 33, 2)
 
 
 # --------------------------------------------------------------------------- STE
@@ -181,8 +180,8 @@ def test_qat_repacks_on_the_same_grid_and_lowers_loss(tiny, models):
   ft = FinetuneConfig('qat', 30, batch_size=4, lr=1e-2, warmup=0.0)
   out, info = finetune.finetune(base, cfg, tokens, ft, progress=False)
   changed = 0
-  for path, old in finetune.linear_leaves(base).items():
-    new = finetune.linear_leaves(out)[path]
+  for path, old in tree.linear_leaves(base).items():
+    new = tree.linear_leaves(out)[path]
     assert isinstance(new, CompressedLinear) and isinstance(new.weight, QuantizedWeight)
     assert new.weight.spec == old.weight.spec
     np.testing.assert_array_equal(new.weight.scales, old.weight.scales)
@@ -194,7 +193,7 @@ def test_qat_repacks_on_the_same_grid_and_lowers_loss(tiny, models):
   assert len(info['losses']) == 30 and info['tokens_seen'] == 30 * 4 * 24
   # The packed integers are frozen: the trainables are the latent float weights.
   assert info['trainable_params'] == sum(int(np.prod(l.shape))
-                                         for l in finetune.linear_leaves(base).values())
+                                         for l in tree.linear_leaves(base).values())
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -205,26 +204,26 @@ def test_lora_zero_init_starts_at_base_and_lowers_loss(tiny, models):
   base = models['rtn2']
   ft = FinetuneConfig('lora', 20, batch_size=4, lr=3e-3, lora_rank=4)
   start = finetune.initial_model(base, ft)
-  for leaf in finetune.linear_leaves(start).values():
+  for leaf in tree.linear_leaves(start).values():
     assert leaf.adapter is not None and not np.any(np.asarray(leaf.adapter.b))
   np.testing.assert_array_equal(_logits(start, cfg, tokens[:4]), _logits(base, cfg, tokens[:4]))
   out, info = finetune.finetune(base, cfg, tokens, ft, progress=False)
   first = finetune.step_order(len(tokens), 4, 20, 0)[0]
   np.testing.assert_allclose(info['loss_first'], _loss(base, cfg, tokens[first]), rtol=1e-5)
   assert _loss(out, cfg, tokens) < _loss(base, cfg, tokens) - 0.1
-  for path, old in finetune.linear_leaves(base).items():
-    new = finetune.linear_leaves(out)[path]
+  for path, old in tree.linear_leaves(base).items():
+    new = tree.linear_leaves(out)[path]
     np.testing.assert_array_equal(new.weight.qweight, old.weight.qweight)  # frozen base
     assert new.adapter.rank == 4 and not isinstance(new.adapter.a, QuantizedWeight)
   assert info['trainable_params'] == sum(4 * sum(l.shape)
-                                         for l in finetune.linear_leaves(base).values())
+                                         for l in tree.linear_leaves(base).values())
 
 
 def test_lora_on_dense_linears(tiny):
   cfg, params, _, tokens = tiny
   out, info = finetune.finetune(params, cfg, tokens, FinetuneConfig('lora', 2, lora_rank=2),
                                 progress=False)
-  leaf = finetune.linear_leaves(out)['layers/0/mlp/up_proj/kernel']
+  leaf = tree.linear_leaves(out)['layers/0/mlp/up_proj/kernel']
   assert isinstance(leaf, CompressedLinear) and leaf.adapter.rank == 2
   assert info['trained_linears'] == 14
 
@@ -253,8 +252,8 @@ def test_srr_grad_scale_zero_freezes_preserved_components(tiny, models):
                       srr_grad_scale=0.0)
   out, _ = finetune.finetune(srr, cfg, tokens, ft, progress=False)
   seen = 0
-  for path, old in finetune.linear_leaves(srr).items():
-    new = finetune.linear_leaves(out)[path]
+  for path, old in tree.linear_leaves(srr).items():
+    new = tree.linear_leaves(out)[path]
     k = old.adapter.preserved
     assert new.adapter.preserved == k
     np.testing.assert_array_equal(new.adapter.a[:, :k], old.adapter.a[:, :k])
@@ -274,11 +273,11 @@ def test_loftq_init_and_distillation(tiny, models):
   ft = FinetuneConfig('lora', 4, batch_size=4, lr=1e-3, lora_init='loftq', lora_rank=RANK,
                       loftq_iters=3, distill=True)
   start = finetune.initial_model(base, ft, dense_params=params)
-  dense = finetune.linear_leaves(params)
-  for path, leaf in finetune.linear_leaves(start).items():
+  dense = tree.linear_leaves(params)
+  for path, leaf in tree.linear_leaves(start).items():
     w = dense[path]
     err_init = jnp.linalg.norm(w - formats.effective_weight(leaf))
-    err_base = jnp.linalg.norm(w - formats.to_dense(finetune.linear_leaves(base)[path]))
+    err_base = jnp.linalg.norm(w - formats.to_dense(tree.linear_leaves(base)[path]))
     assert float(err_init) < float(err_base)
     assert leaf.adapter.rank == RANK and isinstance(leaf.weight, QuantizedWeight)
   out, info = finetune.finetune(base, cfg, tokens, ft, dense_params=params, progress=False)
@@ -300,8 +299,8 @@ def test_finetune_from_initial_model_equals_finetune_from_the_base(tiny, models,
   b, info_b = finetune.finetune(start, cfg, tokens, ft, from_initial=True, progress=False)
   assert info_b['lora_init'] == init
   np.testing.assert_allclose(info_b['losses'], info_a['losses'], rtol=1e-6)
-  for path, leaf in finetune.linear_leaves(a).items():
-    other = finetune.linear_leaves(b)[path]
+  for path, leaf in tree.linear_leaves(a).items():
+    other = tree.linear_leaves(b)[path]
     np.testing.assert_array_equal(other.weight.qweight, leaf.weight.qweight)
     np.testing.assert_allclose(other.adapter.a, leaf.adapter.a, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(other.adapter.b, leaf.adapter.b, rtol=1e-5, atol=1e-6)
@@ -317,7 +316,7 @@ def test_global_keeps_pruned_weights_zero_and_lowers_loss(tiny, models):
   mixed = models['mixed']
   ft = FinetuneConfig('global', 20, batch_size=4, lr=3e-3)
   out, info = finetune.finetune(mixed, cfg, tokens, ft, progress=False)
-  old_leaves, new_leaves = finetune.linear_leaves(mixed), finetune.linear_leaves(out)
+  old_leaves, new_leaves = tree.linear_leaves(mixed), tree.linear_leaves(out)
   kinds = set()
   for path, old in old_leaves.items():
     new = new_leaves[path]
@@ -340,12 +339,10 @@ def test_global_keeps_pruned_weights_zero_and_lowers_loss(tiny, models):
   assert _loss(out, cfg, tokens) < _loss(mixed, cfg, tokens) - 0.1
 
 
-def test_run_cli(tiny, models):
+def test_qat_keeps_the_format_and_method_default_lr(tiny, models):
   cfg, params, _, tokens = tiny
-  out, info = finetune.run_cli('qat', models['rtn2'], cfg, tokens, dense_params=params, steps=2,
-                               progress=False)
+  out, info = finetune.finetune(models['rtn2'], cfg, tokens, FinetuneConfig('qat', 2),
+                                dense_params=params, progress=False)
   assert info['method'] == 'qat' and info['steps'] == 2 and info['lr'] == 1e-5
-  assert isinstance(finetune.linear_leaves(out)['layers/1/mlp/down_proj/kernel'].weight,
+  assert isinstance(tree.linear_leaves(out)['layers/1/mlp/down_proj/kernel'].weight,
                     QuantizedWeight)
-  with pytest.raises(ValueError, match='prompting'):
-    finetune.run_cli('idp', models['rtn2'], cfg, tokens, steps=2)

@@ -11,7 +11,7 @@ import pytest
 from models import config as config_lib
 from models import data as data_lib
 from models import evaluate as eval_lib
-from models import llama, loading
+from models import llama, loading, losses
 from recover import prompting
 
 CFG = config_lib.tiny_config()
@@ -155,10 +155,11 @@ def test_training_lowers_group_loss_and_leaves_params_untouched():
   assert info['losses'].shape == (2, 40)
   assert prompting.added_parameters(pool) == 2 * 4 * CFG.hidden_size + 2 * CFG.hidden_size
   init = prompting.init_prompts(params, 2, 4, 0)
-  loss = jax.jit(functools.partial(prompting.lm_loss, cfg=CFG))
+  loss = jax.jit(lambda params, tokens, prefix: losses.lm_loss(
+      llama.forward(params, tokens, CFG, prefix=prefix), tokens))
   for p, g in enumerate([group_a, group_b]):
-    l0 = float(loss(params, tokens=jnp.asarray(g), prefix=init[p][None]))
-    l1 = float(loss(params, tokens=jnp.asarray(g), prefix=pool.prompts[p][None]))
+    l0 = float(loss(params, jnp.asarray(g), init[p][None]))
+    l1 = float(loss(params, jnp.asarray(g), pool.prompts[p][None]))
     assert l1 < l0 - 0.3, (p, l0, l1)
   # Each training group routes to its own prompt.
   idx = prompting.route_inputs(params, CFG, pool, np.concatenate([group_a, group_b]))

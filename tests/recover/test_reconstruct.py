@@ -11,17 +11,15 @@ from compress import pipeline
 from compress import rules as rules_lib
 from compress.prune import PruneSpec
 from kernels import QuantSpec, formats
-from models import checkpoint, config as config_lib, llama
+from models import checkpoint, llama, tree
 from recover import reconstruct as rec
 from recover import train
+from tests.utils import tiny_model
 
 
 @pytest.fixture(scope='module')
 def tiny():
-  cfg = config_lib.tiny_config(num_layers=2)
-  params = llama.init_params(cfg, jax.random.key(0), scale=0.1)
-  calib = np.asarray(jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size))
-  return cfg, params, calib
+  return tiny_model(calib_shape=(8, 16))
 
 
 def _compress(tiny, spec):
@@ -45,7 +43,7 @@ def _kl(params_ref, params, cfg, tokens):
 def _pruned_zero(params_before, params_after):
   for b0, b1 in zip(params_before['layers'], params_after['layers']):
     for lin in llama.LINEAR_NAMES:
-      l0, l1 = pipeline.get_linear(b0, lin), pipeline.get_linear(b1, lin)
+      l0, l1 = tree.get_linear(b0, lin), tree.get_linear(b1, lin)
       m = train.sparsity_mask(l0)
       w1 = formats.to_dense(l1)
       assert type(l1.weight) is type(l0.weight)
@@ -94,8 +92,8 @@ def test_24_pattern_and_quantized_scales(tiny):
     config = rec.ReconConfig(window='block', epochs=4, optim=FAST, quant_mode=mode)
     out, reports = rec.reconstruct(comp, params, cfg, calib, config, progress=False)
     assert all(r.loss_after < r.loss_before for r in reports), (spec.describe(), mode)
-    leaf0 = pipeline.get_linear(comp['layers'][0], 'mlp/up_proj')
-    leaf1 = pipeline.get_linear(out['layers'][0], 'mlp/up_proj')
+    leaf0 = tree.get_linear(comp['layers'][0], 'mlp/up_proj')
+    leaf1 = tree.get_linear(out['layers'][0], 'mlp/up_proj')
     assert type(leaf1.weight) is type(leaf0.weight)
     if spec is RTN3:
       q0, q1 = leaf0.weight, leaf1.weight
@@ -119,12 +117,12 @@ def test_peft_lora_merges_into_pruned_weights(tiny):
   out, reports = rec.reconstruct(pruned, params, cfg, calib, config, progress=False)
   assert all(r.loss_after < r.loss_before for r in reports)
   _pruned_zero(pruned, out)
-  leaf = pipeline.get_linear(out['layers'][0], 'self_attn/q_proj')
+  leaf = tree.get_linear(out['layers'][0], 'self_attn/q_proj')
   assert leaf.adapter is None  # merged
   # Trainable parameters: rank-4 factors of the 7 linears of a block, far fewer than the weights.
   dims = [(cfg.hidden_size, cfg.num_heads * cfg.head_dim)]
   assert reports[0].trainable_params < sum(
-      np.prod(pipeline.get_linear(params['layers'][0], l).shape) for l in llama.LINEAR_NAMES) / 4
+      np.prod(tree.get_linear(params['layers'][0], l).shape) for l in llama.LINEAR_NAMES) / 4
   del dims
 
 
@@ -140,13 +138,13 @@ def test_matrix_window_reaches_masked_least_squares(tiny):
   _, ins = llama.block_apply(pruned['layers'][1], x_hat, cfg, return_inputs=True)
   x_d = llama.block_apply(params['layers'][0], llama.embed(params, jnp.asarray(calib)), cfg)
   _, ins_d = llama.block_apply(params['layers'][1], x_d, cfg, return_inputs=True)
-  w_dense = pipeline.get_linear(params['layers'][1], 'mlp/down_proj')
+  w_dense = tree.get_linear(params['layers'][1], 'mlp/down_proj')
   xs, ys = ins['down_in'], ins_d['down_in'] @ w_dense
   config = rec.ReconConfig(window='matrix', epochs=1500, batch_size=8,
                            optim=train.OptimConfig(lr=1e-2, warmup=0.05))
   new, rep, _ = rec.reconstruct_window(cfg, window, {1: pruned['layers'][1]}, xs, ys, config)
-  leaf0 = pipeline.get_linear(pruned['layers'][1], 'mlp/down_proj')
-  w_fit = formats.to_dense(pipeline.get_linear(new[1], 'mlp/down_proj'))
+  leaf0 = tree.get_linear(pruned['layers'][1], 'mlp/down_proj')
+  w_fit = formats.to_dense(tree.get_linear(new[1], 'mlp/down_proj'))
   mask = np.asarray(train.sparsity_mask(leaf0))
   x = np.asarray(xs.reshape(-1, xs.shape[-1]), np.float64)
   y = np.asarray(ys.reshape(-1, ys.shape[-1]), np.float64)

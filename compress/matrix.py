@@ -1,0 +1,151 @@
+"""One matrix at a time: compress a ``[in, out]`` weight by its spec, measure the result, and the
+protocol through which recovery adds a correction right after.
+
+:func:`compress_matrix` is the dispatch from a :class:`~compress.rules.LinearSpec` to the
+one-matrix numerics (Wanda, SparseGPT, magnitude pruning; RTN, GPTQ; both), each jitted once per
+set of static arguments (:func:`jitted`), so a second matrix of the same shape compiles nothing.
+AWQ is not here: its scale search needs the whole block (:func:`compress.awq.awq_block`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from compress import calibration
+from compress import gptq as gptq_lib
+from compress import prune as prune_lib
+from compress import quantize
+from compress import sparsegpt as sparsegpt_lib
+from compress.rules import LinearSpec
+from kernels import formats
+
+
+class LinearRecovery(Protocol):
+  """What compression calls right after each linear is compressed (e.g. EoRA, see
+  :class:`recover.compensate.Compensator`): returns the leaf with a correction added.
+
+  ``w`` is the dense ``[in, out]`` target, ``stats`` the compression pass's statistics of its
+  input, ``aux_stats`` those of a separate recovery set (or None). ``changes_weights``: the result
+  also replaces the compressed weight (SRR), so the next block's inputs must come from it.
+  ``fingerprint``: a string naming the settings (part of a resumable run's identity).
+  """
+  changes_weights: bool
+  fingerprint: str
+
+  def __call__(self, name: str, w: jax.Array, leaf: Any, stats: calibration.LinearStats,
+               aux_stats: calibration.LinearStats | None, spec: LinearSpec) -> Any:
+    ...
+
+
+@dataclasses.dataclass
+class LayerReport:
+  """One row of the per-layer report."""
+  name: str
+  method: str
+  rel_error: float           # ||X W - X W_hat|| / ||X W|| on the calibration inputs
+  sparsity: float            # fraction of exact zeros in the effective weight
+  bits: float                # weight bits (16 = float)
+  seconds: float             # numerics time of this layer
+  rel_error_recovered: float | None = None
+  extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@functools.lru_cache(maxsize=None)
+def _jit_cached(fn, statics: tuple):
+  return jax.jit(functools.partial(fn, **dict(statics)))
+
+
+def jitted(fn, **statics):
+  """``jax.jit(partial(fn, **statics))``, built once per ``(fn, statics)`` (statics hashable)."""
+  return _jit_cached(fn, tuple(sorted(statics.items())))
+
+
+def compress_matrix(w: jax.Array, stats: calibration.LinearStats | None, spec: LinearSpec,
+                    name: str = '') -> tuple[formats.CompressedLinear, dict[str, Any]]:
+  """Compresses one ``[in, out]`` weight by ``spec`` (AWQ excepted: it needs the block).
+
+  Returns the leaf and a dict of method details (e.g. GPTQ damping retries).
+  """
+  spec.check_shape(tuple(w.shape), name)
+  w = jnp.asarray(w, jnp.float32)
+  h = None if stats is None else stats.hessian
+  info: dict[str, Any] = {}
+  mask = None
+  w_work = w
+  sp = spec.sparsity
+  if spec.prune == 'sparsegpt':
+    if spec.quant == 'gptq':
+      qw, mask = jitted(sparsegpt_lib.sparsegpt_quant, spec=sp, quant=spec.qspec,
+                        block_size=spec.block_size, percdamp=spec.damp)(w, h)
+      return _finish(qw, mask, spec), info
+    w_work, mask = jitted(sparsegpt_lib.sparsegpt, spec=sp, block_size=spec.block_size,
+                          percdamp=spec.damp)(w, h)
+  elif spec.prune == 'wanda':
+    w_work, mask = jitted(prune_lib.wanda, spec=sp)(w, h)
+  elif spec.prune == 'magnitude':
+    w_work, mask = jitted(prune_lib.magnitude, spec=sp)(w)
+
+  if spec.quant == 'none':
+    return prune_lib.make_sparse_leaf(w_work, mask, sp), info
+  if spec.quant == 'rtn':
+    qw = jitted(quantize.rtn, spec=spec.qspec)(w_work)
+  elif spec.quant == 'gptq':
+    qw, ginfo = jitted(gptq_lib.gptq, spec=spec.qspec, block_size=spec.block_size, damp=spec.damp,
+                       act_order=spec.act_order, static_groups=spec.static_groups)(w_work, h,
+                                                                                  mask=mask)
+    gptq_lib.report(ginfo, name)
+    info['gptq_damp_retries'] = int(ginfo.retries)
+  else:
+    raise ValueError(f'{spec.quant} is applied per block, not per matrix')
+  return _finish(qw, mask, spec), info
+
+
+def _finish(qw: formats.QuantizedWeight, mask, spec: LinearSpec) -> formats.CompressedLinear:
+  if mask is None:
+    return formats.CompressedLinear(weight=qw)
+  sp = spec.sparsity
+  if sp.is_nm and (sp.n, sp.m) == (2, 4) and qw.g_idx is None:
+    return formats.CompressedLinear(weight=formats.sparse24_from_quantized(qw, mask))
+  return formats.CompressedLinear(weight=qw, mask=mask)
+
+
+def _error_terms(w, w_hat, h):
+  return calibration.output_error(w, jnp.zeros_like(w), h), calibration.output_error(w, w_hat, h)
+
+
+def relative_error(w, w_hat, h) -> float:
+  """``||X W - X W_hat|| / ||X W||`` from ``H = X^T X``."""
+  base, err = (float(v) for v in jitted(_error_terms)(w, w_hat, h))
+  return float(np.sqrt(err / base)) if base > 0 else 0.0
+
+
+def _dense_and_effective(leaf):
+  return formats.to_dense(leaf), formats.effective_weight(leaf)
+
+
+def leaf_dense(leaf) -> tuple[jax.Array, jax.Array]:
+  """``(to_dense(leaf), effective_weight(leaf))``: without and with the adapter."""
+  return jitted(_dense_and_effective)(leaf)
+
+
+def sparsity(w_eff) -> float:
+  """Fraction of exact zeros."""
+  return float(jnp.mean(w_eff == 0))
+
+
+def recover_linear(rep: LayerReport, recovery: LinearRecovery, w, leaf, stats, aux_stats,
+                   spec: LinearSpec, h) -> Any:
+  """Runs ``recovery`` on one compressed linear and records its time and error in ``rep``;
+  ``h`` is the Hessian the error is measured against."""
+  t1 = time.time()
+  leaf = recovery(rep.name, w, leaf, stats, aux_stats, spec)
+  rep.extra['recover_seconds'] = time.time() - t1
+  rep.rel_error_recovered = relative_error(w, leaf_dense(leaf)[1], h)
+  return leaf

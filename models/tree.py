@@ -1,0 +1,95 @@
+"""Addressing the linears of a param tree: the one place that knows where a weight leaf lives.
+
+A block linear is named by its path inside a block, ``'self_attn/q_proj'`` (see
+:data:`models.llama.LINEAR_NAMES`), and by its full path in the model,
+``'layers/{i}/self_attn/q_proj/kernel'`` (the string rules match). Setters return copies with new
+containers and the same arrays, so the input tree is never modified.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from kernels import formats
+from models import llama
+
+Params = dict[str, Any]
+
+
+def linear_path(layer: int, lin: str) -> str:
+  """The full path ``layers/{layer}/{lin}/kernel`` of a block linear."""
+  return f'layers/{layer}/{lin}/kernel'
+
+
+def split_path(path: str) -> tuple[int, str]:
+  """``'layers/3/mlp/up_proj/kernel'`` -> ``(3, 'mlp/up_proj')``."""
+  parts = path.split('/')
+  if len(parts) != 5 or parts[0] != 'layers' or parts[-1] != 'kernel':
+    raise ValueError(f'{path!r} is not a block linear path (layers/I/SUB/NAME/kernel)')
+  return int(parts[1]), '/'.join(parts[2:4])
+
+
+def get_linear(block: Params, lin: str):
+  """The weight leaf of linear ``lin`` (e.g. ``'self_attn/q_proj'``) of a block."""
+  sub, name = lin.split('/')
+  return block[sub][name]['kernel']
+
+
+def set_linear(block: Params, lin: str, leaf) -> Params:
+  """A copy of ``block`` with linear ``lin``'s weight leaf replaced (containers copied, not arrays)."""
+  sub, name = lin.split('/')
+  out = dict(block)
+  out[sub] = dict(block[sub])
+  out[sub][name] = dict(block[sub][name], kernel=leaf)
+  return out
+
+
+def linear_paths(params: Params) -> list[str]:
+  """Full paths of every block linear, block by block in :data:`models.llama.LINEAR_NAMES` order."""
+  return [linear_path(i, lin) for i in range(len(params['layers'])) for lin in llama.LINEAR_NAMES]
+
+
+def linear_leaves(params: Params) -> dict[str, Any]:
+  """``{full path: weight leaf}`` of every block linear."""
+  return {linear_path(i, lin): get_linear(block, lin)
+          for i, block in enumerate(params['layers']) for lin in llama.LINEAR_NAMES}
+
+
+def replace_leaves(params: Params, leaves: dict[str, Any]) -> Params:
+  """A copy of ``params`` with the block linears at ``leaves``' full paths replaced."""
+  out = dict(params)
+  layers = list(params['layers'])
+  for path, leaf in leaves.items():
+    i, lin = split_path(path)
+    layers[i] = set_linear(layers[i], lin, leaf)
+  out['layers'] = layers
+  return out
+
+
+def map_compressed(fn: Callable[..., Any], params: Any, *others: Any) -> Any:
+  """Applies ``fn(leaf, *other_leaves)`` to every CompressedLinear of ``params``; ``others`` are
+  trees of the same structure (e.g. the dense model) whose leaves at the same paths are passed."""
+  return jax.tree.map(
+      lambda x, *o: fn(x, *o) if isinstance(x, formats.CompressedLinear) else x,
+      params, *others, is_leaf=formats.is_weight_leaf)
+
+
+def strip_adapter(leaf):
+  """The leaf without its low-rank adapter (any other leaf unchanged)."""
+  if isinstance(leaf, formats.CompressedLinear) and leaf.adapter is not None:
+    return dataclasses.replace(leaf, adapter=None)
+  return leaf
+
+
+def strip_adapters(params: Any) -> Any:
+  """The same tree with every adapter removed (the compression alone)."""
+  return jax.tree.map(strip_adapter, params, is_leaf=formats.is_weight_leaf)
+
+
+def adapters(params: Any) -> dict[str, formats.LowRank]:
+  """``{full path: adapter}`` of every block linear that carries one."""
+  return {p: leaf.adapter for p, leaf in linear_leaves(params).items()
+          if isinstance(leaf, formats.CompressedLinear) and leaf.adapter is not None}
