@@ -13,3 +13,23 @@ from compress.matrix import LayerReport, LinearRecovery, compress_matrix
 from compress.pipeline import compress_model, summarize, validate_rules
 from compress.prune import PruneSpec
 from compress.rules import LinearSpec, Rule, match, parse_rule, uniform
+
+__all__ = [
+    'LayerReport',
+    'LinearRecovery',
+    'LinearSpec',
+    'LinearStats',
+    'PruneSpec',
+    'Rule',
+    'auto_bits_rules',
+    'collect_stats',
+    'compress_matrix',
+    'compress_model',
+    'dense_statistics',
+    'match',
+    'parse_rule',
+    'summarize',
+    'uniform',
+    'update_stats',
+    'validate_rules',
+]

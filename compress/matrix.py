@@ -55,6 +55,9 @@ class LayerReport:
   seconds: float             # numerics time of this layer
   rel_error_recovered: float | None = None
   extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Wall time of the layer's block (statistics, numerics, recovery, propagation) split evenly
+  # over its linears: summed over a run, the compression's wall time across interruptions.
+  wall_seconds: float = 0.0
 
 
 @functools.lru_cache(maxsize=None)

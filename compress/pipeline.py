@@ -67,10 +67,16 @@ def validate_rules(params: Params, rules: Sequence[Rule]) -> list[dict[str, Line
   return specs_per_block
 
 
+# Bump when a change of this module changes the numbers a resumed run would produce.
+CODE_VERSION = 2
+
+
 def _run_fingerprint(params, cfg, calib, rules, options) -> str:
-  settings = repr([(r.pattern, r.spec) for r in rules]) + json.dumps(options, sort_keys=True,
-                                                                      default=str)
-  return checkpoint.run_fingerprint(cfg, calib, settings, [params['embed_tokens']['embedding'][:4]])
+  """Names a compression run: the whole input model, the tokens, the recipe and every option that
+  changes numbers (batch size included: it changes the statistics' rounding)."""
+  settings = (f'pipeline v{CODE_VERSION} ' + repr([(r.pattern, r.spec) for r in rules])
+              + json.dumps(options, sort_keys=True, default=str))
+  return checkpoint.run_fingerprint(cfg, calib, settings, [params])
 
 
 def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, rules: Sequence[Rule],
@@ -121,10 +127,12 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     raise ValueError('AWQ on the LM head is not supported')
 
   options = dict(dense_inputs=dense_inputs, true_sequential=true_sequential, dtype=jnp.dtype(dtype).name,
+                 batch_size=batch_size, precomputed=precomputed_stats is not None,
                  propagate_adapters=propagate_adapters,
                  compensate=None if recovery is None else recovery.fingerprint,
                  aux=None if aux_tokens is None else hashlib.sha256(np.asarray(aux_tokens).tobytes()).hexdigest())
-  fingerprint = _run_fingerprint(params, cfg, calib_tokens, rules, options)
+  fingerprint = (_run_fingerprint(params, cfg, calib_tokens, rules, options) if checkpoint_dir
+                 else '')
 
   pre = precomputed_stats is not None
   if pre:
@@ -156,8 +164,10 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     x_aux = None if state.get('x_aux') is None else state['x_aux'].astype(dtype)
     reports = [LayerReport(**r) for r in meta['reports']]
 
+  pending = 0.0  # wall time of blocks without a compressed linear, given to the next report
   for i in sweep.steps(start):
     t_block = time.time()
+    first_report = len(reports)
     block = layers[i]
     specs = specs_per_block[i]
     src = x_dense if dense_inputs else x
@@ -203,6 +213,12 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       x_dense = calibration.run_block(block, x_dense, cfg, batch_size)
     if x_aux is not None:
       x_aux = calibration.run_block(prop_block, x_aux, cfg, batch_size)
+    block_reports = reports[first_report:]
+    pending += time.time() - t_block
+    for r in block_reports:
+      r.wall_seconds = pending / len(block_reports)
+    if block_reports:
+      pending = 0.0
     if progress:
       errs = [r.rel_error for r in reports if r.name.startswith(f'layers/{i}/')]
       sweep.bar.set_postfix(err=f'{np.mean(errs):.4f}' if errs else '-',
@@ -225,7 +241,10 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     reports.append(LayerReport(name='lm_head', method=head_spec.describe(),
                                rel_error=relative_error(w, w_hat, st.hessian),
                                sparsity=sparsity(w_hat), bits=head_spec.bits,
-                               seconds=time.time() - t0, extra=info))
+                               seconds=time.time() - t0, extra=info,
+                               wall_seconds=time.time() - t0))
+  if pending and reports:
+    reports[-1].wall_seconds += pending
   return out, reports
 
 
@@ -252,13 +271,22 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
 
 
 def summarize(reports: Sequence[LayerReport]) -> dict[str, Any]:
-  """Aggregate numbers of a per-layer report."""
+  """Aggregate numbers of a per-layer report. The seconds add up over interruptions (they are
+  saved with the report): ``compress_seconds`` is the blocks' wall time, of which
+  ``numerics_seconds`` the one-matrix numerics, ``recover_seconds`` the recovery (e.g. EoRA) and
+  ``calib_forward_seconds`` the rest (statistics and propagation passes)."""
   if not reports:
     return {}
+  wall = float(np.sum([r.wall_seconds for r in reports]))
+  numerics = float(np.sum([r.seconds for r in reports]))
+  recover = float(np.sum([r.extra.get('recover_seconds', 0.0) for r in reports]))
   return {
       'layers': len(reports),
       'mean_rel_error': float(np.mean([r.rel_error for r in reports])),
       'max_rel_error': float(np.max([r.rel_error for r in reports])),
       'mean_sparsity': float(np.mean([r.sparsity for r in reports])),
-      'numerics_seconds': float(np.sum([r.seconds for r in reports])),
+      'compress_seconds': wall,
+      'numerics_seconds': numerics,
+      'recover_seconds': recover,
+      'calib_forward_seconds': max(0.0, wall - numerics - recover),
   }

@@ -107,12 +107,34 @@ def write_results(out_dir: str | os.PathLike, results: Mapping[str, Any], *,
   if flags is not None:
     payload['flags'] = dict(flags)
   payload['environment'] = environment()
-  tmp = out / 'results.json.tmp'
-  tmp.write_text(json.dumps(to_jsonable(payload), indent=2) + '\n')
-  tmp.replace(out / 'results.json')
   table = markdown_table(rows if rows is not None else [results], columns)
-  (out / 'table.md').write_text((f'# {title}\n\n' if title else '') + table)
+  write_atomic(out / 'results.json', json.dumps(to_jsonable(payload), indent=2) + '\n')
+  write_atomic(out / 'table.md', (f'# {title}\n\n' if title else '') + table)
   return out
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes ``text`` to ``path`` through a temporary file and a rename: a reader sees the old
+  content or the new, never a part (and a full disk leaves the old file as it was)."""
+  tmp = path.with_name(path.name + '.tmp')
+  try:
+    with open(tmp, 'w', encoding='utf-8') as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    tmp.replace(path)
+  finally:
+    tmp.unlink(missing_ok=True)
+
+
+def move_aside(path: pathlib.Path) -> pathlib.Path | None:
+  """Renames an existing ``path`` (``results.json``) to ``NAME.previous.EXT`` (replacing an older
+  one) so it is not mistaken for the output of the run that starts now; returns the new path."""
+  if not path.exists():
+    return None
+  aside = path.with_name(f'{path.stem}.previous{path.suffix}')
+  path.replace(aside)
+  return aside
 
 
 def keep_other_sections(out_dir: str | os.PathLike, results: Mapping[str, Any],

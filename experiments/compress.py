@@ -4,7 +4,7 @@ r"""Compress a model (prune and/or quantize), optionally recover, and evaluate a
       --calib_data=python-docs --calib_samples=64 --calib_seqlen=512 \
       --eval_data=python-docs,shakespeare --eval_windows=40 --out_dir=results/wanda24
 
-  python -m experiments.compress --quant=gptq --bits=3 --group_size=128 \
+  python -m experiments.compress --quant=gptq --bits=3 --group_size=64 \
       --recover=eora --rank=64 --out_dir=results/gptq3_eora64
 
 Expect a few minutes on 2 CPU cores for SmolLM2-135M (64 x 512 calibration tokens). Evaluates the
@@ -12,45 +12,77 @@ dense and the compressed (and recovered) model on the same windows and writes ``
 (``ppl_dense``, ``ppl_compressed``, ``kl_compressed``, ``top1_compressed``, ``probe_acc_*``,
 ``compress_seconds``, ``*_recovered`` with ``--recover``, the per-layer report, all flags) and
 ``table.md``. Finished blocks are checkpointed under ``OUT_DIR/checkpoint``: rerunning the same
-command after an interruption resumes there. ``--save`` writes an orbax checkpoint of the result.
+command after an interruption resumes there. ``--save`` writes an orbax checkpoint of the result,
+which ``python -m experiments.evaluate --model=SAVE_DIR`` reads.
+
+The flags are checked before anything is loaded (``compress_lib.validate``: the model's config,
+the text files, the output paths, the rules, group sizes and ranks against the layer widths, flags
+that would do nothing): every problem is printed as one ``error: --flag...`` line on stderr and
+the command exits with status 2. ``--group_size`` defaults to 128, or to the largest of 128/64/32
+that divides every linear's input width (64 on SmolLM2-135M, whose hidden size is 576).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import pathlib
+import sys
 from typing import Sequence
 
 from absl import app, flags
 
 from experiments import common
-from experiments.compress_lib import CompressConfig, RESULT_COLUMNS, build_spec, run
+from experiments.compress_lib import CompressConfig, RESULT_COLUMNS, run, validate
 
 
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   """Defines this script's flags (only when run as a script, so modules import side-effect free):
   one per ``CompressConfig`` field (declared there, with its help) plus the output options."""
-  common.define_flags_from(CompressConfig)
-  flags.DEFINE_string('save', None, 'Write an orbax checkpoint of the compressed model here.')
-  flags.DEFINE_string('out_dir', None, 'Output directory.')
-  flags.DEFINE_bool('restart', False, 'Ignore an existing pipeline checkpoint in OUT_DIR.')
+  common.define_flags_from(CompressConfig, flag_values=flag_values)
+  flags.DEFINE_string('save', None, 'Write an orbax checkpoint of the compressed model here '
+                      '(experiments.evaluate --model=SAVE reads it).', flag_values=flag_values)
+  flags.DEFINE_string('out_dir', None, 'Output directory.', flag_values=flag_values)
+  flags.DEFINE_bool('restart', False, 'Ignore an existing pipeline checkpoint in OUT_DIR.',
+                    flag_values=flag_values)
+
+
+def check_flags(flag_values: flags.FlagValues = FLAGS) -> tuple[CompressConfig | None, list[str]]:
+  """``(config, problems)`` of the parsed flags: every problem :func:`validate` finds (a flag given
+  on the command line that has no effect included), one line each naming the flag."""
+  problems = [] if flag_values.out_dir else ['--out_dir is required (where results.json goes)']
+  try:
+    c = common.from_flags(CompressConfig, flag_values)
+  except ValueError as e:
+    return None, problems + [str(e)]
+  given = {f.name for f in dataclasses.fields(CompressConfig) if flag_values[f.name].present}
+  return c, problems + validate(c, out_dir=flag_values.out_dir, save=flag_values.save, given=given)
 
 
 def main(argv: Sequence[str]):
   del argv
   common.quiet_logs()
-  if not FLAGS.out_dir:
-    raise app.UsageError('--out_dir is required')
-  try:
-    c = common.from_flags(CompressConfig)
-    build_spec(c)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
-  results = run(c, out_dir=FLAGS.out_dir, save=FLAGS.save, restart=FLAGS.restart)
-  cols = [k for k in RESULT_COLUMNS if k in results]
-  common.write_results(FLAGS.out_dir, results, rows=[results], columns=cols,
-                       flags=common.flag_values(flags.FLAGS), title=f'{results["method"]} on {c.model}')
+  c, problems = check_flags()
+  if problems:  # every problem, one line each, and no help dump (which app.UsageError prints)
+    print('\n'.join(f'error: {line}' for line in problems), file=sys.stderr)
+    return 2
+  # An earlier run's results are not left as if this run had produced them: they move aside
+  # now, and this run's results are written as soon as they are measured.
+  previous = common.move_aside(pathlib.Path(FLAGS.out_dir) / 'results.json')
+  if previous:
+    print(f'moved the previous results to {previous}')
+
+  def write(results):
+    cols = [k for k in RESULT_COLUMNS if k in results]
+    common.write_results(FLAGS.out_dir, results, rows=[results], columns=cols,
+                         flags=common.flag_values(flags.FLAGS),
+                         title=f'{results["method"]} on {c.model}')
+    return cols
+
+  results = run(c, out_dir=FLAGS.out_dir, save=FLAGS.save, restart=FLAGS.restart, on_results=write)
+  cols = write(results)
   print(common.markdown_table([results], cols))
   print(f'wrote {FLAGS.out_dir}/results.json')
 

@@ -8,3 +8,29 @@ from kernels.formats import (
     effective_weight, is_weight_leaf, sparse24_compress, sparse24_decompress, to_dense,
     weight_nbytes)
 from kernels.packing import SUPPORTED_BITS, pack, unpack
+
+__all__ = [
+    'CompressedLinear',
+    'LowRank',
+    'QuantSpec',
+    'QuantizedWeight',
+    'SUPPORTED_BITS',
+    'Sparse24Weight',
+    'default_order',
+    'dequantize',
+    'effective_weight',
+    'interpret_mode',
+    'is_weight_leaf',
+    'last_implementation',
+    'linear',
+    'pack',
+    'recording',
+    'register',
+    'set_default',
+    'set_interpret',
+    'sparse24_compress',
+    'sparse24_decompress',
+    'to_dense',
+    'unpack',
+    'weight_nbytes',
+]

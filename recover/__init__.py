@@ -14,3 +14,19 @@ from recover.finetune import FinetuneConfig
 from recover.lowrank import eora, quantize_adapter, srr, svd_compensate
 from recover.prompting import IDPConfig, PromptPool
 from recover.reconstruct import ReconConfig
+
+__all__ = [
+    'Compensator',
+    'FinetuneConfig',
+    'IDPConfig',
+    'PromptPool',
+    'ReconConfig',
+    'adapter_share',
+    'eora',
+    'quantize_adapter',
+    'quantize_adapters',
+    'srr',
+    'svd_compensate',
+    'truncate_adapters',
+    'with_svd_adapters',
+]

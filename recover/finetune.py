@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from kernels import formats
 from kernels.formats import CompressedLinear, QuantizedWeight, Sparse24Weight
+from models import checkpoint
 from models import llama
 from models import losses
 from models import tree
@@ -284,9 +285,15 @@ def _check_tokens(tokens, config: ModelConfig) -> np.ndarray:
 # --------------------------------------------------------------------------- the driver
 
 
+# Bump when a change of this module changes the numbers a resumed run would produce.
+CODE_VERSION = 1
+
+
 def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *,
              dense_params: Params | None = None, from_initial: bool = False,
-             progress: bool = True, dtype=jnp.float32) -> tuple[Params, dict[str, Any]]:
+             progress: bool = True, dtype=jnp.float32, checkpoint_dir: str | None = None,
+             chunk_steps: int | None = None, checkpoint_every_s: float = 60.0,
+             stop_after: int | None = None) -> tuple[Params, dict[str, Any]]:
   """Fine-tunes a (compressed) model by ``config`` on ``tokens``.
 
   Args:
@@ -299,6 +306,12 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
       :func:`prepare`); LoRA trains the adapters it carries, and LoftQ needs no dense model then.
     progress: show a progress bar (one tick per step, with the loss).
     dtype: compute dtype of the forward pass.
+    checkpoint_dir: save the trainable arrays and the optimizer state here after chunks of
+      ``chunk_steps`` steps (at most every ``checkpoint_every_s`` seconds, and at the end) and
+      resume from it; a resumed run equals the uninterrupted one bit for bit.
+    chunk_steps: steps per compiled chunk (default: all steps in one). The chunking is part of
+      the run's identity: a run resumes only with the same value.
+    stop_after: stop after the chunk that reaches this many steps (for tests of resumption).
 
   Returns:
     ``(params, info)``: the trained model in the original leaf formats (LoRA: float adapters on the
@@ -339,19 +352,56 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
       jax.debug.callback(tick, loss)
     return loss
 
-  run = jax.jit(train.train_loop(loss_fn, train.optimizer(config.optim, config.steps)))
-  args = (split.trainable, frozen, jnp.asarray(tokens), jnp.asarray(order))
-  t0 = time.time()
-  compiled = run.lower(*args).compile()
-  compile_seconds = time.time() - t0
-  bars.append(tqdm(total=config.steps, desc=f'finetune {config.method}', unit='step',
+  opt = train.optimizer(config.optim, config.steps)
+  run = jax.jit(train.train_steps(loss_fn, opt))
+  chunk = config.steps if chunk_steps is None else int(chunk_steps)
+  if chunk <= 0:
+    raise ValueError(f'chunk_steps must be positive, got {chunk_steps}')
+  bounds = [(s, min(s + chunk, config.steps)) for s in range(0, config.steps, chunk)]
+  data, order = jnp.asarray(tokens), jnp.asarray(order)
+  carry = (split.trainable, opt.init(split.trainable))
+  opt_def = jax.tree.structure(carry[1])
+  fingerprint = checkpoint.run_fingerprint(
+      cfg, tokens, f'finetune v{CODE_VERSION} {config!r} from_initial={from_initial} '
+      f'dtype={jnp.dtype(dtype).name} chunk={chunk}',
+      [params, dense_params if (config.distill or config.lora_init == 'loftq') else None]
+  ) if checkpoint_dir else ''
+  stop_chunk = None if stop_after is None else next(
+      (n + 1 for n, (_, hi) in enumerate(bounds) if hi >= stop_after), len(bounds))
+  sweep = checkpoint.ResumableSweep(checkpoint_dir, fingerprint, len(bounds), desc='finetune',
+                                    unit='chunk', what='fine-tuning checkpoint',
+                                    every_s=checkpoint_every_s, stop_after=stop_chunk,
+                                    progress=False)
+  start, state, meta = sweep.resume()
+  step_losses: list[float] = []
+  train_seconds = compile_seconds = 0.0
+  if state is not None:
+    carry = (state['trainable'], jax.tree.unflatten(opt_def, state['opt_state']))
+    step_losses = list(meta['losses'])
+    train_seconds, compile_seconds = meta['train_seconds'], meta['compile_seconds']
+  compiled = {}
+  bars.append(tqdm(total=config.steps, initial=bounds[start][0] if start < len(bounds) else
+                   config.steps, desc=f'finetune {config.method}', unit='step',
                    disable=not progress))
-  t0 = time.time()
-  trainable, step_losses = compiled(*args)
-  step_losses = np.asarray(jax.block_until_ready(step_losses), np.float64)
-  jax.effects_barrier()  # every progress callback has run
-  train_seconds = time.time() - t0
+  for n in sweep.steps(start):
+    lo, hi = bounds[n]
+    args = (carry, frozen, data, order[lo:hi])
+    if hi - lo not in compiled:
+      t0 = time.time()
+      compiled[hi - lo] = run.lower(*args).compile()
+      compile_seconds += time.time() - t0
+    t0 = time.time()
+    carry, chunk_losses = compiled[hi - lo](*args)
+    step_losses += [float(v) for v in np.asarray(jax.block_until_ready(chunk_losses), np.float64)]
+    jax.effects_barrier()  # every progress callback has run
+    train_seconds += time.time() - t0
+    if sweep.done(n, [], [], {'trainable': carry[0], 'opt_state': jax.tree.leaves(carry[1])},
+                  {'losses': step_losses, 'train_seconds': train_seconds,
+                   'compile_seconds': compile_seconds}):
+      break
   bars[0].close()
+  trainable = carry[0]
+  step_losses = np.asarray(step_losses, np.float64)
 
   out = tree.replace_leaves(params, {**leaves, **train.final_leaves(split, trainable)})
   info = {

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels import api as kernels_api
-from kernels import formats
 from models import checkpoint
 from models import llama
 from models import losses
@@ -312,10 +311,14 @@ def _run_units(cfg, layers, units, xs, batch: int) -> jax.Array:
   return _batched(lambda x: fn(blocks, x), xs, batch)
 
 
+# Bump when a change of this module changes the numbers a resumed run would produce.
+CODE_VERSION = 2
+
+
 def _fingerprint(params, dense_params, cfg, tokens, config: ReconConfig) -> str:
-  samples = [formats.to_dense(tree.get_linear(p['layers'][0], lin))[:2]
-             for p in (params, dense_params) for lin in llama.LINEAR_NAMES]
-  return checkpoint.run_fingerprint(cfg, tokens, repr(config), samples)
+  """Names a reconstruction run: both whole models, the tokens and every setting."""
+  return checkpoint.run_fingerprint(cfg, tokens, f'reconstruct v{CODE_VERSION} {config!r}',
+                                    [params, dense_params])
 
 
 def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: np.ndarray,
@@ -346,7 +349,7 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
     raise ValueError(f'reconstruction needs [N, T] tokens with N >= batch size {config.batch_size}, '
                      f'got shape {tokens.shape}')
   windows = make_windows(cfg.num_layers, config.window)
-  fingerprint = _fingerprint(params, dense_params, cfg, tokens, config)
+  fingerprint = _fingerprint(params, dense_params, cfg, tokens, config) if checkpoint_dir else ''
   layers = list(params['layers'])
   dense_layers = list(dense_params['layers'])
   x_hat = llama.embed(params, jnp.asarray(tokens))

@@ -316,18 +316,29 @@ def batch_order(n: int, batch_size: int, epochs: float, seed: int) -> np.ndarray
 LossFn = Callable[[Any, Any, Any], jax.Array]  # (trainable, frozen, batch) -> scalar
 
 
-def train_loop(loss_fn: LossFn, opt: optax.GradientTransformation) -> Callable:
-  """``run(trainable, frozen, data, order) -> (trainable, losses [steps])``: AdamW steps over
-  batches ``data[order[s]]`` in one ``lax.scan``. The caller jits it (statics bound in
-  ``loss_fn``); only ``trainable`` is differentiated."""
-  def run(trainable, frozen, data, order):
+def train_steps(loss_fn: LossFn, opt: optax.GradientTransformation) -> Callable:
+  """``run((trainable, opt_state), frozen, data, order) -> ((trainable, opt_state), losses)``:
+  the optimizer steps over batches ``data[order[s]]`` in one ``lax.scan``, from and to a carried
+  optimizer state (so a long run can be cut into resumable chunks). The caller jits it (statics
+  bound in ``loss_fn``); only ``trainable`` is differentiated."""
+  def run(carry, frozen, data, order):
     def step(carry, idx):
       params, state = carry
       batch = jax.tree.map(lambda d: jnp.take(d, idx, axis=0), data)
       loss, grads = jax.value_and_grad(loss_fn)(params, frozen, batch)
       updates, state = opt.update(grads, state, params)
       return (optax.apply_updates(params, updates), state), loss
-    (trainable, _), losses = jax.lax.scan(step, (trainable, opt.init(trainable)), order)
+    return jax.lax.scan(step, carry, order)
+  return run
+
+
+def train_loop(loss_fn: LossFn, opt: optax.GradientTransformation) -> Callable:
+  """``run(trainable, frozen, data, order) -> (trainable, losses [steps])``: :func:`train_steps`
+  from a fresh optimizer state."""
+  steps = train_steps(loss_fn, opt)
+
+  def run(trainable, frozen, data, order):
+    (trainable, _), losses = steps((trainable, opt.init(trainable)), frozen, data, order)
     return trainable, losses
   return run
 

@@ -9,6 +9,7 @@ naming the problem.
 """
 
 import dataclasses
+import hashlib
 import json
 import shutil
 
@@ -143,11 +144,29 @@ def _saved(tmp_path):
   return path
 
 
+def _reseal(path, text=None):
+  """Rewrites the checksums of checkpoint ``path`` to match its files (and ``structure.json`` to
+  ``text`` if given), as a writer with a bug would: the checks behind the checksums still apply."""
+  f = path / 'structure.json'
+  if text is None:
+    doc = json.loads(f.read_text())
+    doc['files'] = {}
+    for p in sorted(path.rglob('*')):
+      rel = p.relative_to(path).as_posix()
+      if p.is_file() and rel not in ('structure.json', 'structure.json.sha256'):
+        doc['files'][rel] = {'sha256': hashlib.sha256(p.read_bytes()).hexdigest(),
+                             'bytes': p.stat().st_size}
+    text = json.dumps(doc)
+  f.write_text(text)
+  (path / 'structure.json.sha256').write_text(
+      f'{hashlib.sha256(f.read_bytes()).hexdigest()}  structure.json\n')
+
+
 def _edit_structure(path, fn):
   f = path / 'structure.json'
   doc = json.loads(f.read_text())
   fn(doc)
-  f.write_text(json.dumps(doc))
+  _reseal(path, json.dumps(doc))
 
 
 def test_error_not_a_checkpoint(tmp_path):
@@ -162,7 +181,7 @@ def test_error_not_a_checkpoint(tmp_path):
 
 def test_error_invalid_json(tmp_path):
   path = _saved(tmp_path)
-  (path / 'structure.json').write_text('{not json')
+  _reseal(path, '{not json')
   with pytest.raises(CheckpointError, match='structure.json is not valid JSON'):
     checkpoint.load_tree(path)
 
@@ -170,7 +189,9 @@ def test_error_invalid_json(tmp_path):
 def test_error_format_version(tmp_path):
   path = _saved(tmp_path)
   _edit_structure(path, lambda d: d.update(format_version=checkpoint.FORMAT_VERSION + 1))
-  with pytest.raises(CheckpointError, match='format version 2, this library reads version 1'):
+  v = checkpoint.FORMAT_VERSION
+  with pytest.raises(CheckpointError,
+                     match=f'format version {v + 1}, this library reads version {v}'):
     checkpoint.load_tree(path)
 
 
@@ -200,6 +221,7 @@ def test_error_unreadable_arrays(tmp_path):
   path = _saved(tmp_path)
   shutil.rmtree(path / 'arrays')
   (path / 'arrays').mkdir()
+  _reseal(path)
   with pytest.raises(CheckpointError, match='cannot restore its arrays'):
     checkpoint.load_tree(path)
 

@@ -1,6 +1,8 @@
 """Fine-tuning of compressed models on the tiny Llama: LoRA (zero / LoftQ / EoRA / SRR init), QAT
 with a straight-through estimator, masked global fine-tuning, and the LoftQ numerics."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +15,7 @@ from compress import rules as rules_lib
 from compress.prune import PruneSpec
 from kernels import formats, QuantSpec
 from kernels.formats import CompressedLinear, QuantizedWeight, Sparse24Weight
-from models import llama, losses, tree
+from models import checkpoint, llama, losses, tree
 from recover import compensate, finetune, loftq, train
 from recover.finetune import FinetuneConfig
 from tests.utils import tiny_model
@@ -346,3 +348,28 @@ def test_qat_keeps_the_format_and_method_default_lr(tiny, models):
   assert info['method'] == 'qat' and info['steps'] == 2 and info['lr'] == 1e-5
   assert isinstance(tree.linear_leaves(out)['layers/1/mlp/down_proj/kernel'].weight,
                     QuantizedWeight)
+
+
+def _same(a, b) -> bool:
+  return all(np.array_equal(np.asarray(x), np.asarray(y))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(tiny, models, tmp_path):
+  cfg, params, _, tokens = tiny
+  config = FinetuneConfig('lora', 6, lora_rank=4, lora_init='loftq', loftq_iters=2)
+  run = lambda **kw: finetune.finetune(models['rtn2'], cfg, tokens, config, dense_params=params,
+                                       progress=False, **kw)
+  whole, info = run()
+  chunked, info_c = run(chunk_steps=2)
+  assert _same(whole, chunked) and info['losses'] == info_c['losses']
+  ckpt = str(tmp_path / 'ft')
+  part, _ = run(chunk_steps=2, checkpoint_dir=ckpt, checkpoint_every_s=0, stop_after=3)
+  assert not _same(part, whole)  # stopped after the chunk holding step 3: 4 of 6 steps
+  resumed, info_r = run(chunk_steps=2, checkpoint_dir=ckpt)
+  assert _same(resumed, whole) and info_r['losses'] == info['losses']
+  assert info_r['train_seconds'] > 0
+  # Another run (other settings) refuses the checkpoint instead of resuming it.
+  with pytest.raises(checkpoint.CheckpointError, match='different run'):
+    finetune.finetune(models['rtn2'], cfg, tokens, dataclasses.replace(config, lr=1e-3),
+                      dense_params=params, progress=False, chunk_steps=2, checkpoint_dir=ckpt)
