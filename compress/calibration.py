@@ -175,8 +175,8 @@ def _out_fn(cfg: ModelConfig, dtype_name: str):
 
 def input_width(cfg: ModelConfig, key: str) -> int:
   """Features of the linear input ``key`` (see :data:`models.llama.LINEAR_INPUTS`)."""
-  return {'attn_in': cfg.hidden_size, 'o_in': cfg.num_heads * cfg.head_dim,
-          'mlp_in': cfg.hidden_size, 'down_in': cfg.intermediate_size}[key]
+  shapes = llama.linear_shapes(cfg)
+  return next(shapes[lin][0] for lin, k in llama.LINEAR_INPUTS.items() if k == key)
 
 
 def collect_stats(block: Params, xs: np.ndarray | jax.Array, cfg: ModelConfig,

@@ -15,7 +15,7 @@ dense and the compressed (and recovered) model on the same windows and writes ``
 command after an interruption resumes there. ``--save`` writes an orbax checkpoint of the result,
 which ``python -m experiments.evaluate --model=SAVE_DIR`` reads.
 
-The flags are checked before anything is loaded (``compress_lib.validate``: the model's config,
+The flags are checked before anything is loaded (``config.validate``: the model's config,
 the text files, the output paths, the rules, group sizes and ranks against the layer widths, flags
 that would do nothing): every problem is printed as one ``error: --flag...`` line on stderr and
 the command exits with status 2. ``--group_size`` defaults to 128, or to the largest of 128/64/32
@@ -32,7 +32,9 @@ from typing import Sequence
 from absl import app, flags
 
 from experiments import common
-from experiments.compress_lib import CompressConfig, RESULT_COLUMNS, run, validate
+from experiments.compress_lib import RESULT_COLUMNS, run
+from experiments.config import CompressConfig, validate
+from models import checkpoint
 
 
 FLAGS = flags.FLAGS
@@ -81,7 +83,12 @@ def main(argv: Sequence[str]):
                          title=f'{results["method"]} on {c.model}')
     return cols
 
-  results = run(c, out_dir=FLAGS.out_dir, save=FLAGS.save, restart=FLAGS.restart, on_results=write)
+  try:
+    results = run(c, out_dir=FLAGS.out_dir, save=FLAGS.save, restart=FLAGS.restart,
+                  on_results=write)
+  except checkpoint.CheckpointError as e:  # e.g. the state of another run: one line, no traceback
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   cols = write(results)
   print(common.markdown_table([results], cols))
   print(f'wrote {FLAGS.out_dir}/results.json')

@@ -279,10 +279,19 @@ def generate(params: Params, prompt: jax.Array, cfg: ModelConfig, *, max_new_tok
   return jnp.concatenate([first[:, None], rest.T], axis=1)
 
 
-def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
-  """Random-initialised params (normal(0, scale) kernels, unit norms): the tiny test model."""
+def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+  """``[in, out]`` of every block linear (:data:`LINEAR_NAMES`) of a model of ``cfg``."""
   d, f = cfg.hidden_size, cfg.intermediate_size
   qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  return {'self_attn/q_proj': (d, qd), 'self_attn/k_proj': (d, kvd), 'self_attn/v_proj': (d, kvd),
+          'self_attn/o_proj': (qd, d), 'mlp/gate_proj': (d, f), 'mlp/up_proj': (d, f),
+          'mlp/down_proj': (f, d)}
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+  """Random-initialised params (normal(0, scale) kernels, unit norms): the tiny test model."""
+  d = cfg.hidden_size
+  shapes = linear_shapes(cfg)
   keys = iter(jax.random.split(key, 16 * cfg.num_layers + 4))  # kernels and biases
   nrm = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)
 
@@ -296,11 +305,14 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
   for _ in range(cfg.num_layers):
     layers.append({
         'input_layernorm': {'scale': jnp.ones((d,), dtype)},
-        'self_attn': {'q_proj': lin(d, qd, cfg.qkv_bias), 'k_proj': lin(d, kvd, cfg.qkv_bias),
-                      'v_proj': lin(d, kvd, cfg.qkv_bias), 'o_proj': lin(qd, d, cfg.o_bias)},
+        'self_attn': {'q_proj': lin(*shapes['self_attn/q_proj'], cfg.qkv_bias),
+                      'k_proj': lin(*shapes['self_attn/k_proj'], cfg.qkv_bias),
+                      'v_proj': lin(*shapes['self_attn/v_proj'], cfg.qkv_bias),
+                      'o_proj': lin(*shapes['self_attn/o_proj'], cfg.o_bias)},
         'post_attention_layernorm': {'scale': jnp.ones((d,), dtype)},
-        'mlp': {'gate_proj': lin(d, f, cfg.mlp_bias), 'up_proj': lin(d, f, cfg.mlp_bias),
-                'down_proj': lin(f, d, cfg.mlp_bias)},
+        'mlp': {'gate_proj': lin(*shapes['mlp/gate_proj'], cfg.mlp_bias),
+                'up_proj': lin(*shapes['mlp/up_proj'], cfg.mlp_bias),
+                'down_proj': lin(*shapes['mlp/down_proj'], cfg.mlp_bias)},
     })
   params = {'embed_tokens': {'embedding': nrm((cfg.vocab_size, d))}, 'layers': layers,
             'norm': {'scale': jnp.ones((d,), dtype)}}

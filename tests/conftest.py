@@ -1,13 +1,22 @@
-"""Test-session settings: a persistent compilation cache so that identical computations compiled
-from different function objects (many tests build fresh jitted lambdas) compile once."""
+"""Test-session settings: a compilation cache so that identical computations compiled from
+different function objects (many tests build fresh jitted lambdas) compile once.
 
+The cache lives in a fresh directory of this test session, removed at its end: an entry written by
+another process (a concurrent or killed test run) is never read, since a half-written entry can
+crash the reader. ``COMPRESS_RECOVER_TEST_JAX_CACHE`` names a directory to keep between runs
+instead (one test run at a time)."""
+
+import atexit
 import os
+import shutil
 import tempfile
 
 import jax
 
-_CACHE = os.environ.get('COMPRESS_RECOVER_TEST_JAX_CACHE',
-                        os.path.join(tempfile.gettempdir(), 'compress-recover-jax-cache'))
+_CACHE = os.environ.get('COMPRESS_RECOVER_TEST_JAX_CACHE')
+if not _CACHE:
+  _CACHE = tempfile.mkdtemp(prefix='compress-recover-jax-cache-')
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

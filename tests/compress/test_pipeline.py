@@ -11,7 +11,7 @@ from compress import allocate, calibration, pipeline
 from compress import rules as rules_lib
 from compress.prune import PruneSpec
 from kernels import formats, QuantSpec
-from models import checkpoint, llama
+from models import checkpoint, llama, tree
 from tests.utils import tiny_model
 
 
@@ -113,6 +113,17 @@ def test_resume_equals_uninterrupted(tiny, tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='different run'):
     pipeline.compress_model(params, cfg, calib, rules_lib.uniform(GPTQ3), checkpoint_dir=str(ckpt),
                             progress=False)
+  # So do another batch size (it changes the statistics' rounding) and another input model, even
+  # one that differs in a single weight of the last block.
+  with pytest.raises(checkpoint.CheckpointError, match='different run'):
+    pipeline.compress_model(params, cfg, calib, rules, checkpoint_dir=str(ckpt), batch_size=4,
+                            progress=False)
+  other = jax.tree.map(lambda x: x, params)
+  other['layers'][-1] = tree.set_linear(
+      other['layers'][-1], 'mlp/down_proj',
+      tree.get_linear(other['layers'][-1], 'mlp/down_proj').at[0, 0].add(1e-3))
+  with pytest.raises(checkpoint.CheckpointError, match='different run'):
+    pipeline.compress_model(other, cfg, calib, rules, checkpoint_dir=str(ckpt), progress=False)
 
 
 def test_rules_first_match_wins_and_none_skips(tiny):

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import compress_lib as compress_exp
+from experiments import config
 from experiments import compress_table
 from experiments import evaluate as evaluate_exp
 
@@ -37,7 +38,7 @@ def _config(tmp_path, **kw):
               eval_data=(_corpus(tmp_path),), eval_seqlen=32, eval_windows=2, probes='none',
               batch_size=2, group_size=32)
   base.update(kw)
-  return compress_exp.CompressConfig(**base)
+  return config.CompressConfig(**base)
 
 
 def test_compress_run_with_recovery_and_save(tmp_path):

@@ -7,7 +7,7 @@ from absl import flags
 import pytest
 
 from experiments import common
-from experiments.compress_lib import CompressConfig
+from experiments.config import CompressConfig
 
 
 def _flag_values() -> flags.FlagValues:

@@ -86,14 +86,14 @@ def test_kill_and_resume_is_bitwise_the_uninterrupted_run(corpus, tmp_path):
 
 
 def _config(corpus, **kw):
-  from experiments import compress_lib
+  from experiments import config
   base = dict(model='tiny-llama', calib_data=str(corpus), calib_samples=8, calib_seqlen=32,
               eval_data=(str(corpus),), eval_seqlen=32, eval_windows=2, probes='none',
               batch_size=2, quant='rtn', bits=3, group_size=32, checkpoint_every_s=0.0)
   if kw.get('reconstruct', 'block') != 'none':
     base.update(reconstruct='block', recon_samples=4, recon_lr=3e-3)
   base.update(kw)
-  return compress_lib.CompressConfig(**base)
+  return config.CompressConfig(**base)
 
 
 def test_stale_reconstruction_is_never_resumed(corpus, tmp_path):
@@ -125,3 +125,23 @@ def test_times_add_up_over_a_resume(corpus, tmp_path):
   for key in ('compress_seconds', 'numerics_seconds', 'calib_forward_seconds'):
     assert again[key] == whole[key] and whole[key] >= 0, key
   assert whole['compress_seconds'] >= whole['numerics_seconds']
+
+
+def test_refused_rerun_moves_the_old_results_aside(corpus, tmp_path):
+  """A rerun whose flags differ is refused by the checkpoint; the old results.json does not stay
+  behind as if it were this run's."""
+  out, env = tmp_path / 'out', dict(os.environ, PYTHONPATH=str(ROOT))
+  base = [sys.executable, '-m', 'experiments.compress', '--model=tiny-llama',
+          f'--calib_data={corpus}', '--calib_samples=4', '--calib_seqlen=32',
+          f'--eval_data={corpus}', '--eval_seqlen=32', '--eval_windows=2', '--probes=none',
+          '--batch_size=2', '--quant=rtn', '--group_size=32', f'--out_dir={out}']
+  first = subprocess.run(base + ['--bits=3'], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert first.returncode == 0, first.stderr[-2000:]
+  old = json.loads((out / 'results.json').read_text())
+  assert old['complete'] and old['method'] == 'rtn w3g32'
+  second = subprocess.run(base + ['--bits=4'], cwd=ROOT, env=env, capture_output=True, text=True)
+  assert second.returncode == 1
+  errors = [l for l in second.stderr.splitlines() if l.startswith('error: ')]
+  assert len(errors) == 1 and 'different run' in errors[0] and 'Traceback' not in second.stderr
+  assert not (out / 'results.json').exists()
+  assert json.loads((out / 'results.previous.json').read_text()) == old

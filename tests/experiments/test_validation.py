@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 
 from experiments import compress as compress_cli
-from experiments import compress_lib
+from experiments import compress_lib, config
 from experiments import evaluate as evaluate_exp
-from experiments.compress_lib import CompressConfig
+from experiments.config import CompressConfig
 from models import config as config_lib
 from models import loading
 
@@ -226,13 +226,13 @@ def test_defaults_validate_on_the_default_model():
   for c in (CompressConfig(), CompressConfig(quant='gptq'),
             CompressConfig(quant='rtn', auto_bits=3), CompressConfig(quant='gptq', recover='eora'),
             CompressConfig(prune='wanda')):
-    assert compress_lib.validate(c, given=()) == [], c
-  resolved = compress_lib.resolve(CompressConfig(quant='gptq'), cfg)
+    assert config.validate(c, given=()) == [], c
+  resolved = config.resolve(CompressConfig(quant='gptq'), cfg)
   assert resolved.group_size == 64
-  assert compress_lib.build_spec(resolved).describe() == 'gptq w4g64'
+  assert config.build_spec(resolved).describe() == 'gptq w4g64'
   tiny = config_lib.tiny_config()
-  assert compress_lib.resolve(CompressConfig(quant='gptq'), tiny).group_size == 64
-  assert compress_lib.resolve(CompressConfig(group_size=-1), cfg).group_size == -1
+  assert config.resolve(CompressConfig(quant='gptq'), tiny).group_size == 64
+  assert config.resolve(CompressConfig(group_size=-1), cfg).group_size == -1
 
 
 @pytest.mark.slow
@@ -275,5 +275,5 @@ def test_evaluate_reads_a_saved_model(paths):
   out = evaluate_exp.run(model=paths['save'], eval_data=[paths['corpus']], eval_seqlen=32,
                          eval_windows=2, batch_size=1, probes='none')
   np.testing.assert_allclose(out['ppl'], res['ppl_compressed'], rtol=1e-4)
-  problems = compress_lib.validate(CompressConfig(model=paths['save'], quant='rtn'))
+  problems = config.validate(CompressConfig(model=paths['save'], quant='rtn'))
   assert len(problems) == 1 and 'is a compressed checkpoint (rtn w4g64)' in problems[0]

@@ -1,0 +1,594 @@
+"""The main job's configuration: the fields of ``CompressConfig`` (each one a flag of
+``experiments.compress``, with its help), what the flags derive (the uniform spec, the rules, the
+reconstruction settings) and :func:`validate`, the check of everything knowable before any work:
+the flags, the model's config (not its weights), the text files and the output paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import pathlib
+import re
+import tempfile
+from typing import Any, Collection
+
+from compress import rules as rules_lib
+from compress.prune import PruneSpec
+from experiments import common
+from kernels import SUPPORTED_BITS, QuantSpec
+from models import checkpoint
+from models import data as data_lib
+from models import llama
+from models import loading
+from recover import compensate as compensate_lib
+from recover import prompting
+from recover import reconstruct as reconstruct_lib
+from recover import train as train_lib
+
+FINETUNE_METHODS = ('none', 'lora', 'qat', 'global', 'idp')
+LORA_INITS = ('zero', 'loftq', 'eora', 'srr')
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompressConfig:
+  """Everything ``run`` needs, and the single declaration of ``experiments.compress``'s flags: each
+  field is a flag of the same name, default and help (``common.define_flags_from``)."""
+  model: str = common.flag_field('smollm2-135m', 'Model name, checkpoint directory or .gguf.')
+  prune: str = common.flag_field('none', 'Pruning method: none|magnitude|wanda|sparsegpt.')
+  sparsity: str = common.flag_field('0.5', 'Unstructured ratio in (0, 1), or N:M (2:4, 4:8).')
+  quant: str = common.flag_field('none', 'Quantization method: none|rtn|gptq|awq.')
+  bits: int = common.flag_field(4, 'Weight bits: 2, 3, 4 or 8.')
+  group_size: int | None = common.flag_field(
+      None, 'Quantization group size (-1: per output unit). Default: 128, or the largest of '
+      '128/64/32 that divides the input width of every block linear (64 on SmolLM2-135M, whose '
+      'widths are 576 and 1536); results.json records the one used.')
+  act_order: bool = common.flag_field(False, 'GPTQ act-order.')
+  static_groups: bool = common.flag_field(False, 'GPTQ static groups.')
+  sym: bool = common.flag_field(False, 'Symmetric quantization grid.')
+  awq_clip: bool = common.flag_field(False, "AWQ's clipping search.")
+  true_sequential: bool = common.flag_field(False, 'Re-collect statistics inside a block.')
+  dense_inputs: bool = common.flag_field(False, 'Calibrate on dense activations.')
+  rules: tuple[str, ...] = common.flag_field(
+      (), 'Mixed precision: REGEX=BITS or REGEX=none rules, first match wins, ahead of the '
+      'uniform spec.')
+  auto_bits: float | None = common.flag_field(
+      None, 'Allot bits per layer from measured sensitivity under this average-bits budget.')
+  auto_candidates: tuple[int, ...] = common.flag_field((2, 3, 4), 'Bit widths for --auto_bits.')
+  include_head: bool = common.flag_field(False, 'Also compress the LM head.')
+  calib_data: str = common.flag_field('python-docs', 'Calibration corpus or file (train split).')
+  calib_samples: int = common.flag_field(64, 'Calibration sequences.')
+  calib_seqlen: int = common.flag_field(512, 'Calibration sequence length.')
+  seed: int = common.flag_field(0, 'Seed of the calibration sampler.')
+  eval_data: tuple[str, ...] = common.flag_field(
+      ('python-docs',), 'Comma list of corpora or files (test split).')
+  eval_seqlen: int = common.flag_field(512, 'Evaluation window length.')
+  eval_windows: int = common.flag_field(40, 'Evaluation windows per corpus (-1: all).')
+  probes: str | None = common.flag_field(
+      None, "Multiple-choice JSONL (default: shipped probes; 'none').")
+  dtype: str = common.flag_field('float32', 'Compute dtype.', choices=('float32', 'bfloat16'))
+  batch_size: int = common.flag_field(8, 'Sequences per calibration/evaluation step.')
+  recover: str = common.flag_field('none', 'Recovery method: none|svd|eora|actsvd|srr.')
+  rank: int = common.flag_field(64, 'Adapter rank.')
+  adapter_bits: int = common.flag_field(16, 'Adapter bits: 16 (float), 8, 4, 3.')
+  srr_k: int | None = common.flag_field(
+      None, 'SRR preserved rank (default energy rule; -1 search).')
+  recover_data: str | None = common.flag_field(None, 'Separate calibration set for recovery.')
+  recover_samples: int = common.flag_field(64, 'Recovery calibration sequences.')
+  reconstruct: str = common.flag_field(
+      'none', 'Local reconstruction window: none|matrix|submodule|block|blocks:K.')
+  recon_samples: int = common.flag_field(128, 'Reconstruction sequences (calibration corpus).')
+  recon_epochs: float = common.flag_field(1.0, 'Epochs over the reconstruction set per window.')
+  recon_lr: float = common.flag_field(1e-5, 'AdamW learning rate (10% warmup, linear decay).')
+  recon_batch: int = common.flag_field(2, 'Reconstruction batch (sequences).')
+  recon_inputs: str = common.flag_field('propagated', 'propagated|dense inputs of each window.')
+  recon_loss: str = common.flag_field('mse', 'Reconstruction loss: mse|cosine.')
+  recon_quant_mode: str = common.flag_field(
+      'scales', 'What a quantized weight trains: scales|ste|lora.')
+  recon_peft: bool = common.flag_field(
+      False, 'Train a LoRA (r16, alpha 32) per window and merge it.')
+  finetune: str = common.flag_field('none', 'Fine-tuning method: none|lora|qat|global|idp.')
+  ft_steps: int = common.flag_field(100, 'Fine-tuning steps.')
+  ft_samples: int = common.flag_field(128, 'Fine-tuning sequences (calibration corpus).')
+  ft_lr: float | None = common.flag_field(None, 'Fine-tuning learning rate (default per method).')
+  ft_distill: bool = common.flag_field(False, 'Distil from the dense model instead of the LM loss.')
+  lora_rank: int = common.flag_field(16, 'LoRA rank.')
+  lora_init: str = common.flag_field('zero', 'LoRA init: zero (QLoRA)|loftq|eora|srr.')
+  idp_prompts: int = common.flag_field(2, 'IDP: prompts in the pool (k-means groups).')
+  checkpoint_every_s: float = common.flag_field(
+      60.0, 'Save resumable state (compression, reconstruction, fine-tuning) at most this often, '
+      'in seconds, and at the end of each stage; 0: after every block, window or chunk.')
+
+
+def build_spec(c: CompressConfig) -> rules_lib.LinearSpec:
+  """The uniform spec from the flags; raises ValueError listing every problem of the flags that
+  needs no model or file (one line each, naming the flag) before any work. ``group_size=None``
+  stands for 128 here: :func:`resolve` it against the model first (:func:`run` does)."""
+  spec, problems = _spec_problems(c)
+  if problems:
+    raise ValueError('\n'.join(problems))
+  return spec
+
+
+def build_rules(c: CompressConfig, spec: rules_lib.LinearSpec) -> list[rules_lib.Rule]:
+  extra = [rules_lib.parse_rule(r, spec) for r in c.rules]
+  return extra + rules_lib.uniform(spec, include_head=c.include_head)
+
+
+def recon_config(c: CompressConfig) -> reconstruct_lib.ReconConfig:
+  """The reconstruction settings of the flags (raises ValueError naming a bad value)."""
+  try:
+    return reconstruct_lib.ReconConfig(
+        window=c.reconstruct, epochs=c.recon_epochs, batch_size=c.recon_batch,
+        optim=train_lib.OptimConfig(lr=c.recon_lr), loss=c.recon_loss, inputs=c.recon_inputs,
+        quant_mode=c.recon_quant_mode, peft=c.recon_peft, seed=c.seed)
+  except ValueError as e:
+    raise ValueError(f'--reconstruct: {e}') from e
+
+
+# --------------------------------------------------------------------------- validation before work
+
+DEFAULT_GROUP_SIZE = 128
+# The default --group_size: the first of these that divides the input width of every block linear.
+GROUP_SIZE_CANDIDATES = (128, 64, 32)
+# A token covers at least one byte of text, and a tokenizer adds at most a few of its own (BOS, EOS,
+# a SentencePiece word start): a text of n bytes holds at most n + _EXTRA_TOKENS tokens.
+_EXTRA_TOKENS = 4
+
+# Flags that do nothing unless another flag selects what they tune: (flags, when they are ignored,
+# why). A flag is only reported when it was given (see :func:`validate`).
+_IGNORED_UNLESS = (
+    (('sparsity',), lambda c: c.prune == 'none',
+     'without --prune (magnitude|wanda|sparsegpt): nothing is pruned'),
+    (('bits', 'group_size', 'sym'), lambda c: c.quant == 'none' and c.auto_bits is None,
+     'without --quant (rtn|gptq|awq): nothing is quantized'),
+    (('auto_candidates',), lambda c: c.auto_bits is None, 'without --auto_bits'),
+    (('static_groups',), lambda c: c.quant != 'gptq', 'without --quant=gptq'),
+    (('awq_clip',), lambda c: c.quant != 'awq', 'without --quant=awq'),
+    (('include_head', 'true_sequential', 'dense_inputs', 'rules'),
+     lambda c: c.prune == 'none' and c.quant == 'none',
+     'without --prune or --quant: nothing is compressed'),
+    (('rank', 'adapter_bits', 'recover_data'), lambda c: c.recover == 'none', 'without --recover'),
+    (('srr_k',), lambda c: c.recover != 'srr', 'without --recover=srr'),
+    (('recover_samples',), lambda c: c.recover == 'none' or c.recover_data is None,
+     'without --recover and --recover_data'),
+    (('recon_samples', 'recon_epochs', 'recon_lr', 'recon_batch', 'recon_inputs', 'recon_loss',
+      'recon_quant_mode', 'recon_peft'), lambda c: c.reconstruct == 'none',
+     'without --reconstruct'),
+    (('ft_steps', 'ft_samples', 'ft_lr'), lambda c: c.finetune == 'none', 'without --finetune'),
+    (('ft_distill',), lambda c: c.finetune in ('none', 'idp'),
+     'without --finetune=lora|qat|global'),
+    (('lora_rank', 'lora_init'), lambda c: c.finetune != 'lora', 'without --finetune=lora'),
+    (('idp_prompts',), lambda c: c.finetune != 'idp', 'without --finetune=idp'),
+)
+_GRID_FLAGS = frozenset({'bits', 'group_size', 'sym'})
+
+
+def _flag_text(name: str, value) -> str:
+  """How ``--name`` with ``value`` reads on a command line."""
+  if isinstance(value, bool):
+    return f'--{name}' if value else f'--no{name}'
+  if isinstance(value, (tuple, list)):
+    return f'--{name}={",".join(map(str, value))}'
+  return f'--{name}={value}'
+
+
+def _linear_shapes(cfg) -> dict[str, tuple[int, int, str]]:
+  """``[in, out]`` and the name of the input width of every block linear."""
+  qd = cfg.num_heads * cfg.head_dim
+  names = {'attn_in': 'hidden size', 'mlp_in': 'hidden size', 'down_in': 'intermediate size',
+           'o_in': 'hidden size' if qd == cfg.hidden_size else 'num_heads x head_dim'}
+  return {lin: (i, o, names[llama.LINEAR_INPUTS[lin]])
+          for lin, (i, o) in llama.linear_shapes(cfg).items()}
+
+
+def resolve(c: CompressConfig, model_config) -> CompressConfig:
+  """``c`` with its model-dependent defaults filled in: ``group_size=None`` becomes 128, or the
+  largest of 128/64/32 that divides the input width of every block linear of ``model_config``
+  (64 on SmolLM2-135M); 128 when none does (:func:`validate` then names the linears)."""
+  if c.group_size is not None:
+    return c
+  widths = {shape[0] for shape in _linear_shapes(model_config).values()}
+  g = next((g for g in GROUP_SIZE_CANDIDATES if all(w % g == 0 for w in widths)),
+           DEFAULT_GROUP_SIZE)
+  return dataclasses.replace(c, group_size=g)
+
+
+def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list[str]]:
+  """``(uniform spec, problems)``: every problem of the flags that needs neither the model nor a
+  file, one line each naming the flag. The spec is None when its own flags are bad."""
+  p: list[str] = []
+  compresses = c.prune != 'none' or c.quant != 'none'
+  spec_ok = True
+  if c.prune not in rules_lib.PRUNE_METHODS:
+    p.append(f'--prune={c.prune!r} is not a pruning method; choose one of '
+             f'{rules_lib.PRUNE_METHODS}')
+    spec_ok = False
+  if c.quant not in rules_lib.QUANT_METHODS:
+    p.append(f'--quant={c.quant!r} is not a quantization method; choose one of '
+             f'{rules_lib.QUANT_METHODS}')
+    spec_ok = False
+  if c.recover not in compensate_lib.METHODS:
+    p.append(f'--recover={c.recover!r} is not a recovery method; choose one of '
+             f'{compensate_lib.METHODS}')
+  sparsity = None
+  if c.prune != 'none':
+    try:
+      sparsity = PruneSpec.parse(c.sparsity)
+    except ValueError as e:
+      p.append(f'--sparsity={c.sparsity}: {e}')
+      spec_ok = False
+  qspec = None
+  if c.quant != 'none' or c.auto_bits is not None:
+    group_size = DEFAULT_GROUP_SIZE if c.group_size is None else c.group_size
+    if c.bits not in SUPPORTED_BITS:
+      p.append(f'--bits={c.bits} is not supported; choose one of {SUPPORTED_BITS}')
+      spec_ok = False
+    if group_size != -1 and group_size <= 0:
+      p.append(f'--group_size={group_size} must be positive, or -1 (one group per output unit)')
+      spec_ok = False
+    if spec_ok:
+      qspec = QuantSpec(bits=c.bits, group_size=group_size, symmetric=c.sym)
+  if c.act_order and c.quant != 'gptq':
+    p.append(f'--act_order only applies to --quant=gptq (got --quant={c.quant})')
+    spec_ok = False
+  if c.quant == 'awq' and c.prune != 'none':
+    p.append(f'--quant=awq cannot be combined with --prune={c.prune}; use --quant=gptq or rtn')
+    spec_ok = False
+  if c.auto_bits is not None:
+    if c.quant == 'none':
+      p.append(f'--auto_bits={c.auto_bits:g} needs a quantization method (--quant=rtn|gptq|awq): '
+               'without one nothing is quantized and the model runs dense')
+    bad = [b for b in c.auto_candidates if b not in SUPPORTED_BITS]
+    if not c.auto_candidates:
+      p.append(f'--auto_candidates is empty; give bit widths out of {SUPPORTED_BITS}')
+    elif bad:
+      p.append(f'{_flag_text("auto_candidates", c.auto_candidates)}: '
+               f'{",".join(map(str, bad))} ' + ('is not a supported bit width' if len(bad) == 1 else
+                                                'are not supported bit widths') +
+               f'; choose from {SUPPORTED_BITS}')
+    elif not min(c.auto_candidates) <= c.auto_bits <= max(c.auto_candidates):
+      p.append(f'--auto_bits={c.auto_bits:g} is outside the range of --auto_candidates '
+               f'({min(c.auto_candidates)} to {max(c.auto_candidates)} bits)')
+  for name, low in (('batch_size', 1), ('calib_samples', 1), ('calib_seqlen', 2),
+                    ('eval_seqlen', 2)):
+    value = getattr(c, name)
+    if value < low:
+      p.append(f'--{name}={value} must be ' + ('positive' if low == 1 else f'at least {low}'))
+  if c.eval_windows != -1 and c.eval_windows < 1:
+    p.append(f'--eval_windows={c.eval_windows} must be positive, or -1 for every window')
+  if not c.eval_data:
+    p.append('--eval_data is empty; name at least one corpus or text file')
+  if c.seed < 0:
+    p.append(f'--seed={c.seed} must be non-negative')
+  if not c.checkpoint_every_s >= 0:
+    p.append(f'--checkpoint_every_s={c.checkpoint_every_s} must be non-negative (0: save after '
+             'every block, window or chunk)')
+  if c.srr_k is not None and c.srr_k < -1:
+    p.append(f'--srr_k={c.srr_k} must be -1 (search), 0 or a positive preserved rank '
+             '(unset: the energy rule)')
+  if c.recover != 'none':
+    if not compresses:
+      p.append('--recover needs a compression (--prune or --quant)')
+    n = len(p)
+    if c.rank <= 0:
+      p.append(f'--rank={c.rank} must be positive')
+    if c.adapter_bits not in compensate_lib.ADAPTER_BITS:
+      p.append(f'--adapter_bits={c.adapter_bits} is not supported; choose one of '
+               f'{compensate_lib.ADAPTER_BITS}')
+    if c.recover == 'srr' and c.srr_k is not None and c.srr_k > c.rank > 0:
+      p.append(f'--srr_k={c.srr_k} exceeds --rank={c.rank}: the preserved directions are part of '
+               'the adapter rank')
+    if c.recover_data is not None and c.recover_samples <= 0:
+      p.append(f'--recover_samples={c.recover_samples} must be positive')
+    if len(p) == n and c.recover in compensate_lib.METHODS:
+      try:
+        compensate_lib.Compensator(method=c.recover, rank=c.rank, adapter_bits=c.adapter_bits,
+                                   srr_k=c.srr_k)
+      except ValueError as e:
+        p.append(f'--recover={c.recover}: {e}')
+  if c.reconstruct != 'none':
+    try:
+      recon_config(c)
+    except ValueError as e:
+      p.append(str(e))
+    if c.recon_samples < c.recon_batch:
+      p.append(f'--recon_samples={c.recon_samples} is smaller than the batch --recon_batch='
+               f'{c.recon_batch}')
+  if c.finetune not in FINETUNE_METHODS:
+    p.append(f'--finetune={c.finetune!r} is not a fine-tuning method; choose one of '
+             f'{FINETUNE_METHODS}')
+  elif c.finetune != 'none':
+    n = len(p)
+    for name in ('ft_steps', 'ft_samples'):
+      if getattr(c, name) <= 0:
+        p.append(f'--{name}={getattr(c, name)} must be positive')
+    if c.ft_lr is not None and not c.ft_lr > 0:
+      p.append(f'--ft_lr={c.ft_lr} must be positive')
+    if c.finetune == 'idp':
+      if c.idp_prompts <= 0:
+        p.append(f'--idp_prompts={c.idp_prompts} must be positive')
+      elif c.idp_prompts > c.ft_samples > 0:
+        p.append(f'--idp_prompts={c.idp_prompts} exceeds --ft_samples={c.ft_samples}: every prompt '
+                 'needs its own training sequences')
+    else:
+      if c.lora_rank <= 0:
+        p.append(f'--lora_rank={c.lora_rank} must be positive')
+      if c.lora_init not in LORA_INITS:
+        p.append(f'--lora_init={c.lora_init!r}; choose one of {LORA_INITS}')
+      elif c.finetune == 'lora' and c.lora_init in ('eora', 'srr') and (
+          c.recover != c.lora_init or c.rank != c.lora_rank):
+        p.append(f'--lora_init={c.lora_init} starts from the {c.lora_init} adapters: pass '
+                 f'--recover={c.lora_init} --rank={c.lora_rank}')
+    if len(p) == n:  # the remaining checks of the training configs themselves
+      try:
+        if c.finetune == 'idp':
+          prompting.IDPConfig(num_prompts=c.idp_prompts, steps=c.ft_steps, seed=c.seed,
+                              **({'lr': c.ft_lr} if c.ft_lr else {}))
+        else:
+          from recover import finetune as finetune_lib  # pylint: disable=g-import-not-at-top
+          finetune_lib.FinetuneConfig(c.finetune, c.ft_steps, lr=c.ft_lr, lora_rank=c.lora_rank,
+                                      lora_init=c.lora_init, distill=c.ft_distill, seed=c.seed)
+      except ValueError as e:
+        p.append(f'--finetune={c.finetune}: {e}')
+  if (c.reconstruct != 'none' or c.finetune != 'none') and not compresses:
+    p.append('--reconstruct/--finetune need a compression (--prune or --quant)')
+  spec = None
+  if spec_ok:
+    try:
+      spec = rules_lib.LinearSpec(prune=c.prune, sparsity=sparsity, quant=c.quant, qspec=qspec,
+                                  act_order=c.act_order, static_groups=c.static_groups,
+                                  awq_clip=c.awq_clip)
+    except ValueError as e:
+      p.append(str(e))
+  return spec, p
+
+
+def _ignored_problems(c: CompressConfig, given: Collection[str]) -> list[str]:
+  """The flags of ``given`` that do nothing with the others (:data:`_IGNORED_UNLESS`)."""
+  p = []
+  for names, ignored, why in _IGNORED_UNLESS:
+    if ignored(c):
+      p += [f'{_flag_text(n, getattr(c, n))} has no effect {why}' for n in names if n in given]
+  return p
+
+
+def _where(paths: list[str], num_layers: int) -> str:
+  """``layers/*/mlp/down_proj`` for a linear of every block, else the paths (a few, then a
+  count)."""
+  by_lin: dict[str, list[str]] = {}
+  for path in paths:
+    if path.startswith('layers/'):
+      i, lin = path[len('layers/'):].split('/', 1)
+      by_lin.setdefault(lin, []).append(i)
+    else:
+      by_lin.setdefault(path, [])
+  names = [f'layers/*/{lin}' if len(ix) == num_layers else
+           (f'layers/{ix[0]}/{lin}' if len(ix) == 1 else f'layers/{{{",".join(ix)}}}/{lin}')
+           if ix else lin for lin, ix in by_lin.items()]
+  return ', '.join(names) if len(names) <= 3 else (
+      f'{", ".join(names[:2])} and {len(names) - 2} more linears')
+
+
+def _model_problems(c: CompressConfig, cfg, spec: rules_lib.LinearSpec | None,
+                    default_group: bool) -> list[str]:
+  """Problems of the flags against the model's config: lengths against its positions, the rules,
+  group sizes and N:M patterns against the widths of the linears they compress, adapter ranks."""
+  p = []
+  model = c.model
+  for name in ('calib_seqlen', 'eval_seqlen'):
+    if getattr(c, name) > cfg.max_position_embeddings:
+      p.append(f'--{name}={getattr(c, name)} exceeds the {cfg.max_position_embeddings} positions '
+               f'of {model} (max_position_embeddings)')
+  if loading.is_saved_model(model):
+    meta = checkpoint.load_metadata(model)['metadata']
+    if meta.get('method', 'dense') != 'dense':
+      p.append(f'--model={model} is a compressed checkpoint ({meta.get("method")}) written by '
+               f'--save; compress its source model ({meta.get("model")}) instead')
+  has_head = not cfg.tie_word_embeddings
+  if c.include_head and not has_head:
+    p.append(f'--include_head has no effect: {model} ties its LM head to the token embeddings')
+  if spec is None:
+    return p
+  shapes = _linear_shapes(cfg)
+  paths = {f'layers/{i}/{lin}': shapes[lin] for i in range(cfg.num_layers) for lin in shapes}
+  if has_head:
+    paths['lm_head'] = (cfg.hidden_size, cfg.vocab_size, 'hidden size')
+  extra = []
+  for text in c.rules:
+    try:
+      rule = rules_lib.parse_rule(text, spec)
+    except ValueError as e:
+      p.append(f'--rules={text}: {e}')
+      continue
+    extra.append(rule)
+    if not any(re.fullmatch(rule.pattern, f'{path}/kernel') for path in paths):
+      p.append(f'--rules={text}: the pattern matches no linear of {model} (paths look like '
+               f'layers/0/self_attn/q_proj/kernel' + (', lm_head/kernel)' if has_head else ')'))
+  recipe = extra + rules_lib.uniform(spec, include_head=c.include_head)
+  compressed = {}
+  for path, shape in paths.items():
+    s = spec if c.auto_bits is not None and path != 'lm_head' else rules_lib.match(
+        recipe, f'{path}/kernel')
+    if s is not None and not s.is_noop:
+      compressed[path] = (s, shape)
+  if not compressed:
+    if not spec.is_noop:
+      p.append(f'{_flag_text("rules", c.rules)}: no linear of {model} is left to compress')
+    return p
+  bad_groups: dict[tuple[int, int, str], list[str]] = {}
+  bad_nm: dict[tuple[str, int, str], list[str]] = {}
+  for path, (s, (n_in, _, width)) in compressed.items():
+    if s.quant != 'none' and s.qspec.group_size != -1 and n_in % s.qspec.group_size:
+      bad_groups.setdefault((s.qspec.group_size, n_in, width), []).append(path)
+    if s.sparsity is not None and s.sparsity.is_nm and n_in % s.sparsity.m:
+      bad_nm.setdefault((s.sparsity.pattern, n_in, width), []).append(path)
+  widths = sorted({shape[0] for _, shape in compressed.values()})
+  fits = [g for g in GROUP_SIZE_CANDIDATES if all(w % g == 0 for w in widths)]
+  for (g, n_in, width), where in bad_groups.items():
+    hint = (f'; --group_size={fits[0]} divides every width ({", ".join(map(str, widths))})'
+            if fits else f'; pass --group_size=-1 or a divisor of {n_in}')
+    if default_group:
+      hint = f' (the default: none of {GROUP_SIZE_CANDIDATES} divides every width)' + hint
+    p.append(f'--group_size={g} does not divide the input width {n_in} of '
+             f'{_where(where, cfg.num_layers)} ({width}){hint}')
+  for (pattern, n_in, width), where in bad_nm.items():
+    p.append(f'--sparsity={pattern} needs input widths that are multiples of '
+             f'{pattern.split(":")[1]}: {n_in} of {_where(where, cfg.num_layers)} ({width})')
+  smallest = min(min(shape[:2]) for _, shape in compressed.values())
+  at = [path for path, (_, shape) in compressed.items() if min(shape[:2]) == smallest]
+  n_in, n_out = compressed[at[0]][1][:2]
+  for name, used in (('rank', c.recover != 'none'), ('lora_rank', c.finetune == 'lora')):
+    if used and getattr(c, name) > smallest:
+      p.append(f'--{name}={getattr(c, name)} exceeds min(in, out) = {smallest} of '
+               f'{_where(at, cfg.num_layers)} ({n_in} x {n_out}), the smallest compressed linear: '
+               f'its adapter would be clipped there; pass --{name}={smallest} or less')
+  return p
+
+
+def _text_problem(flag: str, source: str, need_tokens: int, what: str,
+                  cache: dict[str, Any]) -> str | None:
+  """Whether a corpus name or text file can give ``need_tokens`` tokens, judged without a
+  tokenizer: a known corpus name, or a file that exists, is UTF-8 text and has enough bytes."""
+  if source in data_lib.KNOWN_SOURCES:
+    if source in data_lib.HUB_CORPORA and importlib.util.find_spec('datasets') is None:
+      return (f'{flag}={source} needs the `datasets` library (pip install datasets) and the '
+              'Hugging Face hub; use python-docs, shakespeare or a local text file')
+    return None
+  path = pathlib.Path(source).expanduser()
+  if not path.exists():
+    if data_lib._looks_like_path(source):  # pylint: disable=protected-access
+      return f'{flag}={source}: no such file'
+    return (f'{flag}={source} is neither a known corpus ({", ".join(data_lib.KNOWN_SOURCES)}) nor '
+            'an existing text file')
+  if not path.is_file():
+    return f'{flag}={source} is a directory, not a text file'
+  if str(path) not in cache:
+    try:
+      raw = path.read_bytes()
+      cache[str(path)] = (len(raw), raw.decode('utf-8').strip() != '', None)
+    except UnicodeDecodeError as e:
+      cache[str(path)] = (None, None, f'is not UTF-8 text (byte 0x{e.object[e.start]:02x} at '
+                                      f'offset {e.start}): pass a text file')
+    except OSError as e:
+      cache[str(path)] = (None, None, f'cannot be read ({e.strerror or e})')
+  size, has_text, error = cache[str(path)]
+  if error:
+    return f'{flag}={source} {error}'
+  if size == 0:
+    return f'{flag}={source} is empty'
+  if not has_text:
+    return f'{flag}={source} holds only whitespace'
+  if size + _EXTRA_TOKENS < need_tokens:
+    return (f'{flag}={source} is too short: {size} bytes, and {what} needs {need_tokens} tokens '
+            '(a token covers at least one byte)')
+  return None
+
+
+def _data_problems(c: CompressConfig) -> list[str]:
+  """The calibration, evaluation and recovery texts and the probes file, without tokenizing."""
+  cache: dict[str, Any] = {}
+  calib_need = c.calib_seqlen + 1
+  checks = [('--calib_data', c.calib_data, calib_need,
+             f'one calibration sequence (--calib_seqlen + 1 = {calib_need})')]
+  windows = max(c.eval_windows, 1)
+  for source in c.eval_data:
+    checks.append(('--eval_data', source, windows * c.eval_seqlen,
+                   f'--eval_windows x --eval_seqlen = {windows} x {c.eval_seqlen}'))
+  if c.recover_data is not None and c.recover != 'none':
+    checks.append(('--recover_data', c.recover_data, calib_need,
+                   f'one calibration sequence (--calib_seqlen + 1 = {calib_need})'))
+  p = [msg for args in checks if (msg := _text_problem(*args, cache)) is not None]
+  if c.probes not in (None, 'none'):
+    try:
+      data_lib.load_mc_jsonl(c.probes)
+    except (OSError, ValueError) as e:
+      p.append(f'--probes={c.probes}: {e}' if not isinstance(e, UnicodeDecodeError) else
+               f'--probes={c.probes} is not UTF-8 text')
+  return p
+
+
+def _not_writable(directory: pathlib.Path) -> str | None:
+  """Why files cannot be made in ``directory`` (created when missing), found by creating and
+  removing one in it, or in its nearest existing ancestor when it does not exist yet (nothing is
+  left behind, no directory is created); None when they can."""
+  probe = directory
+  while not probe.exists() and probe.parent != probe:
+    probe = probe.parent
+  if not probe.is_dir():
+    return f'{probe} is not a directory'
+  try:
+    fd, tmp = tempfile.mkstemp(prefix='.write-check-', dir=probe)
+  except OSError as e:
+    return f'cannot create files in {probe} ({e.strerror or e})'
+  os.close(fd)
+  os.unlink(tmp)
+  return None
+
+
+def _output_problems(out_dir: str | None, save: str | None) -> list[str]:
+  """``out_dir`` and ``save``'s directory must be writable; ``save`` (which a save replaces) must
+  not be a file, another directory's content, or hold ``out_dir``."""
+  p = []
+  out = pathlib.Path(out_dir).expanduser().absolute() if out_dir else None
+  if out is not None:
+    if out.exists() and not out.is_dir():
+      p.append(f'--out_dir={out_dir} exists and is not a directory')
+    elif (why := _not_writable(out)) is not None:
+      p.append(f'--out_dir={out_dir} is not writable: {why}')
+  if save:
+    target = pathlib.Path(save).expanduser().absolute()
+    if target.exists() and not target.is_dir():
+      p.append(f'--save={save} exists and is not a directory')
+    elif target.is_dir() and any(target.iterdir()) and not loading.is_saved_model(target):
+      p.append(f'--save={save} is a directory that is not a saved model: saving replaces it; '
+               'choose a new path')
+    elif (why := _not_writable(target.parent)) is not None:
+      p.append(f'--save={save} is not writable: {why}')
+    if out is not None and (target == out or target in out.parents):
+      p.append(f'--save={save} holds --out_dir={out_dir}: saving replaces that directory; choose '
+               'a path outside it')
+  return p
+
+
+def validate(c: CompressConfig, *, out_dir: str | None = None, save: str | None = None,
+             given: Collection[str] | None = None, model_config=None) -> list[str]:
+  """Every problem of a run of ``c`` that shows before any work, one line each naming the flag
+  (empty: none). Reads the model's config (not its weights: :func:`models.loading.load_config`,
+  or ``model_config``), checks the text files (exist, UTF-8, long enough for what they must give)
+  and the probes, and that ``out_dir`` and ``save``'s directory are writable (by creating and
+  removing a file there; nothing is left behind). Checked: the methods and their settings, the
+  rules (syntax, bits, a pattern matching nothing), group sizes and N:M patterns against the input
+  widths of the linears they compress, adapter ranks (``--rank``, ``--lora_rank``) against the
+  smallest compressed linear, sequence lengths against the model's positions, sizes and counts,
+  the seed, and flags that do nothing with the others (``--sparsity`` without ``--prune``,
+  ``--auto_bits`` without ``--quant``, ...). Whether a corpus holds ``--eval_windows`` windows is
+  only known after tokenizing (a file too short for them at one byte per token is reported).
+
+  ``given``: the flags set on the command line (``experiments.compress`` passes them); a flag of
+  ``given`` that has no effect is an error. None (library callers): the fields that differ from
+  their defaults, except a quantization grid (``bits``, ``group_size``, ``sym``) beside a pruning
+  method (sweeps share one grid across their rows).
+  """
+  problems: list[str] = []
+  cfg = model_config
+  if cfg is None:
+    try:
+      cfg = loading.load_config(c.model)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+      problems.append(f'--model={c.model}: {e}')
+  resolved = resolve(c, cfg) if cfg is not None else c
+  spec, spec_problems = _spec_problems(resolved)
+  problems += spec_problems
+  if given is None:
+    defaults = CompressConfig()
+    given = {f.name for f in dataclasses.fields(c)
+             if getattr(c, f.name) != getattr(defaults, f.name)}
+    if c.prune != 'none':
+      given -= _GRID_FLAGS
+  problems += _ignored_problems(c, given)
+  if cfg is not None:
+    problems += _model_problems(resolved, cfg, spec, default_group=c.group_size is None)
+  problems += _data_problems(resolved)
+  problems += _output_problems(out_dir, save)
+  return problems
