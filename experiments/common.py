@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import pathlib
@@ -288,20 +289,40 @@ def slug(name: str) -> str:
   return ''.join(ch if ch.isalnum() else '_' for ch in name).strip('_')
 
 
+def cache_key(*parts: Any) -> str:
+  """A short hash of what determines a cached result: settings (by ``repr``) and arrays (by
+  value, dtype and shape)."""
+  h = hashlib.sha256()
+  for p in parts:
+    if isinstance(p, (np.ndarray, jax.Array)):
+      a = np.ascontiguousarray(np.asarray(p))
+      h.update(f'array {a.dtype} {a.shape}\n'.encode())
+      h.update(a.tobytes())
+    else:
+      h.update(f'{p!r}\n'.encode())
+  return h.hexdigest()[:16]
+
+
 def cached_model(cache_dir: str | os.PathLike, loaded,
-                 compute: Callable[[], tuple[Any, Mapping[str, Any]]]) -> tuple[Any, dict[str, Any]]:
+                 compute: Callable[[], tuple[Any, Mapping[str, Any]]], *,
+                 key: str) -> tuple[Any, dict[str, Any]]:
   """``compute() -> (params, info)`` once: the result is saved under ``cache_dir`` (an orbax
   model checkpoint of a model of ``loaded.config``, read only then, with ``info`` as its
-  metadata) and loaded from there on later calls. A resumable
-  computation keeps its partial state in ``CACHE_DIR.partial``, which is removed once the result
-  is saved."""
+  metadata) and loaded from there on later calls. ``key`` (:func:`cache_key` of the settings and
+  inputs) names the result: a cached model of another key is refused with a one-line error, never
+  reported as this one. A resumable computation keeps its partial state in
+  ``CACHE_DIR.partial``, which is removed once the result is saved."""
   cache = pathlib.Path(cache_dir)
   if (cache / 'structure.json').exists():
     _, params, meta = checkpoint.load_model(cache)
-    return params, {k: v for k, v in meta.items() if k != 'config'}
+    if meta.get('cache_key') != key:
+      raise checkpoint.CheckpointError(
+          f'the cached model in {cache} was computed with other settings or inputs; remove it '
+          'or use another output directory')
+    return params, {k: v for k, v in meta.items() if k not in ('config', 'cache_key')}
   params, info = compute()
   info = to_jsonable(dict(info))
-  checkpoint.save_model(cache, params, loaded.config, info)
+  checkpoint.save_model(cache, params, loaded.config, {**info, 'cache_key': key})
   shutil.rmtree(partial_dir(cache), ignore_errors=True)
   return params, info
 

@@ -256,8 +256,17 @@ def compress_cached(loaded: loading.LoadedModel, calib, c: CompressConfig, cache
         precomputed_aux_stats=aux_st, checkpoint_dir=common.partial_dir(cache_dir))
     # compress_seconds, numerics_seconds, recover_seconds, calib_forward_seconds, ...
     return params, {'timing': pipeline.summarize(reports), 'method': spec.describe()}
-  params, meta = common.cached_model(cache_dir, loaded, compute)
+  key = compress_key(c, recovery, calib, aux_tokens, shared_stats=stats is not None,
+                     shared_aux_stats=aux_stats is not None)
+  params, meta = common.cached_model(cache_dir, loaded, compute, key=key)
   return params, meta.get('timing', {})
+
+
+def compress_key(c: CompressConfig, recovery, calib, aux_tokens=None, *, shared_stats: bool,
+                 shared_aux_stats: bool = False) -> str:
+  """The :func:`common.cache_key` of a :func:`compress_cached` result."""
+  return common.cache_key('compress', c, getattr(recovery, 'fingerprint', None), calib,
+                          aux_tokens, shared_stats, shared_aux_stats)
 
 
 def compensated(loaded: loading.LoadedModel, calib, c: CompressConfig, rank: int, cache_dir, *,

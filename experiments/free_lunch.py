@@ -79,7 +79,9 @@ def reconstructed(s: Setup, row: str, config: rec.ReconConfig) -> tuple[Any, dic
                                       checkpoint_dir=common.partial_dir(cache), measure_memory=True)
     summary = rec.summarize(reports, tokens_per_step=config.batch_size * s.recon_tokens.shape[1])
     return params, {'recon': {**summary, 'window': config.window}}
-  params, meta = common.cached_model(cache, s.loaded, compute)
+  params, meta = common.cached_model(cache, s.loaded, compute,
+                                     key=common.cache_key('reconstruct', row, config, s.calib,
+                                                         s.recon_tokens))
   return params, meta['recon']
 
 
@@ -94,7 +96,9 @@ def global_retrained(s: Setup, row: str, steps: int, lr: float, seed: int) -> tu
         finetune.FinetuneConfig(method='global', steps=steps, lr=lr, seed=seed),
         dense_params=s.loaded.params)
     return params, {'global': {k: v for k, v in info.items() if k != 'losses'}}
-  params, meta = common.cached_model(cache, s.loaded, compute)
+  params, meta = common.cached_model(
+      cache, s.loaded, compute, key=common.cache_key('global', row, steps, lr, seed, s.calib,
+                                           s.recon_tokens))
   return params, meta['global']
 
 

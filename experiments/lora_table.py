@@ -36,7 +36,7 @@ import numpy as np
 
 from compress import calibration
 from experiments import common
-from experiments.compress_lib import compensated, compressions
+from experiments.compress_lib import compensated, compress_key, compressions
 from models import checkpoint
 from models import loading
 from models import tree
@@ -54,7 +54,9 @@ def loftq_start(loaded, base, cfg: finetune_lib.FinetuneConfig, cache: pathlib.P
   the 'before' model and the start of fine-tuning."""
   return common.cached_model(cache, loaded, lambda: (
       finetune_lib.initial_model(base, cfg, dense_params=loaded.params),
-      {'loftq_iters': cfg.loftq_iters}))[0]
+      {'loftq_iters': cfg.loftq_iters}), key=common.cache_key('loftq', cfg.lora_rank,
+                                                              cfg.loftq_iters,
+                                                              checkpoint.tree_digest(base)))[0]
 
 
 def finetuned(loaded, start, cfg: finetune_lib.FinetuneConfig, tokens: np.ndarray,
@@ -66,22 +68,26 @@ def finetuned(loaded, start, cfg: finetune_lib.FinetuneConfig, tokens: np.ndarra
                                          dense_params=loaded.params,
                                          from_initial=cfg.lora_init == 'loftq')
     return params, {'finetune': info}
-  params, meta = common.cached_model(cache, loaded, compute)
+  params, meta = common.cached_model(cache, loaded, compute,
+                                     key=common.cache_key('finetune', cfg, tokens,
+                                                         checkpoint.tree_digest(start)))
   return params, meta['finetune']
 
 
 def eora_start(loaded, calib, c, row: str, rank: int, out: pathlib.Path,
                stats: Callable[[], Any], eora_models: str | None) -> Any:
   """The EoRA model of ``row`` at ``rank``: truncated from a cached EoRA model of a rank >= ``rank``
-  in ``eora_models`` (``eora_tables`` writes them, on the same calibration draw), else computed
-  and cached under ``out/models`` from the shared dense statistics ``stats()`` (called only then).
-  Truncation is exact (factors are ordered by singular value)."""
+  in ``eora_models`` (``eora_tables`` writes them) made from the same config ``c`` and calibration
+  ``calib`` (others are passed over), else computed and cached under ``out/models`` from the
+  shared dense statistics ``stats()`` (called only then). Truncation is exact (factors are ordered
+  by singular value)."""
   if eora_models:
     prefix = f'{common.slug(row)}_eora'
     cached = sorted((int(d.name[len(prefix):]), d) for d in pathlib.Path(eora_models).glob(f'{prefix}*')
                     if d.name[len(prefix):].isdigit() and (d / 'structure.json').exists())
     for cached_rank, d in cached:
-      if cached_rank >= rank:
+      key = compress_key(c, compensate.Compensator('eora', cached_rank), calib, shared_stats=True)
+      if cached_rank >= rank and checkpoint.load_metadata(d)['metadata'].get('cache_key') == key:
         return compensate.truncate_adapters(checkpoint.load_model(d)[1], rank)
   return compensated(loaded, calib, c, rank, out / 'models' / f'{common.slug(row)}_eora{rank}',
                      stats=stats)

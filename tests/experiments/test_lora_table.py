@@ -40,12 +40,19 @@ def test_lora_table_smoke(tmp_path, monkeypatch):
 
   models_dir = tmp_path / 'l' / 'models'
   cached = lora_table.checkpoint.load_model(models_dir / 'rtn_w2g32_eora4')[1]
-  got = lora_table.eora_start(None, None, None, 'rtn w2g32', 2, tmp_path / 'm', no_stats,
+  c = compress_lib.compressions(['rtn w2g32'], model='tiny-llama', calib_samples=8,
+                                calib_seqlen=32)['rtn w2g32']
+  loaded = lora_table.loading.load_model('tiny-llama')
+  calib = common.calibration_for(loaded.tokenizer(), 'python-docs', 8, 32, 0)
+  got = lora_table.eora_start(None, calib, c, 'rtn w2g32', 2, tmp_path / 'm', no_stats,
                               str(models_dir))
   want = lora_table.compensate.truncate_adapters(cached, 2)
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
   assert got['layers'][0]['mlp']['down_proj']['kernel'].adapter.a.shape[-1] == 2
   with pytest.raises(AssertionError, match='recomputed'):
-    lora_table.eora_start(None, None, None, 'rtn w2g32', 8, tmp_path / 'm', no_stats,
+    lora_table.eora_start(None, calib, c, 'rtn w2g32', 8, tmp_path / 'm', no_stats,
+                          str(models_dir))
+  with pytest.raises(AssertionError, match='recomputed'):  # another calibration: not reused
+    lora_table.eora_start(None, calib[:4], c, 'rtn w2g32', 2, tmp_path / 'm', no_stats,
                           str(models_dir))

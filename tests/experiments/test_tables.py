@@ -77,7 +77,8 @@ def test_compress_cached_computes_statistics_only_on_a_miss(tmp_path, monkeypatc
   cfg = config_lib.tiny_config(num_layers=1)
   params = llama.init_params(cfg, jax.random.key(0))
   cache = tmp_path / 'm'
-  checkpoint.save_model(cache, params, cfg, {'timing': {'numerics_seconds': 1.5}})
+  key = compress_lib.compress_key(None, None, None, shared_stats=True)
+  checkpoint.save_model(cache, params, cfg, {'timing': {'numerics_seconds': 1.5}, 'cache_key': key})
 
   def no_stats():
     raise AssertionError('statistics computed')
@@ -86,6 +87,9 @@ def test_compress_cached_computes_statistics_only_on_a_miss(tmp_path, monkeypatc
   assert timing == {'numerics_seconds': 1.5}
   np.testing.assert_array_equal(np.asarray(got['embed_tokens']['embedding']),
                                 np.asarray(params['embed_tokens']['embedding']))
+  # A cached model of other settings (here: propagated calibration) is refused, not reported.
+  with pytest.raises(checkpoint.CheckpointError, match='other settings'):
+    compress_lib.compress_cached(None, None, None, cache)
   # A miss calls the callable once and hands its result to the pipeline.
   seen = {}
 
