@@ -20,3 +20,15 @@ if not _CACHE:
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _release_compiled_programs():
+  """Drops every compiled program after each test module. XLA's CPU executables each hold memory
+  maps, and one process running the whole suite would otherwise pile up tens of thousands of them,
+  past the kernel's limit (vm.max_map_count, 65530), and crash."""
+  yield
+  jax.clear_caches()
