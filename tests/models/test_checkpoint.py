@@ -195,25 +195,16 @@ def test_error_format_version(tmp_path):
     checkpoint.load_tree(path)
 
 
-def test_error_missing_array(tmp_path):
+@pytest.mark.parametrize('edit,message', [
+    (lambda d: d['structure']['items']['b'].update(key='nope'), 'array nope is missing'),
+    (lambda d: d['structure']['items']['a'].update(shape=[3, 2]),
+     r'array a has shape \[2, 3\], the structure says \[3, 2\]'),
+    (lambda d: d['structure']['items']['a'].update(t='Mystery'), "unknown node type 'Mystery' at /a"),
+], ids=['missing_array', 'shape_mismatch', 'unknown_node_type'])
+def test_error_structure_does_not_match(tmp_path, edit, message):
   path = _saved(tmp_path)
-  _edit_structure(path, lambda d: d['structure']['items']['b'].update(key='nope'))
-  with pytest.raises(CheckpointError, match='array nope is missing'):
-    checkpoint.load_tree(path)
-
-
-def test_error_shape_mismatch(tmp_path):
-  path = _saved(tmp_path)
-  _edit_structure(path, lambda d: d['structure']['items']['a'].update(shape=[3, 2]))
-  with pytest.raises(CheckpointError,
-                     match=r'array a has shape \[2, 3\], the structure says \[3, 2\]'):
-    checkpoint.load_tree(path)
-
-
-def test_error_unknown_node_type(tmp_path):
-  path = _saved(tmp_path)
-  _edit_structure(path, lambda d: d['structure']['items']['a'].update(t='Mystery'))
-  with pytest.raises(CheckpointError, match="unknown node type 'Mystery' at /a"):
+  _edit_structure(path, edit)
+  with pytest.raises(CheckpointError, match=message):
     checkpoint.load_tree(path)
 
 
