@@ -16,6 +16,7 @@ from experiments import common
 from experiments.config import CompressConfig, build_rules, build_spec, recon_config, resolve
 from experiments.config import validate
 from models import checkpoint
+from models import export as export_lib
 from models import loading
 from models import tree
 from recover import compensate as compensate_lib
@@ -188,6 +189,13 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
       per_dataset[ds].update({f'{k}_recovered': ev.get(f'{k} {ds}') for k in ('ppl', 'kl', 'top1')})
     results.update(compensate_lib.adapter_share(recovered))
   results = dict(report(), complete=True)
+  if c.export != 'none' and out_dir:
+    if on_results is not None:
+      on_results(results)
+    path = export_lib.save_hf(pathlib.Path(out_dir) / f'export_{c.export}',
+                              recovered if recovered is not None else compressed, cfg,
+                              tokenizer=tokenizer, overwrite=True)
+    results['exported_to'] = str(path)
   if save:
     if on_results is not None:
       on_results(results)  # the evaluation is on disk before the save, which can still fail

@@ -95,6 +95,9 @@ class CompressConfig:
   lora_rank: int = common.flag_field(16, 'LoRA rank.')
   lora_init: str = common.flag_field('zero', 'LoRA init: zero (QLoRA)|loftq|eora|srr.')
   idp_prompts: int = common.flag_field(2, 'IDP: prompts in the pool (k-means groups).')
+  export: str = common.flag_field(
+      'none', 'Also export the result for other tools, to OUT_DIR/export_FORMAT: none|hf (dense '
+      'safetensors, adapters merged; see experiments.export for more).', choices=('none', 'hf'))
   checkpoint_every_s: float = common.flag_field(
       60.0, 'Save resumable state (compression, reconstruction, fine-tuning) at most this often, '
       'in seconds, and at the end of each stage; 0: after every block, window or chunk.')

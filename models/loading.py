@@ -34,7 +34,7 @@ from models.config import ModelConfig
 
 Params = dict[str, Any]
 
-_HF_LINEARS = {
+HF_LINEARS = {  # Hugging Face module name -> (block sub-tree, linear)
     'self_attn.q_proj': ('self_attn', 'q_proj'),
     'self_attn.k_proj': ('self_attn', 'k_proj'),
     'self_attn.v_proj': ('self_attn', 'v_proj'),
@@ -125,8 +125,8 @@ def _place(params: Params, cfg: ModelConfig, name: str, arr: np.ndarray, dtype) 
         layer[norm]['scale'] = put(arr)
         return True
     mod, kind = rest.rsplit('.', 1)
-    if mod in _HF_LINEARS and kind in ('weight', 'bias'):
-      sub, lin = _HF_LINEARS[mod]
+    if mod in HF_LINEARS and kind in ('weight', 'bias'):
+      sub, lin = HF_LINEARS[mod]
       if kind == 'weight':
         layer[sub][lin]['kernel'] = put(arr.T)
       else:

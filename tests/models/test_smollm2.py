@@ -76,3 +76,20 @@ def test_probes_above_chance(smol):
   items = data_lib.load_mc_jsonl(data_lib.probes_path())[:64]
   out = eval_lib.score_multiple_choice(loaded.params, loaded.config, tok, items, progress=False)
   assert out['acc'] > 0.5
+
+
+def test_hf_export_loads_in_transformers_with_its_tokenizer(smol, tmp_path):
+  """SmolLM2 exported as a Hugging Face directory: transformers loads model and tokenizer from it
+  alone, the tokenizer round-trips text, and the logits are ours."""
+  from models import export  # pylint: disable=g-import-not-at-top
+  loaded, tok = smol
+  path = export.save_hf(tmp_path / 'hf', loaded.params, loaded.config, tokenizer=tok)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(path))
+  text = 'The capital of France is'
+  ids = hf_tok(text)['input_ids']
+  assert ids == tok(text)['input_ids'] and hf_tok.decode(ids) == text
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+  with torch.no_grad():
+    got = model(torch.as_tensor([ids])).logits.numpy()
+  want = np.asarray(llama.forward(loaded.params, jnp.asarray([ids]), loaded.config))
+  np.testing.assert_allclose(got, want, atol=2e-3, rtol=0)

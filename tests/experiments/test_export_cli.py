@@ -1,0 +1,46 @@
+"""``--export=hf`` on the main command and ``experiments.export`` from a run's directory: the
+exports load in transformers and give the saved model's logits."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import compress_lib, config
+from experiments import export as export_cli
+from models import checkpoint, export, llama
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+
+def _hf_logits(path, tokens):
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
+  with torch.no_grad():
+    return model.eval()(torch.as_tensor(np.array(tokens), dtype=torch.long)).logits.numpy()
+
+
+def test_run_export_and_export_from_a_run(tmp_path):
+  rng = np.random.default_rng(0)
+  words = ['the', 'model', 'weight', 'is', 'a', 'of', 'and', 'compress', 'recover', 'layer']
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text(' '.join(rng.choice(words, size=6000)) + '\n')
+  c = config.CompressConfig(model='tiny-llama', calib_data=str(corpus), calib_samples=4,
+                            calib_seqlen=32, eval_data=(str(corpus),), eval_seqlen=32,
+                            eval_windows=2, probes='none', batch_size=2, quant='gptq', bits=3,
+                            group_size=32, recover='eora', rank=8, export='hf')
+  out = tmp_path / 'run'
+  res = compress_lib.run(c, out_dir=str(out), save=str(tmp_path / 'saved'))
+  (out / 'results.json').write_text(json.dumps({'saved_to': res['saved_to']}))
+  cfg, saved, _ = checkpoint.load_model(tmp_path / 'saved')
+  tokens = np.arange(24)[None] % cfg.vocab_size
+  want = np.asarray(llama.forward(saved, jnp.asarray(tokens), cfg))
+  np.testing.assert_allclose(_hf_logits(res['exported_to'], tokens), want, atol=2e-4, rtol=0)
+  # The stand-alone command from the run's directory writes the same export.
+  path = export_cli.run(source=str(out), fmt='hf', out=str(tmp_path / 'again'))
+  np.testing.assert_allclose(_hf_logits(path, tokens), want, atol=2e-4, rtol=0)
+  with pytest.raises(export.ExportError, match='not empty'):
+    export_cli.run(source=str(out), fmt='hf', out=str(tmp_path / 'again'))
+  with pytest.raises(export.ExportError, match="--format='gguf'"):
+    export_cli.run(source=str(out), fmt='gguf', out=str(tmp_path / 'third'))
