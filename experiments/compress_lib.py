@@ -192,9 +192,9 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
   if c.export != 'none' and out_dir:
     if on_results is not None:
       on_results(results)
-    path = export_lib.save_hf(pathlib.Path(out_dir) / f'export_{c.export}',
-                              recovered if recovered is not None else compressed, cfg,
-                              tokenizer=tokenizer, overwrite=True)
+    path = export_lib.save(pathlib.Path(out_dir) / f'export_{c.export}', c.export,
+                           recovered if recovered is not None else compressed, cfg,
+                           tokenizer=tokenizer, overwrite=True)
     results['exported_to'] = str(path)
   if save:
     if on_results is not None:

@@ -97,7 +97,8 @@ class CompressConfig:
   idp_prompts: int = common.flag_field(2, 'IDP: prompts in the pool (k-means groups).')
   export: str = common.flag_field(
       'none', 'Also export the result for other tools, to OUT_DIR/export_FORMAT: none|hf (dense '
-      'safetensors, adapters merged; see experiments.export for more).', choices=('none', 'hf'))
+      'safetensors, adapters merged)|peft (base + adapters); see experiments.export.',
+      choices=('none', 'hf', 'peft'))
   checkpoint_every_s: float = common.flag_field(
       60.0, 'Save resumable state (compression, reconstruction, fine-tuning) at most this often, '
       'in seconds, and at the end of each stage; 0: after every block, window or chunk.')
@@ -264,6 +265,9 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
     p.append('--eval_data is empty; name at least one corpus or text file')
   if c.seed < 0:
     p.append(f'--seed={c.seed} must be non-negative')
+  if c.export == 'peft' and c.recover == 'none' and c.finetune != 'lora':
+    p.append('--export=peft writes low-rank adapters, but nothing makes them: add --recover '
+             '(svd|eora|actsvd|srr) or --finetune=lora, or use --export=hf')
   if not c.checkpoint_every_s >= 0:
     p.append(f'--checkpoint_every_s={c.checkpoint_every_s} must be non-negative (0: save after '
              'every block, window or chunk)')
@@ -594,4 +598,6 @@ def validate(c: CompressConfig, *, out_dir: str | None = None, save: str | None 
     problems += _model_problems(resolved, cfg, spec, default_group=c.group_size is None)
   problems += _data_problems(resolved)
   problems += _output_problems(out_dir, save)
+  if c.export != 'none' and not out_dir:
+    problems.append(f'--export={c.export} writes to OUT_DIR/export_{c.export}: pass --out_dir')
   return problems

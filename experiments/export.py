@@ -6,8 +6,10 @@ r"""Export a model, or the result of a run of ``experiments.compress``, to a for
 as recorded in its ``results.json``), a ``--save`` directory, a model name, a Hugging Face
 directory or a ``.gguf``. Formats: ``hf`` (dense safetensors + ``config.json`` + the tokenizer's
 files, loaded by ``transformers.AutoModelForCausalLM.from_pretrained``; adapters merged, or left
-out with ``--nomerge_adapters``). A non-empty ``--out`` is refused unless ``--overwrite``; a
-half-written export never carries the final name.
+out with ``--nomerge_adapters``); ``peft`` (``OUT/base``: the ``hf`` export without adapters,
+``OUT/adapter``: the adapters as a PEFT LoRA, ``peft.PeftModel.from_pretrained(base, adapter)``).
+A non-empty ``--out`` is refused unless ``--overwrite``; a half-written export never carries the
+final name.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ def run(*, source: str, fmt: str, out: str, merge_adapters: bool = True,
     raise export.ExportError(f'--format={fmt!r} is not one of {export.FORMATS}')
   export.check_output_dir(out, overwrite)
   loaded = loading.load_model(model_of(source))
-  return export.save_hf(out, loaded.params, loaded.config, tokenizer=loaded.tokenizer(),
-                        merge_adapters=merge_adapters, overwrite=overwrite)
+  return export.save(out, fmt, loaded.params, loaded.config, tokenizer=loaded.tokenizer(),
+                     merge_adapters=merge_adapters, overwrite=overwrite)
 
 
 FLAGS = flags.FLAGS

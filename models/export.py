@@ -4,8 +4,17 @@
 tokenizer's files when the model has a transformers tokenizer), loaded by
 ``transformers.AutoModelForCausalLM.from_pretrained``. Every linear is written dense in
 ``[out, in]`` layout: a compressed leaf as its dequantized (and masked) weight, with its low-rank
-adapter merged in (``merge_adapters=True``) or left out. The directory is written under a
-temporary name and renamed at the end, so a half-written export never carries the final name.
+adapter merged in (``merge_adapters=True``) or left out.
+
+``'peft'``: the low-rank adapters (EoRA, SVD, SRR, LoRA from fine-tuning; quantized ones
+dequantized) as a PEFT LoRA adapter, ``adapter_model.safetensors`` + ``adapter_config.json``, for
+the ``'hf'`` export of the same model with its adapters left out. Our adapter adds
+``(x @ a) @ b``; PEFT adds ``B(A(x)) * lora_alpha / r``, so ``A = a^T``, ``B = b^T`` and
+``lora_alpha = r`` (per module through ``rank_pattern``/``alpha_pattern`` where ranks differ).
+Linears without an adapter get none (PEFT's zero-initialised ``B`` leaves them as they are).
+
+Every export is written under a temporary name and renamed at the end, so a half-written export
+never carries the final name.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from models import llama
 from models.config import ModelConfig
 from models.loading import HF_LINEARS
 
-FORMATS = ('hf',)
+FORMATS = ('hf', 'peft')
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
                  'qwen2': 'Qwen2ForCausalLM'}
 
@@ -94,6 +103,70 @@ def hf_state_dict(params: dict[str, Any], cfg: ModelConfig, *,
   return out
 
 
+def peft_tensors(params: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """The PEFT LoRA tensors of every adapter of a param tree, and each module's rank."""
+  hf_name = {v: k for k, v in HF_LINEARS.items()}
+  tensors, ranks = {}, {}
+  for i, block in enumerate(params['layers']):
+    for lin in llama.LINEAR_NAMES:
+      sub, name = lin.split('/')
+      leaf = block[sub][name]['kernel']
+      if not isinstance(leaf, formats.CompressedLinear) or leaf.adapter is None:
+        continue
+      module = f'model.layers.{i}.{hf_name[(sub, name)]}'
+      a, b = (np.asarray(formats.dequantize(x) if isinstance(x, formats.QuantizedWeight) else x,
+                         np.float32) for x in (leaf.adapter.a, leaf.adapter.b))
+      tensors[f'base_model.model.{module}.lora_A.weight'] = np.ascontiguousarray(a.T)
+      tensors[f'base_model.model.{module}.lora_B.weight'] = np.ascontiguousarray(b.T)
+      ranks[module] = int(a.shape[1])
+  if not ranks:
+    raise ExportError('the model carries no low-rank adapters: nothing to write as PEFT')
+  return tensors, ranks
+
+
+def peft_config(ranks: dict[str, int]) -> dict[str, Any]:
+  """``adapter_config.json`` for modules of the given ranks, each with scale ``alpha / r = 1``."""
+  r = max(set(ranks.values()), key=list(ranks.values()).count)  # the commonest rank
+  other = {m: k for m, k in ranks.items() if k != r}
+  return {'peft_type': 'LORA', 'task_type': 'CAUSAL_LM', 'r': r, 'lora_alpha': r,
+          'target_modules': sorted({m.rsplit('.', 1)[1] for m in ranks}),
+          'layers_to_transform': sorted({int(m.split('.')[2]) for m in ranks}),
+          'rank_pattern': other, 'alpha_pattern': other, 'lora_dropout': 0.0, 'bias': 'none',
+          'fan_in_fan_out': False, 'use_rslora': False, 'init_lora_weights': True,
+          'inference_mode': True, 'base_model_name_or_path': None}
+
+
+def save_peft(out_dir: str | pathlib.Path, params: dict[str, Any], *,
+              overwrite: bool = False) -> pathlib.Path:
+  """Writes the ``'peft'`` adapter export of ``params`` to ``out_dir``; load it with
+  ``peft.PeftModel.from_pretrained(base, out_dir)`` on the ``'hf'`` export with
+  ``merge_adapters=False``."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  out = check_output_dir(out_dir, overwrite)
+  tensors, ranks = peft_tensors(params)
+  config = peft_config(ranks)
+
+  def write(tmp):
+    save_file(tensors, str(tmp / 'adapter_model.safetensors'), metadata={'format': 'pt'})
+    (tmp / 'adapter_config.json').write_text(json.dumps(config, indent=2) + '\n')
+  return write_dir(out, write)
+
+
+def write_dir(out: pathlib.Path, write) -> pathlib.Path:
+  """Runs ``write(tmp)`` into ``OUT.tmp`` and renames it to ``out`` (replacing it) at the end."""
+  tmp = out.with_name(out.name + '.tmp')
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  try:
+    write(tmp)
+    if out.exists():
+      shutil.rmtree(out)
+    tmp.rename(out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return out
+
+
 def check_output_dir(out_dir: str | pathlib.Path, overwrite: bool) -> pathlib.Path:
   """Raises ExportError unless ``out_dir`` can take an export (absent, empty, or ``overwrite``)."""
   out = pathlib.Path(out_dir)
@@ -115,17 +188,28 @@ def save_hf(out_dir: str | pathlib.Path, params: dict[str, Any], cfg: ModelConfi
   # safetensors writes an array's buffer as it lies: every tensor must be C-contiguous.
   tensors = {k: np.ascontiguousarray(v) for k, v in
              hf_state_dict(params, cfg, merge_adapters=merge_adapters).items()}
-  tmp = out.with_name(out.name + '.tmp')
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  try:
+
+  def write(tmp):
     save_file(tensors, str(tmp / 'model.safetensors'), metadata={'format': 'pt'})
     (tmp / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
     if tokenizer is not None and hasattr(tokenizer, 'save_pretrained'):
       tokenizer.save_pretrained(str(tmp))
-    if out.exists():
-      shutil.rmtree(out)
-    tmp.rename(out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
-  return out
+  return write_dir(out, write)
+
+
+def save(out_dir: str | pathlib.Path, fmt: str, params: dict[str, Any], cfg: ModelConfig, *,
+         tokenizer: Any = None, merge_adapters: bool = True,
+         overwrite: bool = False) -> pathlib.Path:
+  """Writes the export of format ``fmt`` to ``out_dir``: ``'hf'`` as :func:`save_hf`; ``'peft'``
+  as ``OUT/base`` (the ``'hf'`` export without adapters) and ``OUT/adapter`` (:func:`save_peft`),
+  in one rename. Every check comes before anything is written."""
+  if fmt not in FORMATS:
+    raise ExportError(f'--format={fmt!r} is not one of {FORMATS}')
+  out = check_output_dir(out_dir, overwrite)
+  if fmt == 'hf':
+    return save_hf(out, params, cfg, tokenizer=tokenizer, merge_adapters=merge_adapters,
+                   overwrite=overwrite)
+  peft_tensors(params)  # raises before writing when there are no adapters
+  return write_dir(out, lambda tmp: (
+      save_hf(tmp / 'base', params, cfg, tokenizer=tokenizer, merge_adapters=False),
+      save_peft(tmp / 'adapter', params)))

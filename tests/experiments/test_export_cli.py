@@ -44,3 +44,27 @@ def test_run_export_and_export_from_a_run(tmp_path):
     export_cli.run(source=str(out), fmt='hf', out=str(tmp_path / 'again'))
   with pytest.raises(export.ExportError, match="--format='gguf'"):
     export_cli.run(source=str(out), fmt='gguf', out=str(tmp_path / 'third'))
+
+
+def test_peft_format_writes_base_and_adapter(tmp_path):
+  """``--format=peft`` from a --save directory: peft on the base gives the saved model's logits."""
+  peft = pytest.importorskip('peft')
+  import jax  # pylint: disable=g-import-not-at-top
+  from compress import pipeline, rules as rules_lib  # pylint: disable=g-import-not-at-top
+  from kernels import QuantSpec  # pylint: disable=g-import-not-at-top
+  from models import config as config_lib  # pylint: disable=g-import-not-at-top
+  from recover import compensate  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.tiny_config(num_layers=2)
+  params = llama.init_params(cfg, jax.random.key(0), scale=0.1)
+  calib = np.asarray(jax.random.randint(jax.random.key(1), (8, 32), 0, cfg.vocab_size))
+  spec = rules_lib.LinearSpec(quant='rtn', qspec=QuantSpec(bits=3, group_size=32))
+  model, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(spec), progress=False,
+                                     recovery=compensate.Compensator(method='svd', rank=4))
+  checkpoint.save_model(tmp_path / 'saved', model, cfg, {'model': 'tiny-llama'})
+  out = export_cli.run(source=str(tmp_path / 'saved'), fmt='peft', out=str(tmp_path / 'p'))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / 'base'), torch_dtype=torch.float32)
+  hf = peft.PeftModel.from_pretrained(hf, str(out / 'adapter')).eval()
+  with torch.no_grad():
+    got = hf(torch.as_tensor(np.array(calib[:2]), dtype=torch.long)).logits.numpy()
+  want = np.asarray(llama.forward(model, jnp.asarray(calib[:2]), cfg))
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)

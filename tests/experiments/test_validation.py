@@ -175,6 +175,8 @@ CASES = [
     ('batch_size_0', TINY + ['--quant=rtn', '--batch_size=0'], ['--batch_size=0 must be positive']),
     ('seed_negative', TINY + ['--quant=rtn', '--seed=-1'], ['--seed=-1 must be non-negative']),
     ('out_dir_missing', TINY + ['--quant=rtn', '--out_dir='], ['--out_dir is required']),
+    ('export_peft_without_adapters', TINY + ['--quant=rtn', '--export=peft'],
+     ['--export=peft writes low-rank adapters, but nothing makes them']),
     ('unknown_model', ['--model=no-such-model', '--quant=rtn'],
      ["--model=no-such-model: unknown model 'no-such-model'"]),
 ]

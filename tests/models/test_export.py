@@ -35,7 +35,7 @@ def _hf_logits(path, tokens):
   model = transformers.AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
   model.eval()
   with torch.no_grad():
-    return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+    return model(torch.as_tensor(np.array(tokens), dtype=torch.long)).logits.numpy()
 
 
 @pytest.mark.parametrize('merge', [True, False], ids=['adapters_merged', 'adapters_left_out'])
@@ -77,3 +77,34 @@ def test_bad_output_folder_is_refused_before_writing(recovered, tmp_path):
   (tmp_path / 'a_file').write_text('x')
   with pytest.raises(export.ExportError, match='not a directory'):
     export.save_hf(tmp_path / 'a_file', params, cfg)
+
+
+@pytest.mark.parametrize('adapter_bits', [16, 4], ids=['float_adapters', 'quantized_adapters'])
+def test_peft_loads_the_adapters_on_the_base_export(recovered, tmp_path, adapter_bits):
+  """The 'peft' adapters on the 'hf' base (adapters left out), loaded with peft itself, give our
+  recovered model's logits; per-layer ranks that differ go through rank_pattern."""
+  peft = pytest.importorskip('peft')
+  cfg, params, calib = recovered
+  if adapter_bits != 16:
+    params = compensate.quantize_adapters(params, adapter_bits, 8)
+  # A lower rank on one linear exercises rank_pattern / alpha_pattern.
+  leaf = tree.get_linear(params['layers'][0], 'self_attn/q_proj')
+  params = tree.replace_leaves(params, {'layers/0/self_attn/q_proj/kernel': (
+      compensate.truncate_adapters({'x': leaf}, 4)['x'] if adapter_bits == 16 else leaf)})
+  base = export.save_hf(tmp_path / 'base', params, cfg, merge_adapters=False)
+  adapter = export.save_peft(tmp_path / 'adapter', params)
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(base), torch_dtype=torch.float32)
+  model = peft.PeftModel.from_pretrained(model, str(adapter)).eval()
+  with torch.no_grad():
+    got = model(torch.as_tensor(np.array(calib[:2]), dtype=torch.long)).logits.numpy()
+  want = np.asarray(llama.forward(params, jnp.asarray(calib[:2]), cfg))
+  np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+  # Without the adapters the logits are the base's, which differ.
+  assert np.abs(_hf_logits(base, calib[:2]) - want).max() > 1e-2
+
+
+def test_peft_export_needs_adapters(recovered, tmp_path):
+  cfg, params, _ = recovered
+  with pytest.raises(export.ExportError, match='no low-rank adapters'):
+    export.save_peft(tmp_path / 'a', tree.strip_adapters(params))
+  assert not (tmp_path / 'a').exists()
