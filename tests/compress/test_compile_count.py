@@ -17,7 +17,7 @@ enables (checked on jax 0.10.2: a persistent-cache hit records the event too, to
 The test asserts ``real == 0`` and, more strictly, ``requests == 0``: a second identical block must
 be served from the in-memory caches. (Without the test-only persistent cache every request would be
 a real compilation, and counting requests makes the result independent of what earlier test
-sessions left in that cache.) A positive control shows that a block of a new shape is counted.
+runs left in that cache.) A positive control shows that a block of a new shape is counted.
 """
 
 import collections
