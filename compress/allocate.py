@@ -27,7 +27,8 @@ from models.config import ModelConfig
 
 def auto_bits_rules(params: dict, cfg: ModelConfig, calib_tokens: np.ndarray, spec: LinearSpec, *,
                     budget: float, candidates: Sequence[int] = (2, 3, 4), batch_size: int = 8,
-                    dtype=jnp.float32, progress: bool = True) -> list[Rule]:
+                    dtype=jnp.float32, progress: bool = True,
+                    keep: Sequence[Rule] = ()) -> list[Rule]:
   """Mixed precision from measured sensitivity under an average-bits budget.
 
   Runs the dense model over the calibration set block by block, measures every linear's relative
@@ -36,6 +37,10 @@ def auto_bits_rules(params: dict, cfg: ModelConfig, calib_tokens: np.ndarray, sp
   layer at the lowest width and repeatedly upgrade the layer with the largest drop in squared
   relative error per added bit-parameter, while the parameter-weighted average stays within
   ``budget``. Returns one exact-path rule per linear (to put ahead of the uniform rules).
+
+  ``keep``: the user's own rules, which win: a linear one of them matches keeps that rule's spec
+  (or stays dense) and is left out of the allocation, whose average covers the other linears.
+  Put them ahead of the returned rules.
   """
   cands = sorted(set(int(b) for b in candidates))
   if not cands:
@@ -55,12 +60,16 @@ def auto_bits_rules(params: dict, cfg: ModelConfig, calib_tokens: np.ndarray, sp
       w = jnp.asarray(tree.get_linear(block, lin), jnp.float32)
       h = stats[llama.LINEAR_INPUTS[lin]].hessian
       path = f'layers/{i}/{lin}/kernel'
+      if any(re.fullmatch(r.pattern, path) for r in keep):
+        continue
       errs = []
       for b in cands:
         qs = dataclasses.replace(spec.qspec, bits=b)
         errs.append(relative_error(w, jitted(quantize.rtn_dense, spec=qs)(w), h) ** 2)
       errors[path] = errs
       sizes[path] = int(w.size)
+  if not errors:
+    raise ValueError('auto bits has no linear to allocate: the given rules fix every one')
   level = {p: 0 for p in errors}
   total = sum(sizes.values())
   used = cands[0] * total

@@ -122,9 +122,11 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
       aux = common.calibration_for(tokenizer, c.recover_data, c.recover_samples, c.calib_seqlen,
                                    c.seed + 1)
   if c.auto_bits is not None:
-    rules = allocate.auto_bits_rules(params, cfg, calib, spec, budget=c.auto_bits,
-                                     candidates=c.auto_candidates, batch_size=c.batch_size,
-                                     dtype=dt) + rules
+    # The user's --rules win over the allocation, which spends the budget on the other linears.
+    user, rest = rules[:len(c.rules)], rules[len(c.rules):]
+    rules = user + allocate.auto_bits_rules(params, cfg, calib, spec, budget=c.auto_bits,
+                                            candidates=c.auto_candidates,
+                                            batch_size=c.batch_size, dtype=dt, keep=user) + rest
 
   if out_dir and restart:
     for stage in STAGE_DIRS:

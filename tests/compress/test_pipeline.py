@@ -193,6 +193,16 @@ def test_auto_bits_meets_budget_and_mixes(tiny):
   assert len(set(bits)) > 1
   with pytest.raises(ValueError, match='outside the candidates'):
     allocate.auto_bits_rules(params, cfg, calib, spec, budget=5.0, progress=False)
+  # The user's rules win: a linear they fix (here: left dense) is not allocated.
+  keep = [rules_lib.parse_rule('.*/down_proj/kernel=none', spec)]
+  allotted = allocate.auto_bits_rules(params, cfg, calib, spec, budget=2.5, progress=False,
+                                      keep=keep)
+  assert len(allotted) == 6 * cfg.num_layers
+  assert not any('down_proj' in r.pattern for r in allotted)
+  out, _ = pipeline.compress_model(params, cfg, calib, keep + allotted + rules_lib.uniform(spec),
+                                   progress=False)
+  assert not isinstance(tree.get_linear(out['layers'][0], 'mlp/down_proj'),
+                        formats.CompressedLinear)
 
 
 def test_orbax_round_trip_of_compressed_model(tiny, tmp_path):

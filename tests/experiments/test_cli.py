@@ -116,3 +116,12 @@ def test_compress_run_with_finetuning(tmp_path, kw):
     assert res['kl_recovered'] is None and res['idp']['added_parameters'] == res['trainable_params']
     assert (tmp_path / 'saved_prompt_pool').exists()
   json.dumps(res)
+
+
+def test_auto_bits_keeps_the_users_rules(tmp_path):
+  """An explicit --rules entry wins over the automatic allocation (it used to be overridden)."""
+  c = _config(tmp_path, quant='rtn', bits=3, auto_bits=3.0, rules=('.*/down_proj/kernel=none',))
+  res = compress_exp.run(c, out_dir=str(tmp_path / 'out'))
+  names = [r['name'] for r in res['layers']]
+  assert len(names) == 12 and not any('down_proj' in n for n in names)
+  assert {r['bits'] for r in res['layers']} <= {2, 3, 4}
