@@ -294,12 +294,8 @@ def cache_key(*parts: Any) -> str:
   value, dtype and shape)."""
   h = hashlib.sha256()
   for p in parts:
-    if isinstance(p, (np.ndarray, jax.Array)):
-      a = np.ascontiguousarray(np.asarray(p))
-      h.update(f'array {a.dtype} {a.shape}\n'.encode())
-      h.update(a.tobytes())
-    else:
-      h.update(f'{p!r}\n'.encode())
+    is_array = isinstance(p, (np.ndarray, jax.Array))
+    h.update(f'{checkpoint.tree_digest(p) if is_array else repr(p)}\n'.encode())
   return h.hexdigest()[:16]
 
 

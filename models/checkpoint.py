@@ -373,9 +373,7 @@ def run_fingerprint(cfg, tokens, settings: str, trees=()) -> str:
   :func:`tree_digest`). A checkpoint is resumed only by the same run."""
   h = hashlib.sha256()
   h.update(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-  tokens = np.ascontiguousarray(np.asarray(tokens))
-  h.update(f'tokens {tokens.shape} {tokens.dtype}\n'.encode())
-  h.update(tokens.tobytes())
+  h.update(f'tokens {tree_digest(np.asarray(tokens))}\n'.encode())
   h.update(settings.encode())
   for t in trees:
     h.update(f'\ntree {tree_digest(t)}'.encode())
