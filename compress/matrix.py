@@ -110,6 +110,72 @@ def compress_matrix(w: jax.Array, stats: calibration.LinearStats | None, spec: L
   return _finish(qw, mask, spec), info
 
 
+def spec_of_leaf(leaf: formats.CompressedLinear) -> LinearSpec:
+  """The spec that describes a compressed leaf made elsewhere (e.g. imported from a GPTQ or
+  compressed-tensors checkpoint): its pattern and grid. The methods are stand-ins (``magnitude``
+  for a pattern, ``rtn``, or ``gptq`` for act-order): what a recovery that re-compresses (SRR)
+  uses on that grid."""
+  from compress.prune import PruneSpec  # pylint: disable=g-import-not-at-top
+  w = leaf.weight
+  prune, sparsity, q = 'none', None, None
+  if isinstance(w, formats.Sparse24Weight):
+    prune, sparsity = 'magnitude', PruneSpec(n=2, m=4)
+    if isinstance(w.values, formats.QuantizedWeight):
+      v = w.values
+      q = dataclasses.replace(v.spec, group_size=-1 if v.group_size == -1 else 2 * v.group_size)
+  elif isinstance(w, formats.QuantizedWeight):
+    q = w.spec
+  if leaf.mask is not None:
+    prune = 'magnitude'
+    sparsity = PruneSpec(sparsity=round(1.0 - float(np.mean(np.asarray(leaf.mask))), 4))
+  act_order = isinstance(w, formats.QuantizedWeight) and w.g_idx is not None
+  quant = 'none' if q is None else ('gptq' if act_order else 'rtn')
+  return LinearSpec(prune=prune, sparsity=sparsity, quant=quant, qspec=q, act_order=act_order)
+
+
+def abstract_leaf(spec: LinearSpec | None, shape: tuple[int, int], rank: int = 0) -> Any:
+  """The leaf :func:`compress_matrix` (or AWQ), then a rank-``rank`` recovery, would give an
+  ``[in, out]`` weight under ``spec``, with ``jax.ShapeDtypeStruct`` for every array: no work.
+
+  What checks of a run's later stages (an export format's, say) need before any compression.
+  A dense weight (``spec`` None or a no-op) is one ``ShapeDtypeStruct``.
+  """
+  sds = jax.ShapeDtypeStruct
+  n_in, n_out = shape
+  if spec is None or spec.is_noop:
+    return sds(shape, jnp.float32)
+
+  def quantized(rows: int, qspec: formats.QuantSpec, act_order: bool) -> formats.QuantizedWeight:
+    groups = qspec.num_groups(rows)
+    return formats.QuantizedWeight(
+        qweight=sds((-(-rows // 32) * qspec.bits, n_out), jnp.int32),
+        scales=sds((groups, n_out), jnp.float32), zeros=sds((groups, n_out), jnp.uint8),
+        g_idx=sds((rows,), jnp.int32) if act_order else None, bits=qspec.bits,
+        group_size=qspec.group_size, in_features=rows, symmetric=qspec.symmetric)
+
+  sp = spec.sparsity
+  is24 = spec.prune != 'none' and sp.is_nm and (sp.n, sp.m) == (2, 4)
+  dynamic_order = spec.act_order and not spec.static_groups
+  indices = sds((n_in // 2, n_out), jnp.uint8)
+  mask = None
+  if spec.quant == 'none':
+    if is24:
+      weight = formats.Sparse24Weight(values=sds((n_in // 2, n_out), jnp.float32), indices=indices)
+    else:
+      weight, mask = sds(shape, jnp.float32), sds(shape, jnp.bool_)
+  else:
+    weight = quantized(n_in, spec.qspec, dynamic_order)
+    if is24 and not dynamic_order:
+      half = dataclasses.replace(spec.qspec, group_size=(
+          -1 if spec.qspec.group_size == -1 else spec.qspec.group_size // 2))
+      weight = formats.Sparse24Weight(values=quantized(n_in // 2, half, False), indices=indices)
+    elif spec.prune != 'none':
+      mask = sds(shape, jnp.bool_)
+  adapter = (formats.LowRank(a=sds((n_in, rank), jnp.float32), b=sds((rank, n_out), jnp.float32))
+             if rank else None)
+  return formats.CompressedLinear(weight=weight, mask=mask, adapter=adapter)
+
+
 def _finish(qw: formats.QuantizedWeight, mask, spec: LinearSpec) -> formats.CompressedLinear:
   if mask is None:
     return formats.CompressedLinear(weight=qw)

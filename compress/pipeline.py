@@ -39,7 +39,7 @@ import numpy as np
 from compress import awq as awq_lib
 from compress import calibration
 from compress.matrix import LayerReport, LinearRecovery, compress_matrix, leaf_dense
-from compress.matrix import recover_linear, relative_error, sparsity
+from compress.matrix import recover_linear, relative_error, sparsity, spec_of_leaf
 from compress.rules import LinearSpec, Rule, match
 from kernels import formats
 from models import checkpoint
@@ -87,7 +87,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                    precomputed_stats: Sequence[dict[str, calibration.LinearStats]] | None = None,
                    precomputed_aux_stats: Sequence[dict[str, calibration.LinearStats]] | None = None,
                    progress: bool = True, stop_after: int | None = None,
-                   checkpoint_every_s: float = 60.0) -> tuple[Params, list[LayerReport]]:
+                   checkpoint_every_s: float = 60.0,
+                   given: Params | None = None) -> tuple[Params, list[LayerReport]]:
   """Compresses every linear that a rule selects, block by block.
 
   Args:
@@ -116,12 +117,20 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     precomputed_aux_stats: the same for the recovery set (``aux_tokens`` is then not needed).
     progress: show a progress bar.
     stop_after: stop after this many blocks (for tests of resumption).
+    given: compressed leaves made elsewhere (a param tree of the same model whose linears are
+      ``CompressedLinear``, e.g. an imported GPTQ or compressed-tensors checkpoint): those linears
+      take the given leaf instead of being compressed, and ``rules`` must select nothing;
+      statistics, reports and ``recovery`` run on them as on our own.
 
   Returns:
     ``(compressed params, per-layer report)``.
   """
   calib_tokens = np.asarray(calib_tokens, np.int32)
   specs_per_block = validate_rules(params, rules)
+  if given is not None:
+    if any(specs_per_block) or match(rules, 'lm_head/kernel') is not None:
+      raise ValueError('given compressed leaves replace compression: pass no rules with them')
+    specs_per_block = _given_specs(params, given)
   head_spec = match(rules, 'lm_head/kernel')
   if head_spec is not None and head_spec.quant in ('awq',):
     raise ValueError('AWQ on the LM head is not supported')
@@ -130,7 +139,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                  batch_size=batch_size, precomputed=precomputed_stats is not None,
                  propagate_adapters=propagate_adapters,
                  compensate=None if recovery is None else recovery.fingerprint,
-                 aux=None if aux_tokens is None else hashlib.sha256(np.asarray(aux_tokens).tobytes()).hexdigest())
+                 aux=None if aux_tokens is None else hashlib.sha256(np.asarray(aux_tokens).tobytes()).hexdigest(),
+                 given=None if given is None else checkpoint.tree_digest(given))
   fingerprint = (_run_fingerprint(params, cfg, calib_tokens, rules, options) if checkpoint_dir
                  else '')
 
@@ -201,7 +211,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
         for k, st in stats.items():
           calibration.check_finite(st, f'layers/{i}/{k}')
         new_block, rep = _compress_linears(new_block, block, stage_specs, stats, i, recovery,
-                                           aux_stats)
+                                           aux_stats, None if given is None else given['layers'][i])
         reports += rep
     layers[i] = new_block
     # A recovery that re-compresses the weights themselves (SRR) must propagate its adapters.
@@ -248,19 +258,46 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
   return out, reports
 
 
-def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_stats):
-  """Compresses (and recovers) the linears ``specs`` of block ``i`` from their dense weights."""
+def _given_specs(params: Params, given: Params) -> list[dict[str, LinearSpec]]:
+  """The specs of the given compressed leaves per block (dense ones are left as they are)."""
+  if len(given['layers']) != len(params['layers']):
+    raise ValueError(f'the given model has {len(given["layers"])} blocks, this one '
+                     f'{len(params["layers"])}')
+  out = []
+  for i, (block, gblock) in enumerate(zip(params['layers'], given['layers'])):
+    specs = {}
+    for lin in llama.LINEAR_NAMES:
+      leaf = tree.get_linear(gblock, lin)
+      if isinstance(leaf, formats.CompressedLinear):
+        if tuple(leaf.shape) != tuple(tree.get_linear(block, lin).shape):
+          raise ValueError(f'given layers/{i}/{lin} is {tuple(leaf.shape)}, this model\'s '
+                           f'{tuple(tree.get_linear(block, lin).shape)}')
+        specs[lin] = spec_of_leaf(leaf)
+    out.append(specs)
+  if not any(out):
+    raise ValueError('the given model has no compressed linears')
+  return out
+
+
+def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_stats,
+                      given_block=None):
+  """Compresses (and recovers) the linears ``specs`` of block ``i`` from their dense weights, or
+  takes their leaves from ``given_block``."""
   reports = []
   for lin, spec in specs.items():
     name = f'layers/{i}/{lin}'
     w = jnp.asarray(tree.get_linear(dense_block, lin), jnp.float32)
     st = stats[llama.LINEAR_INPUTS[lin]]
     t0 = time.time()
-    leaf, info = compress_matrix(w, st, spec, name)
+    if given_block is not None:
+      leaf, info = tree.strip_adapter(tree.get_linear(given_block, lin)), {'given': True}
+    else:
+      leaf, info = compress_matrix(w, st, spec, name)
     w_hat, _ = leaf_dense(leaf)
     jax.block_until_ready(w_hat)
     secs = time.time() - t0
-    rep = LayerReport(name=name, method=spec.describe(), rel_error=relative_error(w, w_hat, st.hessian),
+    method = spec.describe() if given_block is None else f'given ({spec.describe()})'
+    rep = LayerReport(name=name, method=method, rel_error=relative_error(w, w_hat, st.hessian),
                       sparsity=sparsity(w_hat), bits=spec.bits, seconds=secs, extra=info)
     if recovery is not None:
       aux = None if aux_stats is None else aux_stats[llama.LINEAR_INPUTS[lin]]

@@ -186,16 +186,47 @@ def flag_values(flag_values_obj, names: Sequence[str] | None = None) -> dict[str
   return {k: v for k, v in d.items() if k not in skip and not k.startswith(('jax_', 'xla_'))}
 
 
-def eval_windows_for(tokenizer, source: str, seqlen: int, n_windows: int) -> np.ndarray:
-  """Evaluation windows ``[n, seqlen]`` from the test split of a named corpus or a file."""
+def tokenizer_vocab_size(tokenizer) -> int | None:
+  """The number of ids ``tokenizer`` knows (``len`` of a Hugging Face tokenizer, added tokens
+  included), or None when it does not say."""
+  try:
+    return int(len(tokenizer))
+  except TypeError:
+    size = getattr(tokenizer, 'vocab_size', None)
+    return int(size) if isinstance(size, (int, np.integer)) else None
+
+
+def eval_windows_for(tokenizer, source: str, seqlen: int, n_windows: int, *,
+                     vocab_size: int | None = None) -> np.ndarray:
+  """Evaluation windows ``[n, seqlen]``: the first ``n_windows`` (-1, 0 or None: all) windows of
+  the test split of a named corpus or a text file (``.txt``, ``.jsonl``, ``.parquet``), or the
+  first ``n_windows`` rows of a ``.npy`` of token windows, as they are. The ids of a ``.npy`` are
+  checked against ``vocab_size`` (default: the tokenizer's, when it says)."""
+  if data_lib.is_windows_file(source):
+    rows = None if n_windows in (None, 0, -1) else n_windows
+    return data_lib.load_windows(source, seqlen, rows,
+                                 vocab_size=vocab_size or tokenizer_vocab_size(tokenizer))
   tokens = data_lib.tokenize(tokenizer, data_lib.load_text(source, 'test'))
   return data_lib.eval_windows(tokens, seqlen, n_windows)
 
 
-def calibration_for(tokenizer, source: str, n_samples: int, seqlen: int, seed: int) -> np.ndarray:
-  """Calibration batch ``[n, seqlen]`` from the train split of a named corpus or a file."""
+def calibration_for(tokenizer, source: str, n_samples: int, seqlen: int, seed: int, *,
+                    vocab_size: int | None = None) -> np.ndarray:
+  """Calibration batch ``[n, seqlen]``: windows at random offsets (``seed``) of the train split of
+  a named corpus or a text file (``.txt``, ``.jsonl``, ``.parquet``), or the first ``n_samples``
+  rows of a ``.npy`` of token windows, as they are (``seed`` does not apply). The ids of a
+  ``.npy`` are checked against ``vocab_size`` (default: the tokenizer's, when it says)."""
+  if data_lib.is_windows_file(source):
+    return data_lib.load_windows(source, seqlen, n_samples,
+                                 vocab_size=vocab_size or tokenizer_vocab_size(tokenizer))
   tokens = data_lib.tokenize(tokenizer, data_lib.load_text(source, 'train'))
   return data_lib.calibration_batch(tokens, n_samples, seqlen, seed)
+
+
+def windows_sha256(windows) -> str:
+  """The sha256 of a windows array as int32, shape included (:func:`checkpoint.tree_digest`):
+  equal windows give equal hashes, so two runs can be checked to have used the same tokens."""
+  return checkpoint.tree_digest(np.asarray(windows, dtype=np.int32))
 
 
 def probe_items(path: str | None):

@@ -35,6 +35,8 @@ from experiments import common
 from experiments.compress_lib import RESULT_COLUMNS, run
 from experiments.config import CompressConfig, validate
 from models import checkpoint
+from models import data as data_lib
+from models import export as export_lib
 
 
 FLAGS = flags.FLAGS
@@ -86,8 +88,11 @@ def main(argv: Sequence[str]):
   try:
     results = run(c, out_dir=FLAGS.out_dir, save=FLAGS.save, restart=FLAGS.restart,
                   on_results=write)
-  except checkpoint.CheckpointError as e:  # e.g. the state of another run: one line, no traceback
-    print(f'error: {e}', file=sys.stderr)
+  except (data_lib.DataError, data_lib.DataUnavailableError) as e:  # found loading the data,
+    print(f'error: {e}', file=sys.stderr)  # before any compression: one line, no traceback
+    return 2
+  except (checkpoint.CheckpointError, export_lib.ExportError) as e:  # e.g. the state of another
+    print(f'error: {e}', file=sys.stderr)  # run; results measured so far are already written
     return 1
   cols = write(results)
   print(common.markdown_table([results], cols))

@@ -110,9 +110,12 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
   rules = build_rules(c, spec)
   pipeline.validate_rules(params, rules)
 
-  windows = {name: common.eval_windows_for(tokenizer, name, c.eval_seqlen, c.eval_windows)
+  # A .npy of windows is used as it is: its ids are checked against the model's vocabulary here.
+  windows = {name: common.eval_windows_for(tokenizer, name, c.eval_seqlen, c.eval_windows,
+                                           vocab_size=cfg.vocab_size)
              for name in c.eval_data}
-  calib = common.calibration_for(tokenizer, c.calib_data, c.calib_samples, c.calib_seqlen, c.seed)
+  calib = common.calibration_for(tokenizer, c.calib_data, c.calib_samples, c.calib_seqlen, c.seed,
+                                 vocab_size=cfg.vocab_size)
   aux = None
   compensator = None
   if c.recover != 'none':
@@ -120,7 +123,7 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
                                              adapter_bits=c.adapter_bits, srr_k=c.srr_k)
     if c.recover_data:
       aux = common.calibration_for(tokenizer, c.recover_data, c.recover_samples, c.calib_seqlen,
-                                   c.seed + 1)
+                                   c.seed + 1, vocab_size=cfg.vocab_size)
   if c.auto_bits is not None:
     # The user's --rules win over the allocation, which spends the budget on the other linears.
     user, rest = rules[:len(c.rules)], rules[len(c.rules):]
@@ -131,10 +134,13 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
   if out_dir and restart:
     for stage in STAGE_DIRS:
       shutil.rmtree(_stage_dir(out_dir, stage), ignore_errors=True)
+  given = None
+  if c.compressed is not None:  # compressed elsewhere: its leaves, our recovery and evaluation
+    given, rules = loading.load_model(c.compressed, dtype=dt).params, []
   compressed, reports = pipeline.compress_model(
       params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
       batch_size=c.batch_size, dtype=dt, checkpoint_dir=_stage_dir(out_dir, 'compress'),
-      recovery=compensator, aux_tokens=aux, checkpoint_every_s=c.checkpoint_every_s)
+      recovery=compensator, aux_tokens=aux, checkpoint_every_s=c.checkpoint_every_s, given=given)
   summary = pipeline.summarize(reports)  # its seconds add up over interruptions
   report = lambda: dict(results, per_dataset=per_dataset, summary=summary,  # noqa: E731
                         layers=[dataclasses.asdict(r) for r in reports],
@@ -143,15 +149,20 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
                                                             'calib_forward_seconds')})
 
   items = common.probe_items(c.probes)
-  results: dict[str, Any] = {'model': c.model, 'method': spec.describe(),
+  method = spec.describe() if given is None else ', '.join(sorted({r.method for r in reports}))
+  results: dict[str, Any] = {'model': c.model, 'method': method,
                              'calib_data': c.calib_data, 'calib_tokens': int(calib.size),
+                             # Which tokens exactly: equal hashes, equal windows (int32, shape).
+                             'calibration_sha256': common.windows_sha256(calib),
+                             'eval_sha256': {ds: common.windows_sha256(w)
+                                             for ds, w in windows.items()},
                              'eval_data': c.eval_data[0], 'eval_seqlen': c.eval_seqlen}
   base = None
   if compensator is not None and compensator.changes_weights:
     # SRR re-quantizes a residual: the compression alone is a separate run without compensation.
     base, _ = pipeline.compress_model(
         params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
-        batch_size=c.batch_size, dtype=dt)
+        batch_size=c.batch_size, dtype=dt, given=given)
   elif compensator is not None:
     # The compression alone: the same leaves without their adapters (the pipeline propagates
     # activations without adapters, so these are exactly the uncompensated run's weights).
@@ -196,13 +207,13 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
       on_results(results)
     path = export_lib.save(pathlib.Path(out_dir) / f'export_{c.export}', c.export,
                            recovered if recovered is not None else compressed, cfg,
-                           tokenizer=tokenizer, overwrite=True)
+                           tokenizer=tokenizer, peft_base=c.peft_base, overwrite=True)
     results['exported_to'] = str(path)
   if save:
     if on_results is not None:
       on_results(results)  # the evaluation is on disk before the save, which can still fail
     checkpoint.save_model(save, recovered if recovered is not None else compressed, cfg,
-                          {'method': spec.describe(), 'model': c.model})
+                          {'method': method, 'model': c.model})
     if pool is not None:
       checkpoint.save_tree(f'{save}_prompt_pool', {'prompts': pool.prompts, 'keys': pool.keys},
                            {'route_layer': pool.route_layer})

@@ -13,12 +13,14 @@ import re
 import tempfile
 from typing import Any, Collection
 
+from compress import matrix as matrix_lib
 from compress import rules as rules_lib
 from compress.prune import PruneSpec
 from experiments import common
 from kernels import SUPPORTED_BITS, QuantSpec
 from models import checkpoint
 from models import data as data_lib
+from models import export as export_lib
 from models import llama
 from models import loading
 from recover import compensate as compensate_lib
@@ -56,14 +58,26 @@ class CompressConfig:
       None, 'Allot bits per layer from measured sensitivity under this average-bits budget.')
   auto_candidates: tuple[int, ...] = common.flag_field((2, 3, 4), 'Bit widths for --auto_bits.')
   include_head: bool = common.flag_field(False, 'Also compress the LM head.')
-  calib_data: str = common.flag_field('python-docs', 'Calibration corpus or file (train split).')
-  calib_samples: int = common.flag_field(64, 'Calibration sequences.')
-  calib_seqlen: int = common.flag_field(512, 'Calibration sequence length.')
-  seed: int = common.flag_field(0, 'Seed of the calibration sampler.')
+  calib_data: str = common.flag_field(
+      'python-docs', 'Calibration source: python-docs|shakespeare|wikitext2|c4 (train split; the '
+      'last two need the Hugging Face hub), a local .txt, .jsonl (a "text" field per line) or '
+      '.parquet ("text" column) file (the whole file), sampled at random offsets (--seed); or a '
+      '.npy of token windows [n, --calib_seqlen] (integer ids) whose first rows are used as they '
+      'are: no sampling, --seed does not apply.')
+  calib_samples: int = common.flag_field(
+      64, 'Calibration sequences (of a .npy: its first rows; it must hold this many).')
+  calib_seqlen: int = common.flag_field(
+      512, 'Calibration sequence length (of a .npy: must equal its second dimension).')
+  seed: int = common.flag_field(
+      0, 'Seed of the calibration sampler (not used by a .npy of windows) and of training.')
   eval_data: tuple[str, ...] = common.flag_field(
-      ('python-docs',), 'Comma list of corpora or files (test split).')
-  eval_seqlen: int = common.flag_field(512, 'Evaluation window length.')
-  eval_windows: int = common.flag_field(40, 'Evaluation windows per corpus (-1: all).')
+      ('python-docs',), 'Comma list of evaluation sources: corpora (test split) or local .txt, '
+      '.jsonl, .parquet files (the whole file), windowed from the start; or .npy files of token '
+      'windows [n, --eval_seqlen] whose rows are the windows, as they are.')
+  eval_seqlen: int = common.flag_field(
+      512, 'Evaluation window length (of a .npy: must equal its second dimension).')
+  eval_windows: int = common.flag_field(
+      40, 'Evaluation windows per corpus (-1: all; of a .npy: its first rows).')
   probes: str | None = common.flag_field(
       None, "Multiple-choice JSONL (default: shipped probes; 'none').")
   dtype: str = common.flag_field('float32', 'Compute dtype.', choices=('float32', 'bfloat16'))
@@ -73,7 +87,9 @@ class CompressConfig:
   adapter_bits: int = common.flag_field(16, 'Adapter bits: 16 (float), 8, 4, 3.')
   srr_k: int | None = common.flag_field(
       None, 'SRR preserved rank (default energy rule; -1 search).')
-  recover_data: str | None = common.flag_field(None, 'Separate calibration set for recovery.')
+  recover_data: str | None = common.flag_field(
+      None, 'Separate calibration source for recovery, of the kinds --calib_data takes (a .npy: '
+      'windows [n, --calib_seqlen], its first --recover_samples rows).')
   recover_samples: int = common.flag_field(64, 'Recovery calibration sequences.')
   reconstruct: str = common.flag_field(
       'none', 'Local reconstruction window: none|matrix|submodule|block|blocks:K.')
@@ -95,10 +111,19 @@ class CompressConfig:
   lora_rank: int = common.flag_field(16, 'LoRA rank.')
   lora_init: str = common.flag_field('zero', 'LoRA init: zero (QLoRA)|loftq|eora|srr.')
   idp_prompts: int = common.flag_field(2, 'IDP: prompts in the pool (k-means groups).')
+  compressed: str | None = common.flag_field(
+      None, 'Take the compressed linears from this checkpoint instead of compressing: a GPTQ or '
+      'compressed-tensors directory made by another tool, or a --save directory of this model. '
+      '--recover, --reconstruct, --finetune and the evaluation run on them, with --model as the '
+      'dense model they came from.')
   export: str = common.flag_field(
       'none', 'Also export the result for other tools, to OUT_DIR/export_FORMAT: none|hf (dense '
-      'safetensors, adapters merged)|peft (base + adapters); see experiments.export.',
-      choices=('none', 'hf', 'peft'))
+      'safetensors, adapters merged)|gptq|compressed-tensors (packed low-bit / 2:4 weights, no '
+      'adapters)|peft (base + adapters); see experiments.export.',
+      choices=('none',) + export_lib.FORMATS)
+  peft_base: str = common.flag_field(
+      'hf', 'With --export=peft: the format of the base the adapters attach to.',
+      choices=export_lib.PEFT_BASES)
   checkpoint_every_s: float = common.flag_field(
       60.0, 'Save resumable state (compression, reconstruction, fine-tuning) at most this often, '
       'in seconds, and at the end of each stage; 0: after every block, window or chunk.')
@@ -202,7 +227,7 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
   """``(uniform spec, problems)``: every problem of the flags that needs neither the model nor a
   file, one line each naming the flag. The spec is None when its own flags are bad."""
   p: list[str] = []
-  compresses = c.prune != 'none' or c.quant != 'none'
+  compresses = c.prune != 'none' or c.quant != 'none' or c.compressed is not None
   spec_ok = True
   if c.prune not in rules_lib.PRUNE_METHODS:
     p.append(f'--prune={c.prune!r} is not a pruning method; choose one of '
@@ -276,7 +301,7 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
              '(unset: the energy rule)')
   if c.recover != 'none':
     if not compresses:
-      p.append('--recover needs a compression (--prune or --quant)')
+      p.append('--recover needs a compression (--prune, --quant or --compressed)')
     n = len(p)
     if c.rank <= 0:
       p.append(f'--rank={c.rank} must be positive')
@@ -339,7 +364,7 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
       except ValueError as e:
         p.append(f'--finetune={c.finetune}: {e}')
   if (c.reconstruct != 'none' or c.finetune != 'none') and not compresses:
-    p.append('--reconstruct/--finetune need a compression (--prune or --quant)')
+    p.append('--reconstruct/--finetune need a compression (--prune, --quant or --compressed)')
   spec = None
   if spec_ok:
     try:
@@ -419,6 +444,7 @@ def _model_problems(c: CompressConfig, cfg, spec: rules_lib.LinearSpec | None,
         recipe, f'{path}/kernel')
     if s is not None and not s.is_noop:
       compressed[path] = (s, shape)
+  p += _export_problems(c, cfg, compressed)
   if not compressed:
     if not spec.is_noop:
       p.append(f'{_flag_text("rules", c.rules)}: no linear of {model} is left to compress')
@@ -453,59 +479,159 @@ def _model_problems(c: CompressConfig, cfg, spec: rules_lib.LinearSpec | None,
   return p
 
 
-def _text_problem(flag: str, source: str, need_tokens: int, what: str,
-                  cache: dict[str, Any]) -> str | None:
-  """Whether a corpus name or text file can give ``need_tokens`` tokens, judged without a
-  tokenizer: a known corpus name, or a file that exists, is UTF-8 text and has enough bytes."""
+def _compressed_problems(c: CompressConfig, cfg) -> list[str]:
+  """``--compressed=DIR``: nothing else compresses, and DIR is a model of ``--model``'s shapes."""
+  p = []
+  again = [f for f, on in (('--prune', c.prune != 'none'), ('--quant', c.quant != 'none'),
+                           ('--rules', bool(c.rules)), ('--auto_bits', c.auto_bits is not None),
+                           ('--include_head', c.include_head)) if on]
+  if again:
+    p.append(f'--compressed={c.compressed} takes the compressed linears from that checkpoint: '
+             f'{", ".join(again)} would compress again; leave {"it" if len(again) == 1 else "them"}'
+             ' out')
+  try:
+    given = loading.load_config(c.compressed)
+  except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+    return p + [f'--compressed={c.compressed}: {e}']
+  if cfg is not None:
+    ours = (cfg.num_layers, cfg.vocab_size, llama.linear_shapes(cfg))
+    theirs = (given.num_layers, given.vocab_size, llama.linear_shapes(given))
+    if ours != theirs:
+      p.append(f'--compressed={c.compressed} is not a model of --model={c.model}\'s shapes '
+               f'({given.num_layers} blocks, vocabulary {given.vocab_size}, linears '
+               f'{theirs[2]} against {cfg.num_layers}, {cfg.vocab_size}, {ours[2]})')
+  return p
+
+
+def _export_problems(c: CompressConfig, cfg, compressed: dict[str, Any]) -> list[str]:
+  """Whether the packed export format (``--export``, or ``--peft_base`` under ``--export=peft``)
+  can hold the leaves the rules will make, judged on their abstract shapes before any work."""
+  fmt = c.peft_base if c.export == 'peft' else c.export
+  if fmt not in export_lib.QUANTIZED_FORMATS:
+    return []
+  flag = f'--peft_base={fmt}' if c.export == 'peft' else f'--export={fmt}'
+  p = []
+  if c.export != 'peft' and (c.recover != 'none' or c.finetune == 'lora'):
+    p.append(f'{flag} cannot hold the low-rank adapters this run makes (they cannot be merged '
+             f'into packed weights): use --export=peft --peft_base={fmt}, which writes the base '
+             'and the adapters PEFT attaches to it')
+  if c.auto_bits is not None:
+    return p  # the bits of each linear are chosen during the run; the export checks them then
+  shapes = llama.linear_shapes(cfg)
+  linears = {}
+  for i in range(cfg.num_layers):
+    for hf, (sub, lin) in loading.HF_LINEARS.items():
+      spec = compressed.get(f'layers/{i}/{sub}/{lin}', (None,))[0]
+      linears[f'model.layers.{i}.{hf}'] = matrix_lib.abstract_leaf(spec, shapes[f'{sub}/{lin}'])
+  try:
+    loading.quantized_format(fmt).check_linears(linears)
+  except export_lib.ExportError as e:
+    p.append(f'{flag}: {e}')
+  return p
+
+
+def _text_problem(flag: str, source: str, need_tokens: int, what: str, cache: dict[str, Any],
+                  windows: tuple[int | None, str, int, str] | None = None) -> str | None:
+  """Whether a source can give what its flag needs, judged without a tokenizer and without
+  downloading anything: a known corpus name (a hub corpus needs ``datasets`` and a reachable hub);
+  a text file (``.txt``, ``.jsonl``, ``.parquet``) that exists, reads as text and has enough bytes
+  for ``need_tokens`` tokens (``what`` says what needs them); a ``.npy`` of token windows whose
+  header shows ``windows = (rows, rows_flag, seqlen, seqlen_flag)``: 2-D integer ids, ``seqlen``
+  tokens a window and at least ``rows`` windows (None: any). ``cache`` holds what was read,
+  across the calls of one validation."""
   if source in data_lib.KNOWN_SOURCES:
-    if source in data_lib.HUB_CORPORA and importlib.util.find_spec('datasets') is None:
-      return (f'{flag}={source} needs the `datasets` library (pip install datasets) and the '
-              'Hugging Face hub; use python-docs, shakespeare or a local text file')
+    if source in data_lib.HUB_CORPORA:
+      if importlib.util.find_spec('datasets') is None:
+        return (f'{flag}={source} needs the `datasets` library (pip install datasets) and the '
+                'Hugging Face hub; use python-docs, shakespeare or a local text file')
+      key = '\0hub'  # no path holds a NUL
+      if key not in cache:  # a TCP connection opened and closed, nothing downloaded
+        cache[key] = data_lib.hub_unreachable(timeout_s=2.0)
+      if cache[key] is not None:
+        return (f'{flag}={source} needs the Hugging Face hub, and {cache[key]}: pass a local '
+                '.txt/.jsonl/.parquet file or use python-docs / shakespeare (with '
+                'HF_DATASETS_OFFLINE=1, `datasets` reads a copy it cached before)')
     return None
   path = pathlib.Path(source).expanduser()
   if not path.exists():
     if data_lib._looks_like_path(source):  # pylint: disable=protected-access
       return f'{flag}={source}: no such file'
     return (f'{flag}={source} is neither a known corpus ({", ".join(data_lib.KNOWN_SOURCES)}) nor '
-            'an existing text file')
+            'an existing file (.txt, .jsonl, .parquet, or .npy of token windows)')
   if not path.is_file():
-    return f'{flag}={source} is a directory, not a text file'
-  if str(path) not in cache:
+    return f'{flag}={source} is a directory, not a file'
+  if data_lib.is_windows_file(source):  # the header alone; the ids are checked when loaded
+    if windows is None:
+      return f'{flag}={source} is a .npy of token windows; {flag} takes text'
+    if str(path) not in cache:
+      try:
+        cache[str(path)] = (data_lib.windows_header(path), None)
+      except (OSError, ValueError) as e:
+        cache[str(path)] = (None, str(e))
+    header, error = cache[str(path)]
+    if error:
+      return f'{flag}={source}: {error}'
+    rows, rows_flag, seqlen, seqlen_flag = windows
+    problem = data_lib.windows_problem(*header, seqlen, rows, seqlen_name=seqlen_flag,
+                                       rows_name=rows_flag)
+    return f'{flag}={source} {problem}' if problem else None
+  suffix = path.suffix.lower()
+  documents = suffix in ('.jsonl', '.parquet')
+  if str(path) not in cache:  # (bytes of text, whether any is not whitespace, what is wrong)
     try:
-      raw = path.read_bytes()
-      cache[str(path)] = (len(raw), raw.decode('utf-8').strip() != '', None)
+      raw = b'' if suffix == '.parquet' else path.read_bytes()
+      text = raw.decode('utf-8')
+      if documents:  # judged by its documents' text, as it will be read
+        text = data_lib.load_text(path, 'train')
+        raw = text.encode('utf-8')
+      cache[str(path)] = (len(raw), text.strip() != '', None)
     except UnicodeDecodeError as e:
-      cache[str(path)] = (None, None, f'is not UTF-8 text (byte 0x{e.object[e.start]:02x} at '
+      cache[str(path)] = (None, None, f' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at '
                                       f'offset {e.start}): pass a text file')
     except OSError as e:
-      cache[str(path)] = (None, None, f'cannot be read ({e.strerror or e})')
+      cache[str(path)] = (None, None, f' cannot be read ({e.strerror or e})')
+    except (ValueError, data_lib.DataUnavailableError) as e:  # a malformed .jsonl / .parquet
+      cache[str(path)] = (None, None, f': {e}')
   size, has_text, error = cache[str(path)]
   if error:
-    return f'{flag}={source} {error}'
+    return f'{flag}={source}{error}'
   if size == 0:
     return f'{flag}={source} is empty'
   if not has_text:
     return f'{flag}={source} holds only whitespace'
   if size + _EXTRA_TOKENS < need_tokens:
-    return (f'{flag}={source} is too short: {size} bytes, and {what} needs {need_tokens} tokens '
-            '(a token covers at least one byte)')
+    return (f'{flag}={source} is too short: {size} bytes' +
+            (' of text' if documents else '') +
+            f', and {what} needs {need_tokens} tokens (a token covers at least one byte)')
   return None
 
 
 def _data_problems(c: CompressConfig) -> list[str]:
-  """The calibration, evaluation and recovery texts and the probes file, without tokenizing."""
+  """The calibration, evaluation and recovery sources and the probes file, without tokenizing:
+  a text must be long enough, a ``.npy`` of windows must have the shape its use needs."""
   cache: dict[str, Any] = {}
   calib_need = c.calib_seqlen + 1
-  checks = [('--calib_data', c.calib_data, calib_need,
-             f'one calibration sequence (--calib_seqlen + 1 = {calib_need})')]
+  calib_what = f'one calibration sequence (--calib_seqlen + 1 = {calib_need})'
+  # The calibration windows a .npy must hold: the most that any stage takes from its first rows.
+  calib_rows = [(c.calib_samples, '--calib_samples')]
+  if c.reconstruct != 'none':
+    calib_rows.append((c.recon_samples, '--recon_samples'))
+  if c.finetune != 'none':
+    calib_rows.append((c.ft_samples, '--ft_samples'))
+  rows, rows_flag = max(calib_rows, key=lambda r: r[0])
+  checks = [('--calib_data', c.calib_data, calib_need, calib_what,
+             (rows, rows_flag, c.calib_seqlen, '--calib_seqlen'))]
   windows = max(c.eval_windows, 1)
   for source in c.eval_data:
     checks.append(('--eval_data', source, windows * c.eval_seqlen,
-                   f'--eval_windows x --eval_seqlen = {windows} x {c.eval_seqlen}'))
+                   f'--eval_windows x --eval_seqlen = {windows} x {c.eval_seqlen}',
+                   (None if c.eval_windows == -1 else c.eval_windows, '--eval_windows',
+                    c.eval_seqlen, '--eval_seqlen')))
   if c.recover_data is not None and c.recover != 'none':
-    checks.append(('--recover_data', c.recover_data, calib_need,
-                   f'one calibration sequence (--calib_seqlen + 1 = {calib_need})'))
-  p = [msg for args in checks if (msg := _text_problem(*args, cache)) is not None]
+    checks.append(('--recover_data', c.recover_data, calib_need, calib_what,
+                   (c.recover_samples, '--recover_samples', c.calib_seqlen, '--calib_seqlen')))
+  p = [msg for flag, source, need, what, win in checks
+       if (msg := _text_problem(flag, source, need, what, cache, win)) is not None]
   if c.probes not in (None, 'none'):
     try:
       data_lib.load_mc_jsonl(c.probes)
@@ -596,6 +722,8 @@ def validate(c: CompressConfig, *, out_dir: str | None = None, save: str | None 
   problems += _ignored_problems(c, given)
   if cfg is not None:
     problems += _model_problems(resolved, cfg, spec, default_group=c.group_size is None)
+  if c.compressed is not None:
+    problems += _compressed_problems(c, cfg)
   problems += _data_problems(resolved)
   problems += _output_problems(out_dir, save)
   if c.export != 'none' and not out_dir:

@@ -15,7 +15,17 @@ Sources (`load_text`):
   ``en/c4-train.00000-of-01024``, test from the first 1100 documents of
   ``en/c4-validation.00000-of-00008`` joined with ``' '`` (GPTQ then keeps 256 x seqlen tokens:
   pass ``n_windows=256`` to `eval_windows`).
-* a path to a local text file: the whole file, for either split.
+* a path to a local file, the whole of it for either split (as the package corpora are not):
+  UTF-8 text (any name but the ones below); ``.jsonl``, one JSON object per line with a string
+  ``"text"`` field (blank lines skipped); ``.parquet``, a string ``text`` column (read with
+  ``pyarrow``). The documents of a ``.jsonl`` / ``.parquet`` are joined with `DOC_SEPARATOR`
+  (``'\\n\\n'``) as they are, so such a file gives the text (and tokens) of the ``.txt`` that
+  holds the same documents joined that way.
+* a ``.npy`` of token windows ``[n, seqlen]`` (integer ids; `load_windows`), e.g. the exact windows
+  another tool calibrated or evaluated on: not text, it bypasses tokenization and sampling
+  (calibration takes its first rows as they are, evaluation its rows as the windows; seeds do not
+  apply). `windows_header` reads its shape and dtype without its data, `windows_problem` judges
+  them, and `load_windows` also checks the ids against the vocabulary.
 
 Splits of the package corpora are made at document (file) level, so no document is in both: a
 document goes to ``'test'`` iff ``int(sha256(relative file name)[:8], 16) % 100`` is below the
@@ -50,8 +60,10 @@ import json
 import os
 import pathlib
 import re
+import socket
+import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -67,12 +79,17 @@ C4_TRAIN_DOCS = 5000
 C4_TEST_DOCS = 1100  # GPTQ datautils.get_c4: valdata[:1100].
 
 _EVAL_DATA_HINT = ('Pass a local text file instead, e.g. --eval_data=/path/to/file.txt '
-                   "(load_text('/path/to/file.txt', split)), or use the offline corpora "
-                   "'python-docs' / 'shakespeare'.")
+                   "(load_text('/path/to/file.txt', split); .jsonl and .parquet work too), or use "
+                   "the offline corpora 'python-docs' / 'shakespeare'.")
+
+
+class DataError(ValueError):
+  """A data file that cannot be used as given (e.g. window ids outside the model's vocabulary)."""
 
 
 class DataUnavailableError(RuntimeError):
-  """A named corpus cannot be loaded here (``datasets`` missing, or offline)."""
+  """A source cannot be loaded here: a hub corpus without ``datasets`` or offline, or a
+  ``.parquet`` file without ``pyarrow``."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,43 +288,151 @@ def _hub_text(name: str, split: str) -> str:
         split='validation')
     return ' '.join(data[:C4_TEST_DOCS]['text'])
   except Exception as e:  # Offline, hub unreachable, dataset moved: all end the same way.
-    raise DataUnavailableError(f'could not load {name!r} ({split}) through `datasets`: {e}. '
+    reason = ' '.join(str(e).split()) or type(e).__name__  # One line, however `datasets` words it.
+    if len(reason) > 300:
+      reason = reason[:297] + '...'
+    raise DataUnavailableError(f'could not load {name!r} ({split}) through `datasets`: {reason}. '
                                + _EVAL_DATA_HINT) from e
 
 
+_HUB_OFFLINE_VARS = ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE')
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+  """Why the Hugging Face hub cannot be reached from here, found by opening (and closing) a TCP
+  connection to its host, nothing downloaded; None when it can, or when ``HF_HUB_OFFLINE`` /
+  ``HF_DATASETS_OFFLINE`` is set (``datasets`` then reads its local cache, and says at load time
+  if the corpus is not there)."""
+  if any(os.environ.get(v, '').strip().lower() in ('1', 'true', 'yes', 'on')
+         for v in _HUB_OFFLINE_VARS):
+    return None
+  endpoint = urllib.parse.urlsplit(os.environ.get('HF_ENDPOINT', 'https://huggingface.co'))
+  host = endpoint.hostname or 'huggingface.co'
+  port = endpoint.port or (80 if endpoint.scheme == 'http' else 443)
+  try:
+    socket.create_connection((host, port), timeout=timeout_s).close()
+  except OSError as e:
+    return f'{host}:{port} is unreachable ({e.strerror or e})'
+  return None
+
+
+TEXT_SUFFIXES = ('.txt', '.jsonl', '.parquet')
+WINDOWS_SUFFIX = '.npy'
+
+
 def _looks_like_path(name: str) -> bool:
-  return '/' in name or os.sep in name or name.endswith('.txt')
+  return ('/' in name or os.sep in name
+          or name.lower().endswith((*TEXT_SUFFIXES, WINDOWS_SUFFIX)))
+
+
+def is_windows_file(name_or_path: str | os.PathLike) -> bool:
+  """Whether a source names a ``.npy`` of token windows (rather than a corpus or a text)."""
+  return os.fspath(name_or_path).lower().endswith(WINDOWS_SUFFIX)
+
+
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+  """``(where, record)`` of every non-blank line of a JSON-lines file; ``where`` is
+  ``PATH:LINE``. Raises ValueError naming the line for one that is not JSON."""
+  with open(path, encoding='utf-8-sig') as f:  # a byte-order mark, if any, is not JSON
+    for number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f'{path}:{number}'
+      try:
+        yield where, json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{where}: invalid JSON ({e.msg})') from e
+
+
+def _jsonl_text(path: pathlib.Path) -> str:
+  """The ``"text"`` fields of a JSON-lines file joined with `DOC_SEPARATOR`."""
+  documents = []
+  for where, record in json_lines(path):
+    if not isinstance(record, dict):
+      raise ValueError(f'{where}: expected a JSON object with a "text" field, got '
+                       f'{type(record).__name__}')
+    if 'text' not in record:
+      raise ValueError(f'{where}: no "text" field (keys: {", ".join(sorted(record)) or "none"})')
+    if not isinstance(record['text'], str):
+      raise ValueError(f'{where}: "text" must be a string, got {type(record["text"]).__name__}')
+    documents.append(record['text'])
+  if not documents:
+    raise ValueError(f'{path} holds no JSON lines (one {{"text": ...}} object per line expected)')
+  return DOC_SEPARATOR.join(documents)
+
+
+def _parquet_text(path: pathlib.Path) -> str:
+  """The ``text`` column of a Parquet file joined with `DOC_SEPARATOR`."""
+  try:
+    import pyarrow  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataUnavailableError(f'reading {path} needs the `pyarrow` library (pip install pyarrow); '
+                               'or pass the text as a .txt or .jsonl file') from e
+  try:
+    schema = pq.read_schema(path)
+    if 'text' not in schema.names:
+      raise ValueError(f'{path} has no "text" column (columns: {", ".join(schema.names)})')
+    kind = schema.field('text').type
+    string_view = getattr(pyarrow.types, 'is_string_view', lambda _: False)
+    if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)
+            or string_view(kind)):
+      raise ValueError(f'{path}: the "text" column holds {kind}, not strings')
+    column = pq.read_table(path, columns=['text']).column('text')
+  except pyarrow.ArrowException as e:
+    raise ValueError(f'{path} is not a readable Parquet file ({" ".join(str(e).split())})') from e
+  if column.null_count:
+    raise ValueError(f'{path}: {column.null_count} rows of the "text" column are null')
+  if len(column) == 0:
+    raise ValueError(f'{path} holds no rows')
+  return DOC_SEPARATOR.join(column.to_pylist())
+
+
+def _local_text(path: pathlib.Path) -> str:
+  suffix = path.suffix.lower()
+  if suffix == '.jsonl':
+    return _jsonl_text(path)
+  if suffix == '.parquet':
+    return _parquet_text(path)
+  if suffix == WINDOWS_SUFFIX:
+    raise ValueError(f'{path} holds token windows (.npy), not text: use it as calibration or '
+                     'evaluation windows (load_windows)')
+  return path.read_text(encoding='utf-8')
 
 
 def load_text(name_or_path: str | os.PathLike, split: str) -> str:
   """Returns the text of one split of a named corpus, or the whole of a local text file.
 
   Args:
-    name_or_path: one of `KNOWN_SOURCES`, or a path to a UTF-8 text file.
+    name_or_path: one of `KNOWN_SOURCES`, or a path to a UTF-8 text file, a ``.jsonl`` (a
+      ``"text"`` field per line) or a ``.parquet`` (a ``text`` column); the documents of the last
+      two are joined with `DOC_SEPARATOR`.
     split: 'train' or 'test' (a local file returns the whole file for both).
 
   Returns:
     The text.
 
   Raises:
-    FileNotFoundError: ``name_or_path`` looks like a path (holds '/' or ends with '.txt') but no
-      such file exists.
-    ValueError: unknown corpus name or split.
-    DataUnavailableError: 'wikitext2' / 'c4' without ``datasets`` or offline.
+    FileNotFoundError: ``name_or_path`` looks like a path (holds '/' or ends with '.txt',
+      '.jsonl', '.parquet' or '.npy') but no such file exists.
+    ValueError: unknown corpus name or split; a malformed ``.jsonl`` / ``.parquet`` (the message
+      names the file, and the line of a ``.jsonl``); a ``.npy`` (windows, not text).
+    DataUnavailableError: 'wikitext2' / 'c4' without ``datasets`` or offline; a ``.parquet``
+      without ``pyarrow``.
   """
   _check_split(split)
   name = os.fspath(name_or_path)
   path = pathlib.Path(name).expanduser()
   if name not in KNOWN_SOURCES and path.is_file():
-    return path.read_text(encoding='utf-8')
+    return _local_text(path)
   if name not in KNOWN_SOURCES and (isinstance(name_or_path, os.PathLike)
                                     or _looks_like_path(name)):
-    raise FileNotFoundError(f'text file {name!r} does not exist')
+    raise FileNotFoundError(f'file {name!r} does not exist')
   if name in HUB_CORPORA:
     return _hub_text(name, split)
   if name not in _DOCUMENTS:
     raise ValueError(f'unknown text source {name!r}: expected one of {", ".join(KNOWN_SOURCES)} or '
-                     'a path to a text file')
+                     'a path to a .txt, .jsonl or .parquet file')
   key = (name, split)
   if key not in _TEXT_CACHE:
     _TEXT_CACHE[key] = join_split(_DOCUMENTS[name](), split, TEST_PERCENT[name])
@@ -467,6 +592,93 @@ def eval_windows(tokens: np.ndarray, seqlen: int, n_windows: int | None = None) 
   return tokens[:n_windows * seqlen].reshape(n_windows, seqlen).astype(np.int32)
 
 
+def windows_problem(shape: tuple[int, ...], dtype: Any, seqlen: int, rows: int | None = None, *,
+                    seqlen_name: str = 'seqlen', rows_name: str = 'rows') -> str | None:
+  """What makes an array of ``shape`` and ``dtype`` unusable as ``rows`` token windows of
+  ``seqlen`` tokens (the shape and dtype are all it needs: a ``.npy`` header is enough); None when
+  it can serve.
+
+  Args:
+    shape: the array's shape; windows are ``[n, seqlen]``.
+    dtype: its dtype; ids are integers.
+    seqlen: tokens per window needed.
+    rows: windows needed (None: any number but 0).
+    seqlen_name, rows_name: how the message names ``seqlen`` and ``rows`` (e.g. a flag).
+
+  Returns:
+    The problem, a phrase that follows the file name ("holds ..."), or None.
+  """
+  if len(shape) != 2:
+    return (f'holds an array of shape {tuple(shape)} ({len(shape)}-D); token windows are 2-D, '
+            '[n, seqlen]')
+  if not np.issubdtype(np.dtype(dtype), np.integer):
+    return f'holds {np.dtype(dtype)} values; token windows hold integer ids'
+  n, length = shape
+  if n == 0:
+    return 'holds no windows (0 rows)'
+  if length != seqlen:
+    return f'holds windows of {length} tokens, but {seqlen_name}={seqlen}'
+  if rows is not None and n < rows:
+    return f'holds {n} windows, fewer than {rows_name}={rows}'
+  return None
+
+
+def windows_header(path: str | os.PathLike) -> tuple[tuple[int, ...], np.dtype]:
+  """The shape and dtype of a ``.npy`` file, from its header alone (the data is not read).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not a readable ``.npy`` array (the message names the file).
+  """
+  path = pathlib.Path(path).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f'windows file {str(path)!r} does not exist')
+  try:
+    array = np.load(path, mmap_mode='r', allow_pickle=False)
+  except (ValueError, OSError, EOFError) as e:
+    raise ValueError(f'{path} is not a readable .npy array ({" ".join(str(e).split())})') from e
+  if not isinstance(array, np.ndarray):  # An .npz archive.
+    raise ValueError(f'{path} is not a single .npy array')
+  return tuple(array.shape), array.dtype
+
+
+def load_windows(path: str | os.PathLike, seqlen: int, rows: int | None = None,
+                 vocab_size: int | None = None) -> np.ndarray:
+  """Pre-tokenized windows from a ``.npy`` of integer ids ``[n, seqlen]``, used as they are.
+
+  Args:
+    path: the ``.npy`` file.
+    seqlen: tokens per window; the file's second dimension must equal it.
+    rows: how many windows to take, the first ``rows`` of the file (None: all of them); the file
+      must hold at least that many.
+    vocab_size: ids must lie in ``[0, vocab_size)`` (None: only non-negative and int32). Every
+      id of the file is checked, not just the rows taken.
+
+  Returns:
+    int32 [rows, seqlen], the file's first ``rows`` rows.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not a 2-D integer array, another seqlen, too few rows, or ids outside the
+      vocabulary (each message names the file and the problem).
+  """
+  path = pathlib.Path(path).expanduser()
+  shape, dtype = windows_header(path)
+  problem = windows_problem(shape, dtype, seqlen, rows)
+  if problem:
+    raise ValueError(f'{path} {problem}')
+  array = np.load(path, allow_pickle=False)
+  limit = vocab_size if vocab_size is not None else np.iinfo(np.int32).max + 1
+  outside = (array < 0) | (array >= limit)
+  if outside.any():
+    row, col = np.argwhere(outside)[0]
+    within = (f'the vocabulary of {vocab_size} ids, [0, {vocab_size})' if vocab_size is not None
+              else 'the non-negative int32 range')
+    raise DataError(f'{path} holds {int(outside.sum())} ids outside {within}: e.g. '
+                     f'{array[row, col]} at row {row}, position {col}')
+  return array[:rows].astype(np.int32)
+
+
 # ----------------------------------------------------------------------------------------------
 # Multiple-choice items.
 
@@ -521,17 +733,7 @@ def load_mc_jsonl(path: str | os.PathLike) -> list[MCItem]:
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f'multiple-choice file {str(path)!r} does not exist')
-  items = []
-  with open(path, encoding='utf-8') as f:
-    for number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f'{path}:{number}'
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{where}: invalid JSON ({e.msg})') from e
-      items.append(parse_mc_item(record, where))
+  items = [parse_mc_item(record, where) for where, record in json_lines(path)]
   if not items:
     raise ValueError(f'{path} holds no items')
   return items

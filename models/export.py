@@ -13,6 +13,12 @@ the ``'hf'`` export of the same model with its adapters left out. Our adapter ad
 ``lora_alpha = r`` (per module through ``rank_pattern``/``alpha_pattern`` where ranks differ).
 Linears without an adapter get none (PEFT's zero-initialised ``B`` leaves them as they are).
 
+``'gptq'`` and ``'compressed-tensors'``: the quantized (and 2:4) linears in those libraries'
+packed layouts (:mod:`models.gptq_format`, :mod:`models.ct_format`), the rest dense, with the
+``quantization_config`` in ``config.json``; transformers loads them through its integrations of
+those libraries. A quantized base cannot take merged adapters: they are left out and go to a
+``'peft'`` export.
+
 Every export is written under a temporary name and renamed at the end, so a half-written export
 never carries the final name.
 """
@@ -22,16 +28,18 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from kernels import formats
 from models import llama
 from models.config import ModelConfig
+from models import loading
 from models.loading import HF_LINEARS
 
-FORMATS = ('hf', 'peft')
+FORMATS = ('hf', 'gptq', 'compressed-tensors', 'peft')
+QUANTIZED_FORMATS = tuple(loading.QUANTIZED_FORMATS)
 ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
                  'qwen2': 'Qwen2ForCausalLM'}
 
@@ -79,9 +87,25 @@ def _dense(leaf, merge_adapters: bool) -> np.ndarray:
   return np.asarray(w, np.float32)
 
 
-def hf_state_dict(params: dict[str, Any], cfg: ModelConfig, *,
-                  merge_adapters: bool = True) -> dict[str, np.ndarray]:
-  """Hugging Face tensor names -> float32 arrays (linears ``[out, in]``) of a param tree."""
+def block_linears(params: dict[str, Any]) -> dict[str, Any]:
+  """``{Hugging Face module name: leaf}`` of every block linear, in order."""
+  hf_name = {v: k for k, v in HF_LINEARS.items()}
+  out = {}
+  for i, block in enumerate(params['layers']):
+    for lin in llama.LINEAR_NAMES:
+      sub, name = lin.split('/')
+      out[f'model.layers.{i}.{hf_name[(sub, name)]}'] = block[sub][name]['kernel']
+  return out
+
+
+def hf_state_dict(params: dict[str, Any], cfg: ModelConfig, *, merge_adapters: bool = True,
+                  linear_tensors: Callable[[str, Any], dict[str, np.ndarray]] | None = None
+                  ) -> dict[str, np.ndarray]:
+  """Hugging Face tensor names -> float32 arrays (linears ``[out, in]``) of a param tree.
+
+  ``linear_tensors(module, leaf)``, when given, writes each block linear's weight instead (a
+  quantized format's tensors); biases, norms, embeddings and the head stay dense.
+  """
   hf_name = {v: k for k, v in HF_LINEARS.items()}
   out = {'model.embed_tokens.weight': np.asarray(params['embed_tokens']['embedding'], np.float32),
          'model.norm.weight': np.asarray(params['norm']['scale'], np.float32)}
@@ -96,8 +120,11 @@ def hf_state_dict(params: dict[str, Any], cfg: ModelConfig, *,
     for lin in llama.LINEAR_NAMES:
       sub, name = lin.split('/')
       node = block[sub][name]
-      out[f'{pre}{hf_name[(sub, name)]}.weight'] = np.ascontiguousarray(
-          _dense(node['kernel'], merge_adapters).T)
+      module = f'{pre}{hf_name[(sub, name)]}'
+      if linear_tensors is not None:
+        out.update(linear_tensors(module, node['kernel']))
+      else:
+        out[f'{module}.weight'] = np.ascontiguousarray(_dense(node['kernel'], merge_adapters).T)
       if 'bias' in node:
         out[f'{pre}{hf_name[(sub, name)]}.bias'] = np.asarray(node['bias'], np.float32)
   return out
@@ -182,12 +209,19 @@ def save_hf(out_dir: str | pathlib.Path, params: dict[str, Any], cfg: ModelConfi
             overwrite: bool = False) -> pathlib.Path:
   """Writes the ``'hf'`` export of ``params`` to ``out_dir`` (see the module docstring); the
   tokenizer's files too when it has ``save_pretrained``. Checks come before anything is written."""
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   out = check_output_dir(out_dir, overwrite)
   config = hf_config(cfg)
+  return _write_checkpoint(out, hf_state_dict(params, cfg, merge_adapters=merge_adapters),
+                           config, tokenizer)
+
+
+def _write_checkpoint(out: pathlib.Path, tensors: dict[str, np.ndarray], config: dict[str, Any],
+                      tokenizer: Any) -> pathlib.Path:
+  """``model.safetensors`` + ``config.json`` (+ the tokenizer's files) into ``out``, renamed into
+  place at the end."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   # safetensors writes an array's buffer as it lies: every tensor must be C-contiguous.
-  tensors = {k: np.ascontiguousarray(v) for k, v in
-             hf_state_dict(params, cfg, merge_adapters=merge_adapters).items()}
+  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
 
   def write(tmp):
     save_file(tensors, str(tmp / 'model.safetensors'), metadata={'format': 'pt'})
@@ -197,19 +231,57 @@ def save_hf(out_dir: str | pathlib.Path, params: dict[str, Any], cfg: ModelConfi
   return write_dir(out, write)
 
 
+def save_quantized(out_dir: str | pathlib.Path, fmt: str, params: dict[str, Any],
+                   cfg: ModelConfig, *, tokenizer: Any = None, merge_adapters: bool = False,
+                   overwrite: bool = False) -> pathlib.Path:
+  """Writes the ``'gptq'`` or ``'compressed-tensors'`` export of ``params`` to ``out_dir``.
+
+  Adapters cannot be merged into quantized weights: with ``merge_adapters`` a model that has them
+  is refused, otherwise they are left out. Checks come before anything is written.
+  """
+  out = check_output_dir(out_dir, overwrite)
+  fmt_lib = loading.quantized_format(fmt)
+  linears = block_linears(params)
+  with_adapter = [m for m, leaf in linears.items()
+                  if isinstance(leaf, formats.CompressedLinear) and leaf.adapter is not None]
+  if with_adapter and merge_adapters:
+    raise ExportError(f'{with_adapter[0]} has a low-rank adapter, which cannot be merged into '
+                      f'{fmt} weights: pass --nomerge_adapters to leave the adapters out, and '
+                      'export them with --format=peft')
+  qcfg = fmt_lib.quantization_config(linears)
+  config = dict(hf_config(cfg), quantization_config=qcfg)
+  tensors = hf_state_dict(
+      params, cfg, merge_adapters=False,
+      linear_tensors=lambda module, leaf: fmt_lib.linear_tensors(module, leaf, qcfg))
+  return _write_checkpoint(out, tensors, config, tokenizer)
+
+
+PEFT_BASES = ('hf',) + QUANTIZED_FORMATS
+
+
 def save(out_dir: str | pathlib.Path, fmt: str, params: dict[str, Any], cfg: ModelConfig, *,
-         tokenizer: Any = None, merge_adapters: bool = True,
+         tokenizer: Any = None, merge_adapters: bool = True, peft_base: str = 'hf',
          overwrite: bool = False) -> pathlib.Path:
-  """Writes the export of format ``fmt`` to ``out_dir``: ``'hf'`` as :func:`save_hf`; ``'peft'``
-  as ``OUT/base`` (the ``'hf'`` export without adapters) and ``OUT/adapter`` (:func:`save_peft`),
-  in one rename. Every check comes before anything is written."""
+  """Writes the export of format ``fmt`` to ``out_dir``: ``'hf'`` as :func:`save_hf`, ``'gptq'``
+  and ``'compressed-tensors'`` as :func:`save_quantized`; ``'peft'`` as ``OUT/base`` (the
+  ``peft_base`` export without adapters: ``'hf'``, ``'gptq'`` or ``'compressed-tensors'``) and
+  ``OUT/adapter`` (:func:`save_peft`), in one rename. Every check comes before anything is
+  written."""
   if fmt not in FORMATS:
     raise ExportError(f'--format={fmt!r} is not one of {FORMATS}')
+  if peft_base not in PEFT_BASES:
+    raise ExportError(f'--peft_base={peft_base!r} is not one of {PEFT_BASES}')
   out = check_output_dir(out_dir, overwrite)
   if fmt == 'hf':
     return save_hf(out, params, cfg, tokenizer=tokenizer, merge_adapters=merge_adapters,
                    overwrite=overwrite)
+  if fmt in QUANTIZED_FORMATS:
+    return save_quantized(out, fmt, params, cfg, tokenizer=tokenizer,
+                          merge_adapters=merge_adapters, overwrite=overwrite)
   peft_tensors(params)  # raises before writing when there are no adapters
-  return write_dir(out, lambda tmp: (
-      save_hf(tmp / 'base', params, cfg, tokenizer=tokenizer, merge_adapters=False),
-      save_peft(tmp / 'adapter', params)))
+  if peft_base == 'hf':
+    write_base = lambda d: save_hf(d, params, cfg, tokenizer=tokenizer, merge_adapters=False)
+  else:
+    loading.quantized_format(peft_base).check_linears(block_linears(params))
+    write_base = lambda d: save_quantized(d, peft_base, params, cfg, tokenizer=tokenizer)
+  return write_dir(out, lambda tmp: (write_base(tmp / 'base'), save_peft(tmp / 'adapter', params)))

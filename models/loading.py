@@ -20,6 +20,7 @@ Tokenizers come through ``transformers`` from the same files (:func:`load_tokeni
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import pathlib
 from typing import Any, Callable
@@ -43,6 +44,20 @@ HF_LINEARS = {  # Hugging Face module name -> (block sub-tree, linear)
     'mlp.up_proj': ('mlp', 'up_proj'),
     'mlp.down_proj': ('mlp', 'down_proj'),
 }
+# Quantized checkpoint formats, by ``quantization_config.quant_method``: the module that writes
+# and reads each (``check_linears``, ``quantization_config``, ``linear_tensors``, ``check_config``,
+# ``read_linear``, and optionally ``read_dense`` for leaves it writes as plain weights).
+QUANTIZED_FORMATS = {'gptq': 'models.gptq_format', 'compressed-tensors': 'models.ct_format'}
+
+
+def quantized_format(name: str):
+  """The module of a quantized checkpoint format (a key of ``QUANTIZED_FORMATS``)."""
+  if name not in QUANTIZED_FORMATS:
+    raise ValueError(f'quantization method {name!r} is not supported; we read '
+                     f'{", ".join(QUANTIZED_FORMATS)}')
+  return importlib.import_module(QUANTIZED_FORMATS[name])
+
+
 _GGUF_LINEARS = {
     'attn_q': ('self_attn', 'q_proj'),
     'attn_k': ('self_attn', 'k_proj'),
@@ -152,7 +167,15 @@ def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfi
     files = sorted(p.name for p in path.glob('*.safetensors'))
   if not files:
     raise FileNotFoundError(f'no *.safetensors files in {path}')
+  qcfg = json.loads((path / 'config.json').read_text()).get('quantization_config')
+  if qcfg is None and (path / 'quantize_config.json').exists():  # AutoGPTQ's own file
+    qcfg = dict(json.loads((path / 'quantize_config.json').read_text()), quant_method='gptq')
+  fmt_lib = None
+  if qcfg is not None:
+    fmt_lib = quantized_format(qcfg.get('quant_method'))
+    fmt_lib.check_config(qcfg)
   params = _empty_params(cfg)
+  packed: dict[str, np.ndarray] = {}  # a quantized format's tensors, read per linear below
   for fname in files:
     fpath = path / fname
     if not fpath.exists():
@@ -160,14 +183,66 @@ def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfi
     try:
       with safe_open(str(fpath), framework='flax') as f:
         for name in f.keys():
-          arr = np.asarray(f.get_tensor(name), np.float32)
-          _place(params, cfg, name, arr, dtype)
+          arr = f.get_tensor(name)
+          module, _, kind = name.rpartition('.')
+          if fmt_lib is not None and kind in fmt_lib.TENSORS:
+            packed[name] = np.asarray(arr)
+          else:
+            _place(params, cfg, name, np.asarray(arr, np.float32), dtype)
     except (OSError, ValueError) as e:
       if 'missing tensors' in str(e) or 'has shape' in str(e):
         raise
       raise ValueError(f'corrupt safetensors file {fpath}: {e}') from e
+  if fmt_lib is not None:
+    _read_quantized(params, cfg, packed, fmt_lib, qcfg, dtype, str(path))
+    if hasattr(fmt_lib, 'read_dense'):
+      _read_dense(params, fmt_lib, qcfg, str(path))
   _check_complete(params, cfg, str(path))
   return cfg, params
+
+
+def _read_quantized(params: Params, cfg: ModelConfig, packed: dict[str, np.ndarray], fmt_lib,
+                    qcfg: dict[str, Any], dtype, source: str) -> None:
+  """Builds the CompressedLinear leaves of every block linear whose packed tensors were read."""
+  shapes = llama.linear_shapes(cfg)
+  modules = {name.rpartition('.')[0] for name in packed}
+  for i, layer in enumerate(params['layers']):
+    for hf, (sub, lin) in HF_LINEARS.items():
+      module = f'model.layers.{i}.{hf}'
+      if module not in modules:
+        continue
+      if 'kernel' in layer[sub][lin]:
+        raise ValueError(f'{source}: {module} has both a dense weight and {qcfg["quant_method"]} '
+                         'tensors')
+
+      def get(name):
+        if name not in packed:
+          raise KeyError(name)
+        return packed[name]
+      try:
+        leaf = fmt_lib.read_linear(module, get, shapes[f'{sub}/{lin}'][0], qcfg, dtype)
+      except KeyError as e:
+        raise ValueError(f'{source}: {module} lacks tensor {e.args[0]}') from e
+      want = shapes[f'{sub}/{lin}']
+      if tuple(leaf.shape) != tuple(want):
+        raise ValueError(f'{source}: {module} is {tuple(leaf.shape)}, the config implies {want}')
+      layer[sub][lin]['kernel'] = leaf
+      modules.discard(module)
+  if modules:
+    raise ValueError(f'{source}: quantized tensors of modules we do not know: '
+                     f'{sorted(modules)[:4]}')
+
+
+def _read_dense(params: Params, fmt_lib, qcfg: dict[str, Any], source: str) -> None:
+  """Lets a quantized format rebuild the leaves it writes as plain dense weights (sparsity)."""
+  for i, layer in enumerate(params['layers']):
+    for hf, (sub, lin) in HF_LINEARS.items():
+      node = layer[sub][lin]
+      if 'kernel' in node:
+        try:
+          node['kernel'] = fmt_lib.read_dense(f'model.layers.{i}.{hf}', node['kernel'], qcfg)
+        except ValueError as e:
+          raise ValueError(f'{source}: {e}') from e
 
 
 def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:

@@ -1,0 +1,278 @@
+"""The 'gptq' export, proven by loading it with transformers' GPTQ integration (GPTQModel's CPU
+kernel, in a separate process) and matching our logits; the import of weights GPTQModel's own
+packer wrote; and what the format cannot hold, refused before anything is written.
+
+Tolerance: the loaders dequantize in float16 (``(code - zero) * scale`` rounded to float16), so
+their weights equal ours to float16 rounding (relative 2^-11 of each weight) and the tiny model's
+logits (about 3 in magnitude) to 1e-2.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compress import matrix
+from compress import pipeline
+from compress import rules as rules_lib
+from compress.prune import PruneSpec
+from experiments import config as config_lib_exp
+from kernels import QuantSpec, formats
+from models import config as config_lib
+from models import export
+from models import gptq_format
+from models import llama
+from models import loading
+from recover import compensate
+
+torch = pytest.importorskip('torch')
+pytest.importorskip('transformers')
+pytest.importorskip('optimum')
+pytest.importorskip('gptqmodel')
+
+Q4 = QuantSpec(bits=4, group_size=32)
+CASES = {
+    'gptq_w4g32_act_order': rules_lib.LinearSpec(quant='gptq', qspec=Q4, act_order=True),
+    'rtn_w3g32_sym': rules_lib.LinearSpec(
+        quant='rtn', qspec=QuantSpec(bits=3, group_size=32, symmetric=True)),
+    'awq_w4g32': rules_lib.LinearSpec(quant='awq', qspec=Q4),
+    'gptq_w8_per_channel': rules_lib.LinearSpec(
+        quant='gptq', qspec=QuantSpec(bits=8, group_size=-1)),
+}
+
+
+def _tiny():
+  cfg = config_lib.tiny_config(num_layers=2, tie_word_embeddings=False)
+  params = llama.init_params(cfg, jax.random.key(0), scale=0.1)
+  calib = np.asarray(jax.random.randint(jax.random.key(1), (8, 32), 0, cfg.vocab_size))
+  return cfg, params, calib
+
+
+def _with_zero_point_0(params):
+  """The same model with one zero point set to 0, which only the v2 convention can write."""
+  leaf = params['layers'][0]['self_attn']['q_proj']['kernel']
+  q = leaf.weight
+  q = dataclasses.replace(q, zeros=q.zeros.at[0, 0].set(0))
+  out = jax.tree.map(lambda x: x, params)
+  out['layers'][0]['self_attn']['q_proj']['kernel'] = dataclasses.replace(leaf, weight=q)
+  return out
+
+
+def _weights_to_pack(model, tmp):
+  """The float weights, scales, zeros and g_idx of every block linear, for GPTQModel's packer."""
+  arrays = {}
+  for module, leaf in export.block_linears(model).items():
+    q = leaf.weight
+    scales = np.asarray(q.scales, np.float16).astype(np.float32)
+    arrays[f'{module}.w'] = np.asarray(formats.dequantize(dataclasses.replace(
+        q, scales=jnp.asarray(scales)))).T.copy()
+    arrays[f'{module}.scales'] = scales
+    arrays[f'{module}.zeros'] = np.asarray(q.zeros, np.int32)
+    arrays[f'{module}.g_idx'] = np.asarray(q.group_index(), np.int32)
+    arrays['bits'], arrays['group_size'] = np.asarray(q.bits), np.asarray(q.group_size)
+  np.savez(tmp / 'to_pack.npz', **arrays)
+  return tmp / 'to_pack.npz'
+
+
+@pytest.fixture(scope='module')
+def loaded(tmp_path_factory):
+  """Every case exported, loaded by transformers + GPTQModel in one subprocess."""
+  tmp = tmp_path_factory.mktemp('gptq')
+  cfg, params, calib = _tiny()
+  tokens = calib[:2]
+  np.save(tmp / 'tokens.npy', tokens)
+  models, jobs = {}, []
+  for name, spec in CASES.items():
+    out, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(spec), progress=False)
+    models[name] = out
+  models['v2_zero_point_0'] = _with_zero_point_0(models['gptq_w4g32_act_order'])
+  eora, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(CASES['awq_w4g32']),
+                                    progress=False,
+                                    recovery=compensate.Compensator(method='eora', rank=8))
+  models['awq_w4g32_eora_peft'] = eora
+  for name, model in models.items():
+    if name.endswith('_peft'):
+      export.save(tmp / name, 'peft', model, cfg, peft_base='gptq')
+      job = {'base': str(tmp / name / 'base'), 'adapter': str(tmp / name / 'adapter')}
+    else:
+      export.save(tmp / name, 'gptq', model, cfg)
+      job = {'base': str(tmp / name), 'adapter': None}
+    jobs.append(dict(job, tokens=str(tmp / 'tokens.npy'), out=str(tmp / f'{name}.npy'),
+                     weight='model.layers.0.self_attn.q_proj'))
+  jobs.append({'pack': str(_weights_to_pack(models['gptq_w4g32_act_order'], tmp)),
+               'out': str(tmp / 'packed_by_gptqmodel.npz')})
+  (tmp / 'jobs.json').write_text(json.dumps(jobs))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.third_party', str(tmp / 'jobs.json')],
+      capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return cfg, models, tokens, tmp
+
+
+@pytest.mark.parametrize('name', list(CASES) + ['v2_zero_point_0', 'awq_w4g32_eora_peft'])
+def test_transformers_gptq_loads_the_export_and_matches_our_logits(loaded, name):
+  cfg, models, tokens, tmp = loaded
+  model = models[name]
+  want = np.asarray(llama.forward(model, jnp.asarray(tokens), cfg))
+  got = np.load(tmp / f'{name}.npy')
+  np.testing.assert_allclose(got, want, atol=1e-2, rtol=0)
+  # The loader's weight is ours to float16 rounding (scales are stored in float16).
+  leaf = model['layers'][0]['self_attn']['q_proj']['kernel'].weight
+  ours = np.asarray(formats.dequantize(dataclasses.replace(
+      leaf, scales=jnp.asarray(leaf.scales, jnp.float16).astype(jnp.float32))))
+  theirs = np.load(tmp / f'{name}.npy.w.npy')
+  np.testing.assert_allclose(theirs, ours, rtol=2 ** -10, atol=1e-6)
+  qcfg = json.loads(((tmp / name / 'base') if name.endswith('_peft') else tmp / name)
+                    .joinpath('config.json').read_text())['quantization_config']
+  assert qcfg['checkpoint_format'] == ('gptq_v2' if name.startswith('v2') else 'gptq')
+  assert qcfg['desc_act'] == (leaf.g_idx is not None)
+
+
+def test_round_trip_gives_identical_leaves_and_bytes(loaded, tmp_path):
+  cfg, models, _, tmp = loaded
+  for name in CASES:
+    _, back = loading.load_hf_dir(tmp / name)
+    for module, leaf in export.block_linears(models[name]).items():
+      q, r = leaf.weight, export.block_linears(back)[module].weight
+      for field in ('qweight', 'zeros'):
+        np.testing.assert_array_equal(np.asarray(getattr(r, field)), np.asarray(getattr(q, field)))
+      np.testing.assert_array_equal(np.asarray(r.scales), np.asarray(q.scales, np.float16))
+      assert (r.g_idx is None) == (q.g_idx is None) and (r.bits, r.group_size, r.symmetric) == (
+          q.bits, q.group_size, q.symmetric)
+      if q.g_idx is not None:
+        np.testing.assert_array_equal(np.asarray(r.g_idx), np.asarray(q.g_idx))
+    again = export.save(tmp_path / name, 'gptq', back, cfg)
+    assert (again / 'model.safetensors').read_bytes() == (tmp / name / 'model.safetensors'
+                                                          ).read_bytes()
+
+
+@pytest.mark.parametrize('convention', ['gptq', 'gptq_v2'])
+def test_weights_gptqmodel_packed_load_into_our_leaves(loaded, tmp_path, convention):
+  """GPTQModel's own packer, from the float weights, in both zero-point conventions: a
+  checkpoint of its tensors loads to our leaves (codes, zeros and act-order groups equal)."""
+  from safetensors.numpy import load_file, save_file  # pylint: disable=g-import-not-at-top
+  cfg, models, tokens, tmp = loaded
+  name = 'gptq_w4g32_act_order'
+  theirs = np.load(tmp / 'packed_by_gptqmodel.npz')
+  tensors = load_file(str(tmp / name / 'model.safetensors'))
+  suffix = '_v1' if convention == 'gptq' else '_v2'
+  for module in export.block_linears(models[name]):
+    tensors[f'{module}.qweight'] = theirs[f'{module}.qweight']
+    tensors[f'{module}.qzeros'] = theirs[f'{module}.qzeros{suffix}']
+  out = tmp_path / convention
+  out.mkdir()
+  save_file(tensors, str(out / 'model.safetensors'))
+  config = json.loads((tmp / name / 'config.json').read_text())
+  config['quantization_config']['checkpoint_format'] = convention
+  (out / 'config.json').write_text(json.dumps(config))
+  _, back = loading.load_hf_dir(out)
+  for module, leaf in export.block_linears(models[name]).items():
+    r = export.block_linears(back)[module]
+    assert isinstance(r, formats.CompressedLinear)
+    np.testing.assert_array_equal(np.asarray(r.weight.ints()), np.asarray(leaf.weight.ints()))
+    np.testing.assert_array_equal(np.asarray(r.weight.zeros), np.asarray(leaf.weight.zeros))
+    np.testing.assert_array_equal(np.asarray(r.weight.group_index()),
+                                  np.asarray(leaf.weight.group_index()))
+  want = np.asarray(llama.forward(models[name], jnp.asarray(tokens), cfg))
+  np.testing.assert_allclose(np.asarray(llama.forward(back, jnp.asarray(tokens), cfg)), want,
+                             atol=2e-3, rtol=0)
+
+
+def _compressed(spec, params=None, rules=None):
+  cfg, p, calib = _tiny()
+  rules = rules if rules is not None else rules_lib.uniform(spec)
+  out, _ = pipeline.compress_model(p if params is None else params, cfg, calib, rules,
+                                   progress=False)
+  return cfg, out
+
+
+@pytest.mark.parametrize('case, spec, rules, match', [
+    ('mask', rules_lib.LinearSpec(prune='wanda', sparsity=PruneSpec.parse('0.5'), quant='gptq',
+                                  qspec=Q4), None, 'q_proj carries a pruning mask'),
+    ('2:4', rules_lib.LinearSpec(prune='sparsegpt', sparsity=PruneSpec.parse('2:4'),
+                                 quant='gptq', qspec=Q4), None, 'q_proj is 2:4 sparse'),
+    ('dense_linear', rules_lib.LinearSpec(quant='rtn', qspec=Q4),
+     [rules_lib.Rule(r'layers/1/mlp/up_proj/kernel', None)] + rules_lib.uniform(
+         rules_lib.LinearSpec(quant='rtn', qspec=Q4)), 'layers.1.mlp.up_proj is not quantized'),
+    ('mixed_bits', rules_lib.LinearSpec(quant='rtn', qspec=Q4),
+     [rules_lib.Rule(r'.*/down_proj/kernel', rules_lib.LinearSpec(
+         quant='rtn', qspec=QuantSpec(bits=8, group_size=32)))] + rules_lib.uniform(
+             rules_lib.LinearSpec(quant='rtn', qspec=Q4)), 'one setting for the whole model'),
+])
+def test_what_gptq_cannot_hold_is_refused_before_writing(tmp_path, case, spec, rules, match):
+  del case
+  cfg, model = _compressed(spec, rules=rules)
+  with pytest.raises(export.ExportError, match=match):
+    export.save(tmp_path / 'out', 'gptq', model, cfg)
+  assert not (tmp_path / 'out').exists() and not (tmp_path / 'out.tmp').exists()
+
+
+def test_adapters_are_not_merged_into_packed_weights(tmp_path):
+  cfg, params, calib = _tiny()
+  model, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(CASES['awq_w4g32']),
+                                     progress=False,
+                                     recovery=compensate.Compensator(method='svd', rank=4))
+  with pytest.raises(export.ExportError, match='cannot be merged into gptq weights'):
+    export.save(tmp_path / 'out', 'gptq', model, cfg)
+  assert not (tmp_path / 'out').exists()
+  path = export.save(tmp_path / 'out', 'gptq', model, cfg, merge_adapters=False)
+  _, back = loading.load_hf_dir(path)
+  assert all(leaf.adapter is None for leaf in export.block_linears(back).values())
+
+
+def test_the_main_command_refuses_what_gptq_cannot_hold_before_any_work(tmp_path):
+  """The same refusals from the flags alone, through the abstract leaves of the rules."""
+  base = dict(model='tiny-llama', calib_data='shakespeare', eval_data=('shakespeare',),
+              calib_seqlen=32, eval_seqlen=32, group_size=32, probes='none')
+  bad = {
+      'carries a pruning mask': dict(prune='wanda', sparsity='0.5', quant='gptq', bits=4),
+      'is 2:4 sparse': dict(prune='wanda', sparsity='2:4'),
+      'up_proj is not quantized': dict(quant='gptq', bits=4, rules=('.*/up_proj/kernel=none',)),
+      'cannot hold the low-rank adapters': dict(quant='gptq', bits=4, recover='eora'),
+      'one setting for the whole model': dict(quant='gptq', bits=4,
+                                              rules=('.*/down_proj/kernel=8',)),
+  }
+  for want, flags in bad.items():
+    problems = config_lib_exp.validate(config_lib_exp.CompressConfig(**base, **flags,
+                                                                     export='gptq'),
+                                       out_dir=str(tmp_path / 'run'))
+    assert any(want in p for p in problems), (want, problems)
+  ok = config_lib_exp.validate(config_lib_exp.CompressConfig(
+      **base, quant='gptq', bits=4, recover='eora', rank=8, export='peft', peft_base='gptq'),
+                               out_dir=str(tmp_path / 'run'))
+  assert ok == []
+
+
+def test_abstract_leaves_have_the_structure_compression_gives():
+  cfg, params, calib = _tiny()
+  specs = list(CASES.values()) + [
+      rules_lib.LinearSpec(prune='wanda', sparsity=PruneSpec.parse('2:4')),
+      rules_lib.LinearSpec(prune='wanda', sparsity=PruneSpec.parse('0.5')),
+      rules_lib.LinearSpec(prune='sparsegpt', sparsity=PruneSpec.parse('2:4'), quant='gptq',
+                           qspec=Q4),
+      rules_lib.LinearSpec(prune='wanda', sparsity=PruneSpec.parse('2:4'), quant='gptq',
+                           qspec=Q4, act_order=True),
+      rules_lib.LinearSpec(quant='gptq', qspec=Q4, act_order=True, static_groups=True)]
+  shape_of = lambda x: (tuple(x.shape), np.dtype(x.dtype).name)
+  for spec in specs:
+    out, _ = pipeline.compress_model(params, cfg, calib[:2], rules_lib.uniform(spec),
+                                     progress=False)
+    leaf = out['layers'][0]['mlp']['down_proj']['kernel']
+    abstract = matrix.abstract_leaf(spec, (cfg.intermediate_size, cfg.hidden_size))
+    assert jax.tree.structure(abstract) == jax.tree.structure(leaf), spec.describe()
+    assert jax.tree.leaves(jax.tree.map(shape_of, abstract)) == jax.tree.leaves(
+        jax.tree.map(shape_of, leaf)), spec.describe()
+
+
+def test_unreadable_gptq_configs_are_refused():
+  with pytest.raises(ValueError, match="checkpoint_format 'marlin'"):
+    gptq_format.check_config({'quant_method': 'gptq', 'bits': 4, 'checkpoint_format': 'marlin'})
+  with pytest.raises(ValueError, match='bits=5'):
+    gptq_format.check_config({'quant_method': 'gptq', 'bits': 5})
+  with pytest.raises(ValueError, match="quantization method 'bitsandbytes' is not supported"):
+    loading.quantized_format('bitsandbytes')
