@@ -32,6 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from models import llama
+from models import sharding
 from models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -186,15 +187,18 @@ def collect_stats(block: Params, xs: np.ndarray | jax.Array, cfg: ModelConfig,
   stats = {k: init_stats(input_width(cfg, k)) for k in keys}
   fn = _stats_fn(cfg, keys, jnp.dtype(xs.dtype).name)
   for i in range(0, xs.shape[0], batch_size):
-    stats = fn(block, jnp.asarray(xs[i:i + batch_size]), stats)
+    stats = fn(block, sharding.batch(xs[i:i + batch_size]), stats)
   return stats
 
 
-def run_block(block: Params, xs, cfg: ModelConfig, batch_size: int) -> jax.Array:
-  """Block ``block``'s output on ``xs [N, T, D]``, ``batch_size`` sequences per jitted call."""
+def run_block(block: Params, xs, cfg: ModelConfig, batch_size: int) -> Any:
+  """Block ``block``'s output on ``xs [N, T, D]``, ``batch_size`` sequences per jitted call: a
+  device array, or a NumPy array in host memory under ``--offload=host``."""
   fn = _out_fn(cfg, jnp.dtype(xs.dtype).name)
-  return jnp.concatenate([fn(block, jnp.asarray(xs[i:i + batch_size]))
-                          for i in range(0, xs.shape[0], batch_size)], axis=0)
+  outs = [sharding.activations(fn(block, sharding.batch(xs[i:i + batch_size])))
+          for i in range(0, xs.shape[0], batch_size)]
+  return np.concatenate(outs, axis=0) if isinstance(outs[0], np.ndarray) else jnp.concatenate(
+      outs, axis=0)
 
 
 def dense_statistics(params: Params, cfg: ModelConfig, tokens: np.ndarray, *, batch_size: int = 8,

@@ -44,6 +44,7 @@ from compress.rules import LinearSpec, Rule, match
 from kernels import formats
 from models import checkpoint
 from models import llama
+from models import sharding
 from models import tree
 from models.config import ModelConfig
 
@@ -151,7 +152,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     if head_spec is not None and not head_spec.is_noop:
       raise ValueError('compressing the LM head needs propagated inputs, not precomputed statistics')
     dense_inputs = True
-  x = None if pre else llama.embed(params, jnp.asarray(calib_tokens), dtype)
+  x = None if pre else sharding.activations(llama.embed(params, jnp.asarray(calib_tokens), dtype))
   x_dense = x if dense_inputs else None
   x_aux = None if aux_tokens is None or precomputed_aux_stats is not None else llama.embed(
       params, jnp.asarray(aux_tokens), dtype)
@@ -286,8 +287,9 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
   reports = []
   for lin, spec in specs.items():
     name = f'layers/{i}/{lin}'
-    w = jnp.asarray(tree.get_linear(dense_block, lin), jnp.float32)
-    st = stats[llama.LINEAR_INPUTS[lin]]
+    # The output columns are independent given H: they are split over the model axis.
+    w = sharding.columns(jnp.asarray(tree.get_linear(dense_block, lin), jnp.float32))
+    st = sharding.replicate(stats[llama.LINEAR_INPUTS[lin]])
     t0 = time.time()
     if given_block is not None:
       leaf, info = tree.strip_adapter(tree.get_linear(given_block, lin)), {'given': True}

@@ -18,6 +18,7 @@ from experiments.config import validate
 from models import checkpoint
 from models import export as export_lib
 from models import loading
+from models import sharding
 from models import tree
 from recover import compensate as compensate_lib
 from recover import prompting
@@ -88,9 +89,19 @@ def train_recovery(c: CompressConfig, dense, start, cfg, tokenizer, out_dir: str
   return params, info
 
 
-def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = None,
-        restart: bool = False, loaded: loading.LoadedModel | None = None,
-        on_results: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run(c: CompressConfig, **kwargs) -> dict[str, Any]:
+  """:func:`run_on_mesh` on the placement ``--mesh`` and ``--offload`` name."""
+  try:
+    placement = sharding.Placement.create(c.mesh, c.offload)
+  except ValueError:  # the checks of run_on_mesh report it, with every other problem
+    placement = sharding.active()
+  with sharding.use(placement):
+    return run_on_mesh(c, **kwargs)
+
+
+def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | None = None,
+                restart: bool = False, loaded: loading.LoadedModel | None = None,
+                on_results: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
   """Compress, recover and evaluate; returns the results dict (``results.json``'s content).
 
   Raises ValueError listing every problem :func:`validate` finds, before any work. Every stage
@@ -156,7 +167,9 @@ def run(c: CompressConfig, *, out_dir: str | None = None, save: str | None = Non
                              'calibration_sha256': common.windows_sha256(calib),
                              'eval_sha256': {ds: common.windows_sha256(w)
                                              for ds, w in windows.items()},
-                             'eval_data': c.eval_data[0], 'eval_seqlen': c.eval_seqlen}
+                             'eval_data': c.eval_data[0], 'eval_seqlen': c.eval_seqlen,
+                             'mesh': sharding.active().describe(),
+                             'offload': sharding.active().offload}
   base = None
   if compensator is not None and compensator.changes_weights:
     # SRR re-quantizes a residual: the compression alone is a separate run without compensation.

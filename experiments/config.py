@@ -23,6 +23,7 @@ from models import data as data_lib
 from models import export as export_lib
 from models import llama
 from models import loading
+from models import sharding
 from recover import compensate as compensate_lib
 from recover import prompting
 from recover import reconstruct as reconstruct_lib
@@ -127,6 +128,13 @@ class CompressConfig:
   checkpoint_every_s: float = common.flag_field(
       60.0, 'Save resumable state (compression, reconstruction, fine-tuning) at most this often, '
       'in seconds, and at the end of each stage; 0: after every block, window or chunk.')
+  mesh: str | None = common.flag_field(
+      None, 'Device mesh data:N,model:M over all devices (default: every device on data): '
+      'calibration, evaluation and training batches split along data, the output columns of '
+      'each compressed matrix along model.')
+  offload: str = common.flag_field(
+      'none', 'Where the activations between blocks live: none (on the devices)|host (host '
+      'memory; each batch moves to the devices when used).', choices=sharding.OFFLOADS)
 
 
 def build_spec(c: CompressConfig) -> rules_lib.LinearSpec:
@@ -293,6 +301,13 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
   if c.export == 'peft' and c.recover == 'none' and c.finetune != 'lora':
     p.append('--export=peft writes low-rank adapters, but nothing makes them: add --recover '
              '(svd|eora|actsvd|srr) or --finetune=lora, or use --export=hf')
+  try:
+    sizes = sharding.parse_mesh(c.mesh)
+    if c.batch_size % sizes['data']:
+      p.append(f'--batch_size={c.batch_size} is not a multiple of the data axis ({sizes["data"]} '
+               'devices): its batches would run whole on every device; pass a multiple')
+  except ValueError as e:
+    p.append(str(e))
   if not c.checkpoint_every_s >= 0:
     p.append(f'--checkpoint_every_s={c.checkpoint_every_s} must be non-negative (0: save after '
              'every block, window or chunk)')

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from models import llama
 from models import losses
+from models import sharding
 from models.config import ModelConfig
 
 
@@ -89,10 +90,10 @@ def perplexity(params, cfg: ModelConfig, windows: np.ndarray, *, batch_size: int
   for i, batch in enumerate(tqdm(list(_batches(windows, batch_size)), desc=desc,
                                  disable=not progress)):
     if prefixes is None:
-      nll = fn(params, jnp.asarray(batch))
+      nll = fn(params, sharding.batch(batch))
     else:
       pre = jnp.asarray(prefixes[i * batch_size:i * batch_size + len(batch)])
-      nll = fn(params, jnp.asarray(batch), prefix=pre)
+      nll = fn(params, sharding.batch(batch), prefix=pre)
     nll = np.asarray(nll, np.float64)
     total += nll.sum()
     count += nll.size
@@ -109,7 +110,7 @@ def compare(params_ref, params, cfg: ModelConfig, windows: np.ndarray, *, batch_
   sums = {'nll_ref': 0.0, 'nll': 0.0, 'kl': 0.0, 'top1': 0.0}
   count, t0 = 0, time.time()
   for batch in tqdm(list(_batches(windows, batch_size)), desc=desc, disable=not progress):
-    out = fn(params_ref, params, jnp.asarray(batch))
+    out = fn(params_ref, params, sharding.batch(batch))
     for k in sums:
       sums[k] += float(np.asarray(out[k], np.float64).sum())
     count += out['nll'].size

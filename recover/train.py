@@ -32,6 +32,7 @@ import optax
 
 from kernels import formats
 from kernels.formats import CompressedLinear, LowRank, QuantizedWeight, Sparse24Weight
+from models import sharding
 
 MODES = ('weights', 'scales', 'ste', 'lora')
 
@@ -324,7 +325,7 @@ def train_steps(loss_fn: LossFn, opt: optax.GradientTransformation) -> Callable:
   def run(carry, frozen, data, order):
     def step(carry, idx):
       params, state = carry
-      batch = jax.tree.map(lambda d: jnp.take(d, idx, axis=0), data)
+      batch = sharding.constrain_batch(jax.tree.map(lambda d: jnp.take(d, idx, axis=0), data))
       loss, grads = jax.value_and_grad(loss_fn)(params, frozen, batch)
       updates, state = opt.update(grads, state, params)
       return (optax.apply_updates(params, updates), state), loss
