@@ -25,6 +25,7 @@ that divides every linear's input width (64 on SmolLM2-135M, whose hidden size i
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import sys
 from typing import Sequence
@@ -33,10 +34,11 @@ from absl import app, flags
 
 from experiments import common
 from experiments.compress_lib import RESULT_COLUMNS, run
-from experiments.config import CompressConfig, validate
+from experiments.config import CompressConfig, resolve, validate
 from models import checkpoint
 from models import data as data_lib
 from models import export as export_lib
+from models import loading
 
 
 FLAGS = flags.FLAGS
@@ -51,6 +53,14 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string('out_dir', None, 'Output directory.', flag_values=flag_values)
   flags.DEFINE_bool('restart', False, 'Ignore an existing pipeline checkpoint in OUT_DIR.',
                     flag_values=flag_values)
+  flags.DEFINE_bool('plan', False, 'Print the per-device and per-host peak memory of this run '
+                    'from the model\'s config alone (no weight is read), write OUT_DIR/plan.json, '
+                    'and exit: 0 when it fits, 2 when not (with the flags that would shrink it).',
+                    flag_values=flag_values)
+  flags.DEFINE_integer('plan_devices', None, 'With --plan: plan for this many devices '
+                       '(default: this machine\'s).', flag_values=flag_values)
+  flags.DEFINE_float('device_memory_gb', None, 'With --plan: memory of one device in GB '
+                     '(default: what the device reports, if it does).', flag_values=flag_values)
 
 
 def check_flags(flag_values: flags.FlagValues = FLAGS) -> tuple[CompressConfig | None, list[str]]:
@@ -62,7 +72,8 @@ def check_flags(flag_values: flags.FlagValues = FLAGS) -> tuple[CompressConfig |
   except ValueError as e:
     return None, problems + [str(e)]
   given = {f.name for f in dataclasses.fields(CompressConfig) if flag_values[f.name].present}
-  return c, problems + validate(c, out_dir=flag_values.out_dir, save=flag_values.save, given=given)
+  return c, problems + validate(c, out_dir=flag_values.out_dir, save=flag_values.save, given=given,
+                                n_devices=flag_values.plan_devices if flag_values.plan else None)
 
 
 def main(argv: Sequence[str]):
@@ -72,6 +83,8 @@ def main(argv: Sequence[str]):
   if problems:  # every problem, one line each, and no help dump (which app.UsageError prints)
     print('\n'.join(f'error: {line}' for line in problems), file=sys.stderr)
     return 2
+  if FLAGS.plan:
+    return show_plan(c)
   # An earlier run's results are not left as if this run had produced them: they move aside
   # now, and this run's results are written as soon as they are measured.
   previous = common.move_aside(pathlib.Path(FLAGS.out_dir) / 'results.json')
@@ -97,6 +110,20 @@ def main(argv: Sequence[str]):
   cols = write(results)
   print(common.markdown_table([results], cols))
   print(f'wrote {FLAGS.out_dir}/results.json')
+
+
+def show_plan(c: CompressConfig) -> int:
+  """``--plan``: prints the plan, writes ``OUT_DIR/plan.json``; 0 when it fits, else 2."""
+  from experiments import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  cfg = loading.load_config(c.model)
+  limit = (FLAGS.device_memory_gb * plan_lib.GB if FLAGS.device_memory_gb
+           else plan_lib.device_memory())
+  p = plan_lib.plan(resolve(c, cfg), cfg, FLAGS.plan_devices, limit)
+  print(plan_lib.format_plan(p))
+  out = pathlib.Path(FLAGS.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  common.write_atomic(out / 'plan.json', json.dumps(p, indent=1) + '\n')
+  return 0 if p['fits'] else 2
 
 
 if __name__ == '__main__':

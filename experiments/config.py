@@ -301,13 +301,6 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
   if c.export == 'peft' and c.recover == 'none' and c.finetune != 'lora':
     p.append('--export=peft writes low-rank adapters, but nothing makes them: add --recover '
              '(svd|eora|actsvd|srr) or --finetune=lora, or use --export=hf')
-  try:
-    sizes = sharding.parse_mesh(c.mesh)
-    if c.batch_size % sizes['data']:
-      p.append(f'--batch_size={c.batch_size} is not a multiple of the data axis ({sizes["data"]} '
-               'devices): its batches would run whole on every device; pass a multiple')
-  except ValueError as e:
-    p.append(str(e))
   if not c.checkpoint_every_s >= 0:
     p.append(f'--checkpoint_every_s={c.checkpoint_every_s} must be non-negative (0: save after '
              'every block, window or chunk)')
@@ -699,8 +692,21 @@ def _output_problems(out_dir: str | None, save: str | None) -> list[str]:
   return p
 
 
+def _mesh_problems(c: CompressConfig, n_devices: int | None) -> list[str]:
+  """``--mesh`` against the devices (``n_devices``, default this machine's) and the batch."""
+  try:
+    sizes = sharding.parse_mesh(c.mesh, n_devices)
+  except ValueError as e:
+    return [str(e)]
+  if c.batch_size % sizes['data']:
+    return [f'--batch_size={c.batch_size} is not a multiple of the data axis ({sizes["data"]} '
+            'devices): its batches would run whole on every device; pass a multiple']
+  return []
+
+
 def validate(c: CompressConfig, *, out_dir: str | None = None, save: str | None = None,
-             given: Collection[str] | None = None, model_config=None) -> list[str]:
+             given: Collection[str] | None = None, model_config=None,
+             n_devices: int | None = None) -> list[str]:
   """Every problem of a run of ``c`` that shows before any work, one line each naming the flag
   (empty: none). Reads the model's config (not its weights: :func:`models.loading.load_config`,
   or ``model_config``), checks the text files (exist, UTF-8, long enough for what they must give)
@@ -727,7 +733,7 @@ def validate(c: CompressConfig, *, out_dir: str | None = None, save: str | None 
       problems.append(f'--model={c.model}: {e}')
   resolved = resolve(c, cfg) if cfg is not None else c
   spec, spec_problems = _spec_problems(resolved)
-  problems += spec_problems
+  problems += spec_problems + _mesh_problems(c, n_devices)
   if given is None:
     defaults = CompressConfig()
     given = {f.name for f in dataclasses.fields(c)

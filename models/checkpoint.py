@@ -317,25 +317,19 @@ def load_metadata(path: str | pathlib.Path) -> dict[str, Any]:
   return _load_verified(pathlib.Path(path).absolute())
 
 
-def _restore_target(doc: dict[str, Any]) -> dict[str, Any]:
-  """Shapes and dtypes of every array of a checkpoint, placed on the first local device (64-bit
-  ones without x64 as NumPy arrays, which keep their width)."""
+def _restore_target(arrays_dir: pathlib.Path) -> dict[str, Any]:
+  """Shapes and dtypes of every array orbax wrote, placed on the first local device (64-bit ones
+  without x64 as NumPy arrays, which keep their width)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {}
+  meta = ocp.StandardCheckpointer().metadata(arrays_dir).item_metadata
 
-  def visit(spec):
-    if spec['t'] == 'array':
-      dtype = np.dtype(spec['dtype'])
-      if dtype.itemsize == 8 and not jax.config.jax_enable_x64:
-        target[spec['key']] = np.zeros(spec['shape'], dtype)
-      else:
-        target[spec['key']] = jax.ShapeDtypeStruct(tuple(spec['shape']), dtype, sharding=device)
-    for child in (spec.get('items') or {}).values() if spec['t'] == 'dict' else (
-        spec.get('items') or []) if spec['t'] in ('list', 'tuple') else (
-            spec.get('fields') or {}).values():
-      visit(child)
-  visit(doc['structure'])
-  return target
+  def target(m):
+    dtype = np.dtype(m.dtype)
+    if dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+      return np.zeros(m.shape, dtype)
+    return jax.ShapeDtypeStruct(tuple(m.shape), dtype, sharding=device)
+  return {k: target(m) for k, m in meta.items()}
 
 
 def load_tree(path: str | pathlib.Path) -> tuple[Any, dict[str, Any]]:
@@ -355,7 +349,8 @@ def load_tree(path: str | pathlib.Path) -> tuple[Any, dict[str, Any]]:
     try:
       # Restored onto this process's first device whatever mesh saved them: a checkpoint written
       # on 8 devices loads on 1 (and the stages reshard it for the active mesh).
-      arrays = ocp.StandardCheckpointer().restore(path / 'arrays', _restore_target(doc))
+      arrays = ocp.StandardCheckpointer().restore(path / 'arrays',
+                                                  _restore_target(path / 'arrays'))
     except Exception as e:  # pylint: disable=broad-except
       raise CheckpointError(f'checkpoint {path} is corrupt: cannot restore its arrays ({e})') from e
   return _decode(doc['structure'], arrays, ''), doc['metadata']
