@@ -115,11 +115,10 @@ def spec_of_leaf(leaf: formats.CompressedLinear) -> LinearSpec:
   compressed-tensors checkpoint): its pattern and grid. The methods are stand-ins (``magnitude``
   for a pattern, ``rtn``, or ``gptq`` for act-order): what a recovery that re-compresses (SRR)
   uses on that grid."""
-  from compress.prune import PruneSpec  # pylint: disable=g-import-not-at-top
   w = leaf.weight
   prune, sparsity, q = 'none', None, None
   if isinstance(w, formats.Sparse24Weight):
-    prune, sparsity = 'magnitude', PruneSpec(n=2, m=4)
+    prune, sparsity = 'magnitude', prune_lib.PruneSpec(n=2, m=4)
     if isinstance(w.values, formats.QuantizedWeight):
       v = w.values
       q = dataclasses.replace(v.spec, group_size=-1 if v.group_size == -1 else 2 * v.group_size)
@@ -127,7 +126,8 @@ def spec_of_leaf(leaf: formats.CompressedLinear) -> LinearSpec:
     q = w.spec
   if leaf.mask is not None:
     prune = 'magnitude'
-    sparsity = PruneSpec(sparsity=round(1.0 - float(np.mean(np.asarray(leaf.mask))), 4))
+    kept = float(np.mean(np.asarray(leaf.mask)))
+    sparsity = prune_lib.PruneSpec(sparsity=round(1.0 - kept, 4))
   act_order = isinstance(w, formats.QuantizedWeight) and w.g_idx is not None
   quant = 'none' if q is None else ('gptq' if act_order else 'rtn')
   return LinearSpec(prune=prune, sparsity=sparsity, quant=quant, qspec=q, act_order=act_order)

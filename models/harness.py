@@ -40,8 +40,9 @@ Registration and the command line: ``lm_eval`` 0.4.13 finds models only in its o
 which it fills from a fixed table (``lm_eval/models/__init__.py: MODEL_MAPPING``) and from
 ``@register_model`` decorators in modules that have been imported; it reads no Python entry
 points (its registry would hold one, but nothing puts any there), so a ``pyproject.toml`` entry
-point would not reach it. Importing this module registers ``compress-recover`` (after importing ``lm_eval.models``,
-so the built-in names stay available), which is enough for ``lm_eval.simple_evaluate`` in the
+point would not reach it. Importing this module registers ``compress-recover`` (after importing
+``lm_eval.models``, so the built-in names stay available), which is enough for
+``lm_eval.simple_evaluate`` in the
 same process, but the ``lm_eval`` / ``lm-eval`` console command never imports it. The supported
 command line is therefore ``python -m experiments.lm_eval --model=... --tasks=...``; from
 Python::
@@ -102,14 +103,6 @@ def _rows_for(n: int, batch_size: int) -> int:
   return min(batch_size, bucket_length(n, minimum=1))
 
 
-def _hidden(params, tokens: jax.Array, cfg: ModelConfig, dtype) -> jax.Array:
-  """The last block's output ``[B, T, D]`` (:func:`models.llama.forward` before its head)."""
-  x = llama.embed(params, tokens, dtype)
-  for block in params['layers']:
-    x = llama.block_apply(block, x, cfg)
-  return x
-
-
 @functools.partial(jax.jit, static_argnames=('cfg', 'dtype_name'))
 def score_continuations(params, tokens: jax.Array, index: jax.Array, targets: jax.Array,
                         mask: jax.Array, *, cfg: ModelConfig,
@@ -130,7 +123,7 @@ def score_continuations(params, tokens: jax.Array, index: jax.Array, targets: ja
     ``(logprob [B], is_greedy [B])``: the sum of ``log p(target)`` over the masked positions
     (float32 log-softmax) and whether every target is the argmax of its distribution.
   """
-  x = _hidden(params, tokens, cfg, jnp.dtype(dtype_name))
+  x = llama.hidden(params, tokens, cfg, dtype=jnp.dtype(dtype_name))
   x = jnp.take_along_axis(x, index[..., None], axis=1)
   logp = losses.log_probs(llama.head(params, x, cfg))
   tok = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]

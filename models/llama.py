@@ -206,6 +206,13 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.fl
   embeddings (positions ``0..L-1``; the tokens then sit at ``L..L+T-1``). The logits cover only
   the ``T`` token positions; a length-0 prefix is the same as none.
   """
+  return head(params, hidden(params, tokens, cfg, dtype=dtype, prefix=prefix), cfg)
+
+
+def hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.float32,
+           prefix: jax.Array | None = None) -> jax.Array:
+  """The last block's output ``[B, T, D]`` at the token positions: :func:`forward` before its
+  head (``prefix`` as there)."""
   x = embed(params, tokens, dtype)
   n_prefix = 0
   if prefix is not None:
@@ -214,7 +221,7 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.fl
     x = jnp.concatenate([prefix, x], axis=1)
   for block in params['layers']:
     x = block_apply(block, x, cfg)
-  return head(params, x[:, n_prefix:], cfg)
+  return x[:, n_prefix:]
 
 
 def forward_with_cache(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: list[dict],

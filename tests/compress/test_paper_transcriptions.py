@@ -90,17 +90,23 @@ def _our_masks(loaded, windows, prune):
                           ).T != 0 for lin in llama.LINEAR_NAMES}
 
 
-def test_wanda_24_masks_equal_the_papers_rule(block0):
-  """Float32 statistics (ours) against float64 norms (the transcription): only near-ties may
-  differ (measured: at most 2.1e-5 of the entries, q_proj; none in o_proj)."""
+def _differing(block0, prune, transcription) -> dict[str, float]:
+  """Per block linear: the share of mask entries where ours and the transcription disagree."""
   loaded, windows, inputs = block0
-  ours = _our_masks(loaded, windows, 'wanda')
+  ours = _our_masks(loaded, windows, prune)
+  out = {}
   for lin in llama.LINEAR_NAMES:
     sub, name = lin.split('/')
     w = np.asarray(loaded.params['layers'][0][sub][name]['kernel'], np.float64).T
-    want = wanda_24(w, inputs[llama.LINEAR_INPUTS[lin]])
-    differ = float(np.mean(ours[lin] != want))
-    print(f'wanda {lin}: {differ:.2e} of the mask differs')
+    out[lin] = float(np.mean(ours[lin] != transcription(w, inputs[llama.LINEAR_INPUTS[lin]])))
+    print(f'{prune} {lin}: {out[lin]:.2e} of the mask differs')
+  return out
+
+
+def test_wanda_24_masks_equal_the_papers_rule(block0):
+  """Float32 statistics (ours) against float64 norms (the transcription): only near-ties may
+  differ (measured: at most 2.1e-5 of the entries, q_proj; none in o_proj)."""
+  for lin, differ in _differing(block0, 'wanda', wanda_24).items():
     assert differ <= 1e-4, (lin, differ)
 
 
@@ -108,12 +114,5 @@ def test_sparsegpt_24_masks_equal_the_papers_algorithm(block0):
   """Float32 (ours) against float64 (the transcription): a 2:4 choice between two nearly equal
   scores can go either way, and a flipped choice changes the later updates of its row, so at most
   0.1% of the entries may differ (measured: none in q/k/v, at most 2.0e-4 in down_proj)."""
-  loaded, windows, inputs = block0
-  ours = _our_masks(loaded, windows, 'sparsegpt')
-  for lin in llama.LINEAR_NAMES:
-    sub, name = lin.split('/')
-    w = np.asarray(loaded.params['layers'][0][sub][name]['kernel'], np.float64).T
-    want = sparsegpt_24(w, inputs[llama.LINEAR_INPUTS[lin]])
-    differ = float(np.mean(ours[lin] != want))
-    print(f'sparsegpt {lin}: {differ:.2e} of the mask differs')
+  for lin, differ in _differing(block0, 'sparsegpt', sparsegpt_24).items():
     assert differ <= 1e-3, (lin, differ)
