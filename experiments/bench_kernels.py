@@ -2,7 +2,18 @@ r"""Kernel benchmark: low-bit and 2:4 matmuls against bf16 ``jnp.dot``, and end-
 
   python -m experiments.bench_kernels --out_dir=results/bench_kernels
   python -m experiments.bench_kernels --sections=kernels --shapes=4096x4096 --sweep=w4g128 --out_dir=DIR
+  python -m experiments.bench_kernels --sections=kernels --write_tuning=DIR/tuning_table.json ...
   python -m experiments.bench_kernels --quick --out_dir=results/bench_quick   # CPU, interpret mode
+
+Side by side in one run, per (format, shape, M): the Pallas kernel, the ``'xla'`` path
+(dequantize the whole matrix into bf16, then the dense dot; ``--with_xla``, on by default),
+tokamax's quantized matmul where tokamax and qwix import (``--with_tokamax``; skipped with the
+reason otherwise), and the bf16 dot. ``dispatch_impl`` is what ``kernels.linear`` picks with the
+current tuning table (:mod:`kernels.tuning`) and ``dispatch_vs_bf16`` its measured speed.
+``--write_tuning=PATH`` writes a tuning table whose section for this device holds the measured
+winners (kernel with its best swept tiles, or xla), keeping the other devices' sections of the
+table already at PATH (or of the shipped one). ``experiments/gpu_kernels.sh`` runs the GPU tests,
+the sweep that writes the table, this benchmark and the end-to-end section in one go.
 
 Measured on 1xH100 (``results/bench_kernels_h100``): about 2 min per shape for the kernel section
 (8 formats x 5 M, each a Triton compile plus timing; the 8192x28672 shape needs more), and about
@@ -32,7 +43,9 @@ from __future__ import annotations
 import collections
 import functools
 import math
+import os
 import time
+import types
 from typing import Any, Callable, Sequence
 
 from absl import app, flags, logging
@@ -43,7 +56,7 @@ import numpy as np
 import kernels
 from compress import quantize
 from experiments import common
-from kernels import api, formats, lowbit_pallas, reference, sparse24_pallas
+from kernels import api, formats, layouts, lowbit_pallas, reference, sparse24_pallas, tuning
 from kernels.formats import LowRank, QuantizedWeight, QuantSpec, Sparse24Weight
 from kernels.pallas_common import BlockSizes
 from models import assets, llama, loading
@@ -61,13 +74,14 @@ FORMATS: dict[str, dict[str, Any]] = {
     'w2g64': dict(kind='lowbit', bits=2, group=64),
     'w8g128': dict(kind='lowbit', bits=8, group=128),
     'w4g128_act': dict(kind='lowbit', bits=4, group=128, act_order=True),
+    'w4g128_act_perm': dict(kind='lowbit', bits=4, group=128, act_order=True, serving=True),
     'w4g128_lora64': dict(kind='lowbit', bits=4, group=128, rank=64),
     's24_bf16': dict(kind='sparse24'),
     's24_w4g128': dict(kind='sparse24', bits=4, group=128),
 }
 QUICK_SHAPES = ((256, 192),)
 QUICK_MS = (1, 17)
-QUICK_FORMATS = ('w4g128', 'w4g128_lora64', 's24_w4g128')
+QUICK_FORMATS = ('w4g128', 'w4g128_lora64', 'w4g128_act_perm', 's24_w4g128')
 L2_BYTES_H100 = 50 * 2 ** 20
 LLAMA3_8B = ModelConfig(model_type='llama', vocab_size=128256, hidden_size=4096,
                         intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
@@ -159,7 +173,9 @@ def make_leaf(key, fmt: str, k: int, n: int):
   if rank:
     adapter = LowRank(a=(0.02 * jax.random.normal(ka, (k, rank))).astype(jnp.bfloat16),
                       b=(0.02 * jax.random.normal(kb, (rank, n))).astype(jnp.bfloat16))
-    return formats.CompressedLinear(weight=w, adapter=adapter)
+    w = formats.CompressedLinear(weight=w, adapter=adapter)
+  if spec.get('serving'):  # the load-time layout: act-order groups made contiguous
+    w = layouts.act_order_leaf(w)
   return w
 
 
@@ -223,11 +239,14 @@ def _rel_err(y, x, leaf) -> float:
 
 def bench_kernels(*, shapes: Sequence[tuple[int, int]], ms: Sequence[int], fmts: Sequence[str],
                   interpret: bool, with_xla: bool, sweep: Sequence[str], trials: int,
-                  target_s: float,
-                  rotate_bytes: float, copy_bw: float, seed: int) -> list[dict[str, Any]]:
-  """One row per (format, shape, M): kernel time, bandwidth, TFLOP/s, speedup over bf16."""
+                  target_s: float, rotate_bytes: float, copy_bw: float, seed: int,
+                  with_tokamax: bool = False) -> list[dict[str, Any]]:
+  """One row per (format, shape, M): kernel time, bandwidth, TFLOP/s, speedup over bf16; the
+  ``'xla'`` dequantize-then-dot time (``with_xla``) and tokamax's (``with_tokamax``, where it
+  imports) beside it; what the tuning table dispatches to and how fast that is."""
   rows = []
   key = jax.random.key(seed)
+  tokamax_mm, tokamax_why = tokamax_matmul() if with_tokamax else (None, 'not requested')
   for k, n in shapes:
     dense_bytes = k * n * 2
     n_dense = _copies(dense_bytes, rotate_bytes)
@@ -257,7 +276,10 @@ def bench_kernels(*, shapes: Sequence[tuple[int, int]], ms: Sequence[int], fmts:
         impl, fn = _kernel_fn(fmt, None, interpret)
         with api.interpret_mode(interpret), api.recording() as log:
           jax.eval_shape(kernels.linear, x, first)
-        row.update(impl=impl, default_impl=log[-1] if log else None, block=_block_str(block))
+        choice = tuning.choose(x, first)
+        row.update(impl=impl, default_impl=log[-1] if log else None, block=_block_str(block),
+                   format_key=tuning.format_key(first), dispatch_impl=choice.impl,
+                   dispatch_source=choice.source)
         try:
           seconds, y = time_calls(fn, x, leaves, trials=trials, target_s=target_s)
         except jax.errors.JaxRuntimeError as e:  # e.g. tiles over the shared-memory limit
@@ -273,17 +295,68 @@ def bench_kernels(*, shapes: Sequence[tuple[int, int]], ms: Sequence[int], fmts:
               tflops=flops / seconds / 1e12, bf16_us=bf16_us[m],
               speedup_vs_bf16=bf16_us[m] / (1e6 * seconds),
               rel_err=_rel_err(y, x, first))
-          if with_xla:
-            xla_s, _ = time_calls(reference.linear, x, leaves, trials=trials, target_s=target_s)
-            row.update(xla_us=1e6 * xla_s, speedup_vs_xla=xla_s / seconds)
+        if with_xla:
+          xla_s, _ = time_calls(reference.linear, x, leaves, trials=trials, target_s=target_s)
+          row.update(xla_us=1e6 * xla_s, xla_vs_bf16=bf16_us[m] / (1e6 * xla_s))
+          if seconds is not None:
+            row['speedup_vs_xla'] = xla_s / seconds
+        if tokamax_mm is not None:
+          row.update(_time_tokamax(tokamax_mm, fmt, x, leaves, trials=trials, target_s=target_s,
+                                   bf16_us=bf16_us[m]))
+        elif with_tokamax:
+          row['tokamax_skipped'] = tokamax_why
         if fmt in sweep:
           row.update(_sweep(fmt, x, first, leaves, m, seconds, interpret=interpret,
                             trials=trials, target_s=target_s, bf16_us=bf16_us[m]))
+        _dispatch_time(row)
         logging.info('%s', row)
         rows.append(row)
       del leaves, first
   _adapter_overhead(rows)
   return rows
+
+
+def _dispatch_time(row: dict[str, Any]) -> None:
+  """``dispatch_us``/``dispatch_vs_bf16``: the measured time of what the table dispatches to."""
+  t = row.get('xla_us') if row.get('dispatch_impl') == 'xla' else (
+      row.get('time_us') if row.get('dispatch_impl') == row.get('impl') else None)
+  if t is not None and row.get('bf16_us'):
+    row.update(dispatch_us=t, dispatch_vs_bf16=row['bf16_us'] / t)
+
+
+def tokamax_matmul() -> tuple[Any, str]:
+  """``(ops, '')`` with ``ops.matmul(x, qarray) -> y`` tokamax's quantized matmul
+  (``tokamax.ragged_dot`` with one group of all rows over a qwix-quantized right-hand side) and
+  ``ops.quantize`` qwix's, or ``(None, reason)`` where they do not import."""
+  try:
+    import qwix  # pylint: disable=g-import-not-at-top
+    import tokamax  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return None, f'not installed ({e.name})'
+  if not hasattr(tokamax, 'ragged_dot') or not hasattr(qwix, 'quantize'):
+    return None, 'this tokamax/qwix has no ragged_dot/quantize'
+
+  def fn(x, q):
+    return tokamax.ragged_dot(x, q, group_sizes=jnp.asarray([x.shape[0]], jnp.int32))
+  return types.SimpleNamespace(matmul=fn, quantize=qwix.quantize), ''
+
+
+def _time_tokamax(ops, fmt: str, x, leaves, *, trials: int, target_s: float,
+                  bf16_us: float) -> dict[str, Any]:
+  """Times tokamax on the benchmark's weights re-quantized by qwix (same bits, tiled by the
+  group along K); any failure is reported as ``tokamax_skipped`` (first line), never raised."""
+  spec = FORMATS[fmt]
+  if spec['kind'] != 'lowbit' or spec.get('rank') or spec['bits'] not in (4, 8):
+    return {'tokamax_skipped': 'format not comparable (int4/int8 without adapter only)'}
+  try:
+    qtype = jnp.int4 if spec['bits'] == 4 else jnp.int8
+    qs = [ops.quantize(formats.to_dense(w, jnp.bfloat16)[None], qtype,
+                           channelwise_axes=(2,), tiled_axes={1: spec['group']})
+          for w in leaves]
+    t, _ = time_calls(ops.matmul, x, qs, trials=trials, target_s=target_s)
+  except Exception as e:  # pylint: disable=broad-except  # an optional, moving dependency
+    return {'tokamax_skipped': _first_line(e) or type(e).__name__}
+  return {'tokamax_us': 1e6 * t, 'tokamax_vs_bf16': bf16_us / (1e6 * t)}
 
 
 def _sweep(fmt: str, x, first, leaves, m: int, default_s: float | None, *, interpret: bool,
@@ -433,6 +506,24 @@ def decode_tokens_per_s(params, cfg: ModelConfig, *, batch: int, prompt_len: int
           'implementations': dict(collections.Counter(log))}
 
 
+def prefill_tokens_per_s(params, cfg: ModelConfig, *, batch: int, length: int, dtype, trials: int,
+                         seed: int = 0) -> dict[str, Any]:
+  """Prefill throughput: ``batch * length`` tokens through the jitted forward (logits of every
+  position), median of ``trials``; and the implementations its linears dispatched to."""
+  tokens = jax.random.randint(jax.random.key(seed + 1), (batch, length), 0, cfg.vocab_size)
+  fwd = jax.jit(functools.partial(llama.forward, cfg=cfg, dtype=dtype))
+  with api.recording() as log:
+    jax.block_until_ready(fwd(params, tokens))
+  samples = []
+  for _ in range(trials):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fwd(params, tokens))
+    samples.append(time.perf_counter() - t0)
+  seconds = float(np.median(samples))
+  return {'prefill_tokens_per_s': batch * length / seconds, 'prefill_forward_s': seconds,
+          'prefill_implementations': dict(collections.Counter(log))}
+
+
 def _load_e2e_model(name: str, seed: int, layers: int | None):
   if name == 'llama3-8b-random':
     cfg = LLAMA3_8B if layers is None else ModelConfig(
@@ -446,9 +537,11 @@ def _load_e2e_model(name: str, seed: int, layers: int | None):
 
 
 def bench_e2e(*, models: Sequence[str], batch: int, prompt_len: int, new_tokens: int, trials: int,
-              seed: int, layers: int | None,
-              subtract_prefill: bool = True) -> list[dict[str, Any]]:
-  """bf16 vs 4-bit RTN (g128 where it divides the input, else g64/g32) decode tokens/s."""
+              seed: int, layers: int | None, subtract_prefill: bool = True,
+              prefill_len: int = 0) -> list[dict[str, Any]]:
+  """bf16 vs 4-bit RTN (g128 where it divides the input, else g64/g32) decode tokens/s, and with
+  ``prefill_len`` > 0 prefill tokens/s of ``batch x prefill_len`` tokens, through the model code
+  with the default dispatch (kernels where the tuning table picks them)."""
   rows = []
   for name in models:
     if name == 'llama3-8b-random' and jax.default_backend() == 'cpu':
@@ -462,23 +555,48 @@ def bench_e2e(*, models: Sequence[str], batch: int, prompt_len: int, new_tokens:
     params = llama.cast_params(params, jnp.bfloat16)
     kw = dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, dtype=jnp.bfloat16,
               trials=trials, seed=seed, subtract_prefill=subtract_prefill)
+    pkw = dict(batch=batch, length=prefill_len, dtype=jnp.bfloat16, trials=trials, seed=seed)
     dense = decode_tokens_per_s(params, cfg, **kw)
+    if prefill_len:
+      dense.update(prefill_tokens_per_s(params, cfg, **pkw))
     dense_bytes = _model_bytes(params)
     params = llama.cast_params(quantize_linears(params), jnp.bfloat16)
     comp = decode_tokens_per_s(params, cfg, **kw)
+    if prefill_len:
+      comp.update(prefill_tokens_per_s(params, cfg, **pkw))
     comp_bytes = _model_bytes(params)
     del params
     for variant, r, nbytes in (('bf16', dense, dense_bytes), ('w4 rtn', comp, comp_bytes)):
-      rows.append({'model': name, 'variant': variant, 'layers': cfg.num_layers, 'batch': batch,
-                   'new_tokens': new_tokens, 'tokens_per_s': r['tokens_per_s'],
-                   'speedup_vs_bf16': r['tokens_per_s'] / dense['tokens_per_s'],
-                   'weight_gb': nbytes / 1e9, 'generate_s': r['generate_s'],
-                   'prefill_s': r['prefill_s'], 'implementations': r['implementations']})
+      row = {'model': name, 'variant': variant, 'layers': cfg.num_layers, 'batch': batch,
+             'new_tokens': new_tokens, 'tokens_per_s': r['tokens_per_s'],
+             'speedup_vs_bf16': r['tokens_per_s'] / dense['tokens_per_s'],
+             'weight_gb': nbytes / 1e9, 'generate_s': r['generate_s'],
+             'prefill_s': r['prefill_s'], 'implementations': r['implementations']}
+      if prefill_len:
+        row.update(prefill_len=prefill_len, prefill_tokens_per_s=r['prefill_tokens_per_s'],
+                   prefill_vs_bf16=r['prefill_tokens_per_s'] / dense['prefill_tokens_per_s'],
+                   prefill_implementations=r['prefill_implementations'])
+      rows.append(row)
     logging.info('%s', rows[-2:])
   return rows
 
 
 # ----------------------------------------------------------------------------------------------
+
+
+def write_tuning_table(path: str, rows: Sequence[dict[str, Any]], device: str) -> str:
+  """Writes the tuning table of ``rows``' winners for this device kind to ``path``, keeping the
+  other devices' sections of the table at ``path`` (else of the shipped table). Returns ``path``."""
+  if os.path.exists(path):
+    base = tuning.load_table(path)  # a malformed table is reported, never overwritten
+  elif tuning.SHIPPED_TABLE.exists():
+    base = tuning.load_table(tuning.SHIPPED_TABLE)
+  else:
+    base = None
+  table = tuning.table_from_rows(rows, tuning.device_kind(),
+                                 source=f'experiments/bench_kernels.py on {device}', base=base)
+  tuning.write_table(path, table)
+  return path
 
 
 def parse_shapes(values: Sequence[str]) -> list[tuple[int, int]]:
@@ -495,16 +613,20 @@ def parse_shapes(values: Sequence[str]) -> list[tuple[int, int]]:
 def run(*, out_dir: str | None = None, quick: bool = False,
         sections: Sequence[str] = ('kernels', 'e2e'),
         shapes: Sequence[tuple[int, int]] | None = None, ms: Sequence[int] | None = None,
-        fmts: Sequence[str] | None = None, with_xla: bool = False, sweep: Sequence[str] = (),
+        fmts: Sequence[str] | None = None, with_xla: bool = True, with_tokamax: bool = True,
+        sweep: Sequence[str] = (), write_tuning: str | None = None,
         e2e_models: Sequence[str] | None = None, e2e_layers: int | None = None, batch: int = 1,
-        prompt_len: int = 16, new_tokens: int = 64, trials: int = 5, target_ms: float = 50.0,
-        rotate_mb: float = 4 * L2_BYTES_H100 / 2 ** 20, copy_mb: float = 1024.0, seed: int = 0,
+        prompt_len: int = 16, new_tokens: int = 64, prefill_len: int = 512, trials: int = 5,
+        target_ms: float = 50.0, rotate_mb: float = 4 * L2_BYTES_H100 / 2 ** 20,
+        copy_mb: float = 1024.0, seed: int = 0,
         flag_values: dict[str, Any] | None = None) -> dict[str, Any]:
   """All logic (reads no FLAGS). Returns the results dict (and writes it when ``out_dir``).
 
   ``shapes``/``ms``/``fmts``/``e2e_models`` default to the Llama shapes, :data:`MS`, every format
-  and (SmolLM2, random Llama-3-8B); with ``quick`` to tiny shapes, M in (1, 17), three formats and a
-  one-layer tiny-llama, with one short timing trial. Off-GPU the kernels run in interpret mode.
+  and (SmolLM2, random Llama-3-8B); with ``quick`` to tiny shapes, M in (1, 17), the
+  :data:`QUICK_FORMATS` and a one-layer tiny-llama, with one short timing trial and a 16-token
+  prefill. Off-GPU the kernels run in interpret mode. ``write_tuning``: write the tuning table of
+  this device's measured winners there (:func:`kernels.tuning.table_from_rows`).
   """
   pick = lambda given, default: default if given is None else given
   if quick:
@@ -512,6 +634,7 @@ def run(*, out_dir: str | None = None, quick: bool = False,
     fmts, e2e_models = pick(fmts, QUICK_FORMATS), pick(e2e_models, ('tiny-llama',))
     trials, target_ms, copy_mb, rotate_mb = 1, 1.0, 8.0, 0.0
     new_tokens, prompt_len = min(new_tokens, 4), min(prompt_len, 4)
+    prefill_len = min(prefill_len, 16)
     e2e_layers = 1 if e2e_layers is None else e2e_layers
   else:
     shapes, ms = pick(shapes, LLAMA_SHAPES), pick(ms, MS)
@@ -541,21 +664,25 @@ def run(*, out_dir: str | None = None, quick: bool = False,
     rows = bench_kernels(shapes=shapes, ms=ms, fmts=fmts, interpret=interpret, with_xla=with_xla,
                          sweep=sweep, trials=trials, target_s=target_ms / 1e3,
                          rotate_bytes=rotate_mb * 2 ** 20, copy_bw=bw['copy_bandwidth_gbs'],
-                         seed=seed)
+                         seed=seed, with_tokamax=with_tokamax)
     results['targets'] = targets(rows) if on_gpu else []
+    if write_tuning:
+      results['tuning_table'] = write_tuning_table(write_tuning, rows, results['device'])
   results['kernels_seconds'] = time.perf_counter() - t0
   e2e: list[dict[str, Any]] = []
   t0 = time.perf_counter()
   if 'e2e' in sections:
     e2e = bench_e2e(models=e2e_models, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-                    trials=trials, seed=seed, layers=e2e_layers, subtract_prefill=not quick)
+                    trials=trials, seed=seed, layers=e2e_layers, subtract_prefill=not quick,
+                    prefill_len=prefill_len)
   results['e2e_seconds'] = time.perf_counter() - t0
   results['e2e'] = e2e
   results['rows'] = rows
   if out_dir is not None:
-    columns = ['format', 'shape', 'M', 'impl', 'default_impl', 'block', 'time_us', 'bf16_us',
-               'speedup_vs_bf16', 'pct_copy_bw', 'bandwidth_gbs', 'tflops', 'rel_err',
-               'adapter_overhead_pct', 'xla_us', 'sweep_best_us', 'sweep_best_block',
+    columns = ['format', 'shape', 'M', 'impl', 'block', 'time_us', 'bf16_us', 'speedup_vs_bf16',
+               'xla_us', 'xla_vs_bf16', 'tokamax_us', 'tokamax_vs_bf16', 'dispatch_impl',
+               'dispatch_vs_bf16', 'pct_copy_bw', 'bandwidth_gbs', 'tflops', 'rel_err',
+               'adapter_overhead_pct', 'sweep_best_us', 'sweep_best_block',
                'sweep_speedup_vs_bf16', 'skipped', 'error']
     columns = [c for c in columns if any(c in r for r in rows)] or None
     title = (f'Kernel benchmark on {results["device"]} (copy bandwidth '
@@ -569,8 +696,15 @@ def run(*, out_dir: str | None = None, quick: bool = False,
       if e2e:
         extra += ('\n## End-to-end decode\n\n'
                   + common.markdown_table(e2e, ['model', 'variant', 'layers', 'batch',
-                                                'tokens_per_s', 'speedup_vs_bf16', 'weight_gb',
-                                                'skipped']))
+                                                'tokens_per_s', 'speedup_vs_bf16', 'prefill_len',
+                                                'prefill_tokens_per_s', 'prefill_vs_bf16',
+                                                'weight_gb', 'skipped']))
+      if results.get('tuning_table'):
+        extra += f'\nTuning table written to `{results["tuning_table"]}`.\n'
+      skipped = {r['tokamax_skipped'] for r in rows if 'tokamax_skipped' in r}
+      if skipped:
+        extra += f'\ntokamax not timed: {"; ".join(sorted(skipped))}.\n'
+
       with open(path / 'table.md', 'a') as f:
         f.write(extra)
   return results
@@ -590,7 +724,12 @@ def define_flags() -> None:
                           'Activation rows (tokens) per call (--quick: 1,17 unless given).')
   flags.DEFINE_list('formats', list(FORMATS), f'Weight formats: {sorted(FORMATS)} '
                                f'(--quick: {",".join(QUICK_FORMATS)} unless given).')
-  flags.DEFINE_bool('with_xla', False, "Also time the 'xla' reference on each leaf.")
+  flags.DEFINE_bool('with_xla', True, "Also time the 'xla' path (dequantize, then the dense "
+                   'dot) on each leaf.')
+  flags.DEFINE_bool('with_tokamax', True, "Also time tokamax's quantized matmul where tokamax "
+                    'and qwix import.')
+  flags.DEFINE_string('write_tuning', None, 'Write the tuning table of the measured winners for '
+                      'this device to this JSON path (other devices kept).')
   flags.DEFINE_list('sweep', [], 'Formats for which to also try a grid of BlockSizes per point '
                    '(the best is reported as sweep_best_us / sweep_best_block).')
   flags.DEFINE_list('e2e_models', ['smollm2-135m', 'llama3-8b-random'],
@@ -600,6 +739,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('batch', 1, 'Decode batch size.')
   flags.DEFINE_integer('prompt_len', 16, 'Prompt tokens before decoding.')
   flags.DEFINE_integer('new_tokens', 64, 'Decoded tokens per timed generation.')
+  flags.DEFINE_integer('prefill_len', 512, 'Tokens per sequence of the timed prefill forward '
+                       '(0: no prefill timing; --quick: at most 16).')
   flags.DEFINE_integer('trials', 5, 'Timing trials (median reported).')
   flags.DEFINE_float('target_ms', 50.0, 'Minimum duration of one timing trial.')
   flags.DEFINE_float('rotate_mb', 4 * L2_BYTES_H100 / 2 ** 20,
@@ -617,9 +758,11 @@ def main(argv):
   run(out_dir=FLAGS.out_dir, quick=FLAGS.quick, sections=FLAGS.sections,
       shapes=None if shapes is None else parse_shapes(shapes),
       ms=None if ms is None else [int(m) for m in ms], fmts=given('formats'),
-      with_xla=FLAGS.with_xla, sweep=FLAGS.sweep, e2e_models=given('e2e_models'),
+      with_xla=FLAGS.with_xla, with_tokamax=FLAGS.with_tokamax, sweep=FLAGS.sweep,
+      write_tuning=FLAGS.write_tuning, e2e_models=given('e2e_models'),
       e2e_layers=FLAGS.e2e_layers, batch=FLAGS.batch, prompt_len=FLAGS.prompt_len,
-      new_tokens=FLAGS.new_tokens, trials=FLAGS.trials, target_ms=FLAGS.target_ms,
+      new_tokens=FLAGS.new_tokens, prefill_len=FLAGS.prefill_len, trials=FLAGS.trials,
+      target_ms=FLAGS.target_ms,
       rotate_mb=FLAGS.rotate_mb, copy_mb=FLAGS.copy_mb, seed=FLAGS.seed,
       flag_values=common.flag_values(flags.FLAGS))
 

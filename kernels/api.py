@@ -9,9 +9,16 @@ choice made while a model is traced.
 Default order (when ``set_default`` was not called) depends on the backend: on GPU the Pallas
 kernels come first (``'pallas_lowbit'``, ``'pallas_sparse24'``, then ``'xla'``), elsewhere only
 ``'xla'`` runs. A kernel is registered only if its module imports (tokamax-style), and each
-registered kernel also declines calls where it is expected to be slower than the reference (more
-than ``DISPATCH_MAX_M`` activation rows). Pallas kernels run on the CPU only in interpret mode
-(:func:`interpret_mode`), which the tests use.
+registered kernel declines calls with more than its module's ``DISPATCH_MAX_M`` activation rows.
+Pallas kernels run on the CPU only in interpret mode (:func:`interpret_mode`), which the tests use.
+
+Dispatch by measured speed: when no implementation is named, the built-in kernels run only where
+the per-device tuning table (:mod:`kernels.tuning`) picks them for the call's format, weight shape
+and number of rows, with the table's tiles; otherwise they decline and the next name in the order
+runs (``'xla'``: dequantize the whole matrix once, then the dense dot). Without a table entry the
+built-in rule holds: kernels for at most ``tuning.SMALL_M`` rows only, so prefill never runs a
+kernel that dequantizes each weight tile once per row tile. A named ``implementation`` bypasses the
+table. :func:`last_choice` says what the table decided for the last call.
 """
 
 from __future__ import annotations
@@ -28,7 +35,9 @@ IMPLEMENTATIONS: dict[str, Callable] = {'xla': reference.linear}
 # Preferred order on GPU; names that are not registered are skipped.
 GPU_DEFAULT: tuple[str, ...] = ('pallas_lowbit', 'pallas_sparse24', 'xla')
 _DEFAULT: tuple[str, ...] | None = None  # None: by backend (see default_order)
-_LAST: dict[str, str] = {}
+_LAST: dict[str, object] = {}
+# Built-in kernels whose use the tuning table decides (they take a ``block`` keyword).
+_TUNED: set[str] = set()
 _RECORDERS: list[list[str]] = []
 _INTERPRET = {'on': False}
 
@@ -37,6 +46,7 @@ def register(name: str, fn: Callable, *, default_first: bool = False) -> None:
   """Registers an implementation; ``default_first`` puts it ahead of the current default order."""
   global _DEFAULT
   IMPLEMENTATIONS[name] = fn
+  _TUNED.discard(name)  # a replaced built-in kernel is no longer the table's to decide
   if default_first:
     current = default_order()
     if name not in current:
@@ -67,6 +77,12 @@ def default_order(backend: str | None = None) -> tuple[str, ...]:
 
 def last_implementation() -> str | None:
   return _LAST.get('name')
+
+
+def last_choice():
+  """The :class:`kernels.tuning.Choice` behind the last dispatched call (None when the table was
+  not consulted: a named implementation, or no built-in kernel in the order)."""
+  return _LAST.get('choice')
 
 
 @contextlib.contextmanager
@@ -102,22 +118,36 @@ def interpret_mode(on: bool = True) -> Iterator[None]:
 
 def linear(x: jax.Array, w, *, implementation: str | Sequence[str] | None = None) -> jax.Array:
   """``y = x @ W`` for a dense or compressed weight leaf (see :mod:`kernels.formats`)."""
-  if implementation is None:
+  dispatch = implementation is None
+  if dispatch:
     names = default_order()
   elif isinstance(implementation, str):
     names = (implementation,)
   else:
     names = tuple(implementation)
   errors = []
+  choice, asked = None, False
   for name in names:
     if name not in IMPLEMENTATIONS:
       raise ValueError(f'unknown linear implementation {name!r}; known: {sorted(IMPLEMENTATIONS)}')
+    kwargs = {}
+    if dispatch and name in _TUNED:
+      if not asked:
+        from kernels import tuning  # pylint: disable=g-import-not-at-top
+        choice, asked = tuning.choose(x, w), True
+      if choice is not None:
+        if choice.impl != name:
+          errors.append(NotImplementedError(
+              f'{name}: the tuning table ({choice.source}) picks {choice.impl!r}.'))
+          continue
+        kwargs = {'block': choice.block}
     try:
-      y = IMPLEMENTATIONS[name](x, w)
+      y = IMPLEMENTATIONS[name](x, w, **kwargs)
     except NotImplementedError as e:
       errors.append(e)
       continue
     _LAST['name'] = name
+    _LAST['choice'] = choice
     for log in _RECORDERS:
       log.append(name)
     return y
@@ -144,12 +174,19 @@ def _rows(x) -> int:
 
 def _kernel_implementation(name: str, module) -> Callable:
   """``name``'s entry: ``module.linear`` in the right mode, declining above
-  ``module.DISPATCH_MAX_M`` activation rows (read at call time)."""
-  def implementation(x, w):
+  ``module.DISPATCH_MAX_M`` activation rows (read at call time). ``block``: tiles (the tuning
+  table's); tiles the call cannot use (e.g. a K step across a quantization group) give way to the
+  kernel's defaults."""
+  def implementation(x, w, block=None):
     if _rows(x) > module.DISPATCH_MAX_M:
       raise NotImplementedError(f'{name}: M={_rows(x)} > DISPATCH_MAX_M='
                                 f'{module.DISPATCH_MAX_M}; the reference is faster.')
-    return module.linear(x, w, interpret=_interpret_flag(name))
+    if block is not None:
+      try:
+        module.check_supported(x, w, block)
+      except NotImplementedError:
+        block = None
+    return module.linear(x, w, block=block, interpret=_interpret_flag(name))
   implementation.__name__ = implementation.__qualname__ = name
   return implementation
 
@@ -162,6 +199,7 @@ def _register_kernels() -> None:
     except ImportError:  # a jax without Pallas/Triton support: the reference serves everything
       continue
     IMPLEMENTATIONS[name] = _kernel_implementation(name, module)
+    _TUNED.add(name)
 
 
 _register_kernels()

@@ -14,6 +14,9 @@ Leaf types:
 * :class:`LowRank`: ``y += (x @ a) @ b``; ``a``/``b`` are arrays or :class:`QuantizedWeight`.
 * :class:`CompressedLinear`: ``weight`` (any of the above or a dense array) + optional boolean
   ``mask`` + optional ``adapter``.
+* :class:`PermutedInput`: a serving layout made at load time (:mod:`kernels.layouts`): an inner
+  weight whose input rows were permuted, and the permutation applied to the activations. Exports,
+  training and compression take the stored layouts above, never this one.
 """
 
 from __future__ import annotations
@@ -178,14 +181,41 @@ class CompressedLinear:
     return tuple(self.weight.shape)
 
 
+@flax.struct.dataclass
+class PermutedInput:
+  """``y = linear(x[..., perm], inner)``: a weight re-laid out at load time for the kernels.
+
+  An act-order GPTQ weight (``g_idx``) becomes one with contiguous groups once its input rows are
+  sorted by group (:func:`kernels.layouts.contiguous_act_order`); the activations are permuted
+  the same way at run time (a gather of ``M x in`` values, small next to the weight at decode),
+  so the kernel reads one scale row per group instead of gathering a scale per input row.
+
+  Attributes:
+    inner: the permuted weight ``[in, out]``: a :class:`QuantizedWeight` or a
+      :class:`CompressedLinear` (its mask and float adapter rows permuted too).
+    perm: int32 ``[in]``; row ``i`` of ``inner`` is row ``perm[i]`` of the original weight.
+  """
+  inner: Union[QuantizedWeight, 'CompressedLinear']
+  perm: jax.Array
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    return tuple(self.inner.shape)
+
+
 Weight = Union[jax.Array, CompressedLinear]
 
-LEAF_TYPES = (QuantizedWeight, Sparse24Weight, LowRank, CompressedLinear)
+LEAF_TYPES = (QuantizedWeight, Sparse24Weight, LowRank, CompressedLinear, PermutedInput)
 
 
 def is_weight_leaf(x) -> bool:
   """``is_leaf`` predicate that stops tree traversal at compressed weights."""
-  return isinstance(x, (CompressedLinear, QuantizedWeight, Sparse24Weight, LowRank))
+  return isinstance(x, LEAF_TYPES)
+
+
+def unpermute_rows(dense: jax.Array, perm: jax.Array) -> jax.Array:
+  """The rows of ``dense`` put back in original order: ``out[perm[i]] = dense[i]``."""
+  return jnp.zeros_like(dense).at[perm].set(dense)
 
 
 def dequantize(q: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
@@ -240,11 +270,15 @@ def to_dense(w, dtype=jnp.float32) -> jax.Array:
     return dequantize(w, dtype)
   if isinstance(w, Sparse24Weight):
     return sparse24_decompress(w, dtype)
+  if isinstance(w, PermutedInput):
+    return unpermute_rows(to_dense(w.inner, dtype), w.perm)
   return jnp.asarray(w).astype(dtype)
 
 
 def effective_weight(w, dtype=jnp.float32) -> jax.Array:
   """Dense ``[in, out]`` weight including the adapter's ``a @ b`` (for analysis, not inference)."""
+  if isinstance(w, PermutedInput):
+    return unpermute_rows(effective_weight(w.inner, dtype), w.perm)
   dense = to_dense(w, dtype)
   if isinstance(w, CompressedLinear) and w.adapter is not None:
     dense = dense + to_dense(w.adapter.a, dtype) @ to_dense(w.adapter.b, dtype)
@@ -264,6 +298,8 @@ def weight_nbytes(w) -> int:
     return w.nbytes_effective()
   if isinstance(w, Sparse24Weight):
     return weight_nbytes(w.values) + w.indices.size // 4
+  if isinstance(w, PermutedInput):
+    return weight_nbytes(w.inner) + w.perm.size * 4
   return int(np.prod(w.shape)) * 2
 
 

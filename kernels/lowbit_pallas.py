@@ -17,9 +17,13 @@ Design:
 * Contiguous groups: a K step is cut into sub-tiles that never cross a group, so the MMA runs on the
   exact small integers ``q - zero`` (exact in bf16/f16) and the group's scale multiplies the
   ``[block_m, block_n]`` partial product once, not every weight element.
-* Act-order ``g_idx``: scales and zeros are gathered per input row (one ``[sub, block_n]`` gather
-  from the small ``[groups, N]`` arrays, which stay in L1/L2) and the weight is dequantized per
-  element before the dot. No repacking is needed and the result is exact w.r.t. the format.
+* Act-order ``g_idx``: the serving layout (:func:`kernels.layouts.for_serving`, once at load)
+  sorts the input rows by group, so the weight has contiguous groups and takes the path above;
+  the activations are permuted at run time (a :class:`kernels.formats.PermutedInput` leaf: one
+  gather of ``M x K`` values, which at decode is tiny next to the weight). A stored act-order
+  weight that was not re-laid out still runs, gathering scales and zeros per input row (one
+  ``[sub, block_n]`` gather from the small ``[groups, N]`` arrays) and dequantizing per element
+  before the dot: exact, but 0.26-0.42x bf16 on an H100 against 1.8-1.9x for contiguous groups.
 * Decode (M <= 16): split-K (partial sums added outside) so that a narrow N still gives ~2
   programs per SM; for M <= 4 an elementwise multiply-reduce replaces the MMA (no 16-row padding).
   Prefill (M > 16): ordinary 2-D output tiling with MMA.
@@ -50,9 +54,10 @@ from kernels.pallas_common import BlockSizes
 
 __all__ = ['BlockSizes', 'DISPATCH_MAX_M', 'check_supported', 'linear', 'lowbit_matmul']
 
-# Above this many activation rows the default dispatch hands the product to the jnp reference
-# (dequantize once, then a cuBLAS GEMM), which wins once the dequantization is amortized over enough
-# rows. Not measured: a guess from the roofline, to be set from bench_kernels results.
+# A hard ceiling: above this many activation rows the kernel declines even when named. Below it the
+# default dispatch follows the tuning table (kernels/tuning.py), which on an H100 and on unseen
+# devices hands calls of more than 16 rows to the jnp reference (dequantize once, then the dense
+# GEMM): the kernel dequantizes every weight tile once per row tile, 0.25-0.36x bf16 at M >= 64.
 DISPATCH_MAX_M = 1024
 
 _NAME = 'pallas_lowbit'
@@ -79,6 +84,8 @@ def check_supported(x, w, block: BlockSizes | None = None) -> BlockSizes:
 
   Arguments and result: see :func:`kernels.pallas_common.check_supported`.
   """
+  if isinstance(w, formats.PermutedInput):
+    w = w.inner  # the activations are permuted outside the kernel
   return pc.check_supported(x, w, block, leaf_type=formats.QuantizedWeight, name=_NAME,
                             weight_desc=lambda k: f'a weight with in_features={k}',
                             sub_tile_fn=_sub_tile)
@@ -139,6 +146,10 @@ def lowbit_matmul(x: jax.Array, w: formats.QuantizedWeight, adapter: formats.Low
 def linear(x: jax.Array, w, *, block: BlockSizes | None = None,
            interpret: bool = False) -> jax.Array:
   """``kernels.linear`` for a :class:`QuantizedWeight` leaf or a :class:`CompressedLinear` holding
-  one (float adapters fused; a quantized adapter runs through the reference, outside the kernel)."""
+  one (float adapters fused; a quantized adapter runs through the reference, outside the kernel),
+  or a :class:`PermutedInput` of either (the activations gathered by ``perm`` first)."""
+  if isinstance(w, formats.PermutedInput):
+    pc.split_leaf(w.inner, formats.QuantizedWeight, _NAME)  # decline before any work
+    x, w = jnp.take(x, w.perm, axis=-1), w.inner
   q, adapter = pc.split_leaf(w, formats.QuantizedWeight, _NAME)
   return pc.linear_with_adapter(lowbit_matmul, x, q, adapter, block=block, interpret=interpret)

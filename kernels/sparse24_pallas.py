@@ -23,7 +23,12 @@ for bytes:
 Memory traffic per weight element at M = 1 (what bounds the speedup over bf16, 2 bytes/element):
 bf16 values 0.5 x 2 + uint8 indices 0.5 x 1 = 1.5 bytes (1.33x); int4 values 0.25 + indices 0.5 =
 0.75 bytes (+ scales), i.e. at most ~2.6x. The uint8 index storage fixed by ``formats.py`` is the
-largest term for 2:4 + int4: packed 2-bit indices (0.125 bytes/element) would allow ~5x.
+largest term for 2:4 + int4: packed 2-bit indices (0.125 bytes/element) would allow ~5x. They need
+no change to the stored format (exports, training and the ct/2:4 converters read the uint8
+indices): a serving layout in :mod:`kernels.layouts`, as for act-order, would pack the two indices
+of each group of 4 into one nibble, 8 groups (32 input rows) per int32 word along the input axis,
+and this kernel would unpack a ``[sub / 32, bn]`` word tile with the shift tables it uses for
+4-bit codes (``sub`` >= 32), taking ``idx_e = nibble & 3`` and ``idx_o = nibble >> 2``.
 
 What could not be measured: no GPU was available when this was written; the kernel is verified in
 interpret mode on the CPU only and its tiles (:class:`BlockSizes`) are not swept.

@@ -8,6 +8,7 @@ import pytest
 
 import kernels
 from experiments import bench_kernels
+from kernels import tuning
 
 
 def test_parse_shapes():
@@ -22,7 +23,7 @@ def test_group_for():
   assert bench_kernels.group_for(100) == -1
 
 
-@pytest.mark.parametrize('fmt', ['w4g128_act', 's24_w4g128'])
+@pytest.mark.parametrize('fmt', ['w4g128_act', 'w4g128_act_perm', 's24_w4g128'])
 def test_random_leaves_are_valid(fmt):
   leaf = bench_kernels.make_leaf(jax.random.key(0), fmt, 256, 64)
   dense = np.asarray(kernels.to_dense(leaf))
@@ -31,6 +32,10 @@ def test_random_leaves_are_valid(fmt):
   if fmt.startswith('s24'):
     assert np.all((dense.reshape(64, 4, 64) != 0).sum(axis=1) <= 2)
   assert bench_kernels.leaf_bytes(leaf) > 0
+  if fmt == 'w4g128_act_perm':  # the serving layout of the same random act-order weight
+    assert isinstance(leaf, kernels.PermutedInput) and leaf.inner.g_idx is None
+    same = bench_kernels.make_leaf(jax.random.key(0), 'w4g128_act', 256, 64)
+    np.testing.assert_array_equal(dense, np.asarray(kernels.to_dense(same)))
 
 
 def test_unknown_format_raises():
@@ -40,24 +45,37 @@ def test_unknown_format_raises():
 
 @pytest.mark.skipif(jax.default_backend() == 'gpu', reason='the quick run is the CPU smoke test')
 def test_quick_run_writes_results(tmp_path):
-  results = bench_kernels.run(out_dir=str(tmp_path), quick=True, ms=(1,),
-                              fmts=('w4g128_lora64',), e2e_models=('tiny-llama',))
+  tuning_path = tmp_path / 'tuning.json'
+  results = bench_kernels.run(out_dir=str(tmp_path), quick=True, ms=(1, 17),
+                              fmts=('w4g128_lora64',), e2e_models=('tiny-llama',),
+                              write_tuning=str(tuning_path))
   assert results['interpret'] and results['copy_bandwidth_gbs'] > 0
   rows = results['rows']
-  assert [r['format'] for r in rows] == ['w4g128_lora64']
+  assert [r['format'] for r in rows] == ['w4g128_lora64'] * 2
   for r in rows:
-    assert r['impl'] == 'pallas_lowbit'
+    assert r['impl'] == 'pallas_lowbit' and r['format_key'] == 'w4g128_lora'
     assert r['default_impl'] == 'xla'  # the CPU default order
     assert r['time_us'] > 0 and r['bf16_us'] > 0 and np.isfinite(r['speedup_vs_bf16'])
     assert r['rel_err'] < 1e-2  # the kernel output was checked against the f32 reference
+    assert r['xla_us'] > 0 and r['dispatch_us'] > 0  # dequantize-then-dot, side by side
+    assert 'tokamax_us' in r or r['tokamax_skipped']
+  # what the tuning table dispatches to: this device is not in the shipped table, so the
+  # built-in rule: the kernel for one row, dequantize-then-dot for 17
+  assert [r['dispatch_impl'] for r in rows] == ['pallas_lowbit', 'xla']
+  assert rows[1]['dispatch_us'] == rows[1]['xla_us']
   e2e = results['e2e']
   assert [r['variant'] for r in e2e] == ['bf16', 'w4 rtn']
-  assert all(r['tokens_per_s'] > 0 for r in e2e)
+  assert all(r['tokens_per_s'] > 0 and r['prefill_tokens_per_s'] > 0 for r in e2e)
   assert e2e[1]['weight_gb'] < e2e[0]['weight_gb']
   saved = json.loads((tmp_path / 'results.json').read_text())
-  assert len(saved['rows']) == 1 and saved['device'].startswith('cpu')
+  assert len(saved['rows']) == 2 and saved['device'].startswith('cpu')
   table = (tmp_path / 'table.md').read_text()
-  assert 'w4g128_lora64' in table and 'End-to-end decode' in table
+  assert 'w4g128_lora64' in table and 'End-to-end decode' in table and 'xla_us' in table
+  written = tuning.load_table(tuning_path)
+  section = written['devices'][tuning.device_kind()]['formats']['w4g128_lora']
+  (buckets,) = section.values()
+  assert {'m1', 'm17-64'} <= set(buckets) and buckets['m257+']['impl'] == 'xla'
+  assert 'NVIDIA H100 80GB HBM3' in written['devices']  # the shipped sections are kept
 
 
 @pytest.mark.skipif(jax.default_backend() == 'gpu', reason='the quick run is the CPU smoke test')

@@ -289,4 +289,5 @@ def test_eval_shape_and_jit_on_leaves():
 
 
 def test_leaf_types_constant():
-  assert set(formats.LEAF_TYPES) == {QuantizedWeight, Sparse24Weight, LowRank, CompressedLinear}
+  assert set(formats.LEAF_TYPES) == {QuantizedWeight, Sparse24Weight, LowRank, CompressedLinear,
+                                     formats.PermutedInput}
