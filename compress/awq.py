@@ -240,9 +240,10 @@ def awq_block(block: Params, stats: dict[str, calibration.LinearStats],
   matches its input (no GQA), as in the llm-awq reference; otherwise it is plain RTN."""
   block = jax.tree.map(lambda x: x, block)  # shallow copy of containers
   reports = []
+  norms = llama.input_norm_names(cfg)
   groups = [
-      (('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj'), 'attn_in', ('input_layernorm',)),
-      (('mlp/gate_proj', 'mlp/up_proj'), 'mlp_in', ('post_attention_layernorm',)),
+      (('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj'), 'attn_in', (norms['attn_in'],)),
+      (('mlp/gate_proj', 'mlp/up_proj'), 'mlp_in', (norms['mlp_in'],)),
       (('mlp/down_proj',), 'down_in', ('up_proj_out',)),
       (('self_attn/o_proj',), 'o_in', ('v_proj_out',)),
   ]
@@ -271,8 +272,8 @@ def awq_block(block: Params, stats: dict[str, calibration.LinearStats],
     scales_in[key] = s
     for l in lins:
       dense[l] = dense[l] * s[:, None]
-    if prev in ('input_layernorm', 'post_attention_layernorm'):
-      block[prev] = {'scale': block[prev]['scale'] / s.astype(block[prev]['scale'].dtype)}
+    if prev in norms.values():
+      block[prev] = llama.scale_norm(block[prev], 1.0 / s, cfg)
     elif prev == 'up_proj_out':
       dense['mlp/up_proj'] = dense['mlp/up_proj'] / s[None, :]
     elif prev == 'v_proj_out':  # only reached without GQA (checked above)

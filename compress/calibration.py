@@ -212,14 +212,14 @@ def dense_statistics(params: Params, cfg: ModelConfig, tokens: np.ndarray, *, ba
   """
   keys = sorted(set(llama.LINEAR_INPUTS.values()))
   wanted = set(range(cfg.num_layers)) if blocks is None else set(blocks)
-  x = llama.embed(params, jnp.asarray(tokens), dtype)
+  x = llama.embed(params, jnp.asarray(tokens), cfg, dtype)
   out: list[dict[str, LinearStats] | None] = [None] * cfg.num_layers
   for i in tqdm(range(max(wanted) + 1), desc='dense statistics', disable=not progress):
     block = params['layers'][i]
     if i in wanted:
-      out[i] = collect_stats(block, x, cfg, keys, batch_size)
+      out[i] = collect_stats(block, x, cfg.layer(i), keys, batch_size)
       for k, st in out[i].items():
         check_finite(st, f'layers/{i}/{k}')
     if i < max(wanted):
-      x = run_block(block, x, cfg, batch_size)
+      x = run_block(block, x, cfg.layer(i), batch_size)
   return out

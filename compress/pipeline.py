@@ -152,15 +152,16 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     if head_spec is not None and not head_spec.is_noop:
       raise ValueError('compressing the LM head needs propagated inputs, not precomputed statistics')
     dense_inputs = True
-  x = None if pre else sharding.activations(llama.embed(params, jnp.asarray(calib_tokens), dtype))
+  x = None if pre else sharding.activations(
+      llama.embed(params, jnp.asarray(calib_tokens), cfg, dtype))
   x_dense = x if dense_inputs else None
   x_aux = None if aux_tokens is None or precomputed_aux_stats is not None else llama.embed(
-      params, jnp.asarray(aux_tokens), dtype)
+      params, jnp.asarray(aux_tokens), cfg, dtype)
 
   def get_stats(i, block, src, keys):
     if pre:
       return {k: precomputed_stats[i][k] for k in keys}
-    return calibration.collect_stats(block, src, cfg, keys, batch_size)
+    return calibration.collect_stats(block, src, cfg.layer(i), keys, batch_size)
   layers = list(params['layers'])
   reports: list[LayerReport] = []
   sweep = checkpoint.ResumableSweep(checkpoint_dir, fingerprint, cfg.num_layers, desc='compress',
@@ -187,7 +188,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     if recovery is not None and precomputed_aux_stats is not None and specs:
       aux_stats = {k: precomputed_aux_stats[i][k] for k in needed}
     elif recovery is not None and x_aux is not None and specs:
-      aux_stats = calibration.collect_stats(block, x_aux, cfg, needed, batch_size)
+      aux_stats = calibration.collect_stats(block, x_aux, cfg.layer(i), needed, batch_size)
     new_block = block
     if not specs:
       pass
@@ -195,7 +196,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       stats = get_stats(i, block, src, needed)
       for k, st in stats.items():
         calibration.check_finite(st, f'layers/{i}/{k}')
-      new_block, rep = awq_lib.awq_block(block, stats, specs, cfg, f'layers/{i}', recovery,
+      new_block, rep = awq_lib.awq_block(block, stats, specs, cfg.layer(i), f'layers/{i}', recovery,
                                          aux_stats)
       rest = {l: s for l, s in specs.items() if s.quant != 'awq'}
       new_block, rep2 = _compress_linears(new_block, block, rest, stats, i, recovery, aux_stats)
@@ -219,11 +220,11 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     keep = propagate_adapters or (recovery is not None and recovery.changes_weights)
     prop_block = new_block if keep else tree.strip_adapters(new_block)
     if not pre:
-      x = calibration.run_block(prop_block, x, cfg, batch_size)
+      x = calibration.run_block(prop_block, x, cfg.layer(i), batch_size)
     if dense_inputs and not pre:
-      x_dense = calibration.run_block(block, x_dense, cfg, batch_size)
+      x_dense = calibration.run_block(block, x_dense, cfg.layer(i), batch_size)
     if x_aux is not None:
-      x_aux = calibration.run_block(prop_block, x_aux, cfg, batch_size)
+      x_aux = calibration.run_block(prop_block, x_aux, cfg.layer(i), batch_size)
     block_reports = reports[first_report:]
     pending += time.time() - t_block
     for r in block_reports:
@@ -242,7 +243,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
   out['layers'] = layers
   if head_spec is not None and not head_spec.is_noop and 'lm_head' in params and (
       stop_after is None or stop_after >= cfg.num_layers):
-    hx = llama.rms_norm(x, params['norm']['scale'], cfg.rms_norm_eps)
+    hx = llama.final_norm(params, x, cfg)
     st = calibration.update_stats(calibration.init_stats(cfg.hidden_size), hx)
     w = params['lm_head']['kernel']
     t0 = time.time()

@@ -1,7 +1,14 @@
-"""Model configuration of Llama-family decoders, read from a Hugging Face ``config.json`` or GGUF metadata.
+"""Model configuration of the decoders we run, read from a Hugging Face ``config.json`` or GGUF metadata.
 
 Supported: Llama 2/3 (incl. ``llama3`` RoPE scaling), Mistral (optional sliding window), Qwen2/2.5
-(bias on q/k/v), SmolLM/SmolLM2 (Llama architecture), tied or untied embeddings, grouped-query attention.
+(bias on q/k/v), Qwen3 (q/k RMSNorm), Gemma 2 (soft-capping, pre- and post-norms, interleaved
+sliding-window attention), Gemma 3 text (q/k norm, a local and a global RoPE base), Phi-3 (fused
+``qkv_proj`` / ``gate_up_proj``, split into q/k/v and gate/up when loaded; partial rotary),
+SmolLM/SmolLM2 (Llama architecture); tied or untied embeddings, grouped-query attention.
+
+Every architectural difference is a field of :class:`ModelConfig` that :mod:`models.llama` reads;
+fields that vary by layer (Gemma's sliding and global layers) are resolved by
+:meth:`ModelConfig.layer`, which every caller that runs one block uses.
 """
 
 from __future__ import annotations
@@ -18,8 +25,14 @@ SUPPORTED_ARCHITECTURES = {
     'LlamaForCausalLM': 'llama',
     'MistralForCausalLM': 'mistral',
     'Qwen2ForCausalLM': 'qwen2',
+    'Qwen3ForCausalLM': 'qwen3',
+    'Gemma2ForCausalLM': 'gemma2',
+    'Gemma3ForCausalLM': 'gemma3_text',
+    'Phi3ForCausalLM': 'phi3',
 }
-SUPPORTED_GGUF_ARCHITECTURES = ('llama', 'qwen2')
+SUPPORTED_GGUF_ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'gemma2', 'gemma3')
+ATTENTION_KINDS = ('full_attention', 'sliding_attention')
+ACTIVATIONS = {'silu': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_tanh': 'gelu_tanh'}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -47,25 +60,78 @@ class ModelConfig:
   max_position_embeddings: int = 2048
   bos_token_id: int | None = None
   eos_token_id: int | None = None
+  pad_token_id: int | None = None
+  # Per-layer attention kinds (ATTENTION_KINDS); None: every layer is full attention (with
+  # ``sliding_window`` applied to all layers when set, as Mistral does).
+  layer_types: tuple[str, ...] | None = None
+  # RoPE base of the sliding layers when it differs from the global one (Gemma 3's local base).
+  rope_local_theta: float | None = None
+  partial_rotary_factor: float = 1.0  # the first factor * head_dim channels are rotated (Phi)
+  activation: str = 'silu'  # 'silu' or 'gelu_tanh' (GeGLU)
+  norm_plus_one: bool = False  # RMSNorm multiplies by (1 + w) (Gemma)
+  post_norms: bool = False  # norms after attention and MLP too (Gemma: four norms per block)
+  qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3, Gemma 3)
+  embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size) (Gemma)
+  query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5 (Gemma), else head_dim
+  attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+  final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+  fused_qkv: bool = False  # stored as one qkv_proj / gate_up_proj (Phi-3); split in our tree
+  fused_gate_up: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f'num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}.')
+    if self.layer_types is not None:
+      if len(self.layer_types) != self.num_layers:
+        raise ValueError(f'layer_types has {len(self.layer_types)} entries for '
+                         f'{self.num_layers} layers')
+      bad = sorted(set(self.layer_types) - set(ATTENTION_KINDS))
+      if bad:
+        raise ValueError(f'unsupported attention layer type {bad[0]!r}; supported: '
+                         f'{list(ATTENTION_KINDS)}')
+      if 'sliding_attention' in self.layer_types and not self.sliding_window:
+        raise ValueError('sliding_attention layers need a sliding_window')
+    if self.activation not in ('silu', 'gelu_tanh'):
+      raise ValueError(f'unsupported activation {self.activation!r}; supported: silu, gelu_tanh')
+    if not 0.0 < self.partial_rotary_factor <= 1.0:
+      raise ValueError(f'partial_rotary_factor={self.partial_rotary_factor} is not in (0, 1]')
+    if self.rotary_dim % 2:
+      raise ValueError(f'the rotary dimension {self.rotary_dim} is odd')
+
+  @property
+  def rotary_dim(self) -> int:
+    return int(self.head_dim * self.partial_rotary_factor)
+
+  def layer(self, i: int) -> 'ModelConfig':
+    """The config block ``i`` runs with: its attention kind resolved into ``sliding_window`` and
+    the RoPE settings of that kind; the config itself when every layer is the same."""
+    if self.layer_types is None:
+      return self
+    if not 0 <= i < self.num_layers:
+      raise IndexError(f'layer {i} of a {self.num_layers}-layer model')
+    if self.layer_types[i] == 'sliding_attention':
+      rope = {}
+      if self.rope_local_theta is not None:  # the local base runs unscaled RoPE
+        rope = dict(rope_theta=self.rope_local_theta, rope_llama3=None, rope_linear_factor=1.0)
+      return dataclasses.replace(self, layer_types=None, rope_local_theta=None, **rope)
+    return dataclasses.replace(self, layer_types=None, rope_local_theta=None, sliding_window=None)
 
   @property
   def num_params(self) -> int:
     d, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
     q = self.num_heads * self.head_dim
     kv = self.num_kv_heads * self.head_dim
-    block = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+    block = d * (q + 2 * kv) + q * d + 3 * d * f + (4 if self.post_norms else 2) * d
     block += (q + 2 * kv) * self.qkv_bias + d * self.o_bias + (2 * f + d) * self.mlp_bias
+    block += 2 * self.head_dim * self.qk_norm
     head = 0 if self.tie_word_embeddings else v * d
     return self.num_layers * block + v * d + d + head
 
   def inv_freq(self) -> np.ndarray:
-    """RoPE inverse frequencies [head_dim / 2], float64, with llama3/linear scaling applied."""
-    inv = 1.0 / (self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
+    """RoPE inverse frequencies [rotary_dim / 2], float64, with llama3/linear scaling applied."""
+    dim = self.rotary_dim
+    inv = 1.0 / (self.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     if self.rope_llama3 is not None:
       factor, low, high, old_ctx = self.rope_llama3
       low_wavelen = old_ctx / low
@@ -97,50 +163,101 @@ def _rope_fields(rope_scaling: Mapping[str, Any] | None) -> dict[str, Any]:
   raise ValueError(f'unsupported rope_scaling type {kind!r}; supported: default, linear, llama3.')
 
 
-def from_hf_dict(cfg: Mapping[str, Any]) -> ModelConfig:
-  """Builds a :class:`ModelConfig` from the contents of a Hugging Face ``config.json``."""
+def _architecture(cfg: Mapping[str, Any]) -> str:
   archs = cfg.get('architectures') or []
   model_type = cfg.get('model_type')
-  kind = None
   for a in archs:
     if a in SUPPORTED_ARCHITECTURES:
-      kind = SUPPORTED_ARCHITECTURES[a]
-  if kind is None and model_type in SUPPORTED_ARCHITECTURES.values() and not archs:
-    kind = model_type
-  if kind is None:
-    raise ValueError(
-        f'unsupported architecture {archs or model_type!r} in config.json; supported: '
-        f'{sorted(SUPPORTED_ARCHITECTURES)}.')
+      return SUPPORTED_ARCHITECTURES[a]
+  if not archs and model_type in SUPPORTED_ARCHITECTURES.values():
+    return model_type
+  hint = ''
+  if model_type == 'gemma3' or 'Gemma3ForConditionalGeneration' in archs:
+    hint = ' (the multimodal Gemma 3: load a text-only Gemma3ForCausalLM checkpoint)'
+  raise ValueError(
+      f'unsupported architecture {archs or model_type!r} in config.json{hint}; supported: '
+      f'{sorted(SUPPORTED_ARCHITECTURES)}.')
+
+
+def _default_layer_types(kind: str, cfg: Mapping[str, Any], n: int) -> list[str]:
+  """Transformers' defaults when a Gemma config has no ``layer_types``."""
+  if kind == 'gemma2':
+    return ['sliding_attention' if (i + 1) % 2 else 'full_attention' for i in range(n)]
+  pattern = int(cfg.get('sliding_window_pattern') or cfg.get('_sliding_window_pattern') or 6)
+  return ['sliding_attention' if (i + 1) % pattern else 'full_attention' for i in range(n)]
+
+
+def _gemma3_rope(cfg: Mapping[str, Any]) -> tuple[float, float, Mapping[str, Any] | None]:
+  """(global theta, local theta, global rope scaling) of a Gemma 3 config, old or new layout."""
+  params = cfg.get('rope_parameters') or {}
+  if 'full_attention' in params or 'sliding_attention' in params:
+    full = params.get('full_attention') or {}
+    local = params.get('sliding_attention') or {}
+    if local.get('rope_type', 'default') != 'default':
+      raise ValueError(f'unsupported rope type {local["rope_type"]!r} on sliding layers; '
+                       'supported: default')
+    return (float(full.get('rope_theta', 1e6)), float(local.get('rope_theta', 1e4)), full)
+  return (float(cfg.get('rope_theta') or params.get('rope_theta') or 1e6),
+          float(cfg.get('rope_local_base_freq') or 1e4), cfg.get('rope_scaling') or params or None)
+
+
+def from_hf_dict(cfg: Mapping[str, Any]) -> ModelConfig:
+  """Builds a :class:`ModelConfig` from the contents of a Hugging Face ``config.json``.
+
+  Fields that would change the computation and that we do not implement are refused by name.
+  """
+  kind = _architecture(cfg)
+  gemma = kind in ('gemma2', 'gemma3_text')
   heads = cfg['num_attention_heads']
   head_dim = cfg.get('head_dim') or cfg['hidden_size'] // heads
+  n_layers = cfg['num_hidden_layers']
   rope_scaling = cfg.get('rope_scaling')
   rope_theta = cfg.get('rope_theta')
   rope_params = cfg.get('rope_parameters')  # newer transformers: theta/scaling live here
-  if rope_params:
+  partial = cfg.get('partial_rotary_factor')
+  rope_local = None
+  if kind == 'gemma3_text':
+    rope_theta, rope_local, rope_scaling = _gemma3_rope(cfg)
+  elif rope_params:
     rope_theta = rope_params.get('rope_theta', rope_theta)
+    partial = rope_params.get('partial_rotary_factor', partial)
     if rope_scaling is None:
       rope_scaling = rope_params
-  sliding = None
-  if kind == 'mistral':
+  act = cfg.get('hidden_activation') or cfg.get('hidden_act') or 'silu'
+  if act not in ACTIVATIONS:
+    raise ValueError(f'unsupported activation {act!r}; supported: {sorted(ACTIVATIONS)}')
+  sliding, layer_types = None, None
+  if kind in ('mistral', 'phi3'):
     sliding = cfg.get('sliding_window')
-  elif kind == 'qwen2' and cfg.get('use_sliding_window'):
-    raise ValueError('Qwen2 with use_sliding_window=true is not supported.')
+  elif kind in ('qwen2', 'qwen3') and cfg.get('use_sliding_window'):
+    raise ValueError(f'{kind} with use_sliding_window=true is not supported.')
+  elif gemma:
+    sliding = cfg.get('sliding_window')
+    layer_types = tuple(cfg.get('layer_types') or _default_layer_types(kind, cfg, n_layers))
+    if cfg.get('use_bidirectional_attention'):
+      raise ValueError('use_bidirectional_attention=true is not supported (causal decoders only)')
   eos = cfg.get('eos_token_id')
   if isinstance(eos, list):
     eos = eos[0]
   attention_bias = bool(cfg.get('attention_bias', False))
+  extra = {}
+  if gemma:
+    extra = dict(norm_plus_one=True, post_norms=True, embed_scale=True,
+                 query_pre_attn_scalar=float(cfg.get('query_pre_attn_scalar') or head_dim),
+                 attn_softcap=cfg.get('attn_logit_softcapping'),
+                 final_softcap=cfg.get('final_logit_softcapping'))
   return ModelConfig(
       model_type=kind,
       vocab_size=cfg['vocab_size'],
       hidden_size=cfg['hidden_size'],
       intermediate_size=cfg['intermediate_size'],
-      num_layers=cfg['num_hidden_layers'],
+      num_layers=n_layers,
       num_heads=heads,
       num_kv_heads=cfg.get('num_key_value_heads') or heads,
       head_dim=head_dim,
       rope_theta=float(rope_theta or 10000.0),
       rms_norm_eps=float(cfg.get('rms_norm_eps', 1e-6)),
-      tie_word_embeddings=bool(cfg.get('tie_word_embeddings', False)),
+      tie_word_embeddings=bool(cfg.get('tie_word_embeddings', gemma)),
       qkv_bias=True if kind == 'qwen2' else attention_bias,
       o_bias=False if kind == 'qwen2' else attention_bias,
       mlp_bias=bool(cfg.get('mlp_bias', False)),
@@ -148,6 +265,15 @@ def from_hf_dict(cfg: Mapping[str, Any]) -> ModelConfig:
       max_position_embeddings=int(cfg.get('max_position_embeddings', 2048)),
       bos_token_id=cfg.get('bos_token_id'),
       eos_token_id=eos,
+      pad_token_id=cfg.get('pad_token_id'),
+      layer_types=layer_types,
+      rope_local_theta=rope_local,
+      partial_rotary_factor=float(partial or 1.0),
+      activation=ACTIVATIONS[act],
+      qk_norm=kind in ('qwen3', 'gemma3_text'),
+      fused_qkv=kind == 'phi3',
+      fused_gate_up=kind == 'phi3',
+      **extra,
       **_rope_fields(rope_scaling),
   )
 

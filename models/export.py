@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kernels import formats
+from models import config as config_lib
 from models import llama
 from models.config import ModelConfig
 from models import loading
@@ -40,8 +41,7 @@ from models.loading import HF_LINEARS
 
 FORMATS = ('hf', 'gptq', 'compressed-tensors', 'peft')
 QUANTIZED_FORMATS = tuple(loading.QUANTIZED_FORMATS)
-ARCHITECTURES = {'llama': 'LlamaForCausalLM', 'mistral': 'MistralForCausalLM',
-                 'qwen2': 'Qwen2ForCausalLM'}
+ARCHITECTURES = {v: k for k, v in config_lib.SUPPORTED_ARCHITECTURES.items()}
 
 
 class ExportError(ValueError):
@@ -57,11 +57,15 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
       'vocab_size': cfg.vocab_size, 'hidden_size': cfg.hidden_size,
       'intermediate_size': cfg.intermediate_size, 'num_hidden_layers': cfg.num_layers,
       'num_attention_heads': cfg.num_heads, 'num_key_value_heads': cfg.num_kv_heads,
-      'head_dim': cfg.head_dim, 'hidden_act': 'silu', 'rope_theta': cfg.rope_theta,
+      'head_dim': cfg.head_dim, 'hidden_act': _HF_ACTIVATIONS[cfg.activation],
+      'rope_theta': cfg.rope_theta,
       'rms_norm_eps': cfg.rms_norm_eps, 'tie_word_embeddings': cfg.tie_word_embeddings,
       'max_position_embeddings': cfg.max_position_embeddings, 'torch_dtype': 'float32',
       'bos_token_id': cfg.bos_token_id, 'eos_token_id': cfg.eos_token_id,
+      'pad_token_id': cfg.pad_token_id,
   }
+  if cfg.model_type in ('gemma2', 'gemma3_text', 'phi3'):
+    return _family_config(cfg, out)
   if cfg.model_type == 'qwen2':
     if not cfg.qkv_bias or cfg.o_bias:
       raise ExportError('Qwen2 has q/k/v biases and no o_proj bias; this model differs')
@@ -80,6 +84,56 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
   elif cfg.rope_linear_factor != 1.0:
     out['rope_scaling'] = {'rope_type': 'linear', 'factor': cfg.rope_linear_factor}
   return out
+
+
+_HF_ACTIVATIONS = {'silu': 'silu', 'gelu_tanh': 'gelu_pytorch_tanh'}
+
+
+def _rope_parameters(cfg: ModelConfig) -> dict[str, Any]:
+  """Transformers' ``rope_parameters`` of the (global) RoPE of ``cfg``."""
+  out: dict[str, Any] = {'rope_type': 'default', 'rope_theta': cfg.rope_theta}
+  if cfg.rope_llama3 is not None:
+    factor, low, high, old = cfg.rope_llama3
+    out.update(rope_type='llama3', factor=factor, low_freq_factor=low, high_freq_factor=high,
+               original_max_position_embeddings=old)
+  elif cfg.rope_linear_factor != 1.0:
+    out.update(rope_type='linear', factor=cfg.rope_linear_factor)
+  return out
+
+
+def _number(x: float | None) -> float | int | None:
+  """An integral float as the int transformers' typed configs expect."""
+  return int(x) if x is not None and float(x).is_integer() else x
+
+
+def _family_config(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
+  """``config.json`` fields of Gemma 2/3 and Phi-3 (their RoPE lives in ``rope_parameters``)."""
+  for k in ('rope_theta', 'hidden_act'):
+    out.pop(k)
+  if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+    raise ExportError(f'{ARCHITECTURES[cfg.model_type]} has no linear biases; this model has some')
+  rope = _rope_parameters(cfg)
+  if cfg.model_type == 'phi3':
+    out.update(hidden_act=_HF_ACTIVATIONS[cfg.activation], sliding_window=cfg.sliding_window,
+               rope_parameters=dict(rope, partial_rotary_factor=cfg.partial_rotary_factor),
+               original_max_position_embeddings=cfg.max_position_embeddings)
+    return out
+  out.update(hidden_activation=_HF_ACTIVATIONS[cfg.activation], sliding_window=cfg.sliding_window,
+             layer_types=list(cfg.layer_types or ['full_attention'] * cfg.num_layers),
+             query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar),
+             attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap,
+             attention_bias=False)
+  if cfg.model_type == 'gemma3_text':
+    local = {'rope_type': 'default', 'rope_theta': cfg.rope_local_theta or cfg.rope_theta}
+    out['rope_parameters'] = {'full_attention': rope, 'sliding_attention': local}
+  else:
+    out['rope_parameters'] = rope
+  return out
+
+
+def _fused_refusal(cfg: ModelConfig, fmt: str) -> str:
+  return (f'{ARCHITECTURES[cfg.model_type]} stores {", ".join(loading.fused_modules(cfg))} fused, '
+          f'which {fmt} cannot express from our separate linears; export --format=hf')
 
 
 def _dense(leaf, merge_adapters: bool) -> np.ndarray:
@@ -113,11 +167,24 @@ def hf_state_dict(params: dict[str, Any], cfg: ModelConfig, *, merge_adapters: b
     out['lm_head.weight'] = np.ascontiguousarray(_dense(params['lm_head']['kernel'], merge_adapters).T)
   elif not cfg.tie_word_embeddings:
     raise ExportError('the model has no lm_head but its config does not tie the embeddings')
+  fused = loading.fused_modules(cfg)
+  if fused and linear_tensors is not None:
+    raise ExportError(_fused_refusal(cfg, 'a quantized format'))
   for i, block in enumerate(params['layers']):
     pre = f'model.layers.{i}.'
-    for norm in ('input_layernorm', 'post_attention_layernorm'):
-      out[f'{pre}{norm}.weight'] = np.asarray(block[norm]['scale'], np.float32)
+    for norm in llama.norm_names(cfg):
+      sub, _, name = norm.rpartition('/')
+      node = block[sub][name] if sub else block[name]
+      out[f'{pre}{norm.replace("/", ".")}.weight'] = np.asarray(node['scale'], np.float32)
+    for module, lins in fused.items():  # Phi-3: one matrix of several of our linears
+      parts = [block[sub][name] for sub, name in (lin.split('/') for lin in lins)]
+      out[f'{pre}{module}.weight'] = np.concatenate(
+          [_dense(node['kernel'], merge_adapters).T for node in parts], axis=0)
+      if any('bias' in node for node in parts):
+        raise ExportError(f'{pre}{module}: {ARCHITECTURES[cfg.model_type]} has no biases there')
     for lin in llama.LINEAR_NAMES:
+      if any(lin in lins for lins in fused.values()):
+        continue
       sub, name = lin.split('/')
       node = block[sub][name]
       module = f'{pre}{hf_name[(sub, name)]}'
@@ -241,6 +308,8 @@ def save_quantized(out_dir: str | pathlib.Path, fmt: str, params: dict[str, Any]
   """
   out = check_output_dir(out_dir, overwrite)
   fmt_lib = loading.quantized_format(fmt)
+  if loading.fused_modules(cfg):
+    raise ExportError(_fused_refusal(cfg, fmt))
   linears = block_linears(params)
   with_adapter = [m for m, leaf in linears.items()
                   if isinstance(leaf, formats.CompressedLinear) and leaf.adapter is not None]
@@ -278,6 +347,8 @@ def save(out_dir: str | pathlib.Path, fmt: str, params: dict[str, Any], cfg: Mod
   if fmt in QUANTIZED_FORMATS:
     return save_quantized(out, fmt, params, cfg, tokenizer=tokenizer,
                           merge_adapters=merge_adapters, overwrite=overwrite)
+  if loading.fused_modules(cfg):
+    raise ExportError(_fused_refusal(cfg, 'peft'))
   peft_tensors(params)  # raises before writing when there are no adapters
   if peft_base == 'hf':
     write_base = lambda d: save_hf(d, params, cfg, tokenizer=tokenizer, merge_adapters=False)

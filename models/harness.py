@@ -139,10 +139,10 @@ def _prefill(params, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelConfig,
   ``(greedy next token [B], cache)`` (the token after each row's last real one)."""
   dtype = jnp.dtype(dtype_name)
   cache = llama.init_cache(cfg, tokens.shape[0], cache_len, dtype)
-  x = llama.embed(params, tokens, dtype)
+  x = llama.embed(params, tokens, cfg, dtype)
   new = []
-  for block, c in zip(params['layers'], cache):
-    x, c = llama.block_apply(block, x, cfg, cache=c, cache_index=0)
+  for i, (block, c) in enumerate(zip(params['layers'], cache)):
+    x, c = llama.block_apply(block, x, cfg.layer(i), cache=c, cache_index=0)
     new.append(c)
   last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
   logits = llama.head(params, last, cfg)[:, 0]

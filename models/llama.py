@@ -1,5 +1,10 @@
 """Llama-family decoder as pure functions of a nested-dict param pytree.
 
+One decoder serves every supported family (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3): their
+differences are fields of :class:`models.config.ModelConfig` (norm flavour, extra norms, q/k norms,
+soft-capping, activation, partial rotary, per-layer sliding window), not copies of this code.
+Per-layer settings are resolved with ``cfg.layer(i)`` before a block runs.
+
 Param layout (Hugging Face names, Flax kernel layout ``[in, out]``)::
 
   {'embed_tokens': {'embedding': [V, D]},
@@ -11,6 +16,11 @@ Param layout (Hugging Face names, Flax kernel layout ``[in, out]``)::
               ...],
    'norm': {'scale': [D]},
    'lm_head': {'kernel': [D, V]}}          # absent when embeddings are tied
+
+Families add: ``self_attn/q_norm``, ``self_attn/k_norm`` (``{'scale': [hd]}``, Qwen3, Gemma 3) and
+``pre_feedforward_layernorm``, ``post_feedforward_layernorm`` (Gemma, whose
+``post_attention_layernorm`` is then the norm *after* attention, as in its Hugging Face names).
+Norm scales are stored as the checkpoint has them (Gemma's ``w`` of ``1 + w``).
 
 Every ``kernel`` leaf goes through :func:`kernels.linear`, so a compressed leaf
 (:class:`kernels.CompressedLinear`) plugs in at the same path. Compute dtype is the dtype of the
@@ -50,10 +60,37 @@ SEQUENTIAL_STAGES = (
 LINEAR_NAMES = tuple(LINEAR_INPUTS)
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
+  """RMSNorm over the last axis in float32; ``plus_one`` multiplies by ``1 + scale`` (Gemma)."""
   xf = x.astype(jnp.float32)
   y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(jnp.float32)).astype(x.dtype)
+  s = scale.astype(jnp.float32)
+  return (y * (1.0 + s if plus_one else s)).astype(x.dtype)
+
+
+def norm(p: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The model's RMSNorm with params ``p = {'scale': ...}``."""
+  return rms_norm(x, p['scale'], cfg.rms_norm_eps, cfg.norm_plus_one)
+
+
+def final_norm(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The norm before the LM head: what the head's linear reads."""
+  return norm(params['norm'], x, cfg)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _activation(x: jax.Array, cfg: ModelConfig) -> jax.Array:
+  if cfg.activation == 'gelu_tanh':
+    return jax.nn.gelu(x, approximate=True)
+  return jax.nn.silu(x)
+
+
+def _check_resolved(cfg: ModelConfig) -> None:
+  if cfg.layer_types is not None:
+    raise ValueError('this config has per-layer attention kinds: run block i with cfg.layer(i)')
 
 
 def _dense(p: Params, x: jax.Array) -> jax.Array:
@@ -72,11 +109,14 @@ def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x: ``[B, T, heads, hd]``; cos/sin: ``[B or 1, T, hd]``."""
-  half = x.shape[-1] // 2
+  """x: ``[B, T, heads, hd]``; cos/sin: ``[B or 1, T, rd]``: the first ``rd <= hd`` channels are
+  rotated (partial rotary), the rest pass through."""
+  rd = cos.shape[-1]
+  half = rd // 2
   xf = x.astype(jnp.float32)
-  rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-  out = xf * cos[:, :, None, :] + rot * sin[:, :, None, :]
+  xr, xp = xf[..., :rd], xf[..., rd:]
+  rot = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+  out = jnp.concatenate([xr * cos[:, :, None, :] + rot * sin[:, :, None, :], xp], axis=-1)
   return out.astype(x.dtype)
 
 
@@ -87,7 +127,8 @@ def _attend(q, k, v, q_pos, k_pos, cfg: ModelConfig, k_valid=None):
   g = h // kvh
   qg = q.reshape(b, t, kvh, g, hd)
   scores = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32)
-  scores = scores * (1.0 / np.sqrt(hd))
+  scores = scores * (1.0 / np.sqrt(cfg.query_pre_attn_scalar or hd))
+  scores = _softcap(scores, cfg.attn_softcap)
   allowed = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
   if cfg.sliding_window:
     allowed &= (q_pos[:, :, None] - k_pos[:, None, :]) < cfg.sliding_window
@@ -106,14 +147,18 @@ def attention_residual(block: Params, x: jax.Array, cfg: ModelConfig, *,
 
   Returns ``(x_out, new_cache, attn_in, o_in)`` (``new_cache`` is None without a cache).
   """
+  _check_resolved(cfg)
   b, t, _ = x.shape
   if positions is None:
     positions = (jnp.arange(t) + cache_index)[None, :]
   attn = block['self_attn']
-  h = rms_norm(x, block['input_layernorm']['scale'], cfg.rms_norm_eps)
+  h = norm(block['input_layernorm'], x, cfg)
   q = _dense(attn['q_proj'], h).reshape(b, t, cfg.num_heads, cfg.head_dim)
   k = _dense(attn['k_proj'], h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
   v = _dense(attn['v_proj'], h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.qk_norm:
+    q = norm(attn['q_norm'], q, cfg)
+    k = norm(attn['k_norm'], k, cfg)
   cos, sin = rope_tables(cfg, positions)
   q = apply_rope(q, cos, sin)
   k = apply_rope(k, cos, sin)
@@ -128,15 +173,22 @@ def attention_residual(block: Params, x: jax.Array, cfg: ModelConfig, *,
                    k_valid=k_pos < cache_index + t)
   else:
     o_in = _attend(q, k, v, positions, positions, cfg)
-  return x + _dense(attn['o_proj'], o_in), new_cache, h, o_in
+  out = _dense(attn['o_proj'], o_in)
+  if cfg.post_norms:
+    out = norm(block['post_attention_layernorm'], out, cfg)
+  return x + out, new_cache, h, o_in
 
 
 def mlp_residual(block: Params, x: jax.Array, cfg: ModelConfig):
   """The MLP half of a block with its residual. Returns ``(y, mlp_in, down_in)``."""
   mlp = block['mlp']
-  m_in = rms_norm(x, block['post_attention_layernorm']['scale'], cfg.rms_norm_eps)
-  d_in = jax.nn.silu(_dense(mlp['gate_proj'], m_in)) * _dense(mlp['up_proj'], m_in)
-  return x + _dense(mlp['down_proj'], d_in), m_in, d_in
+  pre = 'pre_feedforward_layernorm' if cfg.post_norms else 'post_attention_layernorm'
+  m_in = norm(block[pre], x, cfg)
+  d_in = _activation(_dense(mlp['gate_proj'], m_in), cfg) * _dense(mlp['up_proj'], m_in)
+  out = _dense(mlp['down_proj'], d_in)
+  if cfg.post_norms:
+    out = norm(block['post_feedforward_layernorm'], out, cfg)
+  return x + out, m_in, d_in
 
 
 # The two residual halves of a block, by name (windows of local reconstruction are runs of these).
@@ -182,20 +234,24 @@ def block_apply(block: Params, x: jax.Array, cfg: ModelConfig, *, positions: jax
   return out[0] if len(out) == 1 else out
 
 
-def embed(params: Params, tokens: jax.Array, dtype=jnp.float32) -> jax.Array:
-  """Token embeddings ``[B, T, D]`` in ``dtype``."""
-  return jnp.take(params['embed_tokens']['embedding'], tokens, axis=0).astype(dtype)
+def embed(params: Params, tokens: jax.Array, cfg: ModelConfig, dtype=jnp.float32) -> jax.Array:
+  """Token embeddings ``[B, T, D]`` in ``dtype`` (times ``sqrt(D)`` rounded to ``dtype`` when the
+  family scales them)."""
+  x = jnp.take(params['embed_tokens']['embedding'], tokens, axis=0).astype(dtype)
+  if cfg.embed_scale:
+    x = x * jnp.asarray(np.sqrt(cfg.hidden_size), dtype)
+  return x
 
 
 def head(params: Params, x: jax.Array, cfg: ModelConfig) -> jax.Array:
-  """Final norm + LM head: float32 logits ``[B, T, V]``."""
-  x = rms_norm(x, params['norm']['scale'], cfg.rms_norm_eps)
+  """Final norm + LM head (+ soft-capping): float32 logits ``[B, T, V]``."""
+  x = final_norm(params, x, cfg)
   if cfg.tie_word_embeddings or 'lm_head' not in params:
     w = params['embed_tokens']['embedding']
     logits = jnp.einsum('btd,vd->btv', x, w.astype(x.dtype), preferred_element_type=jnp.float32)
   else:
     logits = kernels.linear(x, params['lm_head']['kernel'])
-  return logits.astype(jnp.float32)
+  return _softcap(logits.astype(jnp.float32), cfg.final_softcap)
 
 
 def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.float32,
@@ -213,24 +269,24 @@ def hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.flo
            prefix: jax.Array | None = None) -> jax.Array:
   """The last block's output ``[B, T, D]`` at the token positions: :func:`forward` before its
   head (``prefix`` as there)."""
-  x = embed(params, tokens, dtype)
+  x = embed(params, tokens, cfg, dtype)
   n_prefix = 0
   if prefix is not None:
     n_prefix = prefix.shape[1]
     prefix = jnp.broadcast_to(prefix.astype(dtype), (x.shape[0],) + prefix.shape[1:])
     x = jnp.concatenate([prefix, x], axis=1)
-  for block in params['layers']:
-    x = block_apply(block, x, cfg)
+  for i, block in enumerate(params['layers']):
+    x = block_apply(block, x, cfg.layer(i))
   return x[:, n_prefix:]
 
 
 def forward_with_cache(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: list[dict],
                        cache_index, *, dtype=jnp.float32):
   """Forward over ``tokens [B, T]`` starting at ``cache_index``; returns (logits, new cache)."""
-  x = embed(params, tokens, dtype)
+  x = embed(params, tokens, cfg, dtype)
   new = []
-  for block, c in zip(params['layers'], cache):
-    x, c = block_apply(block, x, cfg, cache=c, cache_index=cache_index)
+  for i, (block, c) in enumerate(zip(params['layers'], cache)):
+    x, c = block_apply(block, x, cfg.layer(i), cache=c, cache_index=cache_index)
     new.append(c)
   return head(params, x, cfg), new
 
@@ -308,21 +364,27 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: floa
       p['bias'] = nrm((o,))
     return p
 
+  one = 0.0 if cfg.norm_plus_one else 1.0  # a unit norm
+  unit = lambda n: {'scale': jnp.full((n,), one, dtype)}
   layers = []
   for _ in range(cfg.num_layers):
     layers.append({
-        'input_layernorm': {'scale': jnp.ones((d,), dtype)},
+        'input_layernorm': unit(d),
         'self_attn': {'q_proj': lin(*shapes['self_attn/q_proj'], cfg.qkv_bias),
                       'k_proj': lin(*shapes['self_attn/k_proj'], cfg.qkv_bias),
                       'v_proj': lin(*shapes['self_attn/v_proj'], cfg.qkv_bias),
                       'o_proj': lin(*shapes['self_attn/o_proj'], cfg.o_bias)},
-        'post_attention_layernorm': {'scale': jnp.ones((d,), dtype)},
+        'post_attention_layernorm': unit(d),
         'mlp': {'gate_proj': lin(*shapes['mlp/gate_proj'], cfg.mlp_bias),
                 'up_proj': lin(*shapes['mlp/up_proj'], cfg.mlp_bias),
                 'down_proj': lin(*shapes['mlp/down_proj'], cfg.mlp_bias)},
     })
+    if cfg.qk_norm:
+      layers[-1]['self_attn'].update(q_norm=unit(cfg.head_dim), k_norm=unit(cfg.head_dim))
+    if cfg.post_norms:
+      layers[-1].update(pre_feedforward_layernorm=unit(d), post_feedforward_layernorm=unit(d))
   params = {'embed_tokens': {'embedding': nrm((cfg.vocab_size, d))}, 'layers': layers,
-            'norm': {'scale': jnp.ones((d,), dtype)}}
+            'norm': unit(d)}
   if not cfg.tie_word_embeddings:
     params['lm_head'] = {'kernel': nrm((d, cfg.vocab_size))}
   return params
@@ -336,3 +398,29 @@ def cast_params(params: Params, dtype) -> Params:
       return jnp.asarray(x, dtype)
     return x
   return jax.tree.map(cast, params)
+
+
+def norm_names(cfg: ModelConfig) -> tuple[str, ...]:
+  """Paths (inside a block) of the block's norm scales, e.g. ``'self_attn/q_norm'``."""
+  names = ('input_layernorm', 'post_attention_layernorm')
+  if cfg.post_norms:
+    names += ('pre_feedforward_layernorm', 'post_feedforward_layernorm')
+  if cfg.qk_norm:
+    names += ('self_attn/q_norm', 'self_attn/k_norm')
+  return names
+
+
+def input_norm_names(cfg: ModelConfig) -> dict[str, str]:
+  """The norm that produces each normed linear input (``'attn_in'``, ``'mlp_in'``)."""
+  return {'attn_in': 'input_layernorm',
+          'mlp_in': 'pre_feedforward_layernorm' if cfg.post_norms else 'post_attention_layernorm'}
+
+
+def scale_norm(p: Params, factor: jax.Array, cfg: ModelConfig) -> Params:
+  """Norm params whose output is ``factor`` (per feature) times this norm's (for folding a scale
+  into the norm, e.g. AWQ's ``1/s``), in the stored convention (``w`` of ``1 + w`` for Gemma)."""
+  s = p['scale']
+  f = factor.astype(jnp.float32)
+  if cfg.norm_plus_one:
+    return {'scale': ((1.0 + s.astype(jnp.float32)) * f - 1.0).astype(s.dtype)}
+  return {'scale': (s.astype(jnp.float32) * f).astype(s.dtype)}

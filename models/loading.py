@@ -82,11 +82,30 @@ class LoadedModel:
     return self.tokenizer_fn()
 
 
+# Fused Hugging Face modules (Phi-3) -> the linears they hold, split along the output rows.
+HF_FUSED = {'self_attn.qkv_proj': ('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj'),
+            'mlp.gate_up_proj': ('mlp/gate_proj', 'mlp/up_proj')}
+
+
+def fused_modules(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+  """The fused modules of ``cfg``'s checkpoints (``HF_FUSED`` entries its family uses)."""
+  out = {}
+  if cfg.fused_qkv:
+    out['self_attn.qkv_proj'] = HF_FUSED['self_attn.qkv_proj']
+  if cfg.fused_gate_up:
+    out['mlp.gate_up_proj'] = HF_FUSED['mlp.gate_up_proj']
+  return out
+
+
 def _empty_params(cfg: ModelConfig) -> Params:
-  layers = [{'input_layernorm': {}, 'self_attn': {k: {} for k in ('q_proj', 'k_proj', 'v_proj', 'o_proj')},
-             'post_attention_layernorm': {}, 'mlp': {k: {} for k in ('gate_proj', 'up_proj', 'down_proj')}}
-            for _ in range(cfg.num_layers)]
-  return {'embed_tokens': {}, 'layers': layers, 'norm': {}}
+  def block():
+    b = {'self_attn': {k: {} for k in ('q_proj', 'k_proj', 'v_proj', 'o_proj')},
+         'mlp': {k: {} for k in ('gate_proj', 'up_proj', 'down_proj')}}
+    for n in llama.norm_names(cfg):
+      sub, _, name = n.rpartition('/')
+      (b[sub] if sub else b)[name] = {}
+    return b
+  return {'embed_tokens': {}, 'layers': [block() for _ in range(cfg.num_layers)], 'norm': {}}
 
 
 def _check_complete(params: Params, cfg: ModelConfig, source: str) -> None:
@@ -103,8 +122,9 @@ def _check_complete(params: Params, cfg: ModelConfig, source: str) -> None:
       for n in names:
         if 'kernel' not in layer[sub][n]:
           missing.append(f'layers/{i}/{sub}/{n}')
-    for n in ('input_layernorm', 'post_attention_layernorm'):
-      if 'scale' not in layer[n]:
+    for n in llama.norm_names(cfg):
+      sub, _, name = n.rpartition('/')
+      if 'scale' not in (layer[sub] if sub else layer)[name]:
         missing.append(f'layers/{i}/{n}')
   if missing:
     raise ValueError(f'checkpoint {source} is missing tensors: {missing[:8]}'
@@ -135,11 +155,23 @@ def _place(params: Params, cfg: ModelConfig, name: str, arr: np.ndarray, dtype) 
     if i >= cfg.num_layers:
       raise ValueError(f'tensor {name} is beyond num_layers={cfg.num_layers}')
     layer = params['layers'][i]
-    for norm in ('input_layernorm', 'post_attention_layernorm'):
-      if rest == f'{norm}.weight':
-        layer[norm]['scale'] = put(arr)
-        return True
     mod, kind = rest.rsplit('.', 1)
+    norm = mod.replace('.', '/')
+    if kind == 'weight' and norm in llama.norm_names(cfg):
+      sub, _, leaf = norm.rpartition('/')
+      (layer[sub] if sub else layer)[leaf]['scale'] = put(arr)
+      return True
+    fused = fused_modules(cfg)
+    if mod in fused and kind in ('weight', 'bias'):
+      shapes = llama.linear_shapes(cfg)
+      outs = [shapes[lin][1] for lin in fused[mod]]
+      _check_shape(name, arr, (sum(outs),) + ((shapes[fused[mod][0]][0],) if kind == 'weight' else ()))
+      rows = np.cumsum(outs)[:-1]
+      for lin, part in zip(fused[mod], np.split(arr, rows, axis=0), strict=True):
+        sub, name = lin.split('/')
+        layer[sub][name]['kernel' if kind == 'weight' else 'bias'] = put(
+            part.T if kind == 'weight' else part)
+      return True
     if mod in HF_LINEARS and kind in ('weight', 'bias'):
       sub, lin = HF_LINEARS[mod]
       if kind == 'weight':
@@ -174,6 +206,9 @@ def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfi
   if qcfg is not None:
     fmt_lib = quantized_format(qcfg.get('quant_method'))
     fmt_lib.check_config(qcfg)
+    if fused_modules(cfg):
+      raise ValueError(f'{path}: quantized checkpoints of {cfg.model_type} (fused '
+                       f'{", ".join(fused_modules(cfg))}) are not read; load its dense checkpoint')
   params = _empty_params(cfg)
   packed: dict[str, np.ndarray] = {}  # a quantized format's tensors, read per linear below
   for fname in files:

@@ -132,11 +132,11 @@ def input_key(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
   n_layers = len(params['layers'])
   if layer is not None and not 0 <= layer <= n_layers:
     raise ValueError(f'layer must be in [0, {n_layers}] or None, got {layer}')
-  x = llama.embed(params, tokens, dtype)
-  for block in params['layers'][:n_layers if layer is None else layer]:
-    x = llama.block_apply(block, x, cfg)
+  x = llama.embed(params, tokens, cfg, dtype)
+  for i, block in enumerate(params['layers'][:n_layers if layer is None else layer]):
+    x = llama.block_apply(block, x, cfg.layer(i))
   if layer is None:
-    x = llama.rms_norm(x, params['norm']['scale'], cfg.rms_norm_eps)
+    x = llama.final_norm(params, x, cfg)
   x = x.astype(jnp.float32)
   if layer is not None:
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + cfg.rms_norm_eps)
@@ -289,11 +289,12 @@ def cluster_groups(params: Params, cfg: ModelConfig, windows: np.ndarray, num_gr
 # --------------------------------------------------------------------------- training
 
 
-def init_prompts(params: Params, num_prompts: int, prompt_len: int, seed: int) -> jax.Array:
-  """``[P, L, D]`` float32: embeddings of random vocabulary tokens (seeded)."""
-  emb = params['embed_tokens']['embedding']
-  ids = np.random.default_rng(seed).integers(0, emb.shape[0], (num_prompts, prompt_len))
-  return jnp.take(emb, jnp.asarray(ids), axis=0).astype(jnp.float32)
+def init_prompts(params: Params, cfg: ModelConfig, num_prompts: int, prompt_len: int,
+                 seed: int) -> jax.Array:
+  """``[P, L, D]`` float32: embeddings of random vocabulary tokens (seeded), as the model's
+  embedding layer gives them (scaled where the family scales them)."""
+  ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, (num_prompts, prompt_len))
+  return llama.embed(params, jnp.asarray(ids), cfg, jnp.float32)
 
 
 def _check_groups(token_groups: Sequence[np.ndarray], config: IDPConfig) -> list[np.ndarray]:
@@ -337,7 +338,7 @@ def train_pool(params: Params, cfg: ModelConfig, token_groups: Sequence[np.ndarr
     feats = input_keys(params, cfg, g, layer=config.route_layer, batch_size=key_batch_size,
                        dtype=dtype)
     keys.append(_normalize(jnp.asarray(feats.mean(0))))
-  prompts0 = init_prompts(params, config.num_prompts, config.prompt_len, config.seed)
+  prompts0 = init_prompts(params, cfg, config.num_prompts, config.prompt_len, config.seed)
 
   def loss_fn(prompt, frozen, batch):
     logits = llama.forward(frozen, batch, cfg, dtype=dtype, prefix=prompt[None])

@@ -201,7 +201,7 @@ def _apply_fn(cfg: ModelConfig, units: tuple, static_key: tuple):
       return kernels_api.linear(x, leaf)
     blocks = tree.replace_leaves(frozen['local'], leaves)['layers']
     for b, u in units:
-      x = llama.submodule_apply(blocks[b], x, cfg, u)
+      x = llama.submodule_apply(blocks[b], x, cfg.layer(b), u)
     return x
   return apply
 
@@ -287,10 +287,11 @@ def _block_fn(cfg: ModelConfig):
 
 
 @functools.lru_cache(maxsize=None)
-def _units_fn(cfg: ModelConfig, units: tuple[str, ...]):
+def _units_fn(cfgs: tuple[ModelConfig, ...], units: tuple[str, ...]):
+  """The submodules ``units`` in a row, each block with its own (per-layer) config."""
   def fn(blocks, x):
-    for block, u in zip(blocks, units):
-      x = llama.submodule_apply(block, x, cfg, u)
+    for block, c, u in zip(blocks, cfgs, units):
+      x = llama.submodule_apply(block, x, c, u)
     return x
   return jax.jit(fn)
 
@@ -306,7 +307,7 @@ def _block_inputs(cfg, block, xs, batch: int) -> tuple[jax.Array, dict[str, jax.
 
 
 def _run_units(cfg, layers, units, xs, batch: int) -> jax.Array:
-  fn = _units_fn(cfg, tuple(u for _, u in units))
+  fn = _units_fn(tuple(cfg.layer(b) for b, _ in units), tuple(u for _, u in units))
   blocks = [layers[b] for b, _ in units]
   return _batched(lambda x: fn(blocks, x), xs, batch)
 
@@ -352,8 +353,8 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
   fingerprint = _fingerprint(params, dense_params, cfg, tokens, config) if checkpoint_dir else ''
   layers = list(params['layers'])
   dense_layers = list(dense_params['layers'])
-  x_hat = llama.embed(params, jnp.asarray(tokens))
-  x_dense = llama.embed(dense_params, jnp.asarray(tokens))
+  x_hat = llama.embed(params, jnp.asarray(tokens), cfg)
+  x_dense = llama.embed(dense_params, jnp.asarray(tokens), cfg)
   reports: list[WindowReport] = []
   sweep = checkpoint.ResumableSweep(checkpoint_dir, fingerprint, len(windows),
                                     desc=f'reconstruct ({config.window})', unit='window',
@@ -375,11 +376,12 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
       key = llama.LINEAR_INPUTS[lin]
       # Inputs of this stage from the block as reconstructed so far; dense targets.
       if config.inputs == 'dense':
-        xs = _block_inputs(cfg, dense_layers[b], x_dense, batch)[1][key]
+        xs = _block_inputs(cfg.layer(b), dense_layers[b], x_dense, batch)[1][key]
       else:
-        xs = _block_inputs(cfg, layers[b], x_hat, batch)[1][key]
+        xs = _block_inputs(cfg.layer(b), layers[b], x_hat, batch)[1][key]
       if 'dense' not in stage_inputs or stage_inputs['block'] != b:
-        stage_inputs = {'block': b, 'dense': _block_inputs(cfg, dense_layers[b], x_dense, batch)[1]}
+        stage_inputs = {'block': b,
+                        'dense': _block_inputs(cfg.layer(b), dense_layers[b], x_dense, batch)[1]}
       w_dense = tree.get_linear(dense_layers[b], lin)
       ys = _batched(lambda x: kernels_api.linear(x, w_dense), stage_inputs['dense'][key], batch)
       new, rep, _ = reconstruct_window(cfg, window, {b: layers[b]}, xs, ys, config,

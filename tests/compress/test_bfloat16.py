@@ -17,7 +17,7 @@ from tests.utils import tiny_model
 def test_bfloat16_model_compresses_with_float32_statistics():
   cfg, params, calib = tiny_model(calib_shape=(16, 32))
   p16 = llama.cast_params(params, jnp.bfloat16)
-  x16 = llama.embed(p16, jnp.asarray(calib), jnp.bfloat16)
+  x16 = llama.embed(p16, jnp.asarray(calib), cfg, jnp.bfloat16)
   stats = calibration.collect_stats(p16['layers'][0], x16, cfg, ['attn_in'], 8)
   assert x16.dtype == jnp.bfloat16 and stats['attn_in'].hessian.dtype == jnp.float32
   spec = rules_lib.LinearSpec(quant='gptq', qspec=QuantSpec(bits=4, group_size=32))

@@ -73,7 +73,7 @@ def block0(tmp_path_factory):
                                 vocab_size=cfg.vocab_size)
   np.testing.assert_array_equal(same, windows)  # the file's windows, verbatim
   block = loaded.params['layers'][0]
-  x = llama.embed(loaded.params, same)
+  x = llama.embed(loaded.params, same, cfg)
   _, inputs = llama.block_apply(block, x, cfg, return_inputs=True)
   inputs = {k: np.asarray(v, np.float64).reshape(-1, v.shape[-1]) for k, v in inputs.items()}
   return loaded, same, inputs

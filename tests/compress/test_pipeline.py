@@ -68,7 +68,7 @@ def test_report_error_matches_direct_measurement(tiny):
   out, reports = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(GPTQ3),
                                          progress=False)
   # Block 0's q_proj input is the norm of the embeddings: identical for dense and compressed runs.
-  x = llama.embed(params, jnp.asarray(calib))
+  x = llama.embed(params, jnp.asarray(calib), cfg)
   _, inputs = llama.block_apply(params['layers'][0], x, cfg, return_inputs=True)
   xin = inputs['attn_in'].reshape(-1, cfg.hidden_size)
   w = params['layers'][0]['self_attn']['q_proj']['kernel']

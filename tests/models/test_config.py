@@ -101,7 +101,7 @@ def test_qwen2():
 @pytest.mark.parametrize('overrides', [
     {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2'},
     {'architectures': ['LlamaModel']},  # not the causal-LM class
-    {'architectures': [], 'model_type': 'phi3'},
+    {'architectures': [], 'model_type': 'falcon'},
     {'architectures': None, 'model_type': None},
     {'architectures': ['GemmaForCausalLM'], 'model_type': 'llama'},
 ])

@@ -34,7 +34,7 @@ def test_forward_prefix_none_and_empty_match_plain(params):
 
   @jax.jit
   def plain(params, tokens):  # the forward pass as it reads without a prefix
-    x = llama.embed(params, tokens)
+    x = llama.embed(params, tokens, CFG)
     for block in params['layers']:
       x = llama.block_apply(block, x, CFG)
     return llama.head(params, x, CFG)
@@ -49,7 +49,7 @@ def test_forward_prefix_none_and_empty_match_plain(params):
 def test_prefix_of_token_embeddings_equals_prepended_tokens(params):
   tokens = jnp.asarray(_tokens(1, 2, 10, 0, CFG.vocab_size))
   pre_tokens = jnp.asarray(_tokens(2, 2, 5, 0, CFG.vocab_size))
-  prefix = llama.embed(params, pre_tokens)  # [B, L, D]: one prefix per row
+  prefix = llama.embed(params, pre_tokens, CFG)  # [B, L, D]: one prefix per row
   got = _forward(params, tokens, prefix=prefix)
   whole = _forward(params, jnp.concatenate([pre_tokens, tokens], axis=1))[:, 5:]
   assert got.shape == (2, 10, CFG.vocab_size)
@@ -67,7 +67,7 @@ def test_evaluate_prefixes(params):
                               prefixes=np.zeros((3, 0, CFG.hidden_size), np.float32))
   np.testing.assert_allclose(empty['nll'], plain['nll'], rtol=1e-6)
   pre_tokens = _tokens(4, 3, 4, 0, CFG.vocab_size)
-  prefixes = np.asarray(llama.embed(params, jnp.asarray(pre_tokens)))
+  prefixes = np.asarray(llama.embed(params, jnp.asarray(pre_tokens), CFG))
   got = eval_lib.perplexity(params, CFG, windows, batch_size=2, progress=False, prefixes=prefixes)
   nll = eval_lib.token_nll(params, jnp.asarray(np.concatenate([pre_tokens, windows], 1)), CFG)
   np.testing.assert_allclose(got['nll'], float(np.asarray(nll)[:, 4:].mean()), rtol=1e-5)
@@ -93,10 +93,10 @@ def test_multiple_choice_prefixes(params):
   prefixed = [data_lib.MCItem(context=bytes(pre_tokens[i].tolist()).decode() + it.context,
                               choices=it.choices, gold=it.gold) for i, it in enumerate(items)]
   want = score(model, items=prefixed)
-  got = score(model, items=items, prefixes=llama.embed(model, jnp.asarray(pre_tokens)))
+  got = score(model, items=items, prefixes=llama.embed(model, jnp.asarray(pre_tokens), CFG))
   assert got['predictions'] == want['predictions']
   assert got['predictions'] != plain['predictions']  # (the check above is not vacuous)
-  swapped = score(model, items=items, prefixes=llama.embed(model, jnp.asarray(pre_tokens[::-1])))
+  swapped = score(model, items=items, prefixes=llama.embed(model, jnp.asarray(pre_tokens[::-1]), CFG))
   assert swapped['predictions'] != got['predictions']  # each item gets its own prefix
   with pytest.raises(ValueError, match='prefixes'):
     score(model, items=items, prefixes=np.zeros((3, 1, CFG.hidden_size), np.float32))
@@ -154,7 +154,7 @@ def test_training_lowers_group_loss_and_leaves_params_untouched():
   np.testing.assert_allclose(np.linalg.norm(np.asarray(pool.keys), axis=-1), 1.0, rtol=1e-5)
   assert info['losses'].shape == (2, 40)
   assert prompting.added_parameters(pool) == 2 * 4 * CFG.hidden_size + 2 * CFG.hidden_size
-  init = prompting.init_prompts(params, 2, 4, 0)
+  init = prompting.init_prompts(params, CFG, 2, 4, 0)
   loss = jax.jit(lambda params, tokens, prefix: losses.lm_loss(
       llama.forward(params, tokens, CFG, prefix=prefix), tokens))
   for p, g in enumerate([group_a, group_b]):

@@ -133,10 +133,10 @@ def test_matrix_window_reaches_masked_least_squares(tiny):
   pruned = _compress(tiny, WANDA50)
   window = rec.Window(0, linear=(1, 'mlp/down_proj'))
   # Inputs: the pruned model's down_in at block 1; targets: the dense model's down_proj output.
-  x_hat = llama.embed(pruned, jnp.asarray(calib))
+  x_hat = llama.embed(pruned, jnp.asarray(calib), cfg)
   x_hat = llama.block_apply(pruned['layers'][0], x_hat, cfg)
   _, ins = llama.block_apply(pruned['layers'][1], x_hat, cfg, return_inputs=True)
-  x_d = llama.block_apply(params['layers'][0], llama.embed(params, jnp.asarray(calib)), cfg)
+  x_d = llama.block_apply(params['layers'][0], llama.embed(params, jnp.asarray(calib), cfg), cfg)
   _, ins_d = llama.block_apply(params['layers'][1], x_d, cfg, return_inputs=True)
   w_dense = tree.get_linear(params['layers'][1], 'mlp/down_proj')
   xs, ys = ins['down_in'], ins_d['down_in'] @ w_dense

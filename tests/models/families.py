@@ -1,0 +1,66 @@
+"""Tiny random models of every supported family, built with transformers' own config classes.
+
+Used by the parity tests (logits and greedy generation against transformers) and by the
+per-family pipeline tests. Weights are drawn larger than transformers' defaults, norms included,
+so that every family-specific piece (``1 + w`` norms, soft-capping, q/k norms) moves the logits.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+SLIDING_WINDOW = 8
+_COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+               max_position_embeddings=256, rms_norm_eps=1e-5, eos_token_id=None,
+               bos_token_id=None, pad_token_id=0)
+_ALTERNATING = ['sliding_attention', 'full_attention'] * 2
+
+FAMILIES = ('qwen3', 'gemma2', 'gemma3', 'phi3')
+
+
+def hf_model(family: str, seed: int = 0, weight_std: float = 0.15):
+  """``(transformers model, its config)`` of a tiny random model of ``family``, float32, eager
+  attention."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  if family == 'qwen3':
+    cfg = transformers.Qwen3Config(**_COMMON)
+    cls = transformers.Qwen3ForCausalLM
+  elif family == 'gemma2':
+    cfg = transformers.Gemma2Config(**_COMMON, sliding_window=SLIDING_WINDOW, layer_types=_ALTERNATING,
+                                    query_pre_attn_scalar=24, attn_logit_softcapping=20.0,
+                                    final_logit_softcapping=10.0)
+    cls = transformers.Gemma2ForCausalLM
+  elif family == 'gemma3':
+    cfg = transformers.Gemma3TextConfig(
+        **_COMMON, sliding_window=SLIDING_WINDOW, layer_types=_ALTERNATING, query_pre_attn_scalar=24,
+        rope_parameters={'sliding_attention': {'rope_type': 'default', 'rope_theta': 10000.0},
+                         'full_attention': {'rope_type': 'linear', 'factor': 2.0,
+                                            'rope_theta': 1000000.0}})
+    cls = transformers.Gemma3ForCausalLM
+  elif family == 'phi3':
+    cfg = transformers.Phi3Config(
+        **_COMMON, sliding_window=SLIDING_WINDOW,
+        rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0,
+                         'partial_rotary_factor': 0.5})
+    cls = transformers.Phi3ForCausalLM
+  else:
+    raise ValueError(family)
+  cfg._attn_implementation = 'eager'  # pylint: disable=protected-access
+  model = cls(cfg)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if 'norm' in name:  # around the unit norm: (1 + w) for Gemma, w for the others
+        p.copy_((0.0 if family.startswith('gemma') else 1.0) + 0.3 * torch.randn_like(p))
+      else:
+        p.normal_(0.0, weight_std if p.ndim > 1 else 0.5)
+  return model.float().eval(), cfg
+
+
+def save(family: str, path: pathlib.Path, **kwargs) -> pathlib.Path:
+  """Writes a tiny ``family`` checkpoint (safetensors + config.json) to ``path``."""
+  model, _ = hf_model(family, **kwargs)
+  model.save_pretrained(path, safe_serialization=True)
+  return path

@@ -1,0 +1,212 @@
+"""Qwen3, Gemma 2, Gemma 3 and Phi-3 against transformers, and every stage on each.
+
+Tiny random models are built from transformers' own config classes (no download): logits on a
+right-padded batch longer than the sliding window, greedy generation with the KV cache past the
+window, the export read back by transformers, then compression (Wanda 2:4, GPTQ 4-bit), EoRA,
+reconstruction, LoRA and IDP on each family.
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compress import pipeline
+from compress import rules as rules_lib
+from compress.prune import PruneSpec
+from kernels import QuantSpec
+from models import config as config_lib
+from models import evaluate
+from models import export
+from models import llama
+from models import loading
+from recover import compensate
+from recover import finetune
+from recover import prompting
+from recover import reconstruct as rec
+from recover import train
+from tests.models import families
+
+torch = pytest.importorskip('torch')
+transformers = pytest.importorskip('transformers')
+
+PARITY_TOL = 1e-4
+
+
+@pytest.fixture(scope='module', params=families.FAMILIES)
+def family(request, tmp_path_factory):
+  """``(name, transformers model, our config, our params, checkpoint dir)``."""
+  name = request.param
+  path = tmp_path_factory.mktemp(name)
+  model, _ = families.hf_model(name)
+  model.save_pretrained(path, safe_serialization=True)
+  cfg, params = loading.load_hf_dir(path)
+  return name, model, cfg, params, path
+
+
+def _padded_batch(vocab: int):
+  tokens = np.random.default_rng(0).integers(1, vocab, size=(2, 3 * families.SLIDING_WINDOW))
+  mask = np.ones_like(tokens)
+  mask[1, -6:] = 0  # right padding: the real positions never see it under causal attention
+  tokens[1, -6:] = 0
+  return tokens, mask.astype(bool)
+
+
+def test_config_fields(family):
+  name, _, cfg, params, _ = family
+  want = {'qwen3': 'qwen3', 'gemma2': 'gemma2', 'gemma3': 'gemma3_text', 'phi3': 'phi3'}[name]
+  assert cfg.model_type == want
+  attn = params['layers'][0]['self_attn']
+  assert ('q_norm' in attn) == (name in ('qwen3', 'gemma3'))
+  assert ('pre_feedforward_layernorm' in params['layers'][0]) == name.startswith('gemma')
+  if name.startswith('gemma'):
+    assert cfg.layer(0).sliding_window == families.SLIDING_WINDOW
+    assert cfg.layer(1).sliding_window is None
+  if name == 'gemma3':  # the local base on sliding layers, the scaled global one elsewhere
+    assert (cfg.layer(0).rope_theta, cfg.layer(0).rope_linear_factor) == (10000.0, 1.0)
+    assert (cfg.layer(1).rope_theta, cfg.layer(1).rope_linear_factor) == (1e6, 2.0)
+  if name == 'phi3':  # the fused matrices arrive split
+    assert params['layers'][0]['self_attn']['k_proj']['kernel'].shape == (64, 32)
+    assert params['layers'][0]['mlp']['up_proj']['kernel'].shape == (64, 96)
+    assert cfg.rotary_dim == 8
+
+
+def test_logits_match_transformers(family):
+  name, model, cfg, params, _ = family
+  tokens, mask = _padded_batch(cfg.vocab_size)
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64))).logits
+  out = np.asarray(jax.jit(lambda p, t: llama.forward(p, t, cfg))(params, jnp.asarray(tokens)))
+  ref = ref.numpy()
+  assert np.abs(ref[mask]).max() > 1.0, name  # not a comparison of near-zero tensors
+  assert np.abs(out[mask] - ref[mask]).max() < PARITY_TOL, name
+
+
+def test_family_features_matter(family):
+  """Each family-specific piece changes the logits (so the parity test would catch its absence)."""
+  name, _, cfg, params, _ = family
+  tokens, _ = _padded_batch(cfg.vocab_size)
+  base = np.asarray(llama.forward(params, jnp.asarray(tokens), cfg))
+  variants = {'sliding window': dict(sliding_window=None, layer_types=None, rope_local_theta=None)}
+  if name == 'gemma2':
+    variants.update(softcap=dict(attn_softcap=None, final_softcap=None),
+                    norm=dict(norm_plus_one=False), scale=dict(query_pre_attn_scalar=None))
+  if name == 'phi3':
+    variants['partial rotary'] = dict(partial_rotary_factor=1.0)
+  if name in ('gemma2', 'gemma3'):
+    variants['embedding scale'] = dict(embed_scale=False)
+  if name == 'qwen3':
+    variants = {'q/k norm': None}
+  for what, change in variants.items():
+    if change is None:
+      p = jax.tree.map(lambda x: x, params)
+      for layer in p['layers']:
+        del layer['self_attn']['q_norm'], layer['self_attn']['k_norm']
+      other = llama.forward(p, jnp.asarray(tokens), dataclasses.replace(cfg, qk_norm=False))
+    else:
+      other = llama.forward(params, jnp.asarray(tokens), dataclasses.replace(cfg, **change))
+    assert np.abs(np.asarray(other) - base).max() > 1e-2, (name, what)
+
+
+def test_greedy_generation_with_cache_matches_transformers(family, tmp_path):
+  name, _, cfg, _, _ = family
+  model, _ = families.hf_model(name, weight_std=0.05)  # smaller weights: varied tokens
+  model.save_pretrained(tmp_path, safe_serialization=True)
+  cfg, params = loading.load_hf_dir(tmp_path)
+  prompt = np.random.default_rng(1).integers(1, cfg.vocab_size, size=(2, 12))
+  n_new = 2 * families.SLIDING_WINDOW  # the cache runs past the window
+  with torch.no_grad():
+    ref = model.generate(torch.tensor(prompt), attention_mask=torch.ones(prompt.shape, dtype=int),
+                         max_new_tokens=n_new, do_sample=False, min_new_tokens=n_new)
+  ours = np.asarray(llama.generate(params, jnp.asarray(prompt), cfg, max_new_tokens=n_new))
+  np.testing.assert_array_equal(ours, ref.numpy()[:, prompt.shape[1]:])
+
+
+def test_hf_export_reads_back_in_transformers(family, tmp_path):
+  name, model, cfg, params, _ = family
+  out = export.save_hf(tmp_path / 'out', params, cfg)
+  again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation='eager')
+  tokens, mask = _padded_batch(cfg.vocab_size)
+  with torch.no_grad():
+    a = model(torch.tensor(tokens)).logits.numpy()
+    b = again.float()(torch.tensor(tokens)).logits.numpy()
+  assert np.abs(a - b).max() < 1e-5, name
+  assert config_lib.from_hf_json(out) == cfg
+  if name == 'phi3':
+    with pytest.raises(export.ExportError, match='fused'):
+      export.save(tmp_path / 'gptq', 'gptq', params, cfg)
+
+
+def _sampled(params, cfg, n, seed):
+  """Token windows drawn from the model itself: text on which its perplexity means something."""
+  start = np.random.default_rng(seed).integers(1, cfg.vocab_size, size=(n, 1))
+  gen = llama.generate(params, jnp.asarray(start), cfg, max_new_tokens=31, temperature=1.0,
+                       key=jax.random.key(seed))
+  return np.concatenate([start, np.asarray(gen)], axis=1)
+
+
+WANDA24 = rules_lib.LinearSpec(prune='wanda', sparsity=PruneSpec(n=2, m=4))
+GPTQ4 = rules_lib.LinearSpec(quant='gptq', qspec=QuantSpec(bits=4, group_size=16))
+
+
+def test_compression_and_recovery_on_each_family(family):
+  name, _, cfg, params, _ = family
+  calib, held = _sampled(params, cfg, 64, 0), _sampled(params, cfg, 16, 1)
+  ppl = lambda p: evaluate.perplexity(p, cfg, held, progress=False)['ppl']
+  dense = ppl(params)
+  rows = {'dense': dense}
+  for label, spec in (('wanda 2:4', WANDA24), ('gptq w4g16', GPTQ4)):
+    comp, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(spec), progress=False)
+    eora, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(spec), progress=False,
+                                      recovery=compensate.Compensator(method='eora', rank=8))
+    rows[label], rows[label + ' + eora'] = ppl(comp), ppl(eora)
+    assert np.isfinite(rows[label]) and rows[label] > dense, (name, rows)
+    assert rows[label + ' + eora'] < rows[label], (name, rows)
+  print(name, json.dumps({k: round(float(v), 3) for k, v in rows.items()}))
+
+
+def test_reconstruction_lora_and_idp_run_on_each_family(family):
+  name, _, cfg, params, _ = family
+  calib = _sampled(params, cfg, 8, 0)
+  comp, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(WANDA24), progress=False)
+  # Submodule windows: attention and MLP halves, each with its own norms (Gemma's four).
+  config = rec.ReconConfig(window='submodule', epochs=3, batch_size=4,
+                           optim=train.OptimConfig(lr=3e-3, warmup=0.0, weight_decay=0.0))
+  out, reports = rec.reconstruct(comp, params, cfg, calib, config, progress=False)
+  assert len(reports) == 2 * cfg.num_layers
+  assert sum(r.loss_after for r in reports) < sum(r.loss_before for r in reports), name
+  tuned, info = finetune.finetune(
+      comp, cfg, calib, finetune.FinetuneConfig(method='lora', steps=4, batch_size=4, lora_rank=4),
+      progress=False)
+  assert np.isfinite(evaluate.perplexity(tuned, cfg, calib, progress=False)['ppl'])
+  pool, idp = prompting.train_pool(
+      comp, cfg, [calib[:4], calib[4:]],
+      prompting.IDPConfig(num_prompts=2, prompt_len=2, steps=6, batch_size=2, lr=3e-2, seed=0))
+  assert bool(np.all(np.isfinite(np.asarray(idp['losses']))))
+  routed = prompting.forward_with_pool(comp, cfg, pool, jnp.asarray(calib[:2]))
+  assert bool(jnp.all(jnp.isfinite(routed)))
+
+
+@pytest.mark.parametrize('field,value,match', [
+    ('rope_scaling', {'rope_type': 'longrope', 'short_factor': [1.0], 'long_factor': [1.0]},
+     'unsupported rope_scaling type'),
+    ('hidden_act', 'relu2', 'unsupported activation'),
+    ('use_bidirectional_attention', True, 'use_bidirectional_attention'),
+    ('layer_types', ['chunked_attention'] * 2, 'unsupported attention layer type'),
+])
+def test_unimplemented_fields_are_refused(field, value, match):
+  base = {'architectures': ['Gemma2ForCausalLM' if field in ('use_bidirectional_attention',
+                                                              'layer_types') else 'Phi3ForCausalLM'],
+          'vocab_size': 32, 'hidden_size': 16, 'intermediate_size': 32, 'num_hidden_layers': 2,
+          'num_attention_heads': 2, 'num_key_value_heads': 1, 'sliding_window': 4}
+  with pytest.raises(ValueError, match=match):
+    config_lib.from_hf_dict(dict(base, **{field: value}))
+
+
+def test_multimodal_gemma3_is_refused_with_a_hint():
+  with pytest.raises(ValueError, match='text-only Gemma3ForCausalLM'):
+    config_lib.from_hf_dict({'architectures': ['Gemma3ForConditionalGeneration'],
+                             'model_type': 'gemma3'})
