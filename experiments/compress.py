@@ -20,6 +20,12 @@ the text files, the output paths, the rules, group sizes and ranks against the l
 that would do nothing): every problem is printed as one ``error: --flag...`` line on stderr and
 the command exits with status 2. ``--group_size`` defaults to 128, or to the largest of 128/64/32
 that divides every linear's input width (64 on SmolLM2-135M, whose hidden size is 576).
+
+Several processes (hosts) run as one with ``--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`` on each, or with the settings a SLURM step or a multi-host TPU slice provides
+(``--distributed=auto``, the default; see ``models.distributed``): the mesh spans the devices of
+all of them, every process computes the same result, and process 0 alone writes ``results.json``,
+the tables and the exports (checkpoints are written by all of them together).
 """
 
 from __future__ import annotations
@@ -34,9 +40,10 @@ from absl import app, flags
 
 from experiments import common
 from experiments.compress_lib import RESULT_COLUMNS, run
-from experiments.config import CompressConfig, resolve, validate
+from experiments.config import CompressConfig, distributed_settings, resolve, validate
 from models import checkpoint
 from models import data as data_lib
+from models import distributed
 from models import export as export_lib
 from models import loading
 
@@ -65,12 +72,20 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
 
 def check_flags(flag_values: flags.FlagValues = FLAGS) -> tuple[CompressConfig | None, list[str]]:
   """``(config, problems)`` of the parsed flags: every problem :func:`validate` finds (a flag given
-  on the command line that has no effect included), one line each naming the flag."""
+  on the command line that has no effect included), one line each naming the flag. Starts
+  ``jax.distributed`` first when the flags or the environment ask for several processes (before
+  the checks, which count the devices of all processes)."""
   problems = [] if flag_values.out_dir else ['--out_dir is required (where results.json goes)']
   try:
     c = common.from_flags(CompressConfig, flag_values)
   except ValueError as e:
     return None, problems + [str(e)]
+  settings = distributed_settings(c)
+  if not distributed.settings_problems(settings):  # else validate names them
+    try:
+      distributed.initialize(settings)
+    except distributed.DistributedError as e:
+      return c, problems + [str(e)]
   given = {f.name for f in dataclasses.fields(CompressConfig) if flag_values[f.name].present}
   return c, problems + validate(c, out_dir=flag_values.out_dir, save=flag_values.save, given=given,
                                 n_devices=flag_values.plan_devices if flag_values.plan else None)
@@ -85,17 +100,19 @@ def main(argv: Sequence[str]):
     return 2
   if FLAGS.plan:
     return show_plan(c)
+  writer = distributed.is_writer()  # with several processes, process 0 alone writes
   # An earlier run's results are not left as if this run had produced them: they move aside
   # now, and this run's results are written as soon as they are measured.
-  previous = common.move_aside(pathlib.Path(FLAGS.out_dir) / 'results.json')
+  previous = common.move_aside(pathlib.Path(FLAGS.out_dir) / 'results.json') if writer else None
   if previous:
     print(f'moved the previous results to {previous}')
 
   def write(results):
     cols = [k for k in RESULT_COLUMNS if k in results]
-    common.write_results(FLAGS.out_dir, results, rows=[results], columns=cols,
-                         flags=common.flag_values(flags.FLAGS),
-                         title=f'{results["method"]} on {c.model}')
+    if writer:
+      common.write_results(FLAGS.out_dir, results, rows=[results], columns=cols,
+                           flags=common.flag_values(flags.FLAGS),
+                           title=f'{results["method"]} on {c.model}')
     return cols
 
   try:
@@ -108,8 +125,9 @@ def main(argv: Sequence[str]):
     print(f'error: {e}', file=sys.stderr)  # run; results measured so far are already written
     return 1
   cols = write(results)
-  print(common.markdown_table([results], cols))
-  print(f'wrote {FLAGS.out_dir}/results.json')
+  if writer:
+    print(common.markdown_table([results], cols))
+    print(f'wrote {FLAGS.out_dir}/results.json')
 
 
 def show_plan(c: CompressConfig) -> int:
@@ -119,10 +137,11 @@ def show_plan(c: CompressConfig) -> int:
   limit = (FLAGS.device_memory_gb * plan_lib.GB if FLAGS.device_memory_gb
            else plan_lib.device_memory())
   p = plan_lib.plan(resolve(c, cfg), cfg, FLAGS.plan_devices, limit)
-  print(plan_lib.format_plan(p))
-  out = pathlib.Path(FLAGS.out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  common.write_atomic(out / 'plan.json', json.dumps(p, indent=1) + '\n')
+  if distributed.is_writer():
+    print(plan_lib.format_plan(p))
+    out = pathlib.Path(FLAGS.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    common.write_atomic(out / 'plan.json', json.dumps(p, indent=1) + '\n')
   return 0 if p['fits'] else 2
 
 

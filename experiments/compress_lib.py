@@ -16,6 +16,7 @@ from experiments import common
 from experiments.config import CompressConfig, build_rules, build_spec, recon_config, resolve
 from experiments.config import validate
 from models import checkpoint
+from models import distributed
 from models import export as export_lib
 from models import loading
 from models import sharding
@@ -108,7 +109,15 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
   resumes from its checkpoint under ``out_dir`` (``restart`` clears them all first).
   ``on_results(results)`` is called with what is measured so far before each step that can still
   fail (training, saving; ``results['complete']`` says whether it is the final result), so an
-  evaluation is never lost."""
+  evaluation is never lost.
+
+  With several processes (``jax.distributed`` started, :mod:`models.distributed`) every process
+  calls this with the same arguments and gets the same result: the compression runs on the mesh
+  of all their devices (each process feeds its own rows of every calibration batch); evaluation,
+  training and the sensitivity search of ``--auto_bits`` run data-parallel over the devices of
+  each process, repeated in every process (their per-sequence results are fetched to the host);
+  checkpoints are written by all of them together, the export by process 0 alone, and
+  ``on_results`` is called in every process (write from :func:`models.distributed.is_writer`)."""
   problems = validate(c, out_dir=out_dir, save=save, model_config=loaded and loaded.config)
   if problems:
     raise ValueError('invalid configuration, nothing was run:\n' + '\n'.join(problems))
@@ -120,6 +129,10 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
   tokenizer = loaded.tokenizer()
   rules = build_rules(c, spec)
   pipeline.validate_rules(params, rules)
+  placement = sharding.active()
+  # Stages that fetch per-sequence results to the host run on this process's devices alone.
+  local = distributed.local_placement(placement)
+  several = placement.spans_processes
 
   # A .npy of windows is used as it is: its ids are checked against the model's vocabulary here.
   windows = {name: common.eval_windows_for(tokenizer, name, c.eval_seqlen, c.eval_windows,
@@ -138,13 +151,16 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
   if c.auto_bits is not None:
     # The user's --rules win over the allocation, which spends the budget on the other linears.
     user, rest = rules[:len(c.rules)], rules[len(c.rules):]
-    rules = user + allocate.auto_bits_rules(params, cfg, calib, spec, budget=c.auto_bits,
-                                            candidates=c.auto_candidates,
-                                            batch_size=c.batch_size, dtype=dt, keep=user) + rest
+    with sharding.use(local):
+      rules = user + allocate.auto_bits_rules(params, cfg, calib, spec, budget=c.auto_bits,
+                                              candidates=c.auto_candidates,
+                                              batch_size=c.batch_size, dtype=dt, keep=user) + rest
 
   if out_dir and restart:
-    for stage in STAGE_DIRS:
-      shutil.rmtree(_stage_dir(out_dir, stage), ignore_errors=True)
+    if distributed.is_writer():
+      for stage in STAGE_DIRS:
+        shutil.rmtree(_stage_dir(out_dir, stage), ignore_errors=True)
+    distributed.barrier(f'restart {out_dir}')
   given = None
   if c.compressed is not None:  # compressed elsewhere: its leaves, our recovery and evaluation
     given, rules = loading.load_model(c.compressed, dtype=dt).params, []
@@ -152,12 +168,9 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
       params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
       batch_size=c.batch_size, dtype=dt, checkpoint_dir=_stage_dir(out_dir, 'compress'),
       recovery=compensator, aux_tokens=aux, checkpoint_every_s=c.checkpoint_every_s, given=given)
+  if several:  # from here on, every process holds the whole result
+    compressed = distributed.to_local(compressed)
   summary = pipeline.summarize(reports)  # its seconds add up over interruptions
-  report = lambda: dict(results, per_dataset=per_dataset, summary=summary,  # noqa: E731
-                        layers=[dataclasses.asdict(r) for r in reports],
-                        config=dataclasses.asdict(c),
-                        **{k: summary.get(k, 0.0) for k in ('compress_seconds', 'numerics_seconds',
-                                                            'calib_forward_seconds')})
 
   items = common.probe_items(c.probes)
   method = spec.describe() if given is None else ', '.join(sorted({r.method for r in reports}))
@@ -168,18 +181,41 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
                              'eval_sha256': {ds: common.windows_sha256(w)
                                              for ds, w in windows.items()},
                              'eval_data': c.eval_data[0], 'eval_seqlen': c.eval_seqlen,
-                             'mesh': sharding.active().describe(),
-                             'offload': sharding.active().offload}
+                             'mesh': placement.describe(),
+                             'offload': placement.offload}
+  if several:
+    results['processes'] = distributed.process_count()
   base = None
   if compensator is not None and compensator.changes_weights:
     # SRR re-quantizes a residual: the compression alone is a separate run without compensation.
     base, _ = pipeline.compress_model(
         params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
         batch_size=c.batch_size, dtype=dt, given=given)
+    base = distributed.to_local(base) if several else base
   elif compensator is not None:
     # The compression alone: the same leaves without their adapters (the pipeline propagates
     # activations without adapters, so these are exactly the uncompensated run's weights).
     base = tree.strip_adapters(compressed)
+  with sharding.use(local):
+    return _evaluate_and_recover(c, loaded, compressed, base, reports, summary, results, windows,
+                                 items, method, tokenizer, out_dir=out_dir, save=save,
+                                 on_results=on_results)
+
+
+def _evaluate_and_recover(c: CompressConfig, loaded: loading.LoadedModel, compressed, base,
+                          reports, summary, results, windows, items, method, tokenizer, *,
+                          out_dir: str | None, save: str | None,
+                          on_results: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+  """The rest of :func:`run_on_mesh` after the compression, on the active placement (this
+  process's devices when the run spans several): evaluation, training, export, save."""
+  cfg, params = loaded.config, loaded.params
+  dt = common.parse_dtype(c.dtype)
+  report = lambda: dict(results, per_dataset=per_dataset, summary=summary,  # noqa: E731
+                        layers=[dataclasses.asdict(r) for r in reports],
+                        config=dataclasses.asdict(c),
+                        **{k: summary.get(k, 0.0) for k in ('compress_seconds', 'numerics_seconds',
+                                                            'calib_forward_seconds')})
+  compensated = c.recover != 'none'
   evaluate = functools.partial(common.evaluate_models, loaded, windows=windows, items=items,
                                dtype=dt, batch_size=max(1, c.batch_size // 2))
   ev = evaluate({'compressed': base if base is not None else compressed})
@@ -195,7 +231,7 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
   per_dataset = {ds: {'ppl_dense': ev['dense'][f'ppl {ds}'],
                       **{f'{k}_compressed': ev['compressed'][f'{k} {ds}']
                          for k in ('ppl', 'kl', 'top1')}} for ds in c.eval_data}
-  recovered = compressed if compensator is not None else None
+  recovered = compressed if compensated else None
   pool = None
   if on_results is not None:
     on_results(dict(report(), complete=False))
@@ -218,9 +254,10 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
   if c.export != 'none' and out_dir:
     if on_results is not None:
       on_results(results)
-    path = export_lib.save(pathlib.Path(out_dir) / f'export_{c.export}', c.export,
-                           recovered if recovered is not None else compressed, cfg,
-                           tokenizer=tokenizer, peft_base=c.peft_base, overwrite=True)
+    path = pathlib.Path(out_dir) / f'export_{c.export}'
+    if distributed.is_writer():
+      path = export_lib.save(path, c.export, recovered if recovered is not None else compressed,
+                             cfg, tokenizer=tokenizer, peft_base=c.peft_base, overwrite=True)
     results['exported_to'] = str(path)
   if save:
     if on_results is not None:

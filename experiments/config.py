@@ -20,6 +20,7 @@ from experiments import common
 from kernels import SUPPORTED_BITS, QuantSpec
 from models import checkpoint
 from models import data as data_lib
+from models import distributed
 from models import export as export_lib
 from models import llama
 from models import loading
@@ -135,6 +136,19 @@ class CompressConfig:
   offload: str = common.flag_field(
       'none', 'Where the activations between blocks live: none (on the devices)|host (host '
       'memory; each batch moves to the devices when used).', choices=sharding.OFFLOADS)
+  distributed: str = common.flag_field(
+      'auto', 'Several processes (hosts) as one run through jax.distributed: auto (when '
+      '--coordinator_address/--num_processes/--process_id or the environment ask for it: a SLURM '
+      'step of several tasks, a multi-host TPU slice, JAX_COORDINATOR_ADDRESS)|on (always; JAX '
+      'detects what is not given)|off (one process).', choices=distributed.MODES)
+  coordinator_address: str | None = common.flag_field(
+      None, 'HOST:PORT of process 0, where the processes meet (default: from the cluster '
+      'environment).')
+  num_processes: int | None = common.flag_field(
+      None, 'Number of processes of the run (default: from the cluster environment).')
+  process_id: int | None = common.flag_field(
+      None, 'This process\'s number, 0 to --num_processes - 1; process 0 writes the results '
+      '(default: from the cluster environment).')
 
 
 def build_spec(c: CompressConfig) -> rules_lib.LinearSpec:
@@ -704,6 +718,48 @@ def _mesh_problems(c: CompressConfig, n_devices: int | None) -> list[str]:
   return []
 
 
+def distributed_settings(c: CompressConfig) -> distributed.Settings:
+  """The ``jax.distributed`` settings of the flags."""
+  return distributed.Settings(c.distributed, c.coordinator_address, c.num_processes, c.process_id)
+
+
+def _distributed_problems(c: CompressConfig, n_devices: int | None) -> list[str]:
+  """The distributed flags, and the mesh and batch of a run of several processes: the mesh spans
+  every device, a model group stays inside one process and every batch splits over the
+  processes."""
+  s = distributed_settings(c)
+  p = distributed.settings_problems(s)
+  if p:
+    return p
+  if (s.mode == 'on' or (s.explicit and s.num_processes != 1)) and not distributed.is_initialized():
+    return ['--distributed/--coordinator_address/--num_processes/--process_id ask for several '
+            'processes, but jax.distributed was not started in this one (experiments.compress '
+            'starts it; a library caller calls models.distributed.initialize first)']
+  if n_devices is not None or not distributed.is_initialized():
+    return []
+  import jax  # pylint: disable=g-import-not-at-top
+  count = jax.process_count()
+  if count == 1:
+    return []
+  if s.num_processes is not None and s.num_processes != count:
+    p.append(f'--num_processes={s.num_processes}, but {count} processes joined')
+  try:
+    sizes = sharding.parse_mesh(c.mesh)
+  except ValueError:
+    return p  # _mesh_problems names it
+  n, local = jax.device_count(), jax.local_device_count()
+  if sizes['data'] * sizes['model'] != n:
+    p.append(f'--mesh={c.mesh} uses {sizes["data"] * sizes["model"]} of the {n} devices of '
+             f'{count} processes: with several processes the mesh spans every device')
+  if local % sizes['model']:
+    p.append(f'--mesh={c.mesh}: the model axis ({sizes["model"]}) must divide the devices of each '
+             f'process ({local}), so that a model group stays inside one process')
+  if c.batch_size % count:
+    p.append(f'--batch_size={c.batch_size} is not a multiple of the number of processes '
+             f'({count}): every batch is split over them; pass a multiple')
+  return p
+
+
 def validate(c: CompressConfig, *, out_dir: str | None = None, save: str | None = None,
              given: Collection[str] | None = None, model_config=None,
              n_devices: int | None = None) -> list[str]:
@@ -733,7 +789,7 @@ def validate(c: CompressConfig, *, out_dir: str | None = None, save: str | None 
       problems.append(f'--model={c.model}: {e}')
   resolved = resolve(c, cfg) if cfg is not None else c
   spec, spec_problems = _spec_problems(resolved)
-  problems += spec_problems + _mesh_problems(c, n_devices)
+  problems += spec_problems + _mesh_problems(c, n_devices) + _distributed_problems(c, n_devices)
   if given is None:
     defaults = CompressConfig()
     given = {f.name for f in dataclasses.fields(c)

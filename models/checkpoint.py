@@ -5,6 +5,11 @@ the leaf types of :mod:`kernels.formats` and their static fields (bits, group si
 beside them as ``structure.json``. Restoring therefore needs no target tree, and a checkpoint whose
 arrays or structure do not match is reported as corrupt, naming what is wrong.
 
+With several processes (:mod:`models.distributed`) every process calls ``save_tree`` with the same
+tree: orbax writes each array of the global mesh from the processes that hold it (and every other
+array from process 0), process 0 alone prepares, checksums and swaps the directory, and barriers
+keep the processes together; a checkpoint restores on any number of processes and devices.
+
 ``save_tree``/``load_tree`` write and read one directory atomically (written to ``NAME.tmp`` and
 swapped into place), so an interrupted save never leaves a half-written checkpoint under the final
 name and never damages the previous one. Every file carries a sha256 (``structure.json`` lists the
@@ -201,6 +206,26 @@ def _replace_dir(tmp: pathlib.Path, path: pathlib.Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _several_processes() -> bool:
+  return jax.process_count() > 1
+
+
+def _barrier(name: str) -> None:
+  if _several_processes():
+    from models import distributed  # pylint: disable=g-import-not-at-top
+    distributed.barrier(name)
+
+
+def _for_orbax(arrays: dict[str, Any]) -> dict[str, Any]:
+  """The arrays as orbax saves them from several processes: arrays of the global mesh as they are
+  (each process writes the shards it holds), everything else (the same on every process) as NumPy,
+  which orbax writes from process 0 alone."""
+  if not _several_processes():
+    return arrays
+  return {k: v if isinstance(v, jax.Array) and not v.is_fully_addressable else np.asarray(v)
+          for k, v in arrays.items()}
+
+
 def save_tree(path: str | pathlib.Path, tree: Any, metadata: dict[str, Any] | None = None) -> None:
   """Saves ``tree`` (nested dicts/lists of arrays and compressed leaves) plus JSON ``metadata``.
 
@@ -214,20 +239,42 @@ def save_tree(path: str | pathlib.Path, tree: Any, metadata: dict[str, Any] | No
   ``files`` lists every file under ``NAME`` but these two. Everything is written to ``NAME.tmp``,
   hashed and fsynced there, then put in place of ``NAME`` in one step: a save that fails (a full
   disk, an interrupt) leaves a previous ``NAME`` untouched and removes ``NAME.tmp``.
+
+  With several processes every one of them calls this with the same tree and path (a file system
+  they share): they write the arrays together, process 0 does the rest, and all return once the
+  checkpoint is in place.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path).absolute()
   arrays: dict[str, Any] = {}
   structure = _encode(tree, '', arrays)
   tmp = path.with_name(path.name + '.tmp')
-  if tmp.exists():
-    shutil.rmtree(tmp)
-  tmp.mkdir(parents=True)
-  try:
-    if arrays:
+  writer = jax.process_index() == 0
+  if writer:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+  _barrier(f'checkpoint {tmp} ready')
+  if arrays:
+    try:
       ckptr = ocp.StandardCheckpointer()
-      ckptr.save(tmp / 'arrays', arrays)
+      ckptr.save(tmp / 'arrays', _for_orbax(arrays))
       ckptr.wait_until_finished()
+    except BaseException:
+      if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+      raise
+  _barrier(f'checkpoint {tmp} arrays written')
+  if writer:
+    _finish_save(tmp, path, structure, metadata)
+  _barrier(f'checkpoint {path} in place')
+
+
+def _finish_save(tmp: pathlib.Path, path: pathlib.Path, structure: Any,
+                 metadata: dict[str, Any] | None) -> None:
+  """Checksums the files orbax wrote to ``tmp``, writes the structure document and puts ``tmp`` in
+  place of ``path`` (removing ``tmp`` when anything fails)."""
+  try:
     files = {}
     for rel in _data_files(tmp):
       digest, size = _hash_file(tmp / rel, sync=True)
@@ -319,14 +366,19 @@ def load_metadata(path: str | pathlib.Path) -> dict[str, Any]:
 
 def _restore_target(arrays_dir: pathlib.Path) -> dict[str, Any]:
   """Shapes and dtypes of every array orbax wrote, placed on the first local device (64-bit ones
-  without x64 as NumPy arrays, which keep their width)."""
+  without x64 as NumPy arrays, which keep their width). Under a mesh (``models.sharding``), and
+  with several processes, every array is restored whole into host memory (each process reads all
+  of it) and becomes an uncommitted array of the default device, which goes with arrays of any
+  placement."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from models import sharding  # pylint: disable=g-import-not-at-top
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   meta = ocp.StandardCheckpointer().metadata(arrays_dir).item_metadata
+  host = _several_processes() or sharding.active().mesh is not None
 
   def target(m):
     dtype = np.dtype(m.dtype)
-    if dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+    if host or (dtype.itemsize == 8 and not jax.config.jax_enable_x64):
       return np.zeros(m.shape, dtype)
     return jax.ShapeDtypeStruct(tuple(m.shape), dtype, sharding=device)
   return {k: target(m) for k, m in meta.items()}
@@ -464,8 +516,11 @@ class ResumableSweep:
     due. Returns True when the run stops here (``stop_after``)."""
     self._touched.update(blocks)
     stop = self.stop_after is not None and step + 1 >= self.stop_after
-    if self.dir is not None and (stop or step + 1 == self.total or
-                                 time.time() - self._last_save >= self.every_s):
+    due = time.time() - self._last_save >= self.every_s
+    if self.dir is not None and _several_processes():  # every process saves, or none
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      due = bool(multihost_utils.broadcast_one_to_all(np.int32(due)))
+    if self.dir is not None and (stop or step + 1 == self.total or due):
       for b in sorted(self._touched):
         save_tree(self.dir / f'block_{b:03d}', layers[b], {'fingerprint': self.fingerprint})
       save_tree(self.dir / 'state', state, {'fingerprint': self.fingerprint, 'next': step + 1,

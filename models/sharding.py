@@ -15,8 +15,16 @@ all-reduced):
 * :func:`replicate`: parameters and statistics every device needs whole.
 
 ``--mesh=data:N,model:M`` (:func:`parse_mesh`) names the axes' sizes; the mesh takes the first
-``N x M`` devices (``jax.devices()``, all processes). The default puts every device on ``data``. ``--offload=host`` keeps the activations between blocks in host memory
-(:func:`activations`): each batch moves to the devices when it is used.
+``N x M`` devices (``jax.devices()``, all processes). The default puts every device on ``data``.
+``--offload=host`` keeps the activations between blocks in host memory (:func:`activations`):
+each batch moves to the devices when it is used.
+
+With several processes (:mod:`models.distributed`) the mesh holds the devices of all of them,
+process by process, so the data axis splits every batch across processes and a model group stays
+inside one process. A host value given to :func:`batch`, :func:`columns` or :func:`replicate` is
+the same on every process, and each process transfers only the part its own devices hold
+(``jax.make_array_from_callback``); ``batch(part, local=True)`` assembles a batch from each
+process's own rows instead (``jax.make_array_from_process_local_data``).
 """
 
 from __future__ import annotations
@@ -77,8 +85,16 @@ class Placement:
     if math.prod(sizes.values()) == 1:
       return cls(None, offload)
     n = math.prod(sizes.values())
-    devices = np.asarray(jax.devices()[:n]).reshape(sizes['data'], sizes['model'])
+    devices = jax.devices()
+    if jax.process_count() > 1:  # process by process: a model group inside one process
+      devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    devices = np.asarray(devices[:n]).reshape(sizes['data'], sizes['model'])
     return cls(Mesh(devices, AXES), offload)
+
+  @property
+  def spans_processes(self) -> bool:
+    """Whether the mesh holds devices of other processes."""
+    return self.mesh is not None and self.mesh.is_multi_process
 
   @property
   def data_size(self) -> int:
@@ -110,16 +126,35 @@ def use(placement: Placement) -> Iterator[Placement]:
     _ACTIVE.pop()
 
 
+def _global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """``x`` on a mesh of several processes: an array of the mesh resharded, any other value (the
+  same on every process) read by each process only where its own devices hold it."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return jax.device_put(x, sharding)
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def _put(x: Any, spec: P) -> Any:
   mesh = active().mesh
   if mesh is None:
     return jax.tree.map(jax.numpy.asarray, x)
-  return jax.device_put(x, NamedSharding(mesh, spec))
+  sharding = NamedSharding(mesh, spec)
+  if active().spans_processes:
+    return jax.tree.map(lambda a: _global(a, sharding), x)
+  return jax.device_put(x, sharding)
 
 
-def batch(x: Any) -> jax.Array:
-  """A batch ``[B, ...]`` on the devices, split along the data axis when it divides ``B``."""
+def batch(x: Any, local: bool = False) -> jax.Array:
+  """A batch ``[B, ...]`` on the devices, split along the data axis when it divides ``B``.
+
+  ``local``: ``x`` is this process's part of the batch (its rows, see
+  :func:`models.distributed.process_rows`); the batch is the parts of all processes in process
+  order, split along the data axis (which must divide it and span the processes)."""
   x = np.asarray(x) if not isinstance(x, jax.Array) else x
+  if local and active().spans_processes:
+    sharding = NamedSharding(active().mesh, P('data'))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
   if active().mesh is None or x.shape[0] % active().data_size:
     return _put(x, P())
   return _put(x, P('data'))
@@ -156,5 +191,11 @@ def replicate(tree: Any) -> Any:
 
 
 def activations(x: jax.Array) -> Any:
-  """Activations kept between blocks: on the devices, or in host memory with ``--offload=host``."""
-  return np.asarray(x) if active().offload == 'host' else x
+  """Activations kept between blocks: on the devices, or in host memory with ``--offload=host``
+  (whole on every process: gathered across processes when the batch was split over them)."""
+  if active().offload != 'host':
+    return x
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from models import distributed  # pylint: disable=g-import-not-at-top
+    return distributed.gather(x)
+  return np.asarray(x)

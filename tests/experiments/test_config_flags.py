@@ -7,6 +7,7 @@ from absl import flags
 import pytest
 
 from experiments import common
+from experiments import config as run_config
 from experiments.config import CompressConfig
 
 
@@ -74,3 +75,33 @@ def test_a_field_without_help_is_an_error():
 
   with pytest.raises(ValueError, match='Config.bits has no help'):
     common.define_flags_from(Config, flag_values=flags.FlagValues())
+
+
+def test_distributed_flags_give_the_config():
+  c = _parse('--coordinator_address=node001:1234', '--num_processes=2', '--process_id=1')
+  assert c == CompressConfig(coordinator_address='node001:1234', num_processes=2, process_id=1)
+  assert _parse('--distributed=off').distributed == 'off'
+  with pytest.raises(flags.IllegalFlagValueError):
+    _parse('--distributed=maybe')
+
+
+def test_bad_distributed_flags_are_one_line_each(tmp_path, monkeypatch):
+  from experiments import compress  # pylint: disable=g-import-not-at-top
+  for var in ('SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES', 'TPU_PROCESS_ADDRESSES',
+              'JAX_COORDINATOR_ADDRESS'):
+    monkeypatch.delenv(var, raising=False)
+  fv = flags.FlagValues()
+  compress.define_flags(fv)
+  fv(['compress', '--model=tiny-llama', '--calib_data=shakespeare', '--calib_seqlen=32',
+      '--eval_data=shakespeare', '--eval_seqlen=32', '--quant=rtn', '--group_size=32',
+      '--probes=none', f'--out_dir={tmp_path}', '--coordinator_address=localhost:1234',
+      '--num_processes=2', '--process_id=2'])
+  _, problems = compress.check_flags(fv)
+  assert problems == ['--process_id=2 must be below --num_processes=2 (processes are numbered 0 '
+                      'to 1)']
+  # Settings that ask for several processes in a process that did not start them.
+  problems = run_config.validate(CompressConfig(
+      model='tiny-llama', calib_data='shakespeare', eval_data=('shakespeare',), calib_seqlen=32,
+      eval_seqlen=32, quant='rtn', group_size=32, probes='none',
+      coordinator_address='localhost:1234', num_processes=2, process_id=0))
+  assert len(problems) == 1 and 'jax.distributed was not started' in problems[0], problems

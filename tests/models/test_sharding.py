@@ -75,3 +75,18 @@ def test_host_offload_gives_and_resumes_the_same_compression(tmp_path):
   for a, b, c in zip(jax.tree.leaves(on_device), jax.tree.leaves(full), jax.tree.leaves(resumed)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_array_equal(np.asarray(b), np.asarray(c))
+
+
+def test_a_checkpoint_restores_uncommitted_under_a_mesh(tmp_path):
+  """Under a mesh, restored arrays are not tied to one device: they go with the mesh's batches
+  (a model saved with --save compresses again on a mesh)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh  # pylint: disable=g-import-not-at-top
+  from models import checkpoint  # pylint: disable=g-import-not-at-top
+  checkpoint.save_tree(tmp_path / 'c', {'w': np.arange(6.0, dtype=np.float32)})
+  assert checkpoint.load_tree(tmp_path / 'c')[0]['w'].committed  # no mesh: as before
+  mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.AXES)
+  with sharding.use(sharding.Placement(mesh)):
+    w = checkpoint.load_tree(tmp_path / 'c')[0]['w']
+    assert not w.committed and not sharding.active().spans_processes
+    np.testing.assert_array_equal(np.asarray(w), np.arange(6.0))
