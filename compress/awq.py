@@ -22,7 +22,10 @@ are clamped to ``[-m, m]`` with ``m = max|w_group| * (1 - i / n_grid)``, ``i < m
 (1.0, 0.95, ..., 0.55 by default), and the ``m`` with the smallest error of that group's output
 contribution is kept. As in the reference each group is scored on its own input slice
 (``dw_g^T H_gg dw_g``, cross-group terms ignored), with the inputs of the scaled layer
-(``H_s = diag(1/s) H diag(1/s)``); with ``group_size = -1`` this is the exact output error.
+(``H_s = diag(1/s) H diag(1/s)``); with ``group_size = -1`` this is the exact output error. A
+``group_size`` that does not divide ``in`` leaves a shorter last group, searched on its own rows
+(the reference requires whole groups; this is the natural extension, matching the grids of
+:mod:`compress.quantize`).
 
 Quantization grid: :mod:`compress.quantize` (the GPTQ reference quantizer, whose asymmetric range
 always contains 0) rather than llm-awq's ``pseudo_quantize_tensor``, so AWQ, RTN and GPTQ results
@@ -73,7 +76,6 @@ def _check_args(w, hessian, act_mean, spec, n_grid):
         f'awq: act_mean of shape {act_mean.shape} does not match a weight with {n_in} inputs.')
   if n_grid < 1:
     raise ValueError(f'n_grid must be >= 1, got {n_grid}.')
-  spec.num_groups(n_in)  # raises if group_size does not divide in_features
 
 
 def awq_scales(act_mean: jax.Array, alpha: jax.Array | float) -> jax.Array:
@@ -126,11 +128,17 @@ def awq_search(w: jax.Array, hessian: jax.Array, act_mean: jax.Array, spec: Quan
   return awq_scales(act_mean, alphas[jnp.argmin(errors)])
 
 
-def _group_blocks(hessian: jax.Array, groups: int) -> jax.Array:
-  """Diagonal blocks ``[G, g, g]`` of ``hessian [G*g, G*g]``."""
-  n = hessian.shape[0]
-  g = n // groups
-  h4 = hessian.reshape(groups, g, groups, g)
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+  """``x`` with zero rows appended along axis 0 up to ``rows``."""
+  return jnp.pad(x, ((0, rows - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
+
+
+def _group_blocks(hessian: jax.Array, groups: int, g: int) -> jax.Array:
+  """Diagonal blocks ``[G, g, g]`` of ``hessian [in, in]``; a shorter last group's block is
+  zero-padded to ``g x g``."""
+  n = groups * g
+  h = _pad_rows(_pad_rows(hessian, n).T, n).T
+  h4 = h.reshape(groups, g, groups, g)
   return jnp.moveaxis(jnp.diagonal(h4, axis1=0, axis2=2), -1, 0)  # [G, g, g]
 
 
@@ -156,16 +164,17 @@ def awq_clip(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, n_grid: int =
   if n_steps < 1:
     raise ValueError(f'awq_clip: max_shrink * n_grid = {max_shrink * n_grid} gives no candidate.')
   n_in, n_out = w.shape
-  groups = spec.num_groups(n_in)
-  wg = w.reshape(groups, n_in // groups, n_out)  # [G, g, out]
-  h_blocks = _group_blocks(hessian, groups)  # [G, g, g]
+  groups, glen = spec.num_groups(n_in), spec.group_len(n_in)
+  # Groups as [G, g, out]; a shorter last group is padded with zero rows, which change neither
+  # its max |w| nor its error (their rows and columns of the Hessian block are zero).
+  wg = _pad_rows(w, groups * glen).reshape(groups, glen, n_out)
+  h_blocks = _group_blocks(hessian, groups, glen)  # [G, g, g]
   org_max = jnp.max(jnp.abs(wg), axis=1)  # [G, out]
   ratios = 1.0 - jnp.arange(n_steps, dtype=jnp.float32) / n_grid
 
   def group_errors(ratio):
-    max_val = (org_max * ratio)[:, None, :]  # [G, 1, out]
-    clipped = jnp.clip(wg, -max_val, max_val).reshape(n_in, n_out)
-    d = rtn_dense(clipped, spec).reshape(wg.shape) - wg  # [G, g, out]
+    clipped = apply_clip(w, org_max * ratio, spec)  # [in, out]
+    d = _pad_rows(rtn_dense(clipped, spec) - w, groups * glen).reshape(wg.shape)  # [G, g, out]
     hd = jnp.einsum('gij,gjo->gio', h_blocks, d, precision=_HIGHEST)
     return jnp.sum(d * hd, axis=1)  # [G, out]
 
@@ -176,10 +185,9 @@ def awq_clip(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, n_grid: int =
 
 def apply_clip(w: jax.Array, max_val: jax.Array, spec: QuantSpec) -> jax.Array:
   """Clamps each group of ``w [in, out]`` to ``[-max_val, max_val]`` (``max_val [groups, out]``)."""
-  n_in, n_out = w.shape
-  groups = spec.num_groups(n_in)
-  wg = jnp.asarray(w).reshape(groups, n_in // groups, n_out)
-  return jnp.clip(wg, -max_val[:, None, :], max_val[:, None, :]).reshape(n_in, n_out)
+  n_in = w.shape[0]
+  m = max_val[jnp.arange(n_in) // spec.group_len(n_in)]  # [in, out], the row's group
+  return jnp.clip(jnp.asarray(w), -m, m)
 
 
 def _awq_scaled_weight(w, hessian, act_mean, spec, n_grid, clip, clip_grid, max_shrink):
@@ -249,7 +257,8 @@ def awq_block(block: Params, stats: dict[str, calibration.LinearStats],
   ]
   scales_in: dict[str, jax.Array] = {}
   t_search = time.time()
-  dense = {lin: jnp.asarray(tree.get_linear(block, lin), jnp.float32) for lin in llama.LINEAR_NAMES}
+  dense = {lin: jnp.asarray(tree.get_linear(block, lin), jnp.float32)
+           for lin in llama.block_linear_names(block)}
   is_awq = lambda l: l in specs and specs[l].quant == 'awq'  # noqa: E731
   for lins, key, (prev,) in groups:
     if not any(is_awq(l) for l in lins):
@@ -280,11 +289,11 @@ def awq_block(block: Params, stats: dict[str, calibration.LinearStats],
       dense['self_attn/v_proj'] = dense['self_attn/v_proj'] / s[None, :]
   n_awq = sum(1 for s_ in specs.values() if s_.quant == 'awq')
   search_share = (time.time() - t_search) / max(1, n_awq)  # the shared scale search, split evenly
-  for lin in llama.LINEAR_NAMES:
+  for lin in llama.block_linear_names(block):
     spec = specs.get(lin)
     if spec is None or spec.quant != 'awq':
       continue
-    key = llama.LINEAR_INPUTS[lin]
+    key = llama.input_key(lin)
     h = stats[key].hessian
     s = scales_in.get(key)
     if s is not None:
@@ -312,7 +321,7 @@ def awq_block(block: Params, stats: dict[str, calibration.LinearStats],
                       bits=specs[lin].bits, seconds=secs)
     if recovery is not None:
       # The target is the rescaled dense weight diag(s) W on the rescaled input x / s.
-      key = llama.LINEAR_INPUTS[lin]
+      key = llama.input_key(lin)
       s = scales_in.get(key)
       rescale = lambda st: st if s is None else dataclasses.replace(
           st, hessian=st.hessian / s[:, None] / s[None, :], act_abs_sum=st.act_abs_sum / s)

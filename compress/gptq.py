@@ -25,7 +25,10 @@ The algorithm, as in the reference:
    maps each input row (original order) to its group. ``static_groups`` computes all grids up
    front from the (dead-zeroed) original weights with groups consecutive in the original order, so
    act-order then needs no ``g_idx``. With ``group_size == -1`` the single grid per output unit is
-   computed from ``W`` before dead inputs are zeroed, as the reference does.
+   computed from ``W`` before dead inputs are zeroed, as the reference does. A ``group_size`` that
+   does not divide ``in`` leaves a shorter last group (``ceil(in / group_size)`` groups, column
+   ``i`` in group ``i // group_size``) whose grid is fitted to its own columns only, as the
+   reference's slice ``W[:, i:i + groupsize]`` is at the end of the matrix.
 6. ``loss`` is the reference's printed error ``sum((w - q)^2 / Hinv_ii^2) / 2``, which equals
    ``trace(D (H + damp I) D^T) / 2`` for the final error ``D``: it is in the units of the given
    ``H`` (the reference accumulates ``H = 2 X^T X / n``).
@@ -55,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from compress.calibration import check_weight_hessian
-from compress.quantize import compute_qparams, quantize_codes
+from compress.quantize import compute_qparams, group_qparams, quantize_codes
 from kernels.formats import QuantizedWeight, QuantSpec
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -175,7 +178,6 @@ def _check_args(w, hessian, spec, block_size, mask, max_damp_retries):
     raise ValueError(f'block_size must be positive, got {block_size}.')
   if max_damp_retries < 0:
     raise ValueError(f'max_damp_retries must be >= 0, got {max_damp_retries}.')
-  spec.num_groups(n_in)  # raises if group_size does not divide in_features
 
 
 def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mask,
@@ -208,9 +210,10 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
   W = jnp.where(dead[None, :], 0.0, W)
 
   if static_groups:
-    scale, zero = compute_qparams(kept(W, M).reshape(n_out, n_groups, groupsize), spec,
-                                  axis=2)  # [out, G]
-    scales, zeros = scale.T, zero.T  # [G, out]
+    # The reference's find_params(W[:, i:i + groupsize]) for i in range(0, columns, groupsize):
+    # consecutive slices of the original order, the last one shorter when groupsize does not
+    # divide the columns.
+    scales, zeros = group_qparams(kept(W, M).T, spec)  # [G, out]
   elif grouped:
     scales = jnp.zeros((n_groups, n_out), jnp.float32)
     zeros = jnp.zeros((n_groups, n_out), jnp.float32)
@@ -236,10 +239,12 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
 
   # Pad the columns to whole lazy batches so that one fori_loop body serves every batch. A padded
   # column has weight 0, Hinv = identity (no coupling to real columns) and a dummy grid (index
-  # n_groups: scale 1, zero 0), so it quantizes to 0 with zero error and changes nothing.
+  # n_groups: scale 1, zero 0), so it quantizes to 0 with zero error and changes nothing. The
+  # padding also covers whole groups, so that the slice of a shorter last group is never
+  # clamped; its grid reads only its real columns (see block()).
   blocksize = min(block_size, columns)
   n_blocks = -(-columns // blocksize)
-  padded = n_blocks * blocksize
+  padded = max(n_blocks * blocksize, n_groups * groupsize if grouped else 0)
   pad = padded - columns
   W = jnp.pad(W, ((0, 0), (0, pad)))
   Hinv = jnp.pad(Hinv, ((0, pad), (0, pad))) + jnp.diag(
@@ -285,7 +290,14 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
         valid = start < i2
         Wg = jax.lax.dynamic_slice_in_dim(W, start, groupsize, axis=1)  # [out, groupsize]
         Mg = None if M is None else jax.lax.dynamic_slice_in_dim(M, start, groupsize, axis=1)
-        scale, zero = compute_qparams(kept(Wg, Mg), spec, axis=1)
+        Wg = kept(Wg, Mg)
+        if n_groups * groupsize > columns:
+          # The shorter last group: its grid comes from its own columns. The slice's columns
+          # past the last real one repeat the group's first column (always real), which leaves
+          # any min/max grid unchanged.
+          real = (start + jnp.arange(groupsize)) < columns
+          Wg = jnp.where(real[None, :], Wg, Wg[:, :1])
+        scale, zero = compute_qparams(Wg, spec, axis=1)
         g_safe = jnp.where(valid, g, n_groups)  # invalid: rewrite the dummy grid unchanged
         scales = scales.at[g_safe].set(jnp.where(valid, scale, scales[g_safe]))
         zeros = zeros.at[g_safe].set(jnp.where(valid, zero, zeros[g_safe]))

@@ -6,7 +6,10 @@ the range [-1, 1], ``scale = (xmax - xmin) / maxq``, ``zero = round(-xmin / scal
 grid uses ``xmax = max(|xmin|, xmax)``, ``xmin = -xmax`` and fixes ``zero = (maxq + 1) / 2``.
 ``q = clamp(round(w / scale) + zero, 0, maxq)``, ``w_hat = (q - zero) * scale``.
 
-Weights are in Flax layout ``[in, out]``; groups run along the input axis.
+Weights are in Flax layout ``[in, out]``; groups run along the input axis. Row ``i`` is in group
+``i // group_size``; when ``group_size`` does not divide ``in`` the last group is shorter and its
+grid is computed from its own rows only (GPTQ's reference slices ``W[:, i:i + groupsize]``, which
+is naturally shorter at the end).
 """
 
 from __future__ import annotations
@@ -48,11 +51,23 @@ def fake_quantize(w: jax.Array, scale: jax.Array, zero: jax.Array, bits: int) ->
 
 
 def group_qparams(w: jax.Array, spec: QuantSpec) -> tuple[jax.Array, jax.Array]:
-  """Per-group scales and zeros ``[groups, out]`` of ``w [in, out]`` with contiguous groups."""
+  """Per-group scales and zeros ``[groups, out]`` of ``w [in, out]`` with contiguous groups.
+
+  The full groups are reduced in one reshape; a shorter last group (``group_size`` not dividing
+  ``in``) gets its grid from its own rows.
+  """
   n_in, n_out = w.shape
-  groups = spec.num_groups(n_in)
-  wg = w.astype(jnp.float32).reshape(groups, n_in // groups, n_out)
-  return compute_qparams(wg, spec, axis=1)
+  glen = spec.group_len(n_in)
+  full = n_in // glen
+  w = w.astype(jnp.float32)
+  parts = []
+  if full:
+    parts.append(compute_qparams(w[:full * glen].reshape(full, glen, n_out), spec, axis=1))
+  if full * glen < n_in:
+    parts.append(tuple(p[None] for p in compute_qparams(w[full * glen:], spec, axis=0)))
+  if len(parts) == 1:
+    return parts[0]
+  return tuple(jnp.concatenate(p) for p in zip(*parts))
 
 
 def pack_weight(w: jax.Array, scales: jax.Array, zeros: jax.Array, spec: QuantSpec,

@@ -17,7 +17,9 @@ from kernels.formats import QuantSpec
 
 PRUNE_METHODS = ('none', 'magnitude', 'wanda', 'sparsegpt')
 QUANT_METHODS = ('none', 'rtn', 'gptq', 'awq')
-BLOCK_LINEARS = r'layers/\d+/(self_attn|mlp)/[a-z]+_proj/kernel'
+# Every projection of a block, experts' included; a mixture of experts' router (mlp/gate) and
+# shared-expert gate are not projections and stay dense unless a rule names them.
+BLOCK_LINEARS = r'layers/\d+/(self_attn|mlp)/((experts/\d+|shared_expert)/)?[a-z]+_proj/kernel'
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,10 +73,13 @@ class LinearSpec:
     """Raises ValueError if the spec cannot apply to a ``[in, out]`` weight."""
     n_in = shape[0]
     where = f' of {name}' if name else ''
-    if self.qspec is not None and self.quant != 'none':
-      if self.qspec.group_size != -1 and n_in % self.qspec.group_size:
+    # A group size that does not divide the input leaves a shorter last group (as GPTQ's reference
+    # and its checkpoint format allow); only SparseGPT's joint prune + quantize sweep needs whole
+    # groups.
+    if self.qspec is not None and self.quant != 'none' and self.prune == 'sparsegpt':
+      if self.qspec.is_ragged(n_in):
         raise ValueError(f'group_size={self.qspec.group_size} does not divide the input dimension '
-                         f'{n_in}{where}')
+                         f'{n_in}{where}, which SparseGPT with quantization needs')
     if self.sparsity is not None and self.sparsity.m and n_in % self.sparsity.m:
       raise ValueError(f'{self.sparsity.n}:{self.sparsity.m} sparsity needs the input dimension{where} '
                        f'({n_in}) to be a multiple of {self.sparsity.m}')

@@ -126,7 +126,11 @@ def _check_args(w, hessian, spec: PruneSpec, block_size: int, quant: QuantSpec |
     raise ValueError(f'block_size={block_size} must be a multiple of m={spec.m} for '
                      f'{spec.pattern} sparsity.')
   if quant is not None:
-    quant.num_groups(n_in)  # raises if the group size does not divide `in`
+    if quant.is_ragged(n_in):
+      # The joint sweep fits a grid per group start inside its column segments, which assume
+      # whole groups; GPTQ alone (compress/gptq.py) takes a shorter last group.
+      raise ValueError(f'group_size={quant.group_size} does not divide the input dimension '
+                       f'{n_in}: SparseGPT\'s joint prune + quantize sweep needs whole groups.')
     if spec.is_nm and quant.group_size != -1 and quant.group_size % spec.m:
       raise ValueError(f'quantization group_size={quant.group_size} must be a multiple of '
                        f'm={spec.m} for {spec.pattern} sparsity.')

@@ -228,15 +228,16 @@ def _linear_shapes(cfg) -> dict[str, tuple[int, int, str]]:
   """``[in, out]`` and the name of the input width of every block linear."""
   qd = cfg.num_heads * cfg.head_dim
   names = {'attn_in': 'hidden size', 'mlp_in': 'hidden size', 'down_in': 'intermediate size',
-           'o_in': 'hidden size' if qd == cfg.hidden_size else 'num_heads x head_dim'}
-  return {lin: (i, o, names[llama.LINEAR_INPUTS[lin]])
+           'o_in': 'hidden size' if qd == cfg.hidden_size else 'num_heads x head_dim',
+           'shared_down_in': 'shared expert size'}
+  return {lin: (i, o, names.get(llama.input_key(lin), 'expert intermediate size'))
           for lin, (i, o) in llama.linear_shapes(cfg).items()}
 
 
 def resolve(c: CompressConfig, model_config) -> CompressConfig:
   """``c`` with its model-dependent defaults filled in: ``group_size=None`` becomes 128, or the
   largest of 128/64/32 that divides the input width of every block linear of ``model_config``
-  (64 on SmolLM2-135M); 128 when none does (:func:`validate` then names the linears)."""
+  (64 on SmolLM2-135M: no linear then has a shorter last group); 128 when none does."""
   if c.group_size is not None:
     return c
   widths = {shape[0] for shape in _linear_shapes(model_config).values()}
@@ -474,7 +475,8 @@ def _model_problems(c: CompressConfig, cfg, spec: rules_lib.LinearSpec | None,
   bad_groups: dict[tuple[int, int, str], list[str]] = {}
   bad_nm: dict[tuple[str, int, str], list[str]] = {}
   for path, (s, (n_in, _, width)) in compressed.items():
-    if s.quant != 'none' and s.qspec.group_size != -1 and n_in % s.qspec.group_size:
+    # A shorter last group is fine (GPTQ's reference allows it) except in SparseGPT's joint sweep.
+    if s.quant != 'none' and s.prune == 'sparsegpt' and s.qspec.is_ragged(n_in):
       bad_groups.setdefault((s.qspec.group_size, n_in, width), []).append(path)
     if s.sparsity is not None and s.sparsity.is_nm and n_in % s.sparsity.m:
       bad_nm.setdefault((s.sparsity.pattern, n_in, width), []).append(path)
@@ -486,7 +488,8 @@ def _model_problems(c: CompressConfig, cfg, spec: rules_lib.LinearSpec | None,
     if default_group:
       hint = f' (the default: none of {GROUP_SIZE_CANDIDATES} divides every width)' + hint
     p.append(f'--group_size={g} does not divide the input width {n_in} of '
-             f'{_where(where, cfg.num_layers)} ({width}){hint}')
+             f'{_where(where, cfg.num_layers)} ({width}), which --prune=sparsegpt with '
+             f'quantization needs{hint}')
   for (pattern, n_in, width), where in bad_nm.items():
     p.append(f'--sparsity={pattern} needs input widths that are multiples of '
              f'{pattern.split(":")[1]}: {n_in} of {_where(where, cfg.num_layers)} ({width})')

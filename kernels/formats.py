@@ -36,6 +36,12 @@ from kernels import packing
 class QuantSpec:
   """Quantization grid. Hashable, so it can be a static argument.
 
+  Groups are contiguous runs of ``group_size`` input rows: row ``i`` belongs to group
+  ``i // group_size`` and there are ``ceil(in / group_size)`` groups. When ``group_size`` does
+  not divide ``in`` the last group is shorter (``in - (groups - 1) * group_size`` rows) and has
+  its own scale and zero, as in GPTQ's reference code and checkpoints (g128 on a 576-wide input:
+  four groups of 128 and one of 64). A ``group_size`` of at least ``in`` gives one group.
+
   Attributes:
     bits: 2, 3, 4 or 8.
     group_size: input rows sharing one scale/zero; -1 means one group per output unit.
@@ -51,15 +57,29 @@ class QuantSpec:
       raise ValueError(f'group_size must be positive or -1 (per output unit), got {self.group_size}.')
 
   def num_groups(self, in_features: int) -> int:
+    """``ceil(in / group_size)`` (1 for ``group_size=-1``); the last group may be shorter."""
     if self.group_size == -1:
       return 1
-    if in_features % self.group_size:
-      raise ValueError(
-          f'group_size={self.group_size} does not divide the input dimension {in_features}.')
-    return in_features // self.group_size
+    return max(1, -(-in_features // self.group_size))
 
   def group_len(self, in_features: int) -> int:
+    """Rows of every group but possibly the last: row ``i`` is in group ``i // group_len``."""
     return in_features if self.group_size == -1 else self.group_size
+
+  def last_group_len(self, in_features: int) -> int:
+    """Rows of the last group: ``group_len``, or fewer when it does not divide ``in``."""
+    return in_features - (self.num_groups(in_features) - 1) * self.group_len(in_features)
+
+  def is_ragged(self, in_features: int) -> bool:
+    """True when the last group is shorter than the others (``group_size`` does not divide
+    ``in``)."""
+    return self.last_group_len(in_features) != self.group_len(in_features)
+
+  def group_lengths(self, in_features: int) -> np.ndarray:
+    """int64 ``[groups]``: the rows of each group."""
+    lens = np.full(self.num_groups(in_features), self.group_len(in_features), np.int64)
+    lens[-1] = self.last_group_len(in_features)
+    return lens
 
 
 @flax.struct.dataclass
@@ -67,12 +87,14 @@ class QuantizedWeight:
   """Group-wise low-bit weight in Flax layout ``[in, out]``.
 
   Invariant: ``dequantize(q) == (unpack(q.qweight)[:in] - q.zeros[g]) * q.scales[g]`` where
-  ``g = q.g_idx`` if present else ``arange(in) // group_len``.
+  ``g = q.g_idx`` if present else ``arange(in) // group_len``. There are
+  ``ceil(in / group_size)`` groups; the last one is shorter when ``group_size`` does not divide
+  ``in`` (see :class:`QuantSpec`).
 
   Attributes:
     qweight: int32 ``[ceil(in / 32) * bits, out]``, GPTQ packing along the input axis (rows past
       ``in_features`` are zero padding).
-    scales: float ``[groups, out]``.
+    scales: float ``[groups, out]``, ``groups = ceil(in / group_size)``.
     zeros: uint8 ``[groups, out]`` integer zero points (GPTQ's packed ``qzeros`` stores these minus
       one; export converts).
     g_idx: int32 ``[in]`` group of each input row (act-order), or None for contiguous groups.
@@ -114,8 +136,7 @@ class QuantizedWeight:
   def group_index(self) -> jax.Array:
     if self.g_idx is not None:
       return self.g_idx
-    glen = self.in_features if self.group_size == -1 else self.group_size
-    return jnp.arange(self.in_features) // glen
+    return jnp.arange(self.in_features) // self.spec.group_len(self.in_features)
 
   def nbytes_effective(self) -> int:
     """Storage in bytes: packed codes + scales (16-bit) + zeros (bits each) + g_idx."""

@@ -36,7 +36,9 @@ def contiguous_act_order(q: QuantizedWeight) -> tuple[QuantizedWeight, jax.Array
   ``dequantize(q2) == dequantize(q)[perm]`` exactly, so ``x @ dequantize(q) ==
   x[..., perm] @ dequantize(q2)`` up to the order of summation. ``perm`` is the stable sort of
   ``g_idx`` (rows of one group keep their order). Needs concrete arrays and every group holding
-  exactly ``group_size`` rows (what GPTQ's act-order writes); raises ``ValueError`` otherwise. A
+  the rows of the contiguous layout (``group_size`` rows, the last group
+  ``in - (groups - 1) * group_size`` when ``group_size`` does not divide ``in``: what GPTQ's
+  act-order writes, a permutation of ``i // group_size``); raises ``ValueError`` otherwise. A
   weight without ``g_idx`` comes back unchanged with the identity permutation.
   """
   k = q.in_features
@@ -45,14 +47,16 @@ def contiguous_act_order(q: QuantizedWeight) -> tuple[QuantizedWeight, jax.Array
   g = _concrete(q.g_idx, 'g_idx').astype(np.int64)
   groups = q.scales.shape[0]
   glen = q.spec.group_len(k)
-  if groups * glen != k:
+  if groups != q.spec.num_groups(k):
     raise ValueError(f'act-order weight with {groups} groups of {glen} rows for in_features={k}.')
   if g.shape != (k,) or g.min(initial=0) < 0 or g.max(initial=0) >= groups:
     raise ValueError(f'g_idx must hold {k} group numbers in [0, {groups}).')
   counts = np.bincount(g, minlength=groups)
-  if np.any(counts != glen):
+  want = q.spec.group_lengths(k)
+  if np.any(counts != want):
+    last = f', {want[-1]} in the last' if want[-1] != glen else ''
     raise ValueError(f'act-order groups of unequal size (from {counts.min()} to {counts.max()} '
-                     f'rows, want {glen}): no contiguous layout; the kernel gathers scales '
+                     f'rows, want {glen}{last}): no contiguous layout; the kernel gathers scales '
                      'instead.')
   perm = np.argsort(g, kind='stable').astype(np.int32)
   codes = q.ints()[jnp.asarray(perm)]

@@ -16,7 +16,9 @@ Design:
   loaded once and unpacked in registers with shifts and masks (:mod:`kernels.pallas_common`).
 * Contiguous groups: a K step is cut into sub-tiles that never cross a group, so the MMA runs on the
   exact small integers ``q - zero`` (exact in bf16/f16) and the group's scale multiplies the
-  ``[block_m, block_n]`` partial product once, not every weight element.
+  ``[block_m, block_n]`` partial product once, not every weight element. A group size that does
+  not divide K (a shorter last group) needs nothing more: every group starts at a multiple of
+  the sub-tile, and rows past K are masked.
 * Act-order ``g_idx``: the serving layout (:func:`kernels.layouts.for_serving`, once at load)
   sorts the input rows by group, so the weight has contiguous groups and takes the path above;
   the activations are permuted at run time (a :class:`kernels.formats.PermutedInput` leaf: one

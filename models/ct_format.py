@@ -57,6 +57,11 @@ What the format cannot hold is refused (:class:`models.export.ExportError` namin
   do not divide 32 (3 bits: earlier versions put 10 codes in each word, later ones 32 codes in 3
   words) and readers do not check the writer's version, so a 3-bit file would be misread by one
   side or the other. We read 3 bits from files whose ``version`` is 0.18 or later.
+* a group size that does not divide the input width (a shorter last group, which GPTQ writes):
+  compressed-tensors 0.20 sizes such a scale as ``ceil(in / group_size)`` groups but its
+  quantize and dequantize raise ("tensor column shape must be divisble by the given
+  group_size"), so no loader of the library could read the file. Such checkpoints are refused
+  when read too.
 * act-order ``g_idx`` (groups that are not contiguous): ``actorder: "group"`` and its
   ``weight_g_idx``, deprecated in compressed-tensors 0.18, are refused by 0.20 when it parses the
   config. GPTQ with act-order and static groups has contiguous groups and is written.
@@ -169,6 +174,16 @@ def _check_quantized(module: str, q: formats.QuantizedWeight) -> None:
     raise ExportError(f'{module} has zero points up to {int(zeros.max())}, beyond {q.bits} bits')
 
 
+def _check_whole_groups(module: str, in_features: int, group_size: int) -> None:
+  """Raises ExportError where ``group_size`` leaves a shorter last group (see the module
+  docstring)."""
+  if group_size != -1 and in_features % group_size:
+    raise ExportError(f'{module} has {in_features} inputs in groups of {group_size}: '
+                      'compressed-tensors cannot hold a shorter last group (its group '
+                      'quantization needs group_size to divide the input width); use '
+                      '--format=gptq or a group size that divides it')
+
+
 def _check_leaf(module: str, leaf: Any) -> None:
   """Raises ExportError for a block linear the format cannot hold; arrays may be abstract."""
   if not isinstance(leaf, formats.CompressedLinear):
@@ -184,8 +199,11 @@ def _check_leaf(module: str, leaf: Any) -> None:
       if v.group_size != -1 and v.group_size % 2:
         raise ExportError(f'{module} is 2:4 with groups of {v.group_size} kept values: the dense '
                           'groups would not align with the groups of 4 inputs')
+      _check_whole_groups(module, 2 * v.in_features,
+                          -1 if v.group_size == -1 else 2 * v.group_size)
   elif isinstance(w, formats.QuantizedWeight):
     _check_quantized(module, w)
+    _check_whole_groups(module, w.in_features, w.group_size)
   elif len(getattr(w, 'shape', ())) != 2:
     raise ExportError(f'{module} holds a {type(w).__name__}, which compressed-tensors cannot '
                       'hold')
@@ -457,6 +475,10 @@ def _read_packed(module: str, get, in_features: int, args: Mapping[str, Any],
   shape = tuple(int(s) for s in np.asarray(get(f'{module}.weight_shape')).reshape(-1))
   if len(shape) != 2 or shape[1] != in_features:
     raise ValueError(f'{module}.weight_shape is {shape}, the config implies {in_features} inputs')
+  if spec.is_ragged(in_features):
+    raise ValueError(f'{module} has {in_features} inputs in groups of {group_size}: '
+                     'compressed-tensors cannot dequantize a shorter last group, so we do not '
+                     'read one either')
   out_features = shape[0]
   words = np.asarray(get(f'{module}.weight_packed'))
   if words.shape[0] != out_features:

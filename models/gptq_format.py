@@ -8,7 +8,9 @@ Per quantized linear ``model.layers.{i}.{module}`` (``[out, in]`` in torch terms
   This is exactly our :class:`kernels.formats.QuantizedWeight` ``qweight``, so it is written as is.
 * ``qzeros``: int32 ``[groups, out * bits / 32]``, the zero points packed the same way along the
   output axis.
-* ``scales``: float16 ``[groups, out]``.
+* ``scales``: float16 ``[groups, out]``, ``groups = ceil(in / group_size)``: when
+  ``group_size`` does not divide ``in`` the last group is shorter (GPTQ's reference and
+  AutoGPTQ / GPTQModel write such checkpoints, e.g. g128 on a 576-wide input).
 * ``g_idx``: int32 ``[in]``, the group of each input row (``i // group_size`` without act-order).
 * ``bias``: float16 ``[out]`` where the linear has one.
 
@@ -173,4 +175,8 @@ def read_linear(module: str, get: Callable[[str], np.ndarray], in_features: int,
       in_features=in_features, symmetric=sym)
   if q.scales.shape != q.zeros.shape:
     raise ValueError(f'{module}: scales {q.scales.shape} and zeros {q.zeros.shape} differ')
+  if g_idx is None and q.scales.shape[0] != spec.num_groups(in_features):
+    raise ValueError(f'{module}.scales has {q.scales.shape[0]} rows: {in_features} inputs in '
+                     f'groups of {group_size} need ceil({in_features} / {group_size}) = '
+                     f'{spec.num_groups(in_features)}')
   return formats.CompressedLinear(weight=q)

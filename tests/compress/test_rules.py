@@ -146,11 +146,11 @@ def test_linear_spec_keyword_only_and_frozen():
 def test_check_shape():
   GPTQ4.check_shape((64, 10))
   GPTQ4.check_shape((96, 7), 'layers/0/mlp/down_proj')
+  GPTQ4.check_shape((48, 10), 'layers/1/mlp/down_proj')  # a shorter last group of 16
+  joint = dataclasses.replace(GPTQ4, prune='sparsegpt', sparsity=PruneSpec.parse('0.5'))
   with pytest.raises(ValueError, match=r'group_size=32 does not divide the input dimension 48 of '
-                     r'layers/1/mlp/down_proj'):
-    GPTQ4.check_shape((48, 10), 'layers/1/mlp/down_proj')
-  with pytest.raises(ValueError, match=r'does not divide the input dimension 48$'):
-    GPTQ4.check_shape((48, 10))
+                     r'layers/1/mlp/down_proj, which SparseGPT'):
+    joint.check_shape((48, 10), 'layers/1/mlp/down_proj')
   RTN3.check_shape((47, 10))  # one group per output unit: any input dimension
   # The output dimension is never constrained.
   GPTQ4.check_shape((64, 33))

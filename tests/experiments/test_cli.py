@@ -57,7 +57,7 @@ def test_compress_run_with_recovery_and_save(tmp_path):
     (dict(prune='obs'), 'not a pruning method'),
     (dict(quant='gptq', bits=5), 'bits=5'),
     (dict(prune='wanda', sparsity='1.5'), '1.5'),
-    (dict(quant='gptq', bits=4, group_size=48), 'group_size=48 does not divide'),
+    (dict(prune='sparsegpt', quant='gptq', bits=4, group_size=48), 'group_size=48 does not divide'),
     (dict(quant='rtn', recover='lora'), 'not a recovery method'),
     (dict(prune='wanda', reconstruct='rows'), 'reconstruction window'),
     (dict(prune='wanda', reconstruct='block', recon_inputs='teacher'), 'recon_inputs'),

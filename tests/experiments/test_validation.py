@@ -125,10 +125,10 @@ CASES = [
     ('auto_candidates_bad_bits', TINY + ['--quant=rtn', '--auto_bits=3', '--auto_candidates=2,5'],
      ['--auto_candidates=2,5: 5 is not a supported bit width']),
     # Checked only after loading and tokenizing.
-    ('group_size_not_dividing', TINY + ['--quant=gptq', '--group_size=48'],
+    ('group_size_not_dividing', TINY + ['--prune=sparsegpt', '--quant=gptq', '--group_size=48'],
      ['--group_size=48 does not divide the input width 64 of layers/*/self_attn/q_proj',
       '--group_size=48 does not divide the input width 128 of layers/*/mlp/down_proj',
-      '--group_size=64 divides every width']),
+      'which --prune=sparsegpt with quantization needs; --group_size=64 divides every width']),
     ('rules_errors', TINY + ['--quant=rtn', '--rules=(=4,no_equals,.*q_proj.*=5,.*=abc,nothing=3'],
      ["--rules=(=4: invalid rule pattern '('", '--rules=no_equals: rule',
       '--rules=.*q_proj.*=5: bits=5',
@@ -190,9 +190,10 @@ def test_reported_before_any_work(argv, expected, paths, import_floor_s):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('argv,expected', [
-    (['--quant=gptq', '--group_size=128'],
+    (['--prune=sparsegpt', '--quant=gptq', '--group_size=128'],
      ['--group_size=128 does not divide the input width 576 of layers/*/self_attn/q_proj',
-      '(hidden size); --group_size=64 divides every width (576, 1536)']),
+      '(hidden size), which --prune=sparsegpt with quantization needs; --group_size=64 divides '
+      'every width (576, 1536)']),
     (['--quant=rtn', '--eval_seqlen=9000'],
      ['--eval_seqlen=9000 exceeds the 8192 positions of smollm2-135m']),
     (['--quant=rtn', '--recover=eora', '--rank=256'],
@@ -204,10 +205,10 @@ def test_reported_before_any_work_smollm2(argv, expected, paths, import_floor_s)
 
 
 def test_every_problem_is_reported_together(paths, import_floor_s):
-  argv = TINY + ['--quant=gptq', '--group_size=48', '--batch_size=0', '--seed=-1',
+  argv = TINY + ['--quant=gptq', '--batch_size=0', '--seed=-1',
                  '--calib_data={binary}', '--probes={missing}', '--recover=srr', '--rank=40',
                  '--srr_k=-5', '--eval_seqlen=1024', '--sparsity=2:4', '--save={a_file}/m']
-  expected = ['--group_size=48', '--batch_size=0', '--seed=-1', '--calib_data=', '--probes=',
+  expected = ['--batch_size=0', '--seed=-1', '--calib_data=', '--probes=',
               '--rank=40', '--srr_k=-5', '--eval_seqlen=1024', '--sparsity=2:4', '--save=']
   _assert_reported(argv, expected, paths, import_floor_s)
   _, problems = _check_flags([a.format(**paths) for a in argv] + [f'--out_dir={paths["out"]}'])

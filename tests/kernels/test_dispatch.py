@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import api, formats, lowbit_pallas
+from kernels import api, formats, layouts, lowbit_pallas
 from tests.kernels import kernel_data as kd
 
 BF16 = jnp.bfloat16
@@ -163,3 +163,24 @@ def test_compressed_model_traces_through_the_kernels():
   # prefill + one traced decode step, each: 6 low-bit linears, 1 sparse one, the dense LM head.
   per_pass = ['pallas_lowbit'] * 6 + ['pallas_sparse24'] + ['xla']
   assert sorted(log) == sorted(per_pass * 2)
+
+
+def test_ragged_groups_run_through_every_implementation():
+  """A group size that does not divide K (g64 on 160 inputs: groups of 64, 64 and 32): the
+  reference, the low-bit kernel (plain and act-order re-laid out) and the 2:4 kernel (its values'
+  groups halved) all equal the dequantized dense product."""
+  rng = np.random.default_rng(7)
+  x = kd.activations(rng, (3, 160), BF16)
+  w, dense = kd.quantized(rng, 160, 48, 4, 64)
+  wa, dense_a = kd.quantized(rng, 160, 48, 3, 64, act_order=True)
+  s, sdense = kd.sparse24(rng, 160, 48, bits=4, group_size=64)
+  assert w.scales.shape[0] == wa.scales.shape[0] == s.values.scales.shape[0] == 3
+  cases = [(w, dense, 'pallas_lowbit'), (layouts.act_order_leaf(wa), dense_a, 'pallas_lowbit'),
+           (s, sdense, 'pallas_sparse24')]
+  for leaf, want, impl in cases:
+    ref = kd.reference(x, want)
+    assert kd.rel_err(kernels.linear(x, leaf, implementation='xla'), ref) < 1e-2
+    with api.interpret_mode():
+      y = kernels.linear(x, leaf, implementation=_ALL)
+      assert kernels.last_implementation() == impl
+    assert kd.rel_err(y, ref) < kd.REL_TOL[jnp.dtype(BF16)]

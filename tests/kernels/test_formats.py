@@ -62,8 +62,18 @@ def test_quant_spec_validation():
   assert spec.num_groups(96) == 3 and spec.group_len(96) == 32
   assert QuantSpec(group_size=-1).num_groups(96) == 1
   assert QuantSpec(group_size=-1).group_len(96) == 96
-  with pytest.raises(ValueError, match='does not divide the input dimension 40'):
-    spec.num_groups(40)
+  # A group size that does not divide `in` leaves a shorter last group: ceil(in / g) groups.
+  assert spec.num_groups(40) == 2 and spec.group_len(40) == 32 and spec.last_group_len(40) == 8
+  assert spec.is_ragged(40) and not spec.is_ragged(96)
+  np.testing.assert_array_equal(QuantSpec(group_size=32).group_lengths(80), [32, 32, 16])
+  assert QuantSpec(group_size=128).num_groups(576) == 5
+  assert QuantSpec(group_size=128).last_group_len(576) == 64
+  assert QuantSpec(group_size=64).num_groups(40) == 1  # wider than `in`: one group of 40
+  assert QuantSpec(group_size=64).last_group_len(40) == 40
+  assert not QuantSpec(group_size=-1).is_ragged(40)
+  with pytest.raises(ValueError, match=r'^group_size must be positive or -1 \(per output unit\), '
+                     r'got 0\.$'):
+    QuantSpec(group_size=0)
   assert hash(spec) == hash(QuantSpec(bits=3, group_size=32))  # usable as a static argument
 
 
@@ -71,7 +81,9 @@ def test_quant_spec_validation():
 
 
 @pytest.mark.parametrize('n_in,bits,group_size', [(64, 4, 16), (40, 3, 8), (48, 2, -1),
-                                                  (32, 8, 32)])
+                                                  (32, 8, 32),
+                                                  # ragged: the last group is shorter
+                                                  (80, 4, 32), (40, 3, 16), (100, 2, 64)])
 def test_quantized_dequantize_matches_hand_computation(n_in, bits, group_size):
   qw, q, scales, zeros = _quantized(n_in, 6, bits, group_size, seed=n_in + bits)
   # Packed storage: ceil(in / 32) * bits rows of int32, zeros as uint8.
@@ -83,6 +95,7 @@ def test_quantized_dequantize_matches_hand_computation(n_in, bits, group_size):
   np.testing.assert_array_equal(np.asarray(qw.ints()), q)
   glen = n_in if group_size == -1 else group_size
   g = np.arange(n_in) // glen
+  assert qw.scales.shape == qw.zeros.shape == (-(-n_in // glen), 6)
   np.testing.assert_array_equal(np.asarray(qw.group_index()), g)
   expect = _hand_dequant(q, scales, zeros, g)
   np.testing.assert_allclose(np.asarray(formats.dequantize(qw)), expect, rtol=1e-6, atol=1e-7)
@@ -90,6 +103,21 @@ def test_quantized_dequantize_matches_hand_computation(n_in, bits, group_size):
   # The padding rows past in_features are zero codes.
   full = np.asarray(packing.unpack(qw.qweight, bits))
   np.testing.assert_array_equal(full[n_in:], 0)
+
+
+def test_ragged_groups_pack_and_unpack_exactly():
+  """g32 on 80 inputs: codes, scales and zeros survive packing bit for bit, and every row of the
+  last (16-row) group dequantizes with that group's own scale and zero."""
+  qw, q, scales, zeros = _quantized(80, 7, bits=3, group_size=32, seed=9)
+  assert qw.scales.shape == (3, 7)
+  again = QuantizedWeight.from_ints(qw.ints(), qw.scales, qw.zeros, qw.spec)
+  for field in ('qweight', 'scales', 'zeros'):
+    np.testing.assert_array_equal(np.asarray(getattr(again, field)), np.asarray(getattr(qw, field)))
+  dense = np.asarray(formats.dequantize(qw))
+  np.testing.assert_allclose(dense[64:], (q[64:] - zeros[2].astype(np.float64)) * scales[2],
+                             rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(dense[:64], _hand_dequant(q[:64], scales, zeros,
+                                                       np.arange(64) // 32), rtol=1e-6, atol=1e-7)
 
 
 def test_quantized_act_order_g_idx():

@@ -24,7 +24,7 @@ BF16 = jnp.bfloat16
 def _act_order(k=128, n=48, bits=4, group=32, seed=0, pow2_scales=False):
   rng = np.random.default_rng(seed)
   spec = QuantSpec(bits=bits, group_size=group)
-  groups = k // group
+  groups = spec.num_groups(k)  # the last group is shorter when `group` does not divide k
   codes = rng.integers(0, 2 ** bits, (k, n))
   zeros = rng.integers(0, 2 ** bits, (groups, n))
   if pow2_scales:
@@ -110,6 +110,35 @@ def test_compressed_linear_with_mask_and_adapter():
   y = lowbit_pallas.linear(xb, fused, interpret=True)
   ref = kd.reference(xb, np.asarray(formats.to_dense(q), np.float64), ab)
   assert kd.rel_err(y, ref) < kd.REL_TOL[jnp.dtype(BF16)]
+
+
+def test_ragged_groups_relay_out_and_run_through_the_kernel():
+  """g32 on 80 inputs (groups of 32, 32 and 16 rows): the act-order weight re-lays out with the
+  shorter group last, dequantizes to the permuted rows exactly, restores exactly, and the Pallas
+  kernel (interpret mode) runs the serving leaf like the gathered-scale path and the reference."""
+  rng = np.random.default_rng(6)
+  w, dense = kd.quantized(rng, 80, 48, 4, 32, act_order=True)
+  np.testing.assert_array_equal(np.bincount(np.asarray(w.g_idx)), [32, 32, 16])
+  q2, perm = layouts.contiguous_act_order(w)
+  assert q2.g_idx is None and q2.scales.shape == (3, 48)
+  np.testing.assert_array_equal(np.asarray(q2.group_index())[64:], 2)
+  np.testing.assert_array_equal(np.asarray(formats.dequantize(q2)),
+                                np.asarray(formats.dequantize(w))[np.asarray(perm)])
+  leaf = layouts.act_order_leaf(w)
+  assert isinstance(leaf, PermutedInput)
+  _assert_same_leaf(layouts.restore_act_order(leaf), w)
+  x = kd.activations(rng, (3, 80), BF16)
+  ref = kd.reference(x, dense)
+  for y in (lowbit_pallas.linear(x, leaf, interpret=True),
+            lowbit_pallas.linear(x, w, interpret=True),
+            reference.linear(x.astype(jnp.float32), leaf)):
+    assert kd.rel_err(y, ref) < kd.REL_TOL[jnp.dtype(BF16)]
+  # A g_idx whose last group has full length is not the contiguous layout of a ragged weight.
+  g = np.asarray(w.g_idx).copy()
+  g[np.flatnonzero(g == 0)[0]] = 2  # groups of 31, 32 and 17 rows
+  bad = QuantizedWeight.from_ints(w.ints(), w.scales, w.zeros, w.spec, g_idx=jnp.asarray(g))
+  with pytest.raises(ValueError, match='unequal size.*16 in the last'):
+    layouts.contiguous_act_order(bad)
 
 
 def test_restore_gives_back_the_stored_leaf():

@@ -34,6 +34,13 @@ _CASES = (
     ('w4_g128_adapter_m17', 4, 128, False, False, 17, 256, 80, BF16, 16, None),
     ('w2_g64_splitk_dot_m9', 2, 64, True, False, 9, 256, 64, BF16, 0,
      BlockSizes(block_m=16, block_n=32, block_k=64, split_k=4)),
+    # Group sizes that do not divide K: a shorter last group with its own scale and zero.
+    ('w4_g32_ragged_in80_m3', 4, 32, False, False, 3, 80, 64, BF16, 0, None),  # 32, 32, 16
+    ('w4_g128_ragged_in576_m1_gemv', 4, 128, False, False, 1, 576, 64, BF16, 0, None),
+    ('w3_g64_ragged_in160_m17_f16', 3, 64, True, False, 17, 160, 48, F16, 0, None),
+    ('w2_g64_ragged_splitk_adapter_m5', 2, 64, False, False, 5, 224, 64, BF16, 8,
+     BlockSizes(block_m=16, block_n=32, block_k=64, split_k=2)),
+    ('w4_g32_ragged_actorder_m3', 4, 32, False, True, 3, 80, 64, BF16, 0, None),
 )
 
 

@@ -29,6 +29,8 @@ _CASES = (
      BlockSizes(block_m=16, block_n=32, block_k=64, split_k=2)),
     ('int3_g128_m2', 3, 128, False, None, 2, 256, 64, BF16, 0, None),
     ('int2_g64_m17', 2, 64, True, None, 17, 256, 40, BF16, 0, None),
+    # 160 inputs in groups of 64: the last dense group (32 rows, 16 kept values) is shorter.
+    ('int4_g64_ragged_in160_m3', 4, 64, False, None, 3, 160, 48, BF16, 0, None),
 )
 
 

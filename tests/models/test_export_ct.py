@@ -18,6 +18,7 @@ from safetensors import numpy as safetensors_numpy
 
 from compress import calibration
 from compress import matrix
+from compress import quantize
 from compress import rules as rules_lib
 from compress.prune import PruneSpec
 from kernels import QuantSpec
@@ -315,6 +316,32 @@ def test_unwritable_models_are_refused_before_writing(base, tmp_path):
     assert not out.exists() and not (tmp_path / 'out.tmp').exists()
 
 
+def test_a_shorter_last_group_is_refused_as_the_library_refuses_it(base, tmp_path):
+  """A group size that does not divide the input width: compressed-tensors sizes its scales as
+  ceil(in / group_size) groups but cannot quantize or dequantize such a weight, so no loader of
+  the format could read it; the export refuses it in one line, from the static fields alone."""
+  cfg, params, _, _ = base
+  rtn4 = _cached(base, 'rtn_w4_sym_g32')
+  path = 'layers/1/mlp/down_proj/kernel'
+  w = jnp.asarray(tree.linear_leaves(params)[path], jnp.float32)  # 128 inputs
+  ragged = formats.CompressedLinear(weight=quantize.rtn(w, QuantSpec(bits=4, group_size=48)))
+  assert ragged.weight.scales.shape[0] == 3  # 48 + 48 + 32
+  match = (r'^model\.layers\.1\.mlp\.down_proj has 128 inputs in groups of 48: '
+           r'compressed-tensors cannot hold a shorter last group [^\n]*$')
+  out = tmp_path / 'out'
+  with pytest.raises(export.ExportError, match=match):
+    export.save(out, 'compressed-tensors', _replace(rtn4, path, ragged), cfg)
+  assert not out.exists()
+  with pytest.raises(export.ExportError, match=match):
+    ct_format.check_linears({'model.layers.1.mlp.down_proj': jax.eval_shape(lambda: ragged)})
+  # What the library does with such a weight.
+  args = ct.quantization.QuantizationArgs(num_bits=4, group_size=48, symmetric=False,
+                                          strategy='group')
+  with pytest.raises(ValueError, match='divisble by the given group_size'):
+    ct.quantization.lifecycle.forward.dequantize(
+        torch.zeros(8, 128), torch.ones(8, 3), torch.zeros(8, 3, dtype=torch.int8), args)
+
+
 def _export_with_config(base, tmp_path, edit):
   cfg, _, _, _ = base
   params = _cached(base, 'rtn_w4_sym_g32')
@@ -353,6 +380,9 @@ BAD_CONFIGS = {
     'sparsity_format': (lambda q: _set(q, sparsity_config={'format': 'marlin-24'}),
                         "sparsity format 'marlin-24'"),
     'not_ct': (lambda q: _set(q, quant_method='awq'), "quantization method 'awq'"),
+    # 64 inputs in groups of 48: a shorter last group, which the library cannot dequantize.
+    'ragged_groups': (lambda q: _set(_group(q)['weights'], group_size=48),
+                      'groups of 48: compressed-tensors cannot dequantize a shorter last group'),
 }
 
 

@@ -1,6 +1,8 @@
 """The 'gptq' export, proven by loading it with transformers' GPTQ integration (GPTQModel's CPU
 kernel, in a separate process) and matching our logits; the import of weights GPTQModel's own
-packer wrote; and what the format cannot hold, refused before anything is written.
+packer wrote; and what the format cannot hold, refused before anything is written. Group sizes
+that do not divide an input width (a shorter last group) export, load back bit for bit, load in
+transformers and pack in GPTQModel as ours do.
 
 Tolerance: the loaders dequantize in float16 (``(code - zero) * scale`` rounded to float16), so
 their weights equal ours to float16 rounding (relative 2^-11 of each weight) and the tiny model's
@@ -17,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compress import gptq as gptq_lib
 from compress import matrix
 from compress import pipeline
+from compress import quantize
 from compress import rules as rules_lib
 from compress.prune import PruneSpec
 from experiments import config as config_lib_exp
@@ -28,6 +32,7 @@ from models import export
 from models import gptq_format
 from models import llama
 from models import loading
+from models import tree
 from recover import compensate
 
 torch = pytest.importorskip('torch')
@@ -276,3 +281,85 @@ def test_unreadable_gptq_configs_are_refused():
     gptq_format.check_config({'quant_method': 'gptq', 'bits': 5})
   with pytest.raises(ValueError, match="quantization method 'bitsandbytes' is not supported"):
     loading.quantized_format('bitsandbytes')
+
+
+# --------------------------------------------------------------------------- ragged groups
+
+RAGGED = QuantSpec(bits=4, group_size=64)
+
+
+def _ragged_model():
+  """A one-block model with widths 96 and 160 quantized in groups of 64: every linear has a
+  shorter last group (96 = 64 + 32, 160 = 64 + 64 + 32). q_proj is GPTQ with act-order (a
+  g_idx that permutes the ragged groups), the rest RTN."""
+  cfg = config_lib.tiny_config(num_layers=1, hidden_size=96, intermediate_size=160, num_heads=6,
+                               num_kv_heads=2, head_dim=16)
+  params = llama.init_params(cfg, jax.random.key(0), scale=0.1)
+  block = params['layers'][0]
+  for lin in llama.block_linear_names(block):
+    w = jnp.asarray(tree.get_linear(block, lin), jnp.float32)
+    if lin == 'self_attn/q_proj':
+      x = np.random.default_rng(0).standard_normal((64, w.shape[0])).astype(np.float32)
+      x[:, ::5] *= 3.0  # act-order moves rows across the groups
+      q, _ = gptq_lib.gptq(w, x.T @ x, RAGGED, act_order=True)
+      assert q.g_idx is not None
+    else:
+      q = quantize.rtn(w, RAGGED)
+    assert q.scales.shape[0] == -(-w.shape[0] // 64) and RAGGED.is_ragged(w.shape[0])
+    block = tree.set_linear(block, lin, formats.CompressedLinear(weight=q))
+  params = dict(params, layers=[block])
+  return cfg, params
+
+
+@pytest.fixture(scope='module')
+def ragged(tmp_path_factory):
+  """The ragged model exported, and (when the loaders run in time) loaded by transformers +
+  GPTQModel and repacked by GPTQModel's packer, in one subprocess."""
+  tmp = tmp_path_factory.mktemp('gptq_ragged')
+  cfg, model = _ragged_model()
+  path = export.save(tmp / 'ragged', 'gptq', model, cfg)
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size))
+  np.save(tmp / 'tokens.npy', tokens)
+  jobs = [{'base': str(path), 'adapter': None, 'tokens': str(tmp / 'tokens.npy'),
+           'out': str(tmp / 'ragged.npy'), 'weight': 'model.layers.0.self_attn.q_proj'},
+          {'pack': str(_weights_to_pack(model, tmp)), 'out': str(tmp / 'packed_by_gptqmodel.npz')}]
+  (tmp / 'jobs.json').write_text(json.dumps(jobs))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'experiments.third_party', str(tmp / 'jobs.json')],
+      capture_output=True, text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return cfg, model, tokens, tmp, path
+
+
+def test_ragged_groups_round_trip_bit_identically(ragged, tmp_path):
+  cfg, model, _, _, path = ragged
+  qcfg = json.loads((path / 'config.json').read_text())['quantization_config']
+  assert (qcfg['bits'], qcfg['group_size'], qcfg['desc_act']) == (4, 64, True)
+  _, back = loading.load_hf_dir(path)
+  for module, leaf in export.block_linears(model).items():
+    q, r = leaf.weight, export.block_linears(back)[module].weight
+    assert r.scales.shape == q.scales.shape == (-(-q.in_features // 64), q.shape[1])
+    for field in ('qweight', 'zeros'):
+      np.testing.assert_array_equal(np.asarray(getattr(r, field)), np.asarray(getattr(q, field)))
+    np.testing.assert_array_equal(np.asarray(r.scales), np.asarray(q.scales, np.float16))
+    np.testing.assert_array_equal(np.asarray(r.group_index()), np.asarray(q.group_index()))
+    assert (r.g_idx is None) == (q.g_idx is None)
+  again = export.save(tmp_path / 'again', 'gptq', back, cfg)
+  assert (again / 'model.safetensors').read_bytes() == (path / 'model.safetensors').read_bytes()
+
+
+def test_transformers_reads_ragged_groups(ragged):
+  cfg, model, tokens, tmp, _ = ragged
+  want = np.asarray(llama.forward(model, jnp.asarray(tokens), cfg))
+  np.testing.assert_allclose(np.load(tmp / 'ragged.npy'), want, atol=1e-2, rtol=0)
+  leaf = model['layers'][0]['self_attn']['q_proj']['kernel'].weight
+  ours = np.asarray(formats.dequantize(dataclasses.replace(
+      leaf, scales=jnp.asarray(leaf.scales, jnp.float16).astype(jnp.float32))))
+  np.testing.assert_allclose(np.load(tmp / 'ragged.npy.w.npy'), ours, rtol=2 ** -10, atol=1e-6)
+
+
+def test_gptqmodel_packs_ragged_groups_as_we_do(ragged):
+  _, model, _, tmp, _ = ragged
+  theirs = np.load(tmp / 'packed_by_gptqmodel.npz')
+  for module, leaf in export.block_linears(model).items():
+    np.testing.assert_array_equal(theirs[f'{module}.qweight'], np.asarray(leaf.weight.qweight))
