@@ -56,9 +56,9 @@ def auto_bits_rules(params: dict, cfg: ModelConfig, calib_tokens: np.ndarray, sp
   for i in range(cfg.num_layers):
     block = params['layers'][i]
     stats = all_stats[i]
-    for lin in llama.LINEAR_NAMES:
+    for lin in llama.block_linear_names(block):
       w = jnp.asarray(tree.get_linear(block, lin), jnp.float32)
-      h = stats[llama.LINEAR_INPUTS[lin]].hessian
+      h = stats[llama.input_key(lin)].hessian
       path = f'layers/{i}/{lin}/kernel'
       if any(re.fullmatch(r.pattern, path) for r in keep):
         continue

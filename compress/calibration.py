@@ -71,8 +71,9 @@ def init_stats(in_features: int) -> LinearStats:
       act_abs_sum=jnp.zeros((in_features,), jnp.float32))
 
 
-def update_stats(stats: LinearStats, x: jax.Array) -> LinearStats:
-  """Adds the tokens ``x [..., in]`` (any float dtype) to ``stats``.
+def update_stats(stats: LinearStats, x: jax.Array, mask: jax.Array | None = None) -> LinearStats:
+  """Adds the tokens ``x [..., in]`` (any float dtype) to ``stats``; with ``mask [...]`` (bool)
+  only the tokens where it is True (e.g. those a router sent to one expert).
 
   ``x`` is cast to float32 before the product, which runs at ``Precision.HIGHEST`` so that a bf16
   model still accumulates a float32 Hessian.
@@ -83,10 +84,15 @@ def update_stats(stats: LinearStats, x: jax.Array) -> LinearStats:
         f'update_stats: inputs of shape {x.shape} do not match the statistics of a layer with '
         f'{stats.in_features} input features.')
   x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [n, in]
+  n = jnp.asarray(x.shape[0], jnp.int32)
+  if mask is not None:
+    keep = jnp.asarray(mask).reshape(-1)
+    x = jnp.where(keep[:, None], x, 0.0)
+    n = jnp.sum(keep, dtype=jnp.int32)
   xtx = jnp.matmul(x.T, x, precision=_HIGHEST)  # [in, in]
   return LinearStats(
       hessian=stats.hessian + xtx,
-      num_tokens=stats.num_tokens + jnp.asarray(x.shape[0], jnp.int32),
+      num_tokens=stats.num_tokens + n,
       act_abs_sum=stats.act_abs_sum + jnp.sum(jnp.abs(x), axis=0))
 
 
@@ -161,11 +167,17 @@ def output_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> jax.Arra
 
 
 @functools.lru_cache(maxsize=None)
-def _stats_fn(cfg: ModelConfig, keys: tuple[str, ...], dtype_name: str):
-  """Jitted ``(block, x, stats) -> stats`` accumulating the statistics of the named inputs."""
+def _stats_fn(cfg: ModelConfig, keys: tuple[str, ...], dtype_name: str, routed: bool):
+  """Jitted ``(block, x, stats) -> stats`` accumulating the statistics of the named inputs; an
+  expert's inputs count only the tokens routed to it when ``routed``, else every token."""
   def fn(block, x, stats):
     _, inputs = llama.block_apply(block, x, cfg, return_inputs=True)
-    return {k: update_stats(stats[k], inputs[k]) for k in keys}
+    out = {}
+    for k in keys:
+      e = llama.expert_of(k)
+      mask = inputs['routed'][..., e] if routed and e is not None else None
+      out[k] = update_stats(stats[k], inputs[k], mask)
+    return out
   return jax.jit(fn, donate_argnums=(2,))
 
 
@@ -175,17 +187,22 @@ def _out_fn(cfg: ModelConfig, dtype_name: str):
 
 
 def input_width(cfg: ModelConfig, key: str) -> int:
-  """Features of the linear input ``key`` (see :data:`models.llama.LINEAR_INPUTS`)."""
+  """Features of the linear input ``key`` (see :func:`models.llama.input_key`)."""
   shapes = llama.linear_shapes(cfg)
-  return next(shapes[lin][0] for lin, k in llama.LINEAR_INPUTS.items() if k == key)
+  return next(shapes[lin][0] for lin in shapes if llama.input_key(lin) == key)
 
 
 def collect_stats(block: Params, xs: np.ndarray | jax.Array, cfg: ModelConfig,
-                  keys: Sequence[str], batch_size: int) -> dict[str, LinearStats]:
-  """Statistics of the inputs ``keys`` (see ``llama.LINEAR_INPUTS``) of ``block`` on ``xs [N,T,D]``."""
+                  keys: Sequence[str], batch_size: int, *, routed: bool = True
+                  ) -> dict[str, LinearStats]:
+  """Statistics of the inputs ``keys`` (see ``llama.input_key``) of ``block`` on ``xs [N,T,D]``.
+
+  ``routed``: a mixture's expert inputs count only the tokens the router sends to that expert
+  (False: every token of the block, for experts the calibration set starves).
+  """
   keys = tuple(sorted(set(keys)))
   stats = {k: init_stats(input_width(cfg, k)) for k in keys}
-  fn = _stats_fn(cfg, keys, jnp.dtype(xs.dtype).name)
+  fn = _stats_fn(cfg, keys, jnp.dtype(xs.dtype).name, routed)
   for i in range(0, xs.shape[0], batch_size):
     stats = fn(block, sharding.batch(xs[i:i + batch_size]), stats)
   return stats
@@ -210,7 +227,7 @@ def dense_statistics(params: Params, cfg: ModelConfig, tokens: np.ndarray, *, ba
   ``precomputed_stats`` so that several compressions calibrated on dense inputs share it.
   ``blocks`` limits which blocks get statistics (the others hold None).
   """
-  keys = sorted(set(llama.LINEAR_INPUTS.values()))
+  keys = sorted(set(llama.linear_inputs(cfg).values()))
   wanted = set(range(cfg.num_layers)) if blocks is None else set(blocks)
   x = llama.embed(params, jnp.asarray(tokens), cfg, dtype)
   out: list[dict[str, LinearStats] | None] = [None] * cfg.num_layers

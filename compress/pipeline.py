@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import time
 from typing import Any, Sequence
 
@@ -51,15 +52,53 @@ from models.config import ModelConfig
 Params = dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class MoeCalibration:
+  """How the experts of a mixture of experts are calibrated.
+
+  Attributes:
+    routed: each expert's statistics come from the tokens the router sends to it (the model's own
+      computation); False calibrates every expert on every token of the block.
+    min_tokens: an expert that receives fewer calibration tokens than this is *starved*: it is
+      reported, and handled by ``starved``.
+    starved: ``'all_tokens'``: calibrate it on every token of the block (the fix reference tools
+      added after users asked); ``'rtn'``: compress it without data (round-to-nearest on the same
+      grid, magnitude pruning at the same sparsity).
+  """
+  routed: bool = True
+  min_tokens: int = 16
+  starved: str = 'all_tokens'
+
+  def __post_init__(self):
+    if self.starved not in STARVED:
+      raise ValueError(f'--moe_starved={self.starved!r}: choose from {STARVED}')
+    if self.min_tokens < 0:
+      raise ValueError(f'--moe_min_tokens must be >= 0, got {self.min_tokens}')
+
+
+STARVED = ('all_tokens', 'rtn')
+
+
+def data_free(spec: LinearSpec) -> LinearSpec:
+  """The data-free version of ``spec``: RTN on its grid, magnitude pruning at its sparsity."""
+  return dataclasses.replace(
+      spec, quant='rtn' if spec.quant != 'none' else 'none', act_order=False, static_groups=False,
+      awq_clip=False, prune='magnitude' if spec.prune != 'none' else 'none')
+
+
 def validate_rules(params: Params, rules: Sequence[Rule]) -> list[dict[str, LinearSpec]]:
   """Checks every rule against the layer it selects (before any work); returns the specs per block."""
   specs_per_block = []
   for i, block in enumerate(params['layers']):
     specs = {}
-    for lin in llama.LINEAR_NAMES:
+    for lin in llama.block_linear_names(block):
       spec = match(rules, f'layers/{i}/{lin}/kernel')
       if spec is not None and not spec.is_noop:
         spec.check_shape(tuple(tree.get_linear(block, lin).shape), f'layers/{i}/{lin}')
+        if spec.quant == 'awq' and 'experts' in block['mlp'] and lin.startswith('mlp/'):
+          raise ValueError(f'layers/{i}/{lin}: AWQ on a mixture of experts is not supported (its '
+                           'scales fold into the norm every expert and the router read); use GPTQ '
+                           'or RTN for the MLP')
         specs[lin] = spec
     specs_per_block.append(specs)
   head_spec = match(rules, 'lm_head/kernel')
@@ -89,7 +128,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                    precomputed_aux_stats: Sequence[dict[str, calibration.LinearStats]] | None = None,
                    progress: bool = True, stop_after: int | None = None,
                    checkpoint_every_s: float = 60.0,
-                   given: Params | None = None) -> tuple[Params, list[LayerReport]]:
+                   given: Params | None = None,
+                   moe: MoeCalibration = MoeCalibration()) -> tuple[Params, list[LayerReport]]:
   """Compresses every linear that a rule selects, block by block.
 
   Args:
@@ -122,6 +162,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       ``CompressedLinear``, e.g. an imported GPTQ or compressed-tensors checkpoint): those linears
       take the given leaf instead of being compressed, and ``rules`` must select nothing;
       statistics, reports and ``recovery`` run on them as on our own.
+    moe: how a mixture's experts are calibrated (:class:`MoeCalibration`); every expert's report
+      carries the tokens the router sent it.
 
   Returns:
     ``(compressed params, per-layer report)``.
@@ -141,7 +183,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                  propagate_adapters=propagate_adapters,
                  compensate=None if recovery is None else recovery.fingerprint,
                  aux=None if aux_tokens is None else hashlib.sha256(np.asarray(aux_tokens).tobytes()).hexdigest(),
-                 given=None if given is None else checkpoint.tree_digest(given))
+                 given=None if given is None else checkpoint.tree_digest(given),
+                 moe=dataclasses.astuple(moe) if cfg.num_experts else None)
   fingerprint = (_run_fingerprint(params, cfg, calib_tokens, rules, options) if checkpoint_dir
                  else '')
 
@@ -161,7 +204,43 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
   def get_stats(i, block, src, keys):
     if pre:
       return {k: precomputed_stats[i][k] for k in keys}
-    return calibration.collect_stats(block, src, cfg.layer(i), keys, batch_size)
+    return calibration.collect_stats(block, src, cfg.layer(i), keys, batch_size, routed=moe.routed)
+
+  def experts(i, block, src, stats, stage_specs):
+    """Finds the starved experts of block ``i`` and applies ``moe.starved`` to them."""
+    notes = {}
+    starved = {}
+    for lin in stage_specs:
+      key = llama.input_key(lin)
+      e = llama.expert_of(key)
+      if e is None:
+        continue
+      n = int(stats[key].num_tokens)
+      if not moe.routed:  # every expert saw every token of the block: none is starved
+        notes[lin] = {'expert': e, 'tokens': n}
+        continue
+      notes[lin] = {'expert': e, 'routed_tokens': n}
+      if n < moe.min_tokens:
+        notes[lin]['starved'] = moe.starved
+        starved.setdefault(key, []).append(lin)
+    if not starved:
+      return stats, stage_specs, notes
+    logging.warning('layers/%d: experts %s received fewer than %d calibration tokens (%s); %s',
+                    i, sorted({llama.expert_of(k) for k in starved}), moe.min_tokens,
+                    ', '.join(f'{k}: {int(stats[k].num_tokens)}' for k in sorted(starved)),
+                    'calibrated on every token' if moe.starved == 'all_tokens' else 'compressed '
+                    'without data (RTN / magnitude)')
+    if moe.starved == 'rtn':
+      stage_specs = {l: data_free(s) if any(l in v for v in starved.values()) else s
+                     for l, s in stage_specs.items()}
+    elif pre:
+      raise ValueError('precomputed statistics cannot re-calibrate starved experts on all tokens: '
+                       'use moe starved=rtn or collect statistics in the run')
+    else:
+      again = calibration.collect_stats(block, src, cfg.layer(i), sorted(starved), batch_size,
+                                        routed=False)
+      stats = dict(stats, **again)
+    return stats, stage_specs, notes
   layers = list(params['layers'])
   reports: list[LayerReport] = []
   sweep = checkpoint.ResumableSweep(checkpoint_dir, fingerprint, cfg.num_layers, desc='compress',
@@ -183,7 +262,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     block = layers[i]
     specs = specs_per_block[i]
     src = x_dense if dense_inputs else x
-    needed = sorted({llama.LINEAR_INPUTS[l] for l in specs})
+    needed = sorted({llama.input_key(l) for l in specs})
     aux_stats = None
     if recovery is not None and precomputed_aux_stats is not None and specs:
       aux_stats = {k: precomputed_aux_stats[i][k] for k in needed}
@@ -199,21 +278,26 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       new_block, rep = awq_lib.awq_block(block, stats, specs, cfg.layer(i), f'layers/{i}', recovery,
                                          aux_stats)
       rest = {l: s for l, s in specs.items() if s.quant != 'awq'}
-      new_block, rep2 = _compress_linears(new_block, block, rest, stats, i, recovery, aux_stats)
+      stats, rest, notes = experts(i, block, src, stats, rest)
+      new_block, rep2 = _compress_linears(new_block, block, rest, stats, i, recovery, aux_stats,
+                                          notes=notes)
       reports += rep + rep2
     else:
-      stages = llama.SEQUENTIAL_STAGES if true_sequential else (llama.LINEAR_NAMES,)
+      stages = (llama.sequential_stages(cfg) if true_sequential
+                else (llama.block_linear_names(block),))
       for stage in stages:
         stage_specs = {l: specs[l] for l in stage if l in specs}
         if not stage_specs:
           continue
-        keys = sorted({llama.LINEAR_INPUTS[l] for l in stage_specs})
+        keys = sorted({llama.input_key(l) for l in stage_specs})
         stats_block = new_block if (true_sequential and not dense_inputs) else block
         stats = get_stats(i, stats_block, src, keys)
+        stats, stage_specs, notes = experts(i, stats_block, src, stats, stage_specs)
         for k, st in stats.items():
           calibration.check_finite(st, f'layers/{i}/{k}')
         new_block, rep = _compress_linears(new_block, block, stage_specs, stats, i, recovery,
-                                           aux_stats, None if given is None else given['layers'][i])
+                                           aux_stats, None if given is None else given['layers'][i],
+                                           notes)
         reports += rep
     layers[i] = new_block
     # A recovery that re-compresses the weights themselves (SRR) must propagate its adapters.
@@ -268,7 +352,7 @@ def _given_specs(params: Params, given: Params) -> list[dict[str, LinearSpec]]:
   out = []
   for i, (block, gblock) in enumerate(zip(params['layers'], given['layers'])):
     specs = {}
-    for lin in llama.LINEAR_NAMES:
+    for lin in llama.block_linear_names(gblock):
       leaf = tree.get_linear(gblock, lin)
       if isinstance(leaf, formats.CompressedLinear):
         if tuple(leaf.shape) != tuple(tree.get_linear(block, lin).shape):
@@ -282,7 +366,7 @@ def _given_specs(params: Params, given: Params) -> list[dict[str, LinearSpec]]:
 
 
 def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_stats,
-                      given_block=None):
+                      given_block=None, notes=None):
   """Compresses (and recovers) the linears ``specs`` of block ``i`` from their dense weights, or
   takes their leaves from ``given_block``."""
   reports = []
@@ -290,7 +374,7 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
     name = f'layers/{i}/{lin}'
     # The output columns are independent given H: they are split over the model axis.
     w = sharding.columns(jnp.asarray(tree.get_linear(dense_block, lin), jnp.float32))
-    st = sharding.replicate(stats[llama.LINEAR_INPUTS[lin]])
+    st = sharding.replicate(stats[llama.input_key(lin)])
     t0 = time.time()
     if given_block is not None:
       leaf, info = tree.strip_adapter(tree.get_linear(given_block, lin)), {'given': True}
@@ -300,10 +384,12 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
     jax.block_until_ready(w_hat)
     secs = time.time() - t0
     method = spec.describe() if given_block is None else f'given ({spec.describe()})'
+    if notes and lin in notes:
+      info = dict(info, **notes[lin])
     rep = LayerReport(name=name, method=method, rel_error=relative_error(w, w_hat, st.hessian),
                       sparsity=sparsity(w_hat), bits=spec.bits, seconds=secs, extra=info)
     if recovery is not None:
-      aux = None if aux_stats is None else aux_stats[llama.LINEAR_INPUTS[lin]]
+      aux = None if aux_stats is None else aux_stats[llama.input_key(lin)]
       leaf = recover_linear(rep, recovery, w, leaf, st, aux, spec, st.hessian)
     new_block = tree.set_linear(new_block, lin, leaf)
     reports.append(rep)

@@ -62,8 +62,8 @@ def block_forward_bytes(cfg: ModelConfig, rows: int, seqlen: int, act_bytes: int
 
 def stats_bytes(cfg: ModelConfig) -> int:
   """Float32 ``H`` and activation sums of every linear input of a block."""
-  widths = {k: next(llama.linear_shapes(cfg)[lin][0] for lin, kk in llama.LINEAR_INPUTS.items()
-                    if kk == k) for k in set(llama.LINEAR_INPUTS.values())}
+  shapes = llama.linear_shapes(cfg)
+  widths = {llama.input_key(lin): shape[0] for lin, shape in shapes.items()}
   return sum((w * w + w) * 4 + 4 for w in widths.values())
 
 

@@ -29,6 +29,9 @@ SUPPORTED_ARCHITECTURES = {
     'Gemma2ForCausalLM': 'gemma2',
     'Gemma3ForCausalLM': 'gemma3_text',
     'Phi3ForCausalLM': 'phi3',
+    'MixtralForCausalLM': 'mixtral',
+    'Qwen2MoeForCausalLM': 'qwen2_moe',
+    'Qwen3MoeForCausalLM': 'qwen3_moe',
 }
 SUPPORTED_GGUF_ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'gemma2', 'gemma3')
 ATTENTION_KINDS = ('full_attention', 'sliding_attention')
@@ -77,6 +80,14 @@ class ModelConfig:
   final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
   fused_qkv: bool = False  # stored as one qkv_proj / gate_up_proj (Phi-3); split in our tree
   fused_gate_up: bool = False
+  # Mixture of experts (0 experts: a dense MLP). Every block routes each token to the top
+  # ``num_experts_per_tok`` experts (softmax over all, then top-k, renormalised if norm_topk_prob);
+  # a shared expert (Qwen2-MoE) runs on every token, scaled by sigmoid(shared_expert_gate).
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  expert_intermediate_size: int = 0
+  shared_expert_size: int = 0
+  norm_topk_prob: bool = True
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -98,6 +109,9 @@ class ModelConfig:
       raise ValueError(f'partial_rotary_factor={self.partial_rotary_factor} is not in (0, 1]')
     if self.rotary_dim % 2:
       raise ValueError(f'the rotary dimension {self.rotary_dim} is odd')
+    if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+      raise ValueError(f'num_experts_per_tok={self.num_experts_per_tok} is not in '
+                       f'[1, num_experts={self.num_experts}]')
 
   @property
   def rotary_dim(self) -> int:
@@ -125,6 +139,9 @@ class ModelConfig:
     block = d * (q + 2 * kv) + q * d + 3 * d * f + (4 if self.post_norms else 2) * d
     block += (q + 2 * kv) * self.qkv_bias + d * self.o_bias + (2 * f + d) * self.mlp_bias
     block += 2 * self.head_dim * self.qk_norm
+    if self.num_experts:  # the experts, the router and the shared expert replace the dense MLP
+      fe, fs = self.expert_intermediate_size, self.shared_expert_size
+      block += -3 * d * f + self.num_experts * (3 * d * fe + d) + (3 * d * fs + d if fs else 0)
     head = 0 if self.tie_word_embeddings else v * d
     return self.num_layers * block + v * d + d + head
 
@@ -201,6 +218,25 @@ def _gemma3_rope(cfg: Mapping[str, Any]) -> tuple[float, float, Mapping[str, Any
           float(cfg.get('rope_local_base_freq') or 1e4), cfg.get('rope_scaling') or params or None)
 
 
+def _moe_fields(kind: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+  """The mixture-of-experts fields of a Mixtral / Qwen2-MoE / Qwen3-MoE config."""
+  if kind == 'mixtral':
+    return dict(num_experts=int(cfg['num_local_experts']),
+                num_experts_per_tok=int(cfg['num_experts_per_tok']),
+                expert_intermediate_size=int(cfg['intermediate_size']), norm_topk_prob=True)
+  if kind not in ('qwen2_moe', 'qwen3_moe'):
+    return {}
+  if cfg.get('mlp_only_layers') or int(cfg.get('decoder_sparse_step', 1)) != 1:
+    raise ValueError('mlp_only_layers / decoder_sparse_step != 1 (dense MLP layers between the '
+                     'sparse ones) are not supported')
+  shared = int(cfg.get('shared_expert_intermediate_size') or 0) if kind == 'qwen2_moe' else 0
+  return dict(num_experts=int(cfg.get('num_experts') or cfg['num_local_experts']),
+              num_experts_per_tok=int(cfg['num_experts_per_tok']),
+              expert_intermediate_size=int(cfg['moe_intermediate_size']),
+              shared_expert_size=shared,
+              norm_topk_prob=bool(cfg.get('norm_topk_prob', False)))
+
+
 def from_hf_dict(cfg: Mapping[str, Any]) -> ModelConfig:
   """Builds a :class:`ModelConfig` from the contents of a Hugging Face ``config.json``.
 
@@ -227,9 +263,9 @@ def from_hf_dict(cfg: Mapping[str, Any]) -> ModelConfig:
   if act not in ACTIVATIONS:
     raise ValueError(f'unsupported activation {act!r}; supported: {sorted(ACTIVATIONS)}')
   sliding, layer_types = None, None
-  if kind in ('mistral', 'phi3'):
+  if kind in ('mistral', 'phi3', 'mixtral'):
     sliding = cfg.get('sliding_window')
-  elif kind in ('qwen2', 'qwen3') and cfg.get('use_sliding_window'):
+  elif kind in ('qwen2', 'qwen3', 'qwen2_moe', 'qwen3_moe') and cfg.get('use_sliding_window'):
     raise ValueError(f'{kind} with use_sliding_window=true is not supported.')
   elif gemma:
     sliding = cfg.get('sliding_window')
@@ -240,9 +276,9 @@ def from_hf_dict(cfg: Mapping[str, Any]) -> ModelConfig:
   if isinstance(eos, list):
     eos = eos[0]
   attention_bias = bool(cfg.get('attention_bias', False))
-  extra = {}
+  extra = _moe_fields(kind, cfg)
   if gemma:
-    extra = dict(norm_plus_one=True, post_norms=True, embed_scale=True,
+    extra.update(norm_plus_one=True, post_norms=True, embed_scale=True,
                  query_pre_attn_scalar=float(cfg.get('query_pre_attn_scalar') or head_dim),
                  attn_softcap=cfg.get('attn_logit_softcapping'),
                  final_softcap=cfg.get('final_logit_softcapping'))
@@ -258,8 +294,8 @@ def from_hf_dict(cfg: Mapping[str, Any]) -> ModelConfig:
       rope_theta=float(rope_theta or 10000.0),
       rms_norm_eps=float(cfg.get('rms_norm_eps', 1e-6)),
       tie_word_embeddings=bool(cfg.get('tie_word_embeddings', gemma)),
-      qkv_bias=True if kind == 'qwen2' else attention_bias,
-      o_bias=False if kind == 'qwen2' else attention_bias,
+      qkv_bias=True if kind in ('qwen2', 'qwen2_moe') else attention_bias,
+      o_bias=False if kind in ('qwen2', 'qwen2_moe') else attention_bias,
       mlp_bias=bool(cfg.get('mlp_bias', False)),
       sliding_window=sliding,
       max_position_embeddings=int(cfg.get('max_position_embeddings', 2048)),
@@ -270,7 +306,7 @@ def from_hf_dict(cfg: Mapping[str, Any]) -> ModelConfig:
       rope_local_theta=rope_local,
       partial_rotary_factor=float(partial or 1.0),
       activation=ACTIVATIONS[act],
-      qk_norm=kind in ('qwen3', 'gemma3_text'),
+      qk_norm=kind in ('qwen3', 'qwen3_moe', 'gemma3_text'),
       fused_qkv=kind == 'phi3',
       fused_gate_up=kind == 'phi3',
       **extra,

@@ -37,7 +37,7 @@ from models import config as config_lib
 from models import llama
 from models.config import ModelConfig
 from models import loading
-from models.loading import HF_LINEARS
+from models import tree
 
 FORMATS = ('hf', 'gptq', 'compressed-tensors', 'peft')
 QUANTIZED_FORMATS = tuple(loading.QUANTIZED_FORMATS)
@@ -66,7 +66,8 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
   }
   if cfg.model_type in ('gemma2', 'gemma3_text', 'phi3'):
     return _family_config(cfg, out)
-  if cfg.model_type == 'qwen2':
+  out.update(_moe_config(cfg))
+  if cfg.model_type in ('qwen2', 'qwen2_moe'):
     if not cfg.qkv_bias or cfg.o_bias:
       raise ExportError('Qwen2 has q/k/v biases and no o_proj bias; this model differs')
   elif cfg.qkv_bias != cfg.o_bias:
@@ -83,6 +84,24 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
                            'high_freq_factor': high, 'original_max_position_embeddings': old}
   elif cfg.rope_linear_factor != 1.0:
     out['rope_scaling'] = {'rope_type': 'linear', 'factor': cfg.rope_linear_factor}
+  return out
+
+
+def _moe_config(cfg: ModelConfig) -> dict[str, Any]:
+  """The mixture-of-experts fields of ``config.json`` (none for a dense model)."""
+  if not cfg.num_experts:
+    return {}
+  if cfg.model_type == 'mixtral':
+    if cfg.expert_intermediate_size != cfg.intermediate_size or not cfg.norm_topk_prob:
+      raise ExportError('Mixtral experts are intermediate_size wide and renormalise the top-k')
+    return {'num_local_experts': cfg.num_experts, 'num_experts_per_tok': cfg.num_experts_per_tok}
+  out = {'num_experts': cfg.num_experts, 'num_experts_per_tok': cfg.num_experts_per_tok,
+         'moe_intermediate_size': cfg.expert_intermediate_size,
+         'norm_topk_prob': cfg.norm_topk_prob, 'decoder_sparse_step': 1, 'mlp_only_layers': []}
+  if cfg.model_type == 'qwen2_moe':
+    out['shared_expert_intermediate_size'] = cfg.shared_expert_size
+  elif cfg.shared_expert_size:
+    raise ExportError(f'{ARCHITECTURES[cfg.model_type]} has no shared expert')
   return out
 
 
@@ -141,15 +160,19 @@ def _dense(leaf, merge_adapters: bool) -> np.ndarray:
   return np.asarray(w, np.float32)
 
 
-def block_linears(params: dict[str, Any]) -> dict[str, Any]:
-  """``{Hugging Face module name: leaf}`` of every block linear, in order."""
-  hf_name = {v: k for k, v in HF_LINEARS.items()}
-  out = {}
-  for i, block in enumerate(params['layers']):
-    for lin in llama.LINEAR_NAMES:
-      sub, name = lin.split('/')
-      out[f'model.layers.{i}.{hf_name[(sub, name)]}'] = block[sub][name]['kernel']
-  return out
+def block_linears(params: dict[str, Any], cfg: ModelConfig | None = None) -> dict[str, Any]:
+  """``{Hugging Face module name: leaf}`` of every block linear, in order (``cfg`` names Mixtral's
+  experts as its checkpoints do)."""
+  model_type = None if cfg is None else cfg.model_type
+  return {f'model.layers.{i}.{loading.hf_module(lin, model_type)}': tree.get_linear(block, lin)
+          for i, block in enumerate(params['layers']) for lin in llama.block_linear_names(block)}
+
+
+def _packed_linears(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+  """The block linears a quantized format writes (a mixture's routers stay dense)."""
+  routers = {loading.hf_module(r, cfg.model_type) for r in llama.ROUTERS}
+  return {m: leaf for m, leaf in block_linears(params, cfg).items()
+          if m.split('.', 3)[3] not in routers}
 
 
 def hf_state_dict(params: dict[str, Any], cfg: ModelConfig, *, merge_adapters: bool = True,
@@ -160,7 +183,6 @@ def hf_state_dict(params: dict[str, Any], cfg: ModelConfig, *, merge_adapters: b
   ``linear_tensors(module, leaf)``, when given, writes each block linear's weight instead (a
   quantized format's tensors); biases, norms, embeddings and the head stay dense.
   """
-  hf_name = {v: k for k, v in HF_LINEARS.items()}
   out = {'model.embed_tokens.weight': np.asarray(params['embed_tokens']['embedding'], np.float32),
          'model.norm.weight': np.asarray(params['norm']['scale'], np.float32)}
   if 'lm_head' in params:
@@ -173,46 +195,44 @@ def hf_state_dict(params: dict[str, Any], cfg: ModelConfig, *, merge_adapters: b
   for i, block in enumerate(params['layers']):
     pre = f'model.layers.{i}.'
     for norm in llama.norm_names(cfg):
-      sub, _, name = norm.rpartition('/')
-      node = block[sub][name] if sub else block[name]
-      out[f'{pre}{norm.replace("/", ".")}.weight'] = np.asarray(node['scale'], np.float32)
+      out[f'{pre}{norm.replace("/", ".")}.weight'] = np.asarray(
+          llama.get_node(block, norm)['scale'], np.float32)
     for module, lins in fused.items():  # Phi-3: one matrix of several of our linears
-      parts = [block[sub][name] for sub, name in (lin.split('/') for lin in lins)]
+      parts = [llama.get_node(block, lin) for lin in lins]
       out[f'{pre}{module}.weight'] = np.concatenate(
           [_dense(node['kernel'], merge_adapters).T for node in parts], axis=0)
       if any('bias' in node for node in parts):
         raise ExportError(f'{pre}{module}: {ARCHITECTURES[cfg.model_type]} has no biases there')
-    for lin in llama.LINEAR_NAMES:
+    for lin in llama.linear_names(cfg):
       if any(lin in lins for lins in fused.values()):
         continue
-      sub, name = lin.split('/')
-      node = block[sub][name]
-      module = f'{pre}{hf_name[(sub, name)]}'
-      if linear_tensors is not None:
+      node = llama.get_node(block, lin)
+      module = f'{pre}{loading.hf_module(lin, cfg.model_type)}'
+      if linear_tensors is not None and lin not in llama.ROUTERS:  # routers stay dense
         out.update(linear_tensors(module, node['kernel']))
       else:
         out[f'{module}.weight'] = np.ascontiguousarray(_dense(node['kernel'], merge_adapters).T)
       if 'bias' in node:
-        out[f'{pre}{hf_name[(sub, name)]}.bias'] = np.asarray(node['bias'], np.float32)
+        out[f'{module}.bias'] = np.asarray(node['bias'], np.float32)
   return out
 
 
-def peft_tensors(params: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def peft_tensors(params: dict[str, Any], cfg: ModelConfig | None = None
+                 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """The PEFT LoRA tensors of every adapter of a param tree, and each module's rank."""
-  hf_name = {v: k for k, v in HF_LINEARS.items()}
   tensors, ranks = {}, {}
-  for i, block in enumerate(params['layers']):
-    for lin in llama.LINEAR_NAMES:
-      sub, name = lin.split('/')
-      leaf = block[sub][name]['kernel']
-      if not isinstance(leaf, formats.CompressedLinear) or leaf.adapter is None:
-        continue
-      module = f'model.layers.{i}.{hf_name[(sub, name)]}'
-      a, b = (np.asarray(formats.dequantize(x) if isinstance(x, formats.QuantizedWeight) else x,
-                         np.float32) for x in (leaf.adapter.a, leaf.adapter.b))
-      tensors[f'base_model.model.{module}.lora_A.weight'] = np.ascontiguousarray(a.T)
-      tensors[f'base_model.model.{module}.lora_B.weight'] = np.ascontiguousarray(b.T)
-      ranks[module] = int(a.shape[1])
+  for module, leaf in block_linears(params, cfg).items():
+    if not isinstance(leaf, formats.CompressedLinear) or leaf.adapter is None:
+      continue
+    if '.experts.' in module:
+      raise ExportError(f'{module}: PEFT attaches LoRA to modules, and transformers holds a '
+                        "mixture's experts as one fused parameter: export --format=hf (adapters "
+                        'merged) instead')
+    a, b = (np.asarray(formats.dequantize(x) if isinstance(x, formats.QuantizedWeight) else x,
+                       np.float32) for x in (leaf.adapter.a, leaf.adapter.b))
+    tensors[f'base_model.model.{module}.lora_A.weight'] = np.ascontiguousarray(a.T)
+    tensors[f'base_model.model.{module}.lora_B.weight'] = np.ascontiguousarray(b.T)
+    ranks[module] = int(a.shape[1])
   if not ranks:
     raise ExportError('the model carries no low-rank adapters: nothing to write as PEFT')
   return tensors, ranks
@@ -231,13 +251,13 @@ def peft_config(ranks: dict[str, int]) -> dict[str, Any]:
 
 
 def save_peft(out_dir: str | pathlib.Path, params: dict[str, Any], *,
-              overwrite: bool = False) -> pathlib.Path:
+              cfg: ModelConfig | None = None, overwrite: bool = False) -> pathlib.Path:
   """Writes the ``'peft'`` adapter export of ``params`` to ``out_dir``; load it with
   ``peft.PeftModel.from_pretrained(base, out_dir)`` on the ``'hf'`` export with
   ``merge_adapters=False``."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   out = check_output_dir(out_dir, overwrite)
-  tensors, ranks = peft_tensors(params)
+  tensors, ranks = peft_tensors(params, cfg)
   config = peft_config(ranks)
 
   def write(tmp):
@@ -310,7 +330,7 @@ def save_quantized(out_dir: str | pathlib.Path, fmt: str, params: dict[str, Any]
   fmt_lib = loading.quantized_format(fmt)
   if loading.fused_modules(cfg):
     raise ExportError(_fused_refusal(cfg, fmt))
-  linears = block_linears(params)
+  linears = _packed_linears(params, cfg)
   with_adapter = [m for m, leaf in linears.items()
                   if isinstance(leaf, formats.CompressedLinear) and leaf.adapter is not None]
   if with_adapter and merge_adapters:
@@ -349,10 +369,11 @@ def save(out_dir: str | pathlib.Path, fmt: str, params: dict[str, Any], cfg: Mod
                           merge_adapters=merge_adapters, overwrite=overwrite)
   if loading.fused_modules(cfg):
     raise ExportError(_fused_refusal(cfg, 'peft'))
-  peft_tensors(params)  # raises before writing when there are no adapters
+  peft_tensors(params, cfg)  # raises before writing when there are no adapters
   if peft_base == 'hf':
     write_base = lambda d: save_hf(d, params, cfg, tokenizer=tokenizer, merge_adapters=False)
   else:
-    loading.quantized_format(peft_base).check_linears(block_linears(params))
+    loading.quantized_format(peft_base).check_linears(_packed_linears(params, cfg))
     write_base = lambda d: save_quantized(d, peft_base, params, cfg, tokenizer=tokenizer)
-  return write_dir(out, lambda tmp: (write_base(tmp / 'base'), save_peft(tmp / 'adapter', params)))
+  return write_dir(out, lambda tmp: (write_base(tmp / 'base'),
+                                     save_peft(tmp / 'adapter', params, cfg=cfg)))

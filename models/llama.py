@@ -58,6 +58,75 @@ SEQUENTIAL_STAGES = (
     ('mlp/down_proj',),
 )
 LINEAR_NAMES = tuple(LINEAR_INPUTS)
+ATTENTION_NAMES = LINEAR_NAMES[:4]
+# A mixture's router and shared-expert gate: kept dense by the exports' quantized formats.
+ROUTERS = ('mlp/gate', 'mlp/shared_expert_gate')
+_MLP = ('gate_proj', 'up_proj', 'down_proj')
+
+# Mixture-of-experts blocks (``cfg.num_experts > 0``) replace ``mlp/{gate,up,down}_proj`` by
+#   mlp/gate                      the router [D, E] (dense unless a rule names it)
+#   mlp/experts/{e}/{gate,up,down}_proj
+#   mlp/shared_expert/{gate,up,down}_proj, mlp/shared_expert_gate [D, 1]   (Qwen2-MoE)
+# Expert e's gate/up read 'expert{e}_in' (the MLP input, restricted to the tokens routed to e when
+# statistics are collected) and its down_proj 'expert{e}_down_in'.
+
+
+def _names(num_experts: int, shared: bool) -> tuple[str, ...]:
+  if not num_experts:
+    return LINEAR_NAMES
+  names = ATTENTION_NAMES + ('mlp/gate',)
+  names += tuple(f'mlp/experts/{e}/{m}' for e in range(num_experts) for m in _MLP)
+  if shared:
+    names += tuple(f'mlp/shared_expert/{m}' for m in _MLP) + ('mlp/shared_expert_gate',)
+  return names
+
+
+def linear_names(cfg: ModelConfig) -> tuple[str, ...]:
+  """Every linear of a block of ``cfg``, in order (:data:`LINEAR_NAMES` for a dense MLP)."""
+  return _names(cfg.num_experts, bool(cfg.shared_expert_size))
+
+
+def block_linear_names(block: Params) -> tuple[str, ...]:
+  """The linears of a block as its structure shows them (the same as :func:`linear_names`)."""
+  mlp = block['mlp']
+  return _names(len(mlp['experts']) if 'experts' in mlp else 0, 'shared_expert' in mlp)
+
+
+def expert_of(key: str) -> int | None:
+  """The expert whose routed tokens an input key stands for (``'expert3_in'`` -> 3), else None."""
+  if key.startswith('expert'):
+    return int(key[len('expert'):].split('_', 1)[0])
+  return None
+
+
+def input_key(lin: str) -> str:
+  """The name of the input linear ``lin`` reads; linears that share an input share statistics."""
+  if lin in LINEAR_INPUTS:
+    return LINEAR_INPUTS[lin]
+  parts = lin.split('/')
+  if lin in ('mlp/gate', 'mlp/shared_expert_gate') or lin in (
+      'mlp/shared_expert/gate_proj', 'mlp/shared_expert/up_proj'):
+    return 'mlp_in'
+  if lin == 'mlp/shared_expert/down_proj':
+    return 'shared_down_in'
+  if len(parts) == 4 and parts[1] == 'experts':
+    return f'expert{parts[2]}_{"down_in" if parts[3] == "down_proj" else "in"}'
+  raise ValueError(f'{lin!r} is not a block linear')
+
+
+def linear_inputs(cfg: ModelConfig) -> dict[str, str]:
+  """``{linear: input key}`` of every linear of a block of ``cfg``."""
+  return {lin: input_key(lin) for lin in linear_names(cfg)}
+
+
+def sequential_stages(cfg: ModelConfig) -> tuple[tuple[str, ...], ...]:
+  """True-sequential stages (GPTQ): each stage's inputs depend on the previous stages' outputs."""
+  if not cfg.num_experts:
+    return SEQUENTIAL_STAGES
+  names = linear_names(cfg)
+  downs = tuple(n for n in names if n.endswith('down_proj'))
+  mlp_in = tuple(n for n in names if n.startswith('mlp/') and n not in downs)
+  return SEQUENTIAL_STAGES[:2] + (mlp_in, downs)
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, plus_one: bool = False) -> jax.Array:
@@ -179,20 +248,67 @@ def attention_residual(block: Params, x: jax.Array, cfg: ModelConfig, *,
   return x + out, new_cache, h, o_in
 
 
+def _gated_mlp(p: Params, x: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """``(down_proj(act(gate_proj(x)) * up_proj(x)), down_proj's input)``."""
+  d_in = _activation(_dense(p['gate_proj'], x), cfg) * _dense(p['up_proj'], x)
+  return _dense(p['down_proj'], d_in), d_in
+
+
+def routing(mlp: Params, m_in: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+  """The router's choice: ``(weights [B, T, E] float32, routed [B, T, E] bool)``; a token's weights
+  are zero outside its top-k experts."""
+  logits = _dense(mlp['gate'], m_in).astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  top, idx = jax.lax.top_k(probs, cfg.num_experts_per_tok)
+  if cfg.norm_topk_prob:
+    top = top / jnp.sum(top, axis=-1, keepdims=True)
+  onehot = jax.nn.one_hot(idx, cfg.num_experts, dtype=jnp.float32)  # [B, T, k, E]
+  return jnp.einsum('btk,btke->bte', top, onehot), jnp.sum(onehot, axis=-2) > 0
+
+
+def _moe(mlp: Params, m_in: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """A mixture-of-experts MLP and the inputs of its linears. Every expert runs on every token and
+  is weighted by the router (zero outside the top-k): exact, and simple to shard; the extra
+  compute is ``E / k`` times an MLP's."""
+  weights, routed = routing(mlp, m_in, cfg)
+  out = jnp.zeros(m_in.shape, jnp.float32)
+  inputs = {'routed': routed}
+  for e, expert in enumerate(mlp['experts']):
+    y, d_in = _gated_mlp(expert, m_in, cfg)
+    out = out + weights[..., e:e + 1] * y.astype(jnp.float32)
+    inputs[f'expert{e}_in'], inputs[f'expert{e}_down_in'] = m_in, d_in
+  if 'shared_expert' in mlp:
+    y, inputs['shared_down_in'] = _gated_mlp(mlp['shared_expert'], m_in, cfg)
+    gate = jax.nn.sigmoid(_dense(mlp['shared_expert_gate'], m_in).astype(jnp.float32))
+    out = out + gate * y.astype(jnp.float32)
+  return out.astype(m_in.dtype), inputs
+
+
 def mlp_residual(block: Params, x: jax.Array, cfg: ModelConfig):
-  """The MLP half of a block with its residual. Returns ``(y, mlp_in, down_in)``."""
+  """The MLP half of a block with its residual. Returns ``(y, inputs)``: the inputs of the MLP's
+  linears by key (``mlp_in``, ``down_in``; a mixture of experts adds its experts' and the
+  ``routed [B, T, E]`` mask)."""
   mlp = block['mlp']
   pre = 'pre_feedforward_layernorm' if cfg.post_norms else 'post_attention_layernorm'
   m_in = norm(block[pre], x, cfg)
-  d_in = _activation(_dense(mlp['gate_proj'], m_in), cfg) * _dense(mlp['up_proj'], m_in)
-  out = _dense(mlp['down_proj'], d_in)
+  if cfg.num_experts:
+    out, inputs = _moe(mlp, m_in, cfg)
+  else:
+    out, d_in = _gated_mlp(mlp, m_in, cfg)
+    inputs = {'down_in': d_in}
   if cfg.post_norms:
     out = norm(block['post_feedforward_layernorm'], out, cfg)
-  return x + out, m_in, d_in
+  return x + out, dict(inputs, mlp_in=m_in)
 
 
 # The two residual halves of a block, by name (windows of local reconstruction are runs of these).
 SUBMODULES = ('attn', 'mlp')
+
+
+def submodule_linears(block: Params, name: str) -> tuple[str, ...]:
+  """The linears of one residual half (``'attn'`` or ``'mlp'``) of a block."""
+  prefix = {'attn': 'self_attn/', 'mlp': 'mlp/'}[name]
+  return tuple(lin for lin in block_linear_names(block) if lin.startswith(prefix))
 
 
 def submodule_apply(block: Params, x: jax.Array, cfg: ModelConfig, name: str) -> jax.Array:
@@ -217,7 +333,8 @@ def block_apply(block: Params, x: jax.Array, cfg: ModelConfig, *, positions: jax
     cache: optional ``{'k': [B, S, KV, hd], 'v': ...}``; the new keys/values are written at
       ``cache_index`` and attention runs over the cache.
     cache_index: where the ``T`` new tokens start in the cache.
-    return_inputs: also return the input of every linear, keyed as in :data:`LINEAR_INPUTS`.
+    return_inputs: also return the input of every linear, keyed by :func:`input_key` (and, for a
+      mixture of experts, ``'routed'``: which tokens each expert received).
 
   Returns:
     ``y [B, T, D]``; plus the updated cache if ``cache`` was given; plus the inputs dict if
@@ -225,12 +342,12 @@ def block_apply(block: Params, x: jax.Array, cfg: ModelConfig, *, positions: jax
   """
   x, new_cache, h, o_in = attention_residual(block, x, cfg, positions=positions, cache=cache,
                                              cache_index=cache_index)
-  y, m_in, d_in = mlp_residual(block, x, cfg)
+  y, mlp_inputs = mlp_residual(block, x, cfg)
   out = (y,)
   if cache is not None:
     out += (new_cache,)
   if return_inputs:
-    out += ({'attn_in': h, 'o_in': o_in, 'mlp_in': m_in, 'down_in': d_in},)
+    out += (dict(mlp_inputs, attn_in=h, o_in=o_in),)
   return out[0] if len(out) == 1 else out
 
 
@@ -343,46 +460,85 @@ def generate(params: Params, prompt: jax.Array, cfg: ModelConfig, *, max_new_tok
 
 
 def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-  """``[in, out]`` of every block linear (:data:`LINEAR_NAMES`) of a model of ``cfg``."""
+  """``[in, out]`` of every block linear (:func:`linear_names`) of a model of ``cfg``."""
   d, f = cfg.hidden_size, cfg.intermediate_size
   qd, kvd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-  return {'self_attn/q_proj': (d, qd), 'self_attn/k_proj': (d, kvd), 'self_attn/v_proj': (d, kvd),
-          'self_attn/o_proj': (qd, d), 'mlp/gate_proj': (d, f), 'mlp/up_proj': (d, f),
-          'mlp/down_proj': (f, d)}
+  out = {'self_attn/q_proj': (d, qd), 'self_attn/k_proj': (d, kvd), 'self_attn/v_proj': (d, kvd),
+         'self_attn/o_proj': (qd, d)}
+  if not cfg.num_experts:
+    return dict(out, **{'mlp/gate_proj': (d, f), 'mlp/up_proj': (d, f), 'mlp/down_proj': (f, d)})
+  for lin in linear_names(cfg)[4:]:
+    width = cfg.shared_expert_size if '/shared_expert/' in lin else cfg.expert_intermediate_size
+    if lin == 'mlp/gate':
+      out[lin] = (d, cfg.num_experts)
+    elif lin == 'mlp/shared_expert_gate':
+      out[lin] = (d, 1)
+    elif lin.endswith('down_proj'):
+      out[lin] = (width, d)
+    else:
+      out[lin] = (d, width)
+  return out
+
+
+def set_node(root: Params, path: str, value: Any) -> None:
+  """Puts ``value`` at ``path`` (``'mlp/experts/3/up_proj'``) inside ``root`` in place, creating
+  dicts (and lists, for numeric parts such as an expert's index) on the way."""
+  parts = path.split('/')
+  node = root
+  for part, nxt in zip(parts[:-1], parts[1:]):
+    key = int(part) if isinstance(node, list) else part
+    if isinstance(node, list):
+      node.extend({} for _ in range(key + 1 - len(node)))
+    elif key not in node:
+      node[key] = [] if nxt.isdigit() else {}
+    node = node[key]
+  if isinstance(node, list):
+    node.extend({} for _ in range(int(parts[-1]) + 1 - len(node)))
+    node[int(parts[-1])] = value
+  else:
+    node[parts[-1]] = value
+
+
+def get_node(root: Params, path: str) -> Any:
+  """The value at ``path`` inside ``root`` (numeric parts index lists)."""
+  node = root
+  for part in path.split('/'):
+    node = node[int(part)] if isinstance(node, list) else node[part]
+  return node
+
+
+def _has_bias(cfg: ModelConfig, lin: str) -> bool:
+  if lin in ('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj'):
+    return cfg.qkv_bias
+  if lin == 'self_attn/o_proj':
+    return cfg.o_bias
+  return cfg.mlp_bias and lin in LINEAR_NAMES
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
   """Random-initialised params (normal(0, scale) kernels, unit norms): the tiny test model."""
   d = cfg.hidden_size
   shapes = linear_shapes(cfg)
-  keys = iter(jax.random.split(key, 16 * cfg.num_layers + 4))  # kernels and biases
+  per_layer = max(16, 2 * len(shapes))  # kernels and biases
+  keys = iter(jax.random.split(key, per_layer * cfg.num_layers + 4))
   nrm = lambda shape: (scale * jax.random.normal(next(keys), shape)).astype(dtype)
-
-  def lin(i, o, bias=False):
-    p = {'kernel': nrm((i, o))}
-    if bias:
-      p['bias'] = nrm((o,))
-    return p
 
   one = 0.0 if cfg.norm_plus_one else 1.0  # a unit norm
   unit = lambda n: {'scale': jnp.full((n,), one, dtype)}
   layers = []
   for _ in range(cfg.num_layers):
-    layers.append({
-        'input_layernorm': unit(d),
-        'self_attn': {'q_proj': lin(*shapes['self_attn/q_proj'], cfg.qkv_bias),
-                      'k_proj': lin(*shapes['self_attn/k_proj'], cfg.qkv_bias),
-                      'v_proj': lin(*shapes['self_attn/v_proj'], cfg.qkv_bias),
-                      'o_proj': lin(*shapes['self_attn/o_proj'], cfg.o_bias)},
-        'post_attention_layernorm': unit(d),
-        'mlp': {'gate_proj': lin(*shapes['mlp/gate_proj'], cfg.mlp_bias),
-                'up_proj': lin(*shapes['mlp/up_proj'], cfg.mlp_bias),
-                'down_proj': lin(*shapes['mlp/down_proj'], cfg.mlp_bias)},
-    })
+    block: Params = {'input_layernorm': unit(d), 'self_attn': {}, 'post_attention_layernorm': unit(d),
+                     'mlp': {}}
+    for lin, (i, o) in shapes.items():
+      node = {'kernel': nrm((i, o))}
+      if _has_bias(cfg, lin):
+        node['bias'] = nrm((o,))
+      set_node(block, lin, node)
     if cfg.qk_norm:
-      layers[-1]['self_attn'].update(q_norm=unit(cfg.head_dim), k_norm=unit(cfg.head_dim))
+      block['self_attn'].update(q_norm=unit(cfg.head_dim), k_norm=unit(cfg.head_dim))
     if cfg.post_norms:
-      layers[-1].update(pre_feedforward_layernorm=unit(d), post_feedforward_layernorm=unit(d))
+      block.update(pre_feedforward_layernorm=unit(d), post_feedforward_layernorm=unit(d))
+    layers.append(block)
   params = {'embed_tokens': {'embedding': nrm((cfg.vocab_size, d))}, 'layers': layers,
             'norm': unit(d)}
   if not cfg.tie_word_embeddings:

@@ -44,6 +44,26 @@ HF_LINEARS = {  # Hugging Face module name -> (block sub-tree, linear)
     'mlp.up_proj': ('mlp', 'up_proj'),
     'mlp.down_proj': ('mlp', 'down_proj'),
 }
+_MIXTRAL = {'gate_proj': 'w1', 'up_proj': 'w3', 'down_proj': 'w2'}
+
+
+def hf_module(lin: str, model_type: str | None = None) -> str:
+  """The Hugging Face module name (inside ``model.layers.{i}.``) of our block linear ``lin``:
+  Mixtral keeps its experts under ``block_sparse_moe`` with ``w1/w3/w2``, the others under the
+  same names as ours."""
+  if model_type == 'mixtral' and lin.startswith('mlp/') and lin not in llama.LINEAR_NAMES:
+    parts = lin.split('/')
+    if parts[1] == 'experts':
+      parts[3] = _MIXTRAL[parts[3]]
+    return '.'.join(['block_sparse_moe'] + parts[1:])
+  return lin.replace('/', '.')
+
+
+def hf_linears(cfg: ModelConfig) -> dict[str, str]:
+  """``{Hugging Face module name: our linear}`` of every (unfused) block linear of ``cfg``."""
+  return {hf_module(lin, cfg.model_type): lin for lin in llama.linear_names(cfg)}
+
+
 # Quantized checkpoint formats, by ``quantization_config.quant_method``: the module that writes
 # and reads each (``check_linears``, ``quantization_config``, ``linear_tensors``, ``check_config``,
 # ``read_linear``, and optionally ``read_dense`` for leaves it writes as plain weights).
@@ -99,11 +119,9 @@ def fused_modules(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
 
 def _empty_params(cfg: ModelConfig) -> Params:
   def block():
-    b = {'self_attn': {k: {} for k in ('q_proj', 'k_proj', 'v_proj', 'o_proj')},
-         'mlp': {k: {} for k in ('gate_proj', 'up_proj', 'down_proj')}}
-    for n in llama.norm_names(cfg):
-      sub, _, name = n.rpartition('/')
-      (b[sub] if sub else b)[name] = {}
+    b: Params = {}
+    for n in llama.linear_names(cfg) + llama.norm_names(cfg):
+      llama.set_node(b, n, {})
     return b
   return {'embed_tokens': {}, 'layers': [block() for _ in range(cfg.num_layers)], 'norm': {}}
 
@@ -117,14 +135,11 @@ def _check_complete(params: Params, cfg: ModelConfig, source: str) -> None:
   if not cfg.tie_word_embeddings and 'lm_head' not in params:
     missing.append('lm_head')
   for i, layer in enumerate(params['layers']):
-    for sub, names in (('self_attn', ('q_proj', 'k_proj', 'v_proj', 'o_proj')),
-                       ('mlp', ('gate_proj', 'up_proj', 'down_proj'))):
-      for n in names:
-        if 'kernel' not in layer[sub][n]:
-          missing.append(f'layers/{i}/{sub}/{n}')
+    for n in llama.linear_names(cfg):
+      if 'kernel' not in llama.get_node(layer, n):
+        missing.append(f'layers/{i}/{n}')
     for n in llama.norm_names(cfg):
-      sub, _, name = n.rpartition('/')
-      if 'scale' not in (layer[sub] if sub else layer)[name]:
+      if 'scale' not in llama.get_node(layer, n):
         missing.append(f'layers/{i}/{n}')
   if missing:
     raise ValueError(f'checkpoint {source} is missing tensors: {missing[:8]}'
@@ -158,8 +173,7 @@ def _place(params: Params, cfg: ModelConfig, name: str, arr: np.ndarray, dtype) 
     mod, kind = rest.rsplit('.', 1)
     norm = mod.replace('.', '/')
     if kind == 'weight' and norm in llama.norm_names(cfg):
-      sub, _, leaf = norm.rpartition('/')
-      (layer[sub] if sub else layer)[leaf]['scale'] = put(arr)
+      llama.get_node(layer, norm)['scale'] = put(arr)
       return True
     fused = fused_modules(cfg)
     if mod in fused and kind in ('weight', 'bias'):
@@ -168,16 +182,17 @@ def _place(params: Params, cfg: ModelConfig, name: str, arr: np.ndarray, dtype) 
       _check_shape(name, arr, (sum(outs),) + ((shapes[fused[mod][0]][0],) if kind == 'weight' else ()))
       rows = np.cumsum(outs)[:-1]
       for lin, part in zip(fused[mod], np.split(arr, rows, axis=0), strict=True):
-        sub, name = lin.split('/')
-        layer[sub][name]['kernel' if kind == 'weight' else 'bias'] = put(
+        llama.get_node(layer, lin)['kernel' if kind == 'weight' else 'bias'] = put(
             part.T if kind == 'weight' else part)
       return True
-    if mod in HF_LINEARS and kind in ('weight', 'bias'):
-      sub, lin = HF_LINEARS[mod]
+    linears = hf_linears(cfg)
+    if mod in linears and kind in ('weight', 'bias'):
+      node = llama.get_node(layer, linears[mod])
       if kind == 'weight':
-        layer[sub][lin]['kernel'] = put(arr.T)
+        want = llama.linear_shapes(cfg)[linears[mod]]
+        node['kernel'] = put(_check_shape(name, arr, want[::-1]).T)
       else:
-        layer[sub][lin]['bias'] = put(arr)
+        node['bias'] = put(arr)
       return True
     return False
   else:
@@ -231,7 +246,7 @@ def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfi
   if fmt_lib is not None:
     _read_quantized(params, cfg, packed, fmt_lib, qcfg, dtype, str(path))
     if hasattr(fmt_lib, 'read_dense'):
-      _read_dense(params, fmt_lib, qcfg, str(path))
+      _read_dense(params, cfg, fmt_lib, qcfg, str(path))
   _check_complete(params, cfg, str(path))
   return cfg, params
 
@@ -242,11 +257,12 @@ def _read_quantized(params: Params, cfg: ModelConfig, packed: dict[str, np.ndarr
   shapes = llama.linear_shapes(cfg)
   modules = {name.rpartition('.')[0] for name in packed}
   for i, layer in enumerate(params['layers']):
-    for hf, (sub, lin) in HF_LINEARS.items():
+    for hf, lin in hf_linears(cfg).items():
       module = f'model.layers.{i}.{hf}'
       if module not in modules:
         continue
-      if 'kernel' in layer[sub][lin]:
+      node = llama.get_node(layer, lin)
+      if 'kernel' in node:
         raise ValueError(f'{source}: {module} has both a dense weight and {qcfg["quant_method"]} '
                          'tensors')
 
@@ -255,24 +271,25 @@ def _read_quantized(params: Params, cfg: ModelConfig, packed: dict[str, np.ndarr
           raise KeyError(name)
         return packed[name]
       try:
-        leaf = fmt_lib.read_linear(module, get, shapes[f'{sub}/{lin}'][0], qcfg, dtype)
+        leaf = fmt_lib.read_linear(module, get, shapes[lin][0], qcfg, dtype)
       except KeyError as e:
         raise ValueError(f'{source}: {module} lacks tensor {e.args[0]}') from e
-      want = shapes[f'{sub}/{lin}']
+      want = shapes[lin]
       if tuple(leaf.shape) != tuple(want):
         raise ValueError(f'{source}: {module} is {tuple(leaf.shape)}, the config implies {want}')
-      layer[sub][lin]['kernel'] = leaf
+      node['kernel'] = leaf
       modules.discard(module)
   if modules:
     raise ValueError(f'{source}: quantized tensors of modules we do not know: '
                      f'{sorted(modules)[:4]}')
 
 
-def _read_dense(params: Params, fmt_lib, qcfg: dict[str, Any], source: str) -> None:
+def _read_dense(params: Params, cfg: ModelConfig, fmt_lib, qcfg: dict[str, Any],
+                source: str) -> None:
   """Lets a quantized format rebuild the leaves it writes as plain dense weights (sparsity)."""
   for i, layer in enumerate(params['layers']):
-    for hf, (sub, lin) in HF_LINEARS.items():
-      node = layer[sub][lin]
+    for hf, lin in hf_linears(cfg).items():
+      node = llama.get_node(layer, lin)
       if 'kernel' in node:
         try:
           node['kernel'] = fmt_lib.read_dense(f'model.layers.{i}.{hf}', node['kernel'], qcfg)

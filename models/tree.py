@@ -1,8 +1,8 @@
 """Addressing the linears of a param tree: the one place that knows where a weight leaf lives.
 
-A block linear is named by its path inside a block, ``'self_attn/q_proj'`` (see
-:data:`models.llama.LINEAR_NAMES`), and by its full path in the model,
-``'layers/{i}/self_attn/q_proj/kernel'`` (the string rules match). Setters return copies with new
+A block linear is named by its path inside a block, ``'self_attn/q_proj'`` or an expert's
+``'mlp/experts/3/down_proj'`` (see :func:`models.llama.linear_names`), and by its full path in the
+model, ``'layers/{i}/self_attn/q_proj/kernel'`` (the string rules match). Setters return copies with new
 containers and the same arrays, so the input tree is never modified.
 """
 
@@ -27,35 +27,41 @@ def linear_path(layer: int, lin: str) -> str:
 def split_path(path: str) -> tuple[int, str]:
   """``'layers/3/mlp/up_proj/kernel'`` -> ``(3, 'mlp/up_proj')``."""
   parts = path.split('/')
-  if len(parts) != 5 or parts[0] != 'layers' or parts[-1] != 'kernel':
-    raise ValueError(f'{path!r} is not a block linear path (layers/I/SUB/NAME/kernel)')
-  return int(parts[1]), '/'.join(parts[2:4])
+  if len(parts) < 5 or parts[0] != 'layers' or not parts[1].isdigit() or parts[-1] != 'kernel':
+    raise ValueError(f'{path!r} is not a block linear path (layers/I/SUB/.../NAME/kernel)')
+  return int(parts[1]), '/'.join(parts[2:-1])
 
 
 def get_linear(block: Params, lin: str):
   """The weight leaf of linear ``lin`` (e.g. ``'self_attn/q_proj'``) of a block."""
-  sub, name = lin.split('/')
-  return block[sub][name]['kernel']
+  return llama.get_node(block, lin)['kernel']
+
+
+def _replace(node: Any, parts: list[str], fn: Callable[[Any], Any]) -> Any:
+  """A copy of ``node`` with ``fn`` applied at ``parts`` (only the containers on the way copied)."""
+  if not parts:
+    return fn(node)
+  if isinstance(node, list):
+    i = int(parts[0])
+    return node[:i] + [_replace(node[i], parts[1:], fn)] + node[i + 1:]
+  return dict(node, **{parts[0]: _replace(node[parts[0]], parts[1:], fn)})
 
 
 def set_linear(block: Params, lin: str, leaf) -> Params:
   """A copy of ``block`` with linear ``lin``'s weight leaf replaced (containers copied, not arrays)."""
-  sub, name = lin.split('/')
-  out = dict(block)
-  out[sub] = dict(block[sub])
-  out[sub][name] = dict(block[sub][name], kernel=leaf)
-  return out
+  return _replace(block, lin.split('/'), lambda node: dict(node, kernel=leaf))
 
 
 def linear_paths(params: Params) -> list[str]:
-  """Full paths of every block linear, block by block in :data:`models.llama.LINEAR_NAMES` order."""
-  return [linear_path(i, lin) for i in range(len(params['layers'])) for lin in llama.LINEAR_NAMES]
+  """Full paths of every block linear, block by block in :func:`models.llama.linear_names` order."""
+  return [linear_path(i, lin) for i, block in enumerate(params['layers'])
+          for lin in llama.block_linear_names(block)]
 
 
 def linear_leaves(params: Params) -> dict[str, Any]:
   """``{full path: weight leaf}`` of every block linear."""
   return {linear_path(i, lin): get_linear(block, lin)
-          for i, block in enumerate(params['layers']) for lin in llama.LINEAR_NAMES}
+          for i, block in enumerate(params['layers']) for lin in llama.block_linear_names(block)}
 
 
 def replace_leaves(params: Params, leaves: dict[str, Any]) -> Params:

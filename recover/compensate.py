@@ -68,8 +68,12 @@ class Compensator:
     return f'{self.method}-r{self.rank}-b{self.adapter_bits}-g{self.adapter_group_size}-k{self.srr_k}-{self.srr_scaling}'
 
   def _basis(self, name: str, stats: LinearStats) -> lowrank.EigenBasis:
-    layer, lin = name.rsplit('/', 2)[0], '/'.join(name.rsplit('/', 2)[1:])
-    key = f'{layer}/{llama.LINEAR_INPUTS.get(lin, lin)}/{id(stats.hessian)}'
+    parts = name.split('/')  # layers/I/<linear>: linears that share an input share a basis
+    try:
+      shared = llama.input_key('/'.join(parts[2:]))
+    except ValueError:  # not a block linear (the LM head)
+      shared = name
+    key = f'{"/".join(parts[:2])}/{shared}/{id(stats.hessian)}'
     if key not in self._bases:
       if len(self._bases) > 8:
         self._bases.clear()

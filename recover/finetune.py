@@ -1,7 +1,7 @@
 """Training-based recovery of a whole compressed model on the language-modelling loss.
 
 Three methods (recover/METHODS.md §2.3-2.5), all one jitted optax loop over the model's seven
-block linears (:data:`models.llama.LINEAR_NAMES` of every ``params['layers'][i]``); embeddings,
+block linears (:func:`models.llama.linear_names` of every ``params['layers'][i]``); embeddings,
 norms and the LM head stay frozen:
 
 * ``'lora'``: QLoRA-style adapters ``y += x a b`` on the frozen compressed base of every linear

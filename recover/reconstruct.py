@@ -47,10 +47,6 @@ from recover import train
 Params = dict[str, Any]
 INPUTS = ('propagated', 'dense')
 QUANT_MODES = ('scales', 'ste', 'lora')
-UNIT_LINEARS = {
-    'attn': ('self_attn/q_proj', 'self_attn/k_proj', 'self_attn/v_proj', 'self_attn/o_proj'),
-    'mlp': ('mlp/gate_proj', 'mlp/up_proj', 'mlp/down_proj'),
-}
 
 
 def parse_window(window: str) -> int:
@@ -113,6 +109,7 @@ class Window:
   index: int
   units: tuple[tuple[int, str], ...] = ()
   linear: tuple[int, str] | None = None
+  last_of_block: bool = False  # a linear window that is its block's last stage
 
   @property
   def blocks(self) -> tuple[int, ...]:
@@ -133,16 +130,18 @@ class Window:
   def ends_block(self) -> bool:
     """Whether the hidden states advance after this window."""
     if self.linear is not None:
-      return self.linear[1] == llama.SEQUENTIAL_STAGES[-1][-1]
+      return self.last_of_block
     return True
 
 
-def make_windows(num_layers: int, window: str) -> list[Window]:
-  """The windows of a model with ``num_layers`` blocks, in training order."""
+def make_windows(num_layers: int, window: str,
+                 stages: Sequence[Sequence[str]] = llama.SEQUENTIAL_STAGES) -> list[Window]:
+  """The windows of a model with ``num_layers`` blocks, in training order (``stages``: a block's
+  linears in true-sequential stages, :func:`models.llama.sequential_stages`)."""
   size = parse_window(window)
   if size == 0:
-    order = [lin for stage in llama.SEQUENTIAL_STAGES for lin in stage]
-    return [Window(i * len(order) + j, linear=(i, lin))
+    order = [lin for stage in stages for lin in stage]
+    return [Window(i * len(order) + j, linear=(i, lin), last_of_block=j == len(order) - 1)
             for i in range(num_layers) for j, lin in enumerate(order)]
   units = [(i, u) for i in range(num_layers) for u in llama.SUBMODULES]
   return [Window(n, units=tuple(units[s:s + size]))
@@ -180,7 +179,8 @@ def _window_leaves(window: Window, local: Params) -> dict[str, Any]:
                                                                    window.linear[1])}
   first = window.blocks[0]
   return {tree.linear_path(b - first, lin): tree.get_linear(local['layers'][b - first], lin)
-          for b, u in window.units for lin in UNIT_LINEARS[u]}
+          for b, u in window.units
+          for lin in llama.submodule_linears(local['layers'][b - first], u)}
 
 
 def _local_units(window: Window) -> tuple[tuple[int, str], ...]:
@@ -349,7 +349,7 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
   if tokens.ndim != 2 or tokens.shape[0] < config.batch_size:
     raise ValueError(f'reconstruction needs [N, T] tokens with N >= batch size {config.batch_size}, '
                      f'got shape {tokens.shape}')
-  windows = make_windows(cfg.num_layers, config.window)
+  windows = make_windows(cfg.num_layers, config.window, llama.sequential_stages(cfg))
   fingerprint = _fingerprint(params, dense_params, cfg, tokens, config) if checkpoint_dir else ''
   layers = list(params['layers'])
   dense_layers = list(dense_params['layers'])
@@ -373,7 +373,7 @@ def reconstruct(params: Params, dense_params: Params, cfg: ModelConfig, tokens: 
     window = windows[n]
     if window.linear is not None:
       b, lin = window.linear
-      key = llama.LINEAR_INPUTS[lin]
+      key = llama.input_key(lin)
       # Inputs of this stage from the block as reconstructed so far; dense targets.
       if config.inputs == 'dense':
         xs = _block_inputs(cfg.layer(b), dense_layers[b], x_dense, batch)[1][key]

@@ -10,13 +10,15 @@ from __future__ import annotations
 import pathlib
 
 SLIDING_WINDOW = 8
-_COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+_COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                max_position_embeddings=256, rms_norm_eps=1e-5, eos_token_id=None,
                bos_token_id=None, pad_token_id=0)
-_ALTERNATING = ['sliding_attention', 'full_attention'] * 2
+_ALTERNATING = ['sliding_attention', 'full_attention']
 
 FAMILIES = ('qwen3', 'gemma2', 'gemma3', 'phi3')
+MOE_FAMILIES = ('mixtral', 'qwen2_moe', 'qwen3_moe')
+NUM_EXPERTS = 4
 
 
 def hf_model(family: str, seed: int = 0, weight_std: float = 0.15):
@@ -46,6 +48,19 @@ def hf_model(family: str, seed: int = 0, weight_std: float = 0.15):
         rope_parameters={'rope_type': 'default', 'rope_theta': 10000.0,
                          'partial_rotary_factor': 0.5})
     cls = transformers.Phi3ForCausalLM
+  elif family == 'mixtral':
+    cfg = transformers.MixtralConfig(**{**_COMMON, 'intermediate_size': 48}, sliding_window=None,
+                                     num_local_experts=NUM_EXPERTS, num_experts_per_tok=2)
+    cls = transformers.MixtralForCausalLM
+  elif family == 'qwen2_moe':
+    cfg = transformers.Qwen2MoeConfig(**_COMMON, num_experts=NUM_EXPERTS, num_experts_per_tok=2,
+                                      moe_intermediate_size=48, shared_expert_intermediate_size=64,
+                                      norm_topk_prob=False)
+    cls = transformers.Qwen2MoeForCausalLM
+  elif family == 'qwen3_moe':
+    cfg = transformers.Qwen3MoeConfig(**_COMMON, num_experts=NUM_EXPERTS, num_experts_per_tok=2,
+                                      moe_intermediate_size=48, norm_topk_prob=True)
+    cls = transformers.Qwen3MoeForCausalLM
   else:
     raise ValueError(family)
   cfg._attn_implementation = 'eager'  # pylint: disable=protected-access

@@ -1,4 +1,5 @@
-"""Qwen3, Gemma 2, Gemma 3 and Phi-3 against transformers, and every stage on each.
+"""Qwen3, Gemma 2, Gemma 3, Phi-3 and the mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE)
+against transformers, and every stage on each.
 
 Tiny random models are built from transformers' own config classes (no download): logits on a
 right-padded batch longer than the sliding window, greedy generation with the KV cache past the
@@ -23,6 +24,7 @@ from models import evaluate
 from models import export
 from models import llama
 from models import loading
+from models import tree
 from recover import compensate
 from recover import finetune
 from recover import prompting
@@ -36,7 +38,7 @@ transformers = pytest.importorskip('transformers')
 PARITY_TOL = 1e-4
 
 
-@pytest.fixture(scope='module', params=families.FAMILIES)
+@pytest.fixture(scope='module', params=families.FAMILIES + families.MOE_FAMILIES)
 def family(request, tmp_path_factory):
   """``(name, transformers model, our config, our params, checkpoint dir)``."""
   name = request.param
@@ -57,10 +59,15 @@ def _padded_batch(vocab: int):
 
 def test_config_fields(family):
   name, _, cfg, params, _ = family
-  want = {'qwen3': 'qwen3', 'gemma2': 'gemma2', 'gemma3': 'gemma3_text', 'phi3': 'phi3'}[name]
-  assert cfg.model_type == want
+  assert cfg.model_type == {'gemma3': 'gemma3_text'}.get(name, name)
+  if name in families.MOE_FAMILIES:
+    mlp = params['layers'][0]['mlp']
+    assert len(mlp['experts']) == cfg.num_experts == families.NUM_EXPERTS
+    assert mlp['gate']['kernel'].shape == (64, families.NUM_EXPERTS)
+    assert ('shared_expert' in mlp) == (name == 'qwen2_moe')
+    assert cfg.norm_topk_prob == (name != 'qwen2_moe')
   attn = params['layers'][0]['self_attn']
-  assert ('q_norm' in attn) == (name in ('qwen3', 'gemma3'))
+  assert ('q_norm' in attn) == (name in ('qwen3', 'gemma3', 'qwen3_moe'))
   assert ('pre_feedforward_layernorm' in params['layers'][0]) == name.startswith('gemma')
   if name.startswith('gemma'):
     assert cfg.layer(0).sliding_window == families.SLIDING_WINDOW
@@ -90,7 +97,11 @@ def test_family_features_matter(family):
   name, _, cfg, params, _ = family
   tokens, _ = _padded_batch(cfg.vocab_size)
   base = np.asarray(llama.forward(params, jnp.asarray(tokens), cfg))
-  variants = {'sliding window': dict(sliding_window=None, layer_types=None, rope_local_theta=None)}
+  variants = {}
+  if cfg.sliding_window:
+    variants['sliding window'] = dict(sliding_window=None, layer_types=None, rope_local_theta=None)
+  if name in families.MOE_FAMILIES:
+    variants['top-k renormalisation'] = dict(norm_topk_prob=not cfg.norm_topk_prob)
   if name == 'gemma2':
     variants.update(softcap=dict(attn_softcap=None, final_softcap=None),
                     norm=dict(norm_plus_one=False), scale=dict(query_pre_attn_scalar=None))
@@ -98,8 +109,8 @@ def test_family_features_matter(family):
     variants['partial rotary'] = dict(partial_rotary_factor=1.0)
   if name in ('gemma2', 'gemma3'):
     variants['embedding scale'] = dict(embed_scale=False)
-  if name == 'qwen3':
-    variants = {'q/k norm': None}
+  if name in ('qwen3', 'qwen3_moe'):
+    variants['q/k norm'] = None
   for what, change in variants.items():
     if change is None:
       p = jax.tree.map(lambda x: x, params)
@@ -149,7 +160,7 @@ def _sampled(params, cfg, n, seed):
 
 
 WANDA24 = rules_lib.LinearSpec(prune='wanda', sparsity=PruneSpec(n=2, m=4))
-GPTQ4 = rules_lib.LinearSpec(quant='gptq', qspec=QuantSpec(bits=4, group_size=16))
+GPTQ4 = rules_lib.LinearSpec(quant='gptq', qspec=QuantSpec(bits=4, group_size=-1))
 
 
 def test_compression_and_recovery_on_each_family(family):
@@ -158,18 +169,32 @@ def test_compression_and_recovery_on_each_family(family):
   ppl = lambda p: evaluate.perplexity(p, cfg, held, progress=False)['ppl']
   dense = ppl(params)
   rows = {'dense': dense}
-  for label, spec in (('wanda 2:4', WANDA24), ('gptq w4g16', GPTQ4)):
-    comp, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(spec), progress=False)
-    eora, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(spec), progress=False,
-                                      recovery=compensate.Compensator(method='eora', rank=8))
-    rows[label], rows[label + ' + eora'] = ppl(comp), ppl(eora)
+  for label, spec in (('wanda 2:4', WANDA24), ('gptq w4', GPTQ4)):
+    # Adapters do not change what the next block sees (propagate_adapters=False), so the run's
+    # compressed weights without their adapters are the compression alone.
+    eora, reports = pipeline.compress_model(
+        params, cfg, calib, rules_lib.uniform(spec), progress=False,
+        recovery=compensate.Compensator(method='eora', rank=8))
+    rows[label], rows[label + ' + eora'] = ppl(tree.strip_adapters(eora)), ppl(eora)
+    if cfg.num_experts:  # every expert's report says how many calibration tokens it received
+      routed = [r.extra['routed_tokens'] for r in reports if r.name.endswith('/up_proj')
+                and '/experts/' in r.name]
+      assert len(routed) == cfg.num_layers * cfg.num_experts
+      per_block = np.asarray(routed).reshape(cfg.num_layers, cfg.num_experts).sum(axis=1)
+      np.testing.assert_array_equal(per_block, calib.size * cfg.num_experts_per_tok)
     assert np.isfinite(rows[label]) and rows[label] > dense, (name, rows)
     assert rows[label + ' + eora'] < rows[label], (name, rows)
   print(name, json.dumps({k: round(float(v), 3) for k, v in rows.items()}))
 
 
-def test_reconstruction_lora_and_idp_run_on_each_family(family):
-  name, _, cfg, params, _ = family
+# One family per code path of the recovery stages: Gemma's four norms and sliding layers, Phi-3's
+# split matrices and partial rotary, a mixture with a shared expert, and one without.
+RECOVERY_FAMILIES = ('gemma3', 'phi3', 'qwen2_moe', 'mixtral')
+
+
+@pytest.mark.parametrize('name', RECOVERY_FAMILIES)
+def test_reconstruction_lora_and_idp_run(name, tmp_path):
+  cfg, params = loading.load_hf_dir(families.save(name, tmp_path))
   calib = _sampled(params, cfg, 8, 0)
   comp, _ = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(WANDA24), progress=False)
   # Submodule windows: attention and MLP halves, each with its own norms (Gemma's four).
@@ -210,3 +235,54 @@ def test_multimodal_gemma3_is_refused_with_a_hint():
   with pytest.raises(ValueError, match='text-only Gemma3ForCausalLM'):
     config_lib.from_hf_dict({'architectures': ['Gemma3ForConditionalGeneration'],
                              'model_type': 'gemma3'})
+
+
+# --------------------------------------------------------------------------- starved experts
+
+def _starving_moe():
+  """A tiny random mixture whose router never picks expert 1: every hidden state carries a large
+  constant feature that the router weighs strongly against that expert."""
+  cfg = config_lib.tiny_config(num_experts=4, num_experts_per_tok=2, expert_intermediate_size=32)
+  params = llama.init_params(cfg, jax.random.key(0), scale=0.1)
+  params['embed_tokens']['embedding'] = params['embed_tokens']['embedding'].at[:, 0].add(3.0)
+  for block in params['layers']:
+    block['mlp']['gate']['kernel'] = block['mlp']['gate']['kernel'].at[0, 1].set(-50.0)
+  calib = np.asarray(jax.random.randint(jax.random.key(1), (8, 32), 0, cfg.vocab_size))
+  return cfg, params, calib
+
+
+def _expert_reports(reports, e):
+  return [r for r in reports if f'/experts/{e}/' in r.name]
+
+
+@pytest.mark.parametrize('starved', pipeline.STARVED)
+def test_starved_expert_is_reported_and_handled(starved):
+  cfg, params, calib = _starving_moe()
+  out, reports = pipeline.compress_model(
+      params, cfg, calib, rules_lib.uniform(GPTQ4), progress=False,
+      moe=pipeline.MoeCalibration(min_tokens=8, starved=starved))
+  starving = _expert_reports(reports, 1)
+  assert starving and all(r.extra['routed_tokens'] == 0 and r.extra['starved'] == starved
+                          for r in starving)
+  fed = _expert_reports(reports, 0)
+  assert all(r.extra['routed_tokens'] > 0 and 'starved' not in r.extra for r in fed)
+  for r in starving:
+    assert r.method == ('rtn w4' if starved == 'rtn' else 'gptq w4'), r.method
+  if starved == 'rtn':  # exactly round-to-nearest of the dense weight
+    from compress import quantize  # pylint: disable=g-import-not-at-top
+    w = tree.get_linear(params['layers'][0], 'mlp/experts/1/up_proj')
+    ours = tree.get_linear(out['layers'][0], 'mlp/experts/1/up_proj').weight
+    np.testing.assert_array_equal(np.asarray(ours.qweight),
+                                  np.asarray(quantize.rtn(w, GPTQ4.qspec).qweight))
+  else:  # calibrated on every token of the block instead
+    assert all(np.isfinite(r.rel_error) for r in starving)
+  assert np.isfinite(evaluate.perplexity(out, cfg, calib, progress=False)['ppl'])
+
+
+def test_experts_calibrated_on_all_tokens():
+  cfg, params, calib = _starving_moe()
+  _, reports = pipeline.compress_model(params, cfg, calib, rules_lib.uniform(GPTQ4), progress=False,
+                                       moe=pipeline.MoeCalibration(routed=False))
+  experts = [r for r in reports if '/experts/' in r.name]
+  assert experts and all(r.extra['tokens'] == calib.size and 'starved' not in r.extra
+                         for r in experts)
