@@ -406,7 +406,19 @@ def summarize(reports: Sequence[LayerReport]) -> dict[str, Any]:
   wall = float(np.sum([r.wall_seconds for r in reports]))
   numerics = float(np.sum([r.seconds for r in reports]))
   recover = float(np.sum([r.extra.get('recover_seconds', 0.0) for r in reports]))
+  experts = {}  # a mixture's experts: the calibration tokens each received, per block
+  for r in reports:
+    if 'expert' in r.extra and r.name.endswith(('/up_proj', '/w3')):
+      block = r.name.split('/')[1]
+      experts.setdefault(block, {})[r.extra['expert']] = r.extra.get(
+          'routed_tokens', r.extra.get('tokens'))
+  moe = {}
+  if experts:
+    moe = {'expert_tokens': {b: [t[e] for e in sorted(t)] for b, t in experts.items()},
+           'starved_experts': sorted({r.name.rsplit('/', 1)[0] for r in reports
+                                      if r.extra.get('starved')})}
   return {
+      **moe,
       'layers': len(reports),
       'mean_rel_error': float(np.mean([r.rel_error for r in reports])),
       'max_rel_error': float(np.max([r.rel_error for r in reports])),

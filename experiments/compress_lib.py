@@ -90,6 +90,12 @@ def train_recovery(c: CompressConfig, dense, start, cfg, tokenizer, out_dir: str
   return params, info
 
 
+def moe_calibration(c: CompressConfig) -> pipeline.MoeCalibration:
+  """The experts' calibration settings of the flags (they matter only for a mixture of experts)."""
+  return pipeline.MoeCalibration(routed=c.moe_calibration == 'routed',
+                                 min_tokens=c.moe_min_tokens, starved=c.moe_starved)
+
+
 def run(c: CompressConfig, **kwargs) -> dict[str, Any]:
   """:func:`run_on_mesh` on the placement ``--mesh`` and ``--offload`` name."""
   try:
@@ -167,7 +173,8 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
   compressed, reports = pipeline.compress_model(
       params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
       batch_size=c.batch_size, dtype=dt, checkpoint_dir=_stage_dir(out_dir, 'compress'),
-      recovery=compensator, aux_tokens=aux, checkpoint_every_s=c.checkpoint_every_s, given=given)
+      recovery=compensator, aux_tokens=aux, checkpoint_every_s=c.checkpoint_every_s, given=given,
+      moe=moe_calibration(c))
   if several:  # from here on, every process holds the whole result
     compressed = distributed.to_local(compressed)
   summary = pipeline.summarize(reports)  # its seconds add up over interruptions
@@ -190,7 +197,7 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
     # SRR re-quantizes a residual: the compression alone is a separate run without compensation.
     base, _ = pipeline.compress_model(
         params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
-        batch_size=c.batch_size, dtype=dt, given=given)
+        batch_size=c.batch_size, dtype=dt, given=given, moe=moe_calibration(c))
     base = distributed.to_local(base) if several else base
   elif compensator is not None:
     # The compression alone: the same leaves without their adapters (the pipeline propagates

@@ -53,6 +53,15 @@ class CompressConfig:
   awq_clip: bool = common.flag_field(False, "AWQ's clipping search.")
   true_sequential: bool = common.flag_field(False, 'Re-collect statistics inside a block.')
   dense_inputs: bool = common.flag_field(False, 'Calibrate on dense activations.')
+  moe_calibration: str = common.flag_field(
+      'routed', "Mixture of experts: each expert's statistics from the tokens routed to it, or "
+      'from every token of the block.', choices=('routed', 'all_tokens'))
+  moe_min_tokens: int = common.flag_field(
+      16, 'An expert that receives fewer routed calibration tokens is starved (reported and '
+      'handled by --moe_starved).')
+  moe_starved: str = common.flag_field(
+      'all_tokens', 'A starved expert: calibrate it on every token of the block, or compress it '
+      'without data (RTN / magnitude).', choices=('all_tokens', 'rtn'))
   rules: tuple[str, ...] = common.flag_field(
       (), 'Mixed precision: REGEX=BITS or REGEX=none rules, first match wins, ahead of the '
       'uniform spec.')
@@ -196,7 +205,8 @@ _IGNORED_UNLESS = (
     (('auto_candidates',), lambda c: c.auto_bits is None, 'without --auto_bits'),
     (('static_groups',), lambda c: c.quant != 'gptq', 'without --quant=gptq'),
     (('awq_clip',), lambda c: c.quant != 'awq', 'without --quant=awq'),
-    (('include_head', 'true_sequential', 'dense_inputs', 'rules'),
+    (('include_head', 'true_sequential', 'dense_inputs', 'rules', 'moe_calibration',
+      'moe_min_tokens', 'moe_starved'),
      lambda c: c.prune == 'none' and c.quant == 'none',
      'without --prune or --quant: nothing is compressed'),
     (('rank', 'adapter_bits', 'recover_data'), lambda c: c.recover == 'none', 'without --recover'),
@@ -313,6 +323,8 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
     p.append('--eval_data is empty; name at least one corpus or text file')
   if c.seed < 0:
     p.append(f'--seed={c.seed} must be non-negative')
+  if c.moe_min_tokens < 0:
+    p.append(f'--moe_min_tokens={c.moe_min_tokens} must be non-negative')
   if c.export == 'peft' and c.recover == 'none' and c.finetune != 'lora':
     p.append('--export=peft writes low-rank adapters, but nothing makes them: add --recover '
              '(svd|eora|actsvd|srr) or --finetune=lora, or use --export=hf')

@@ -337,12 +337,30 @@ def from_gguf_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> Model
   rope_scaling = None
   if g('rope.scaling.type') == 'linear':
     rope_scaling = {'rope_type': 'linear', 'factor': g('rope.scaling.factor')}
+  elif g('rope.scaling.type') not in (None, 'none'):
+    raise ValueError(f'unsupported GGUF rope.scaling.type {g("rope.scaling.type")!r}; supported: '
+                     'none, linear')
+  n_layers = int(g('block_count'))
+  extra: dict[str, Any] = {'qk_norm': arch in ('qwen3', 'gemma3')}
+  if arch in ('gemma2', 'gemma3'):
+    # llama.cpp's conventions: the layer pattern (Gemma 2 alternates, Gemma 3 has one global layer
+    # in six), Gemma 3's local RoPE base of 10000, and the 27B models' query scale hidden / heads.
+    pattern = 2 if arch == 'gemma2' else 6
+    big = hidden == (4608 if arch == 'gemma2' else 5376)
+    extra.update(
+        norm_plus_one=True, post_norms=True, embed_scale=True, activation='gelu_tanh',
+        sliding_window=int(g('attention.sliding_window')),
+        layer_types=tuple('sliding_attention' if (i + 1) % pattern else 'full_attention'
+                          for i in range(n_layers)),
+        query_pre_attn_scalar=float(hidden // heads if big else head_dim),
+        attn_softcap=g('attn_logit_softcapping'), final_softcap=g('final_logit_softcapping'),
+        rope_local_theta=10000.0 if arch == 'gemma3' else None)
   return ModelConfig(
-      model_type=arch,
+      model_type={'gemma3': 'gemma3_text'}.get(arch, arch),
       vocab_size=int(vocab),
       hidden_size=hidden,
       intermediate_size=int(g('feed_forward_length')),
-      num_layers=int(g('block_count')),
+      num_layers=n_layers,
       num_heads=heads,
       num_kv_heads=int(g('attention.head_count_kv', heads)),
       head_dim=head_dim,
@@ -354,6 +372,7 @@ def from_gguf_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> Model
       max_position_embeddings=int(g('context_length', 2048)),
       bos_token_id=meta.get('tokenizer.ggml.bos_token_id'),
       eos_token_id=meta.get('tokenizer.ggml.eos_token_id'),
+      **extra,
       **_rope_fields(rope_scaling),
   )
 

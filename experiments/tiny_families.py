@@ -1,8 +1,10 @@
 """Tiny random models of every supported family, built with transformers' own config classes.
 
-Used by the parity tests (logits and greedy generation against transformers) and by the
-per-family pipeline tests. Weights are drawn larger than transformers' defaults, norms included,
-so that every family-specific piece (``1 + w`` norms, soft-capping, q/k norms) moves the logits.
+Used by the parity tests (logits and greedy generation against transformers), by the per-family
+pipeline tests and by :mod:`experiments.families_table`. Weights are drawn larger than
+transformers' defaults, norms included, so that every family-specific piece (``1 + w`` norms,
+soft-capping, q/k norms, routing) moves the logits. :func:`save` can add a character-level
+tokenizer so that the main command runs on the checkpoint as on any other.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ MOE_FAMILIES = ('mixtral', 'qwen2_moe', 'qwen3_moe')
 NUM_EXPERTS = 4
 
 
-def hf_model(family: str, seed: int = 0, weight_std: float = 0.15):
+def hf_model(family: str, seed: int = 0, weight_std: float = 0.15, **overrides):
   """``(transformers model, its config)`` of a tiny random model of ``family``, float32, eager
-  attention."""
+  attention; ``overrides`` replace config fields."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
@@ -63,6 +65,8 @@ def hf_model(family: str, seed: int = 0, weight_std: float = 0.15):
     cls = transformers.Qwen3MoeForCausalLM
   else:
     raise ValueError(family)
+  for k, v in overrides.items():
+    setattr(cfg, k, v)
   cfg._attn_implementation = 'eager'  # pylint: disable=protected-access
   model = cls(cfg)
   with torch.no_grad():
@@ -74,8 +78,24 @@ def hf_model(family: str, seed: int = 0, weight_std: float = 0.15):
   return model.float().eval(), cfg
 
 
-def save(family: str, path: pathlib.Path, **kwargs) -> pathlib.Path:
-  """Writes a tiny ``family`` checkpoint (safetensors + config.json) to ``path``."""
+def save(family: str, path: pathlib.Path, *, tokenizer: bool = False, **kwargs) -> pathlib.Path:
+  """Writes a tiny ``family`` checkpoint (safetensors + config.json) to ``path``, and with
+  ``tokenizer`` a character-level tokenizer of its vocabulary."""
   model, _ = hf_model(family, **kwargs)
   model.save_pretrained(path, safe_serialization=True)
+  if tokenizer:
+    char_tokenizer(_COMMON['vocab_size']).save_pretrained(path)
   return path
+
+
+def char_tokenizer(vocab_size: int):
+  """A transformers tokenizer with one id per printable ASCII character (and ``<unk>`` = 0)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  chars = [chr(c) for c in range(32, 127)] + ['\n']
+  vocab = {'<unk>': 0, **{ch: i + 1 for i, ch in enumerate(chars)}}
+  assert len(vocab) <= vocab_size
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token='<unk>'))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex('.|\n'), 'isolated')
+  tok.decoder = tokenizers.decoders.Fuse()
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token='<unk>')
