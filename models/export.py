@@ -219,20 +219,57 @@ def hf_state_dict(params: dict[str, Any], cfg: ModelConfig, *, merge_adapters: b
 
 def peft_tensors(params: dict[str, Any], cfg: ModelConfig | None = None
                  ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """The PEFT LoRA tensors of every adapter of a param tree, and each module's rank."""
+  """The PEFT LoRA tensors of every adapter of a param tree, and each module's rank.
+
+  A fused module (Phi-3's ``qkv_proj``, ``gate_up_proj``) gets one adapter holding its parts':
+  ``A = [a_q | a_k | a_v]`` and ``B`` block-diagonal, so ``x A B = [x a_q b_q, x a_k b_k,
+  x a_v b_v]`` exactly, at the sum of their ranks (a part without an adapter adds nothing).
+  """
   tensors, ranks = {}, {}
-  for module, leaf in block_linears(params, cfg).items():
+  fused = {} if cfg is None else loading.fused_modules(cfg)
+  in_fused = {lin for lins in fused.values() for lin in lins}
+
+  def factors(leaf):
     if not isinstance(leaf, formats.CompressedLinear) or leaf.adapter is None:
-      continue
-    if '.experts.' in module:
-      raise ExportError(f'{module}: PEFT attaches LoRA to modules, and transformers holds a '
-                        "mixture's experts as one fused parameter: export --format=hf (adapters "
-                        'merged) instead')
-    a, b = (np.asarray(formats.dequantize(x) if isinstance(x, formats.QuantizedWeight) else x,
-                       np.float32) for x in (leaf.adapter.a, leaf.adapter.b))
+      return None
+    return tuple(np.asarray(formats.dequantize(x) if isinstance(x, formats.QuantizedWeight) else x,
+                            np.float32) for x in (leaf.adapter.a, leaf.adapter.b))
+
+  def put(module, a, b):
     tensors[f'base_model.model.{module}.lora_A.weight'] = np.ascontiguousarray(a.T)
     tensors[f'base_model.model.{module}.lora_B.weight'] = np.ascontiguousarray(b.T)
     ranks[module] = int(a.shape[1])
+
+  model_type = None if cfg is None else cfg.model_type
+  for i, block in enumerate(params['layers']):
+    for lin in llama.block_linear_names(block):
+      if lin in in_fused:
+        continue
+      module = f'model.layers.{i}.{loading.hf_module(lin, model_type)}'
+      ab = factors(tree.get_linear(block, lin))
+      if ab is None:
+        continue
+      if '.experts.' in module:
+        raise ExportError(f'{module}: PEFT attaches LoRA to modules, and transformers holds a '
+                          "mixture's experts as one fused parameter: export --format=hf "
+                          '(adapters merged) instead')
+      put(module, *ab)
+    for module, lins in fused.items():
+      leaves = [tree.get_linear(block, lin) for lin in lins]
+      parts = [factors(leaf) for leaf in leaves]
+      if all(p is None for p in parts):
+        continue
+      n_in = leaves[0].shape[0]
+      parts = [p if p is not None else (np.zeros((n_in, 0), np.float32),
+                                        np.zeros((0, leaf.shape[1]), np.float32))
+               for p, leaf in zip(parts, leaves)]
+      a = np.concatenate([p[0] for p in parts], axis=1)
+      b = np.zeros((a.shape[1], sum(p[1].shape[1] for p in parts)), np.float32)
+      r = c = 0
+      for pa, pb in parts:
+        b[r:r + pb.shape[0], c:c + pb.shape[1]] = pb
+        r, c = r + pb.shape[0], c + pb.shape[1]
+      put(f'model.layers.{i}.{module}', a, b)
   if not ranks:
     raise ExportError('the model carries no low-rank adapters: nothing to write as PEFT')
   return tensors, ranks
@@ -367,8 +404,8 @@ def save(out_dir: str | pathlib.Path, fmt: str, params: dict[str, Any], cfg: Mod
   if fmt in QUANTIZED_FORMATS:
     return save_quantized(out, fmt, params, cfg, tokenizer=tokenizer,
                           merge_adapters=merge_adapters, overwrite=overwrite)
-  if loading.fused_modules(cfg):
-    raise ExportError(_fused_refusal(cfg, 'peft'))
+  if loading.fused_modules(cfg) and peft_base != 'hf':
+    raise ExportError(_fused_refusal(cfg, f'--peft_base={peft_base}'))
   peft_tensors(params, cfg)  # raises before writing when there are no adapters
   if peft_base == 'hf':
     write_base = lambda d: save_hf(d, params, cfg, tokenizer=tokenizer, merge_adapters=False)

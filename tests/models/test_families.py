@@ -396,3 +396,51 @@ def test_gguf_matches_transformers(name, tmp_path):
     ref = model(torch.tensor(tokens)).logits.numpy()
   out = np.asarray(llama.forward(params, jnp.asarray(tokens), cfg))
   assert np.abs(out[mask] - ref[mask]).max() < PARITY_TOL, name
+
+
+# --------------------------------------------------------------------------- fused matrices
+
+@pytest.mark.parametrize('spec', [GPTQ4, WANDA24, rules_lib.LinearSpec(
+    prune='sparsegpt', sparsity=PruneSpec(n=2, m=4))], ids=['gptq', 'wanda', 'sparsegpt'])
+def test_splitting_a_fused_matrix_changes_no_code_or_mask(spec):
+  """Why Phi-3's qkv_proj is split at load: given the shared input statistics, GPTQ, Wanda and
+  SparseGPT treat every output unit on its own, so compressing [q | k | v] as one matrix gives
+  exactly the codes and masks of compressing q, k and v apart (only low-rank adapters differ)."""
+  from compress import calibration, matrix  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(256, 64)), jnp.float32)
+  stats = calibration.update_stats(calibration.init_stats(64), x)
+  parts = [jnp.asarray(rng.normal(size=(64, n)) * 0.1, jnp.float32) for n in (64, 32, 32)]
+  fused, _ = matrix.compress_matrix(jnp.concatenate(parts, axis=1), stats, spec)
+  alone = [matrix.compress_matrix(w, stats, spec)[0] for w in parts]
+  dense = lambda leaf: np.asarray(matrix.leaf_dense(leaf)[0])  # noqa: E731
+  np.testing.assert_array_equal(dense(fused), np.concatenate([dense(l) for l in alone], axis=1))
+
+
+def test_phi3_adapters_export_to_peft_on_the_fused_modules(tmp_path):
+  """EoRA adapters of q/k/v and gate/up become one LoRA per fused module (ranks added, B
+  block-diagonal): PEFT on the hf export computes our logits."""
+  peft = pytest.importorskip('peft')
+  cfg, params = loading.load_hf_dir(families.save('phi3', tmp_path / 'hf'))
+  calib = _sampled(params, cfg, 16, 0)
+  rules = [rules_lib.Rule(r'layers/.*/(self_attn/[qv]_proj|mlp/.*)/kernel', GPTQ4)]
+  out, _ = pipeline.compress_model(params, cfg, calib, rules, progress=False,
+                                   recovery=compensate.Compensator(method='eora', rank=4))
+  path = export.save(tmp_path / 'peft', 'peft', out, cfg)
+  config = json.loads((path / 'adapter' / 'adapter_config.json').read_text())
+  assert set(config['target_modules']) == {'qkv_proj', 'gate_up_proj', 'down_proj'}
+  ranks = {f'model.layers.{i}.{m}': config['rank_pattern'].get(f'model.layers.{i}.{m}', config['r'])
+           for i in range(2) for m in ('self_attn.qkv_proj', 'mlp.gate_up_proj', 'mlp.down_proj')}
+  assert ranks == {f'model.layers.{i}.{m}': r for i in range(2)  # q and v: 4 each; k: none
+                   for m, r in (('self_attn.qkv_proj', 8), ('mlp.gate_up_proj', 8),
+                                ('mlp.down_proj', 4))}
+  base = transformers.AutoModelForCausalLM.from_pretrained(path / 'base',
+                                                           attn_implementation='eager')
+  model = peft.PeftModel.from_pretrained(base.float(), path / 'adapter').eval()
+  tokens, mask = _padded_batch(cfg.vocab_size)
+  with torch.no_grad():
+    ref = model(torch.tensor(tokens)).logits.numpy()
+  ours = np.asarray(llama.forward(out, jnp.asarray(tokens), cfg))
+  assert np.abs(ours[mask] - ref[mask]).max() < 1e-4
+  with pytest.raises(export.ExportError, match='fused'):
+    export.save(tmp_path / 'gptq_peft', 'peft', out, cfg, peft_base='gptq')
