@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU session of kernel checks, under 8 minutes on an H100, everything written to $OUT:
+# The GPU kernel checks in one run, under 8 minutes on an H100, everything written to $OUT:
 #
 #   1. the compiled kernel tests (pytest -m gpu tests/kernels)           -> $OUT/pytest_gpu.log
 #   2. the kernel benchmark on the three Llama-3-8B linears: Pallas kernel, the xla
