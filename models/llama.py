@@ -209,6 +209,25 @@ def _attend(q, k, v, q_pos, k_pos, cfg: ModelConfig, k_valid=None):
   return out.reshape(b, t, h * hd)
 
 
+def _attend_window_cache(q, k, v, cache, cache_index, positions, cfg: ModelConfig):
+  """Attention through a ring-buffer cache of ``S <= sliding_window`` slots: slot ``j`` holds the
+  latest position ``p == j (mod S)`` written so far. The new tokens attend to the cached ones and
+  to each other (exactly the window's keys), then the last ``min(T, S)`` of them are written."""
+  t, s = k.shape[1], cache['k'].shape[1]
+  slots = jnp.arange(s)
+  old = slots + s * jnp.floor_divide(cache_index - 1 - slots, s)  # < 0: never written
+  k_pos = jnp.concatenate([old, cache_index + jnp.arange(t)])[None, :]
+  valid = jnp.concatenate([old >= 0, jnp.ones((t,), bool)])[None, :]
+  keys = jnp.concatenate([cache['k'].astype(q.dtype), k], axis=1)
+  values = jnp.concatenate([cache['v'].astype(q.dtype), v], axis=1)
+  o_in = _attend(q, keys, values, positions, k_pos, cfg, k_valid=valid)
+  n = min(t, s)
+  where = (cache_index + t - n + jnp.arange(n)) % s
+  new = {'k': cache['k'].at[:, where].set(k[:, t - n:].astype(cache['k'].dtype)),
+         'v': cache['v'].at[:, where].set(v[:, t - n:].astype(cache['v'].dtype))}
+  return new, o_in
+
+
 def attention_residual(block: Params, x: jax.Array, cfg: ModelConfig, *,
                        positions: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
                        cache_index: jax.Array | int = 0):
@@ -232,7 +251,9 @@ def attention_residual(block: Params, x: jax.Array, cfg: ModelConfig, *,
   q = apply_rope(q, cos, sin)
   k = apply_rope(k, cos, sin)
   new_cache = None
-  if cache is not None:
+  if cache is not None and cfg.sliding_window and cache['k'].shape[1] <= cfg.sliding_window:
+    new_cache, o_in = _attend_window_cache(q, k, v, cache, cache_index, positions, cfg)
+  elif cache is not None:
     ck = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 1)
     cv = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 1)
     new_cache = {'k': ck, 'v': cv}
@@ -408,9 +429,18 @@ def forward_with_cache(params: Params, tokens: jax.Array, cfg: ModelConfig, cach
   return head(params, x, cfg), new
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> list[dict]:
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-  return [{'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)]
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, *,
+               window: bool = False) -> list[dict]:
+  """Zero KV caches, one per layer, of ``max_len`` slots; with ``window``, a sliding-window
+  layer's cache has only ``sliding_window`` slots, used as a ring buffer (memory bounded by the
+  window however long the generation)."""
+  out = []
+  for i in range(cfg.num_layers):
+    sw = cfg.layer(i).sliding_window
+    n = min(max_len, sw) if window and sw else max_len
+    shape = (batch, n, cfg.num_kv_heads, cfg.head_dim)
+    out.append({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)})
+  return out
 
 
 def generate(params: Params, prompt: jax.Array, cfg: ModelConfig, *, max_new_tokens: int,
@@ -431,7 +461,7 @@ def generate(params: Params, prompt: jax.Array, cfg: ModelConfig, *, max_new_tok
   max_len = t0 + max_new_tokens
   if key is None:
     key = jax.random.key(0)
-  cache = init_cache(cfg, b, max_len, dtype)
+  cache = init_cache(cfg, b, max_len, dtype, window=True)
   logits, cache = forward_with_cache(params, prompt, cfg, cache, 0, dtype=dtype)
 
   def pick(logits_last, k):

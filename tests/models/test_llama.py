@@ -105,6 +105,19 @@ def test_kv_cache_generation_equals_no_cache_greedy(sliding_window):
   assert len(set(np.asarray(out).ravel().tolist())) > 2  # not a degenerate constant sequence
 
 
+def test_sliding_window_cache_is_a_ring_of_the_window():
+  """A sliding-window layer caches only its window (a ring buffer): a prompt longer than the
+  window and generation far past it give the tokens of the cache-free forward."""
+  cfg = config_lib.tiny_config(sliding_window=5)
+  assert [c['k'].shape[1] for c in llama.init_cache(cfg, 1, 64, window=True)] == [5, 5]
+  assert [c['k'].shape[1] for c in llama.init_cache(cfg, 1, 64)] == [64, 64]
+  params = llama.init_params(cfg, jax.random.key(1), scale=0.2)
+  prompt = jax.random.randint(jax.random.key(3), (2, 9), 0, cfg.vocab_size)
+  ref = _greedy_no_cache(params, prompt, cfg, 14)
+  out = llama.generate(params, prompt, cfg, max_new_tokens=14)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
 def test_sampling_is_seeded():
   cfg = config_lib.tiny_config()
   params = llama.init_params(cfg, jax.random.key(1), scale=0.2)
