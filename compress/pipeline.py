@@ -408,7 +408,7 @@ def summarize(reports: Sequence[LayerReport]) -> dict[str, Any]:
   recover = float(np.sum([r.extra.get('recover_seconds', 0.0) for r in reports]))
   experts = {}  # a mixture's experts: the calibration tokens each received, per block
   for r in reports:
-    if 'expert' in r.extra and r.name.endswith(('/up_proj', '/w3')):
+    if 'expert' in r.extra and r.name.endswith('/up_proj'):
       block = r.name.split('/')[1]
       experts.setdefault(block, {})[r.extra['expert']] = r.extra.get(
           'routed_tokens', r.extra.get('tokens'))

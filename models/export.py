@@ -78,12 +78,9 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
   out['mlp_bias'] = cfg.mlp_bias
   if cfg.sliding_window is not None:
     out['sliding_window'] = cfg.sliding_window
-  if cfg.rope_llama3 is not None:
-    factor, low, high, old = cfg.rope_llama3
-    out['rope_scaling'] = {'rope_type': 'llama3', 'factor': factor, 'low_freq_factor': low,
-                           'high_freq_factor': high, 'original_max_position_embeddings': old}
-  elif cfg.rope_linear_factor != 1.0:
-    out['rope_scaling'] = {'rope_type': 'linear', 'factor': cfg.rope_linear_factor}
+  scaling = {k: v for k, v in _rope_parameters(cfg).items() if k != 'rope_theta'}
+  if scaling['rope_type'] != 'default':
+    out['rope_scaling'] = scaling
   return out
 
 

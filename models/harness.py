@@ -139,11 +139,7 @@ def _prefill(params, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelConfig,
   ``(greedy next token [B], cache)`` (the token after each row's last real one)."""
   dtype = jnp.dtype(dtype_name)
   cache = llama.init_cache(cfg, tokens.shape[0], cache_len, dtype)
-  x = llama.embed(params, tokens, cfg, dtype)
-  new = []
-  for i, (block, c) in enumerate(zip(params['layers'], cache)):
-    x, c = llama.block_apply(block, x, cfg.layer(i), cache=c, cache_index=0)
-    new.append(c)
+  x, new = llama.hidden_with_cache(params, tokens, cfg, cache, 0, dtype=dtype)
   last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
   logits = llama.head(params, last, cfg)[:, 0]
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), new

@@ -104,8 +104,7 @@ def input_key(lin: str) -> str:
   if lin in LINEAR_INPUTS:
     return LINEAR_INPUTS[lin]
   parts = lin.split('/')
-  if lin in ('mlp/gate', 'mlp/shared_expert_gate') or lin in (
-      'mlp/shared_expert/gate_proj', 'mlp/shared_expert/up_proj'):
+  if lin in ROUTERS + ('mlp/shared_expert/gate_proj', 'mlp/shared_expert/up_proj'):
     return 'mlp_in'
   if lin == 'mlp/shared_expert/down_proj':
     return 'shared_down_in'
@@ -404,16 +403,16 @@ def forward(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.fl
 
 
 def hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.float32,
-           prefix: jax.Array | None = None) -> jax.Array:
+           prefix: jax.Array | None = None, num_blocks: int | None = None) -> jax.Array:
   """The last block's output ``[B, T, D]`` at the token positions: :func:`forward` before its
-  head (``prefix`` as there)."""
+  head (``prefix`` as there); with ``num_blocks``, the residual stream after that many blocks."""
   x = embed(params, tokens, cfg, dtype)
   n_prefix = 0
   if prefix is not None:
     n_prefix = prefix.shape[1]
     prefix = jnp.broadcast_to(prefix.astype(dtype), (x.shape[0],) + prefix.shape[1:])
     x = jnp.concatenate([prefix, x], axis=1)
-  for i, block in enumerate(params['layers']):
+  for i, block in enumerate(params['layers'][:num_blocks]):
     x = block_apply(block, x, cfg.layer(i))
   return x[:, n_prefix:]
 
@@ -421,12 +420,19 @@ def hidden(params: Params, tokens: jax.Array, cfg: ModelConfig, *, dtype=jnp.flo
 def forward_with_cache(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: list[dict],
                        cache_index, *, dtype=jnp.float32):
   """Forward over ``tokens [B, T]`` starting at ``cache_index``; returns (logits, new cache)."""
+  x, new = hidden_with_cache(params, tokens, cfg, cache, cache_index, dtype=dtype)
+  return head(params, x, cfg), new
+
+
+def hidden_with_cache(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: list[dict],
+                      cache_index, *, dtype=jnp.float32):
+  """:func:`forward_with_cache` before its head: (last block's output ``[B, T, D]``, new cache)."""
   x = embed(params, tokens, cfg, dtype)
   new = []
   for i, (block, c) in enumerate(zip(params['layers'], cache)):
     x, c = block_apply(block, x, cfg.layer(i), cache=c, cache_index=cache_index)
     new.append(c)
-  return head(params, x, cfg), new
+  return x, new
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32, *,

@@ -21,6 +21,7 @@ Tokenizers come through ``transformers`` from the same files (:func:`load_tokeni
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import pathlib
@@ -158,6 +159,15 @@ def _check_shape(name: str, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
   return arr
 
 
+@functools.lru_cache(maxsize=8)
+def _layout(cfg: ModelConfig):
+  """What :func:`_place` looks names up in, built once per config (a mixture has hundreds of
+  linears per block and a checkpoint thousands of tensors): ``(norm names, fused modules,
+  {HF module: linear}, linear shapes)``; read only."""
+  return (frozenset(llama.norm_names(cfg)), fused_modules(cfg), hf_linears(cfg),
+          llama.linear_shapes(cfg))
+
+
 def _place(params: Params, cfg: ModelConfig, name: str, arr: np.ndarray, dtype) -> bool:
   """Puts one HF-named tensor into ``params``; returns False for names we do not use."""
   d = cfg.hidden_size
@@ -177,13 +187,12 @@ def _place(params: Params, cfg: ModelConfig, name: str, arr: np.ndarray, dtype) 
       raise ValueError(f'tensor {name} is beyond num_layers={cfg.num_layers}')
     layer = params['layers'][i]
     mod, kind = rest.rsplit('.', 1)
+    norms, fused, linears, shapes = _layout(cfg)
     norm = mod.replace('.', '/')
-    if kind == 'weight' and norm in llama.norm_names(cfg):
+    if kind == 'weight' and norm in norms:
       llama.get_node(layer, norm)['scale'] = put(arr)
       return True
-    fused = fused_modules(cfg)
     if mod in fused and kind in ('weight', 'bias'):
-      shapes = llama.linear_shapes(cfg)
       outs = [shapes[lin][1] for lin in fused[mod]]
       _check_shape(name, arr, (sum(outs),) + ((shapes[fused[mod][0]][0],) if kind == 'weight' else ()))
       rows = np.cumsum(outs)[:-1]
@@ -191,11 +200,10 @@ def _place(params: Params, cfg: ModelConfig, name: str, arr: np.ndarray, dtype) 
         llama.get_node(layer, lin)['kernel' if kind == 'weight' else 'bias'] = put(
             part.T if kind == 'weight' else part)
       return True
-    linears = hf_linears(cfg)
     if mod in linears and kind in ('weight', 'bias'):
       node = llama.get_node(layer, linears[mod])
       if kind == 'weight':
-        want = llama.linear_shapes(cfg)[linears[mod]]
+        want = shapes[linears[mod]]
         node['kernel'] = put(_check_shape(name, arr, want[::-1]).T)
       else:
         node['bias'] = put(arr)

@@ -132,9 +132,7 @@ def input_key(params: Params, cfg: ModelConfig, tokens: jax.Array, *,
   n_layers = len(params['layers'])
   if layer is not None and not 0 <= layer <= n_layers:
     raise ValueError(f'layer must be in [0, {n_layers}] or None, got {layer}')
-  x = llama.embed(params, tokens, cfg, dtype)
-  for i, block in enumerate(params['layers'][:n_layers if layer is None else layer]):
-    x = llama.block_apply(block, x, cfg.layer(i))
+  x = llama.hidden(params, tokens, cfg, dtype=dtype, num_blocks=layer)
   if layer is None:
     x = llama.final_norm(params, x, cfg)
   x = x.astype(jnp.float32)
