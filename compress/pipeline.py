@@ -89,7 +89,8 @@ def data_free(spec: LinearSpec) -> LinearSpec:
 def validate_rules(params: Params, rules: Sequence[Rule]) -> list[dict[str, LinearSpec]]:
   """Checks every rule against the layer it selects (before any work); returns the specs per block."""
   specs_per_block = []
-  for i, block in enumerate(params['layers']):
+  for i in range(len(params['layers'])):
+    block = tree.block_shapes(params['layers'], i)
     specs = {}
     for lin in llama.block_linear_names(block):
       spec = match(rules, f'layers/{i}/{lin}/kernel')
@@ -129,7 +130,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                    progress: bool = True, stop_after: int | None = None,
                    checkpoint_every_s: float = 60.0,
                    given: Params | None = None,
-                   moe: MoeCalibration = MoeCalibration()) -> tuple[Params, list[LayerReport]]:
+                   moe: MoeCalibration = MoeCalibration(),
+                   host_blocks: bool = False) -> tuple[Params, list[LayerReport]]:
   """Compresses every linear that a rule selects, block by block.
 
   Args:
@@ -164,6 +166,10 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       statistics, reports and ``recovery`` run on them as on our own.
     moe: how a mixture's experts are calibrated (:class:`MoeCalibration`); every expert's report
       carries the tokens the router sent it.
+    host_blocks: move each finished block to host memory (NumPy arrays) as soon as it is done,
+      so that the devices hold one block at a time. ``params['layers']`` may then be a
+      :class:`models.loading.LazyLayers`, each block read from disk when its turn comes: the
+      memory-bounded mode (``--stream``).
 
   Returns:
     ``(compressed params, per-layer report)``.
@@ -241,7 +247,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                                         routed=False)
       stats = dict(stats, **again)
     return stats, stage_specs, notes
-  layers = list(params['layers'])
+  n_blocks = len(params['layers'])
+  layers: list[Any] = [None] * n_blocks  # the finished blocks (the others are read when used)
   reports: list[LayerReport] = []
   sweep = checkpoint.ResumableSweep(checkpoint_dir, fingerprint, cfg.num_layers, desc='compress',
                                     unit='block', every_s=checkpoint_every_s,
@@ -249,7 +256,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
   start, state, meta = sweep.resume()
   if state is not None:
     for j in range(start):
-      layers[j] = sweep.load_block(j)
+      layers[j] = tree.to_host(sweep.load_block(j)) if host_blocks else sweep.load_block(j)
     x = None if state.get('x') is None else state['x'].astype(dtype)
     x_dense = None if state.get('x_dense') is None else state['x_dense'].astype(dtype)
     x_aux = None if state.get('x_aux') is None else state['x_aux'].astype(dtype)
@@ -259,7 +266,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
   for i in sweep.steps(start):
     t_block = time.time()
     first_report = len(reports)
-    block = layers[i]
+    block = params['layers'][i]
     specs = specs_per_block[i]
     src = x_dense if dense_inputs else x
     needed = sorted({llama.input_key(l) for l in specs})
@@ -299,7 +306,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                                            aux_stats, None if given is None else given['layers'][i],
                                            notes)
         reports += rep
-    layers[i] = new_block
+    layers[i] = tree.to_host(new_block) if host_blocks else new_block
     # A recovery that re-compresses the weights themselves (SRR) must propagate its adapters.
     keep = propagate_adapters or (recovery is not None and recovery.changes_weights)
     prop_block = new_block if keep else tree.strip_adapters(new_block)
@@ -324,7 +331,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       break
 
   out = dict(params)
-  out['layers'] = layers
+  out['layers'] = [params['layers'][j] if b is None else b for j, b in enumerate(layers)]
   if head_spec is not None and not head_spec.is_noop and 'lm_head' in params and (
       stop_after is None or stop_after >= cfg.num_layers):
     hx = llama.final_norm(params, x, cfg)
@@ -350,7 +357,8 @@ def _given_specs(params: Params, given: Params) -> list[dict[str, LinearSpec]]:
     raise ValueError(f'the given model has {len(given["layers"])} blocks, this one '
                      f'{len(params["layers"])}')
   out = []
-  for i, (block, gblock) in enumerate(zip(params['layers'], given['layers'])):
+  for i, gblock in enumerate(given['layers']):
+    block = tree.block_shapes(params['layers'], i)
     specs = {}
     for lin in llama.block_linear_names(gblock):
       leaf = tree.get_linear(gblock, lin)

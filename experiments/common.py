@@ -374,7 +374,8 @@ def windows_by_corpus(tokenizer, eval_data: Sequence[str], eval_windows: int, ev
 def evaluate_models(loaded, models: Mapping[str, Any], windows: Mapping[str, np.ndarray], *,
                     items: Sequence[Any] = (), pools: Mapping[str, Any] | None = None,
                     dtype=jnp.float32, batch_size: int = 4, progress: bool = True,
-                    dense_probes: bool = True) -> dict[str, dict[str, Any]]:
+                    dense_probes: bool = True,
+                    blockwise: bool = False) -> dict[str, dict[str, Any]]:
   """Every model against the dense one (``loaded.params``, computed once per batch) on every
   corpus, and on the multiple-choice ``items``.
 
@@ -382,16 +383,21 @@ def evaluate_models(loaded, models: Mapping[str, Any], windows: Mapping[str, np.
   corpus (the dense row: perplexity and ``'eval_tokens DS'``) and ``'probe_acc'`` (None without
   items). A model with a prompt pool in ``pools`` (IDP) is evaluated with each window's and each
   item's routed prompt; it gets perplexity and probe accuracy only. ``dense_probes=False`` leaves
-  the dense model's probe accuracy out (e.g. when it was measured before).
+  the dense model's probe accuracy out (e.g. when it was measured before). ``blockwise``: one
+  block of one model on the devices at a time (:func:`models.evaluate.compare_blockwise`; the
+  dense model's blocks may still be on disk); no prompt pools or items then.
   """
   from recover import prompting  # pylint: disable=g-import-not-at-top
+  if blockwise and (pools or items):
+    raise ValueError('block-by-block evaluation scores perplexity only (no prompt pools, no items)')
   cfg, tokenizer = loaded.config, loaded.tokenizer()
   pools = dict(pools or {})
   plain = {n: p for n, p in models.items() if n not in pools}
   out: dict[str, dict[str, Any]] = {name: {} for name in ['dense', *models]}
   for ds, win in windows.items():
-    res = eval_lib.compare_many(loaded.params, plain, cfg, win, batch_size=batch_size, dtype=dtype,
-                                progress=progress, desc=f'eval {ds}')
+    compare = eval_lib.compare_blockwise if blockwise else eval_lib.compare_many
+    res = compare(loaded.params, plain, cfg, win, batch_size=batch_size, dtype=dtype,
+                  progress=progress, desc=f'eval {ds}')
     out['dense'][f'ppl {ds}'] = res['__ref__']['ppl']
     out['dense'][f'eval_tokens {ds}'] = res['__ref__']['eval_tokens']
     for name in plain:

@@ -130,7 +130,7 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
   c = resolve(c, loaded.config if loaded else loading.load_config(c.model))
   spec = build_spec(c)
   dt = common.parse_dtype(c.dtype)
-  loaded = loaded or loading.load_model(c.model, dtype=dt)
+  loaded = loaded or loading.load_model(c.model, dtype=dt, lazy=c.stream)
   cfg, params = loaded.config, loaded.params
   tokenizer = loaded.tokenizer()
   rules = build_rules(c, spec)
@@ -174,12 +174,13 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
       params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
       batch_size=c.batch_size, dtype=dt, checkpoint_dir=_stage_dir(out_dir, 'compress'),
       recovery=compensator, aux_tokens=aux, checkpoint_every_s=c.checkpoint_every_s, given=given,
-      moe=moe_calibration(c))
+      moe=moe_calibration(c), host_blocks=c.stream)
   if several:  # from here on, every process holds the whole result
     compressed = distributed.to_local(compressed)
   summary = pipeline.summarize(reports)  # its seconds add up over interruptions
 
-  items = common.probe_items(c.probes)
+  # --stream scores perplexity block by block; the shipped probes (a whole-model forward) are off.
+  items = [] if c.stream and c.probes is None else common.probe_items(c.probes)
   method = spec.describe() if given is None else ', '.join(sorted({r.method for r in reports}))
   results: dict[str, Any] = {'model': c.model, 'method': method,
                              'calib_data': c.calib_data, 'calib_tokens': int(calib.size),
@@ -197,7 +198,8 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
     # SRR re-quantizes a residual: the compression alone is a separate run without compensation.
     base, _ = pipeline.compress_model(
         params, cfg, calib, rules, dense_inputs=c.dense_inputs, true_sequential=c.true_sequential,
-        batch_size=c.batch_size, dtype=dt, given=given, moe=moe_calibration(c))
+        batch_size=c.batch_size, dtype=dt, given=given, moe=moe_calibration(c),
+        host_blocks=c.stream)
     base = distributed.to_local(base) if several else base
   elif compensator is not None:
     # The compression alone: the same leaves without their adapters (the pipeline propagates
@@ -224,7 +226,8 @@ def _evaluate_and_recover(c: CompressConfig, loaded: loading.LoadedModel, compre
                                                             'calib_forward_seconds')})
   compensated = c.recover != 'none'
   evaluate = functools.partial(common.evaluate_models, loaded, windows=windows, items=items,
-                               dtype=dt, batch_size=max(1, c.batch_size // 2))
+                               dtype=dt, batch_size=max(1, c.batch_size // 2),
+                               blockwise=c.stream)
   ev = evaluate({'compressed': base if base is not None else compressed})
   first = c.eval_data[0]
   results.update(ppl_dense=ev['dense'][f'ppl {first}'],

@@ -145,6 +145,12 @@ class CompressConfig:
   offload: str = common.flag_field(
       'none', 'Where the activations between blocks live: none (on the devices)|host (host '
       'memory; each batch moves to the devices when used).', choices=sharding.OFFLOADS)
+  stream: bool = common.flag_field(
+      False, 'Memory-bounded run: the dense blocks stay on disk (a Hugging Face directory\'s '
+      'safetensors shards or a GGUF file) and are read one at a time, each finished block goes '
+      'to host memory, and the evaluation runs block by block; devices hold about one block. '
+      'Compression, --recover and --export/--save only (no --reconstruct, --finetune, '
+      '--auto_bits or probes).')
   distributed: str = common.flag_field(
       'auto', 'Several processes (hosts) as one run through jax.distributed: auto (when '
       '--coordinator_address/--num_processes/--process_id or the environment ask for it: a SLURM '
@@ -775,6 +781,23 @@ def _distributed_problems(c: CompressConfig, n_devices: int | None) -> list[str]
   return p
 
 
+def _stream_problems(c: CompressConfig) -> list[str]:
+  """What ``--stream`` (one block on the devices at a time) cannot run: stages that hold the
+  whole model."""
+  if not c.stream:
+    return []
+  p = []
+  for flag, value, off in (('reconstruct', c.reconstruct, 'none'), ('finetune', c.finetune, 'none'),
+                           ('auto_bits', c.auto_bits, None)):
+    if value != off:
+      p.append(f'--{flag}={value} trains or searches on the whole model; --stream holds one block '
+               f'at a time: drop one of them')
+  if c.probes not in (None, 'none'):
+    p.append(f'--probes={c.probes}: multiple-choice probes need the whole model; --stream '
+             'evaluates perplexity block by block (pass --probes=none)')
+  return p
+
+
 def validate(c: CompressConfig, *, out_dir: str | None = None, save: str | None = None,
              given: Collection[str] | None = None, model_config=None,
              n_devices: int | None = None) -> list[str]:
@@ -816,6 +839,7 @@ def validate(c: CompressConfig, *, out_dir: str | None = None, save: str | None 
     problems += _model_problems(resolved, cfg, spec, default_group=c.group_size is None)
   if c.compressed is not None:
     problems += _compressed_problems(c, cfg)
+  problems += _stream_problems(c)
   problems += _data_problems(resolved)
   problems += _output_problems(out_dir, save)
   if c.export != 'none' and not out_dir:

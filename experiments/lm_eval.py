@@ -13,6 +13,17 @@ files. ``--include_path`` adds a directory of task YAML files: with local data f
 built-in tasks download their data sets through Hugging Face ``datasets``. When every requested
 name is a task of ``--include_path``, lm-eval's ~15k built-in task configs are not indexed.
 
+``--mesh`` (as ``experiments.compress``'s: ``data:N,model:M``, default every device on ``data``)
+splits each batch of requests along the mesh's data axis (``models.sharding``; the parameters are
+replicated on every device), e.g. on a host with 8 GPUs::
+
+  python -m experiments.lm_eval --model=results/gptq4/saved --tasks=arc_easy --mesh=data:8 \
+      --batch_size=32 --out_dir=results/lm_eval_gptq4
+
+``--batch_size`` must be a multiple of the data axis's size; a batch of fewer requests (the last
+one, or a task with fewer requests than ``--batch_size``) runs whole on every device, with the
+same numbers. ``results.json`` records the mesh.
+
 This is the supported command line: the ``lm_eval`` console command does not know the
 ``compress-recover`` model (lm-eval 0.4.13 reads no plugin entry points; see
 :mod:`models.harness`). Prints the metrics as a markdown table and writes ``results.json`` (the
@@ -75,11 +86,16 @@ def resolve_tasks(manager, tasks: Sequence[str]) -> tuple[list[str], list[str]]:
 def check(*, model: str, tasks: Sequence[str], include_path: str | None = None,
           num_fewshot: int | None = None, limit: float | None = None, batch_size: int = 8,
           max_length: int | None = None, max_gen_toks: int = 256, dtype: str = 'float32',
-          out_dir: str | None = None) -> tuple[Any, list[str]]:
+          out_dir: str | None = None, mesh: str | None = None) -> tuple[Any, list[str]]:
   """Every check that needs no model weights: returns ``(task manager, task names)`` or raises
   :class:`LmEvalError` with all the problems found."""
   from models import loading  # pylint: disable=g-import-not-at-top
   problems = []
+  if batch_size >= 1:
+    try:
+      _placement(mesh, batch_size)
+    except ValueError as e:
+      problems.append(str(e))
   if not model:
     problems.append('--model is required')
   else:
@@ -117,6 +133,13 @@ def check(*, model: str, tasks: Sequence[str], include_path: str | None = None,
   return manager, names
 
 
+def _placement(mesh: str | None, batch_size: int):
+  """``--mesh``'s placement; ValueError naming the flag (see :func:`experiments.evaluate.
+  placement_for`)."""
+  from experiments import evaluate  # pylint: disable=g-import-not-at-top
+  return evaluate.placement_for(mesh, batch_size)
+
+
 def metric_rows(res: Mapping[str, Any]) -> list[dict[str, Any]]:
   """One row per (task or group, metric, filter) of ``simple_evaluate``'s results."""
   rows = []
@@ -145,16 +168,19 @@ def run(*, model: str, tasks: Sequence[str], include_path: str | None = None,
         num_fewshot: int | None = None, limit: float | None = None, batch_size: int = 8,
         max_length: int | None = None, max_gen_toks: int = 256, dtype: str = 'float32',
         bootstrap_iters: int = 100000, out_dir: str | None = None,
-        flag_record: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        flag_record: Mapping[str, Any] | None = None, mesh: str | None = None) -> dict[str, Any]:
   """All the logic; reads no flags. Checks everything (:func:`check`) before loading the model,
   evaluates, and writes ``results.json`` + ``table.md`` to ``out_dir`` when given. Returns
   ``{'rows': metric rows, 'results': lm-eval's results, ...}``."""
   settings = dict(model=model, tasks=list(tasks), include_path=include_path,
                   num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
                   max_length=max_length, max_gen_toks=max_gen_toks, dtype=dtype)
-  manager, names = check(**settings, out_dir=out_dir)
+  manager, names = check(**settings, out_dir=out_dir, mesh=mesh)
+  settings['mesh'] = mesh
+  placement = _placement(mesh, batch_size)
   import lm_eval  # pylint: disable=g-import-not-at-top
   from models import harness  # pylint: disable=g-import-not-at-top  (registers the model)
+  from models import sharding  # pylint: disable=g-import-not-at-top
   if limit is not None and limit >= 1:
     limit = int(limit)
   model_args = {'model': model, 'batch_size': batch_size, 'dtype': dtype,
@@ -162,11 +188,13 @@ def run(*, model: str, tasks: Sequence[str], include_path: str | None = None,
   if max_length is not None:
     model_args['max_length'] = max_length
   t0 = time.time()
-  res = lm_eval.simple_evaluate(model=harness.MODEL_NAME, model_args=model_args, tasks=names,
-                                num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                                bootstrap_iters=bootstrap_iters, log_samples=False)
+  with sharding.use(placement):  # the model replicates its params on the mesh, batches split
+    res = lm_eval.simple_evaluate(model=harness.MODEL_NAME, model_args=model_args, tasks=names,
+                                  num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                  bootstrap_iters=bootstrap_iters, log_samples=False)
   rows = metric_rows(res)
-  out = {'model': model, 'tasks': names, 'rows': rows, 'seconds': time.time() - t0}
+  out = {'model': model, 'tasks': names, 'mesh': placement.describe(), 'rows': rows,
+         'seconds': time.time() - t0}
   for key in ('results', 'groups', 'group_subtasks', 'n-shot', 'n-samples', 'versions',
               'higher_is_better', 'config', 'configs'):
     if key in res:
@@ -198,6 +226,8 @@ def define_flags() -> None:
   flags.DEFINE_enum('dtype', 'float32', list(common.DTYPES), 'Compute dtype.')
   flags.DEFINE_integer('bootstrap_iters', 100000, 'Bootstrap iterations of the stderr of '
                        'metrics without a closed form (0: none).')
+  flags.DEFINE_string('mesh', None, 'Device mesh data:N,model:M over all devices (default: every '
+                      'device on data): each batch of requests is split along data.')
   flags.DEFINE_string('out_dir', None, 'Directory for results.json and table.md.')
 
 
@@ -210,7 +240,7 @@ def main(argv: Sequence[str]):
               batch_size=FLAGS.batch_size, max_length=FLAGS.max_length,
               max_gen_toks=FLAGS.max_gen_toks, dtype=FLAGS.dtype,
               bootstrap_iters=FLAGS.bootstrap_iters, out_dir=FLAGS.out_dir,
-              flag_record=common.flag_values(FLAGS))
+              flag_record=common.flag_values(FLAGS), mesh=FLAGS.mesh)
   except LmEvalError as e:
     for problem in e.problems:
       print(f'error: {problem}', file=sys.stderr)

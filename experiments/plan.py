@@ -6,14 +6,21 @@ config alone (no weight is read), and whether it fits.
 
 The figures model what the pipeline holds at its two peaks:
 
-* **compression** (one block at a time): the dense model (loaded whole onto each device today),
+* **compression** (one block at a time): the dense model (loaded whole onto each device; with
+  ``--stream`` the embedding and head and one dense block, read from the checkpoint when its turn
+  comes),
   the calibration activations between blocks (two copies while a block's outputs are computed;
   with ``--offload=host`` only the batch in flight is on the device), one block's forward
   temporaries for a batch of ``--batch_size / data`` sequences, the block's statistics
   ``H = X^T X`` (float32) of every linear input, the one-matrix numerics of its largest linear
   (the weight's columns split over ``model``; ``H`` and its inverse factor; float64
-  eigendecompositions for EoRA/SVD/SRR) and the compressed model so far;
-* **evaluation**: the dense and the compressed model, and the logits of an evaluation batch.
+  eigendecompositions for EoRA/SVD/SRR) and the compressed model so far (with ``--stream``: one
+  compressed block; the finished ones are in host memory);
+* **evaluation**: the dense and the compressed model, and the logits of an evaluation batch
+  (with ``--stream``: one block at a time, the windows' hidden states in host memory).
+
+Per host: the dense model as read (float32), or with ``--stream`` one dense block (read and
+converted) plus the compressed model and the evaluation's hidden states.
 
 Array sizes come from ``jax.eval_shape`` of the leaves the rules will make
 (:func:`compress.matrix.abstract_leaf`); the temporaries from formulas checked against
@@ -47,6 +54,12 @@ def model_bytes(cfg: ModelConfig, dtype) -> int:
   """The dense model's parameters in ``dtype``."""
   params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0), dtype=dtype))
   return _nbytes(params)
+
+
+def outer_bytes(cfg: ModelConfig, dtype) -> int:
+  """The parameters outside the blocks (embedding, final norm, untied head) in ``dtype``."""
+  params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0), dtype=dtype))
+  return _nbytes({k: v for k, v in params.items() if k != 'layers'})
 
 
 def block_forward_bytes(cfg: ModelConfig, rows: int, seqlen: int, act_bytes: int) -> int:
@@ -114,20 +127,38 @@ def plan(c: CompressConfig, cfg: ModelConfig, n_devices: int | None = None,
   in_flight = 2 * rows * c.calib_seqlen * cfg.hidden_size * act
   largest = max(shapes.values(), key=lambda s: s[0] * s[1] + s[0] * s[0])
   decomposition = c.recover != 'none'
-  device = {
-      'dense model': dense,
+  eval_rows = max(1, max(1, c.batch_size // 2) // data)
+  common = {
       'activations between blocks': in_flight if c.offload == 'host' else 2 * between,
       'block forward temporaries': block_forward_bytes(cfg, rows, c.calib_seqlen, act),
       'statistics (H)': stats_bytes(cfg),
       'one-matrix numerics': numerics_bytes(*largest, model, decomposition),
-      'compressed model': compressed,
   }
-  eval_rows = max(1, max(1, c.batch_size // 2) // data)
-  evaluation = {'dense model': dense, 'compressed model': compressed,
-                'evaluation logits': eval_bytes(cfg, eval_rows, c.eval_seqlen)}
+  logits = eval_bytes(cfg, eval_rows, c.eval_seqlen)
+  if c.stream:
+    top = outer_bytes(cfg, dtype)
+    block = (dense - top) // cfg.num_layers
+    compressed_block = (compressed - top) // cfg.num_layers
+    device = {'embedding and head': top, 'one dense block': block, **common,
+              'one compressed block': compressed_block}
+    evaluation = {'embedding and head': top, 'one block': max(block, compressed_block),
+                  'block forward temporaries': block_forward_bytes(cfg, eval_rows, c.eval_seqlen,
+                                                                   act),
+                  'evaluation logits': logits}
+    hidden = 2 * c.eval_windows * c.eval_seqlen * cfg.hidden_size * 4 if c.eval_windows > 0 else 0
+    host = {'one dense block (float32 while reading)': 2 * (model_bytes(cfg, jnp.float32)
+                                                            - outer_bytes(cfg, jnp.float32))
+                                                       // cfg.num_layers,
+            'compressed model': compressed,
+            'evaluation hidden states (both models)': hidden,
+            'offloaded activations': 2 * between if c.offload == 'host' else 0}
+  else:
+    device = {'dense model': dense, **common, 'compressed model': compressed}
+    evaluation = {'dense model': dense, 'compressed model': compressed,
+                  'evaluation logits': logits}
+    host = {'dense model (float32 while loading)': model_bytes(cfg, jnp.float32),
+            'offloaded activations': 2 * between if c.offload == 'host' else 0}
   device_peak = max(sum(device.values()), sum(evaluation.values()))
-  host = {'dense model (float32 while loading)': model_bytes(cfg, jnp.float32),
-          'offloaded activations': 2 * between if c.offload == 'host' else 0}
   out = {'mesh': f'data:{data},model:{model}', 'devices': n, 'dtype': dtype.name,
          'device': device, 'evaluation': evaluation, 'host': host,
          'device_peak': device_peak, 'host_peak': sum(host.values()),
@@ -141,13 +172,12 @@ def _hints(c: CompressConfig, device: dict[str, int], evaluation: dict[str, int]
            limit: float) -> list[str]:
   """Flags that would shrink what does not fit, largest part first."""
   hints = []
-  if device['dense model'] > limit:
-    if c.dtype == 'float32':
-      hints.append('--dtype=bfloat16 halves the dense model')
-    if device['dense model'] * (0.5 if c.dtype == 'float32' else 1) > limit:
-      hints.append(f'the dense model alone ({device["dense model"] / GB:.1f} GB) exceeds the '
-                   f'device ({limit / GB:.0f} GB): it is loaded whole onto each device today '
-                   '(streaming it block by block from the checkpoint is not built yet)')
+  dense = device.get('dense model', 0)
+  if dense > 0.5 * limit:
+    hints.append(f'--stream keeps one block of the dense model ({dense / GB:.1f} GB whole) on the '
+                 'devices at a time, reading the blocks from the checkpoint')
+  if dense > limit and c.dtype == 'float32':
+    hints.append('--dtype=bfloat16 halves the dense model')
   if device['activations between blocks'] > 0.2 * limit and c.offload != 'host':
     hints.append('--offload=host keeps the calibration activations in host memory '
                  f'({device["activations between blocks"] / GB:.1f} GB on the device now)')
@@ -186,3 +216,57 @@ def device_memory() -> float | None:
     return float(stats['bytes_limit']) if stats and 'bytes_limit' in stats else None
   except Exception:  # pylint: disable=broad-except
     return None
+
+
+# --------------------------------------------------------------------------- the README's table
+
+def llama3_config(size: str) -> ModelConfig:
+  """The shapes of Llama-3-8B or Llama-3-70B (``size``: '8b' or '70b'); no weight is needed."""
+  hidden, inter, layers, heads = {'8b': (4096, 14336, 32, 32), '70b': (8192, 28672, 80, 64)}[size]
+  return ModelConfig(model_type='llama', vocab_size=128256, hidden_size=hidden,
+                     intermediate_size=inter, num_layers=layers, num_heads=heads, num_kv_heads=8,
+                     head_dim=128, rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                     max_position_embeddings=8192)
+
+
+def big_model_table(device_gb: float = 80.0) -> list[dict[str, Any]]:
+  """Plans of GPTQ 4-bit g128 + EoRA r64 (128 x 2048 calibration tokens, bfloat16,
+  ``--batch_size=8 --offload=host``) for Llama-3-8B and -70B on 1, 8 and 64 devices of
+  ``device_gb``, whole and ``--stream``: one row each, in GB per device (host: per host)."""
+  rows = []
+  for size in ('8b', '70b'):
+    cfg = llama3_config(size)
+    for n, mesh in ((1, 'data:1'), (8, 'data:8'), (64, 'data:8,model:8')):
+      for stream in (False, True):
+        c = CompressConfig(quant='gptq', bits=4, group_size=128, recover='eora', rank=64,
+                           calib_samples=128, calib_seqlen=2048, dtype='bfloat16', batch_size=8,
+                           offload='host', mesh=mesh, stream=stream)
+        p = plan(c, cfg, n, device_gb * GB)
+        dense = p['device'].get('dense model', p['device'].get('one dense block', 0))
+        rows.append({
+            'model': f'Llama-3-{size.upper()}', 'devices': n, 'mesh': mesh,
+            'stream': 'yes' if stream else 'no',
+            'dense on device': round(dense / GB, 1),
+            "largest matrix's numerics": round(p['device']['one-matrix numerics'] / GB, 1),
+            'compression peak': round(sum(p['device'].values()) / GB, 1),
+            'evaluation peak': round(sum(p['evaluation'].values()) / GB, 1),
+            'host peak': round(p['host_peak'] / GB, 1),
+            'fits': 'yes' if p['fits'] else 'no'})
+  return rows
+
+
+def main(argv) -> None:
+  """Writes the table of :func:`big_model_table` to ``--out_dir`` (results.json, table.md)."""
+  del argv
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  rows = big_model_table()
+  common.write_results(FLAGS.out_dir, {'rows': rows, 'device_gb': 80}, rows=rows,
+                       title='Plans for Llama-3-8B and -70B (GB per device, 80 GB devices)')
+  print(common.markdown_table(rows))
+
+
+if __name__ == '__main__':
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
+  flags.DEFINE_string('out_dir', 'results/plan', 'Where results.json and table.md go.')
+  FLAGS = flags.FLAGS
+  app.run(main)

@@ -29,7 +29,10 @@ def hf_model(family: str, seed: int = 0, weight_std: float = 0.15, **overrides):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   torch.manual_seed(seed)
-  if family == 'qwen3':
+  if family == 'llama':
+    cfg = transformers.LlamaConfig(**_COMMON)
+    cls = transformers.LlamaForCausalLM
+  elif family == 'qwen3':
     cfg = transformers.Qwen3Config(**_COMMON)
     cls = transformers.Qwen3ForCausalLM
   elif family == 'gemma2':
@@ -78,11 +81,14 @@ def hf_model(family: str, seed: int = 0, weight_std: float = 0.15, **overrides):
   return model.float().eval(), cfg
 
 
-def save(family: str, path: pathlib.Path, *, tokenizer: bool = False, **kwargs) -> pathlib.Path:
+def save(family: str, path: pathlib.Path, *, tokenizer: bool = False,
+         max_shard_size: str | None = None, **kwargs) -> pathlib.Path:
   """Writes a tiny ``family`` checkpoint (safetensors + config.json) to ``path``, and with
-  ``tokenizer`` a character-level tokenizer of its vocabulary."""
+  ``tokenizer`` a character-level tokenizer of its vocabulary. ``max_shard_size`` (e.g.
+  ``'200KB'``) splits the weights into several shards with an index, as big checkpoints are."""
   model, _ = hf_model(family, **kwargs)
-  model.save_pretrained(path, safe_serialization=True)
+  model.save_pretrained(path, safe_serialization=True,
+                        **({} if max_shard_size is None else {'max_shard_size': max_shard_size}))
   if tokenizer:
     char_tokenizer(_COMMON['vocab_size']).save_pretrained(path)
   return path

@@ -426,11 +426,15 @@ def load_model(path: str | pathlib.Path):
 
 def tree_digest(tree: Any) -> str:
   """sha256 of a pytree: its structure (with the static fields of compressed leaves), and every
-  array's path, dtype, shape and bytes."""
+  array's path, dtype, shape and bytes; a leaf with a ``digest()`` method (blocks left on disk,
+  :class:`models.loading.LazyLayers`) contributes that instead of its bytes."""
   h = hashlib.sha256()
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
   h.update(str(treedef).encode())
   for path, leaf in leaves:
+    if callable(getattr(leaf, 'digest', None)):  # e.g. blocks still on disk (LazyLayers)
+      h.update(f'\n{jax.tree_util.keystr(path)} {leaf.digest()}\n'.encode())
+      continue
     a = np.ascontiguousarray(np.asarray(leaf))
     h.update(f'\n{jax.tree_util.keystr(path)} {a.dtype} {a.shape}\n'.encode())
     h.update(a.tobytes())

@@ -158,6 +158,143 @@ def compare_many(params_ref, models: dict[str, Any], cfg: ModelConfig, windows: 
   return result
 
 
+def _host(x: Any) -> np.ndarray:
+  """``x`` whole as a NumPy array in host memory (gathered across processes when split)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from models import distributed  # pylint: disable=g-import-not-at-top
+    return distributed.gather(x)
+  return np.asarray(x)
+
+
+def _on_device(tree: Any) -> Any:
+  """``tree`` (a block or the top-level params) whole on every device of the active placement;
+  host (NumPy) leaves are transferred once here, not once per batch."""
+  return jax.tree.map(jnp.asarray, sharding.replicate(tree))
+
+
+def _top(params) -> dict[str, Any]:
+  """The params outside the blocks: embeddings, final norm, LM head."""
+  return {k: v for k, v in params.items() if k != 'layers'}
+
+
+def _embed_step(top, tokens, cfg: ModelConfig, dtype):
+  return llama.embed(top, tokens, cfg, dtype)
+
+
+def _block_step(block, x, cfg: ModelConfig):
+  return llama.block_apply(block, x, cfg)
+
+
+def _ref_head_step(top, x, tokens, cfg: ModelConfig):
+  """The reference's head on its last hidden states: (log-probs ``[B, T - 1, V]``, NLL)."""
+  lr = losses.log_probs(llama.head(top, x, cfg))[:, :-1]
+  return lr, losses.nll_of(lr, tokens)
+
+
+def _vs_ref_head_step(top, x, tokens, ref_logp, cfg: ModelConfig):
+  """:func:`_stats_vs_ref` from a model's last hidden states instead of its tokens."""
+  lp = losses.log_probs(llama.head(top, x, cfg))[:, :-1]
+  return {'nll': losses.nll_of(lp, tokens), 'kl': losses.kl_divergence(ref_logp, lp),
+          'top1': losses.top1_agreement(ref_logp, lp)}
+
+
+@functools.lru_cache(maxsize=None)
+def _blockwise_jitted(fn_name: str, cfg: ModelConfig, dtype_name: str):
+  if fn_name == 'embed':
+    return jax.jit(functools.partial(_embed_step, cfg=cfg, dtype=jnp.dtype(dtype_name)))
+  fn = {'block': _block_step, 'ref_head': _ref_head_step, 'vs_ref_head': _vs_ref_head_step}[fn_name]
+  return jax.jit(functools.partial(fn, cfg=cfg))
+
+
+def _last_hidden(params, cfg: ModelConfig, windows: np.ndarray, batch_size: int, dtype,
+                 bar) -> np.ndarray:
+  """The last block's output ``[N, T, D]`` (host memory) of one model on ``windows``, one block
+  on the device at a time: block ``i`` is read once (``params['layers'][i]``), placed, run on
+  every batch of hidden states and dropped before block ``i + 1`` is read."""
+  dtype_name = jnp.dtype(dtype).name
+  embed_fn = _blockwise_jitted('embed', cfg, dtype_name)
+  top = _on_device({'embed_tokens': params['embed_tokens']})
+  x = np.concatenate([_host(embed_fn(top, sharding.batch(b)))
+                      for b in _batches(windows, batch_size)], axis=0)
+  del top
+  layers = params['layers']
+  for i in range(cfg.num_layers):
+    layer_cfg = cfg.layer(i)
+    block = _on_device(layers[i])
+    fn = _blockwise_jitted('block', layer_cfg, dtype_name)
+    x = np.concatenate([_host(fn(block, sharding.batch(b))) for b in _batches(x, batch_size)],
+                       axis=0)
+    del block
+    bar.update(1)
+  return x
+
+
+def compare_blockwise(params_ref, models: dict[str, Any], cfg: ModelConfig, windows: np.ndarray, *,
+                      batch_size: int = 4, dtype=jnp.float32, progress: bool = True,
+                      desc: str = 'compare') -> dict[str, dict[str, Any]]:
+  """:func:`compare_many` computed block by block, for models too large for the device.
+
+  Returns exactly what :func:`compare_many` returns: ``{'__ref__': {'ppl', 'eval_tokens'},
+  name: {'ppl', 'kl', 'top1', 'eval_tokens'}}``.
+
+  Each model in turn (the reference first) embeds every window, then runs the hidden states of all
+  windows through block 0, then block 1, ..., ``batch_size`` windows per jitted call; the hidden
+  states stay in host memory (NumPy) between blocks. ``params['layers']`` may be any sequence of
+  blocks, e.g. a lazy one whose ``__getitem__(i)`` reads block ``i`` from disk (NumPy leaves are
+  fine): block ``i`` of each model is read exactly once (``layers[i]``, for ``i`` in
+  ``range(cfg.num_layers)``; never iterated or measured), placed on the active placement
+  (:func:`models.sharding.replicate`; batches with :func:`models.sharding.batch`), used for every
+  batch and dropped before the next block is read. Per-layer settings run with ``cfg.layer(i)``.
+  Once every model's last hidden states are known, each batch goes through the final norm and LM
+  head of the reference (:func:`models.llama.head`, soft-capping included) and of each model,
+  and NLL, ``KL(P_ref || P)`` and top-1 agreement accumulate as in :func:`compare_many`.
+
+  Memory bound:
+
+  * device: ONE transformer block of ONE model plus one batch's activations (``[batch_size, T, D]``
+    in and out of the block); in the last phase, the top-level params (embeddings, final norm, LM
+    head: ordinary arrays, placed once per model) plus one batch's logits/log-probabilities
+    ``[batch_size, T, V]`` for the reference and the model being scored.
+  * host: the hidden states of all windows, ``[N, T, D]`` in ``dtype``, per model (the reference
+    and every entry of ``models``), plus whatever one block the layers sequence materialises.
+
+  ``progress``: one tqdm step per block per model (``cfg.num_layers * (1 + len(models))`` steps).
+  """
+  windows = np.asarray(windows, np.int32)
+  if windows.ndim != 2 or not len(windows):
+    raise ValueError(f'windows must be a non-empty [N, T] array of tokens, got shape {windows.shape}')
+  dtype_name = jnp.dtype(dtype).name
+  with tqdm(total=cfg.num_layers * (1 + len(models)), desc=desc, disable=not progress) as bar:
+    bar.set_postfix_str('__ref__')
+    ref_hidden = _last_hidden(params_ref, cfg, windows, batch_size, dtype, bar)
+    hidden = {}
+    for name, params in models.items():
+      bar.set_postfix_str(name)
+      hidden[name] = _last_hidden(params, cfg, windows, batch_size, dtype, bar)
+  ref_fn = _blockwise_jitted('ref_head', cfg, dtype_name)
+  vs_fn = _blockwise_jitted('vs_ref_head', cfg, dtype_name)
+  ref_top = _on_device(_top(params_ref))
+  tops = {name: _on_device(_top(params)) for name, params in models.items()}
+  sums = {name: {'nll': 0.0, 'kl': 0.0, 'top1': 0.0} for name in models}
+  ref_nll, count = 0.0, 0
+  for start in range(0, len(windows), batch_size):
+    rows = slice(start, start + batch_size)
+    tokens = sharding.batch(windows[rows])
+    lr, nll_ref = ref_fn(ref_top, sharding.batch(ref_hidden[rows]), tokens)
+    ref_nll += float(np.asarray(_host(nll_ref), np.float64).sum())
+    count += lr.shape[0] * lr.shape[1]
+    for name in models:
+      out = vs_fn(tops[name], sharding.batch(hidden[name][rows]), tokens, lr)
+      for k in sums[name]:
+        sums[name][k] += float(np.asarray(_host(out[k]), np.float64).sum())
+    del lr
+  result = {'__ref__': {'ppl': float(np.exp(ref_nll / count)), 'eval_tokens': count}}
+  for name, s in sums.items():
+    result[name] = {'ppl': float(np.exp(s['nll'] / count)), 'kl': s['kl'] / count,
+                    'top1': s['top1'] / count, 'eval_tokens': count}
+  return result
+
+
 def _encode(tokenizer, text: str) -> list[int]:
   return list(tokenizer(text)['input_ids'])
 
@@ -204,12 +341,12 @@ def score_multiple_choice(params, cfg: ModelConfig, tokenizer, items: Sequence[A
       batch[row, :len(toks)] = toks
       weight[row, len(toks) - n_cont - 1:len(toks) - 1] = 1.0
     if prefixes is None:
-      sums = fn(params, jnp.asarray(batch), jnp.asarray(weight))
+      sums = fn(params, sharding.batch(batch), sharding.batch(weight))
     else:
       pre = np.zeros((batch_size,) + tuple(prefixes.shape[1:]), np.float32)
       for row, r in enumerate(chunk):
         pre[row] = prefixes[requests[r][0]]
-      sums = fn(params, jnp.asarray(batch), jnp.asarray(weight), prefix=jnp.asarray(pre))
+      sums = fn(params, sharding.batch(batch), sharding.batch(weight), prefix=sharding.batch(pre))
     sums = np.asarray(sums)
     for row, r in enumerate(chunk):
       scores[r] = sums[row]

@@ -53,6 +53,11 @@ Python::
                                 model_args={'model': 'smollm2-135m', 'batch_size': 8},
                                 tasks=['hellaswag'])
 
+On a mesh (the active :class:`models.sharding.Placement` when the model is made, e.g.
+``experiments.lm_eval --mesh=data:8``) the params are replicated on every device once, and every
+scoring and prompt batch is split along the data axis (:func:`models.sharding.batch`; a batch
+whose row count the axis does not divide runs whole on every device).
+
 ``max_length`` defaults to the model's ``max_position_embeddings`` capped at 2048 (``hf`` uses
 the uncapped value); pass ``max_length=`` to both to compare longer contexts.
 """
@@ -77,6 +82,7 @@ from kernels import formats
 from models import llama
 from models import loading
 from models import losses
+from models import sharding
 from models.config import ModelConfig
 
 MODEL_NAME = 'compress-recover'
@@ -207,10 +213,11 @@ def greedy_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     tokens[r, :len(p)] = p
     lengths[r] = len(p)
   name = jnp.dtype(dtype).name
-  tok, cache = _prefill(params, jnp.asarray(tokens), jnp.asarray(lengths), cfg=cfg,
+  lengths = sharding.batch(lengths)
+  tok, cache = _prefill(params, sharding.batch(tokens), lengths, cfg=cfg,
                         cache_len=width + steps_total, dtype_name=name)
   out = [[int(t)] for t in np.asarray(tok)[:n]]
-  index = jnp.asarray(lengths)
+  index = lengths
   while len(out[0]) < max_new_tokens and not (done and all(done(o) for o in out)):
     new, tok, cache, index = _decode(params, tok, cache, index, cfg=cfg, steps=chunk,
                                      dtype_name=name)
@@ -323,7 +330,7 @@ class CompressRecoverLM(TemplateLM):
     # A registry name stands for itself (its files live in a machine-specific cache).
     self.model_name = model if isinstance(model, str) else loaded.source
     self.config: ModelConfig = loaded.config
-    self.params = loaded.params
+    self.params = sharding.replicate(loaded.params)  # on the active mesh, once
     self.tokenizer = loaded.tokenizer()
     if max_length is None:
       self._max_length = min(self.config.max_position_embeddings, DEFAULT_MAX_LENGTH)
@@ -454,9 +461,8 @@ class CompressRecoverLM(TemplateLM):
         index[r, n_cont:] = first
         targets[r, :n_cont] = cont
         mask[r, :n_cont] = True
-      total, greedy = score_continuations(self.params, jnp.asarray(tokens), jnp.asarray(index),
-                                          jnp.asarray(targets), jnp.asarray(mask),
-                                          cfg=self.config, dtype_name=name)
+      arrays = [sharding.batch(a) for a in (tokens, index, targets, mask)]  # split along data
+      total, greedy = score_continuations(self.params, *arrays, cfg=self.config, dtype_name=name)
       total, greedy = np.asarray(total, np.float64), np.asarray(greedy)
       for r, it in enumerate(chunk):
         results[it[0]] = (float(total[r]), bool(greedy[r]))

@@ -20,15 +20,19 @@ Tokenizers come through ``transformers`` from the same files (:func:`load_tokeni
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import functools
+import hashlib
 import importlib
 import json
 import pathlib
+import struct
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from models import config as config_lib
@@ -124,16 +128,32 @@ def fused_modules(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
   return out
 
 
+def _empty_block(cfg: ModelConfig) -> Params:
+  b: Params = {}
+  for n in llama.linear_names(cfg) + llama.norm_names(cfg):
+    llama.set_node(b, n, {})
+  return b
+
+
 def _empty_params(cfg: ModelConfig) -> Params:
-  def block():
-    b: Params = {}
-    for n in llama.linear_names(cfg) + llama.norm_names(cfg):
-      llama.set_node(b, n, {})
-    return b
-  return {'embed_tokens': {}, 'layers': [block() for _ in range(cfg.num_layers)], 'norm': {}}
+  return {'embed_tokens': {}, 'layers': [_empty_block(cfg) for _ in range(cfg.num_layers)],
+          'norm': {}}
 
 
-def _check_complete(params: Params, cfg: ModelConfig, source: str) -> None:
+def _missing_in_block(layer: Params, cfg: ModelConfig, i: int) -> list[str]:
+  missing = [f'layers/{i}/{n}' for n in llama.linear_names(cfg)
+             if 'kernel' not in llama.get_node(layer, n)]
+  return missing + [f'layers/{i}/{n}' for n in llama.norm_names(cfg)
+                    if 'scale' not in llama.get_node(layer, n)]
+
+
+def _raise_missing(missing: list[str], source: str) -> None:
+  if missing:
+    raise ValueError(f'checkpoint {source} is missing tensors: {missing[:8]}'
+                     f'{" ..." if len(missing) > 8 else ""} ({len(missing)} in all)')
+
+
+def _missing_top(params: Params, cfg: ModelConfig) -> list[str]:
   missing = []
   if 'embedding' not in params['embed_tokens']:
     missing.append('embed_tokens')
@@ -141,16 +161,14 @@ def _check_complete(params: Params, cfg: ModelConfig, source: str) -> None:
     missing.append('norm')
   if not cfg.tie_word_embeddings and 'lm_head' not in params:
     missing.append('lm_head')
+  return missing
+
+
+def _check_complete(params: Params, cfg: ModelConfig, source: str) -> None:
+  missing = _missing_top(params, cfg)
   for i, layer in enumerate(params['layers']):
-    for n in llama.linear_names(cfg):
-      if 'kernel' not in llama.get_node(layer, n):
-        missing.append(f'layers/{i}/{n}')
-    for n in llama.norm_names(cfg):
-      if 'scale' not in llama.get_node(layer, n):
-        missing.append(f'layers/{i}/{n}')
-  if missing:
-    raise ValueError(f'checkpoint {source} is missing tensors: {missing[:8]}'
-                     f'{" ..." if len(missing) > 8 else ""} ({len(missing)} in all)')
+    missing += _missing_in_block(layer, cfg, i)
+  _raise_missing(missing, source)
 
 
 def _check_shape(name: str, arr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -214,13 +232,58 @@ def _place(params: Params, cfg: ModelConfig, name: str, arr: np.ndarray, dtype) 
   return True
 
 
-def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
-  """Loads a Hugging Face checkpoint directory (config.json + safetensors) without torch."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f'checkpoint directory {path} does not exist')
-  cfg = config_lib.from_hf_json(path)
+_ST_DTYPES = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
+              'F8_E4M3': ml_dtypes.float8_e4m3fn, 'F8_E5M2': ml_dtypes.float8_e5m2,
+              'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U64': np.uint64,
+              'U32': np.uint32, 'U16': np.uint16, 'U8': np.uint8, 'BOOL': np.bool_}
+
+
+class SafetensorsFile:
+  """One ``.safetensors`` file: its tensor table is read when opened, each tensor's bytes only
+  when asked for, with plain reads into a fresh array (no memory map stays behind, so a tensor
+  read and dropped leaves nothing resident). Raises ValueError for a corrupt file."""
+
+  def __init__(self, path: str | pathlib.Path):
+    self.path = pathlib.Path(path)
+    size = self.path.stat().st_size
+    with open(self.path, 'rb') as f:
+      head = f.read(8)
+      n = struct.unpack('<Q', head)[0] if len(head) == 8 else -1
+      if n < 2 or 8 + n > size:
+        raise ValueError(f'corrupt safetensors file {self.path}: bad header length')
+      try:
+        table = json.loads(f.read(n))
+      except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'corrupt safetensors file {self.path}: {e}') from e
+    self.metadata = table.pop('__metadata__', None) or {}
+    self._base = 8 + n
+    self.tensors: dict[str, tuple[Any, tuple[int, ...], int, int]] = {}
+    for name, t in table.items():
+      try:
+        dtype = np.dtype(_ST_DTYPES[t['dtype']])
+        shape = tuple(int(d) for d in t['shape'])
+        begin, stop = (int(o) for o in t['data_offsets'])
+      except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f'corrupt safetensors file {self.path}: tensor {name}: {e!r}') from e
+      if stop - begin != int(np.prod(shape)) * dtype.itemsize or self._base + stop > size:
+        raise ValueError(f'corrupt safetensors file {self.path}: tensor {name} does not fit')
+      self.tensors[name] = (dtype, shape, self._base + begin, stop - begin)
+
+  def keys(self) -> list[str]:
+    return list(self.tensors)
+
+  def get(self, name: str) -> np.ndarray:
+    dtype, shape, offset, nbytes = self.tensors[name]
+    buf = np.empty(nbytes, np.uint8)
+    with open(self.path, 'rb') as f:
+      f.seek(offset)
+      if f.readinto(memoryview(buf)) != nbytes:
+        raise ValueError(f'corrupt safetensors file {self.path}: tensor {name} is cut short')
+    return buf.view(dtype).reshape(shape)
+
+
+def _safetensors_files(path: pathlib.Path) -> list[SafetensorsFile]:
+  """The opened shards of a Hugging Face directory (the index's, or every ``*.safetensors``)."""
   index = path / 'model.safetensors.index.json'
   if index.exists():
     files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
@@ -228,11 +291,47 @@ def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfi
     files = sorted(p.name for p in path.glob('*.safetensors'))
   if not files:
     raise FileNotFoundError(f'no *.safetensors files in {path}')
+  out = []
+  for fname in files:
+    fpath = path / fname
+    if not fpath.exists():
+      raise FileNotFoundError(f'shard {fpath} listed in the index does not exist')
+    out.append(SafetensorsFile(fpath))
+  return out
+
+
+def _quantization_config(path: pathlib.Path) -> dict[str, Any] | None:
   qcfg = json.loads((path / 'config.json').read_text()).get('quantization_config')
   if qcfg is None and (path / 'quantize_config.json').exists():  # AutoGPTQ's own file
     qcfg = dict(json.loads((path / 'quantize_config.json').read_text()), quant_method='gptq')
+  return qcfg
+
+
+def _block_of(name: str) -> int | None:
+  """The block index of a Hugging Face tensor name (``model.layers.I....``), None elsewhere."""
+  if not name.startswith('model.layers.'):
+    return None
+  return int(name[len('model.layers.'):].split('.', 1)[0])
+
+
+def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32,
+                lazy: bool = False) -> tuple[ModelConfig, Params]:
+  """Loads a Hugging Face checkpoint directory (config.json + safetensors) without torch.
+
+  ``lazy``: the blocks stay on disk (``params['layers']`` is a :class:`LazyLayers` reading each
+  block's tensors when indexed); only the embedding, final norm and head are read now. Dense
+  checkpoints only."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f'checkpoint directory {path} does not exist')
+  cfg = config_lib.from_hf_json(path)
+  files = _safetensors_files(path)
+  qcfg = _quantization_config(path)
   fmt_lib = None
   if qcfg is not None:
+    if lazy:
+      raise ValueError(f'{path}: a quantized checkpoint ({qcfg.get("quant_method")}) is read '
+                       'whole; streaming blocks from disk reads dense checkpoints')
     fmt_lib = quantized_format(qcfg.get('quant_method'))
     fmt_lib.check_config(qcfg)
     if fused_modules(cfg):
@@ -240,29 +339,80 @@ def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfi
                        f'{", ".join(fused_modules(cfg))}) are not read; load its dense checkpoint')
   params = _empty_params(cfg)
   packed: dict[str, np.ndarray] = {}  # a quantized format's tensors, read per linear below
-  for fname in files:
-    fpath = path / fname
-    if not fpath.exists():
-      raise FileNotFoundError(f'shard {fpath} listed in the index does not exist')
-    try:
-      with safe_open(str(fpath), framework='flax') as f:
-        for name in f.keys():
-          arr = f.get_tensor(name)
-          module, _, kind = name.rpartition('.')
-          if fmt_lib is not None and kind in fmt_lib.TENSORS:
-            packed[name] = np.asarray(arr)
-          else:
-            _place(params, cfg, name, np.asarray(arr, np.float32), dtype)
-    except (OSError, ValueError) as e:
-      if 'missing tensors' in str(e) or 'has shape' in str(e):
-        raise
-      raise ValueError(f'corrupt safetensors file {fpath}: {e}') from e
+  by_block: dict[int, list[tuple[SafetensorsFile, str]]] = {}
+  for f in files:
+    for name in f.keys():
+      i = _block_of(name)
+      if lazy and i is not None:
+        if i >= cfg.num_layers:
+          raise ValueError(f'tensor {name} is beyond num_layers={cfg.num_layers}')
+        by_block.setdefault(i, []).append((f, name))
+        continue
+      arr = f.get(name)
+      if fmt_lib is not None and name.rpartition('.')[2] in fmt_lib.TENSORS:
+        packed[name] = arr
+      else:
+        _place(params, cfg, name, np.asarray(arr, np.float32), dtype)
   if fmt_lib is not None:
     _read_quantized(params, cfg, packed, fmt_lib, qcfg, dtype, str(path))
     if hasattr(fmt_lib, 'read_dense'):
       _read_dense(params, cfg, fmt_lib, qcfg, str(path))
-  _check_complete(params, cfg, str(path))
+  if lazy:
+    _raise_missing(_missing_top(params, cfg), str(path))
+
+    def read(i: int) -> Params:
+      skeleton = {'layers': {i: _empty_block(cfg)}}
+      for f, name in by_block.get(i, ()):
+        _place(skeleton, cfg, name, np.asarray(f.get(name), np.float32), dtype)
+      _raise_missing(_missing_in_block(skeleton['layers'][i], cfg, i), str(path))
+      return skeleton['layers'][i]
+    digest = hashlib.sha256()
+    for f in files:  # every shard's tensor table, size and modification time
+      st = f.path.stat()
+      digest.update(f'{f.path.name} {st.st_size} {st.st_mtime_ns} '.encode())
+      digest.update(json.dumps({k: (str(v[0]), v[1], v[2]) for k, v in f.tensors.items()},
+                               sort_keys=True).encode())
+    params['layers'] = LazyLayers(cfg, dtype, read, digest.hexdigest(), str(path))
+  else:
+    _check_complete(params, cfg, str(path))
   return cfg, params
+
+
+class LazyLayers(collections.abc.Sequence):
+  """The blocks of a checkpoint on disk: indexing reads block ``i`` (its tensors only, converted
+  to our layout on the default device) and keeps nothing, so a loop over the blocks holds one at
+  a time. ``abstract(i)`` gives its shapes without reading; ``digest()`` names the checkpoint
+  (for resumable runs) without reading the weights."""
+
+  def __init__(self, cfg: ModelConfig, dtype, read: Callable[[int], Params], digest: str,
+               source: str):
+    self.cfg, self.dtype, self.source = cfg, jnp.dtype(dtype), source
+    self._read, self._digest = read, digest
+
+  def __len__(self) -> int:
+    return self.cfg.num_layers
+
+  def __getitem__(self, i):
+    if isinstance(i, slice):
+      return [self[j] for j in range(*i.indices(len(self)))]
+    i = int(i) + (len(self) if int(i) < 0 else 0)
+    if not 0 <= i < len(self):
+      raise IndexError(f'block {i} of {len(self)}')
+    return self._read(i)
+
+  def abstract(self, i: int) -> Params:
+    return _abstract_layers(self.cfg, self.dtype.name)[i]
+
+  def digest(self) -> str:
+    return f'lazy {self.source.rsplit("/", 1)[-1]} {self.dtype.name} {self._digest}'
+
+  def __repr__(self) -> str:
+    return f'LazyLayers({self.source}, {len(self)} blocks)'
+
+
+@functools.lru_cache(maxsize=4)
+def _abstract_layers(cfg: ModelConfig, dtype_name: str) -> list[Params]:
+  return jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0), dtype_name))['layers']
 
 
 def _read_quantized(params: Params, cfg: ModelConfig, packed: dict[str, np.ndarray], fmt_lib,
@@ -324,8 +474,12 @@ def _gguf_value(field) -> Any:
     return None
 
 
-def load_gguf(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
-  """Loads a GGUF file (see the module docstring) torch-free, dequantizing every tensor to float32."""
+def load_gguf(path: str | pathlib.Path, dtype=jnp.float32,
+              lazy: bool = False) -> tuple[ModelConfig, Params]:
+  """Loads a GGUF file (see the module docstring) torch-free, dequantizing every tensor to float32.
+
+  The file is memory-mapped; ``lazy`` leaves the blocks there (``params['layers']`` is a
+  :class:`LazyLayers` dequantizing block ``i``'s tensors when indexed)."""
   import gguf  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path)
   if not path.exists():
@@ -342,35 +496,60 @@ def load_gguf(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[ModelConfig,
   names = {t.name for t in reader.tensors}
   cfg = config_lib.from_gguf_metadata(meta, names)
   params = _empty_params(cfg)
-  norms = _GGUF_GEMMA_NORMS if cfg.post_norms else _GGUF_NORMS
+  by_block: dict[int, list[Any]] = {}
   for t in reader.tensors:
-    arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-    arr = arr.reshape(tuple(int(s) for s in reversed(t.shape)))  # ggml shape is [in, out] order
-    name = t.name
-    if cfg.norm_plus_one and name.endswith('norm.weight'):
-      arr = arr - 1.0  # llama.cpp stores Gemma's 1 + w; the checkpoint convention is w
-    if name == 'token_embd.weight':
-      _place(params, cfg, 'model.embed_tokens.weight', arr, dtype)
-    elif name == 'output_norm.weight':
-      _place(params, cfg, 'model.norm.weight', arr, dtype)
-    elif name == 'output.weight':
-      _place(params, cfg, 'lm_head.weight', arr, dtype)
-    elif name.startswith('blk.'):
-      _, idx, mod, kind = name.split('.', 3)
-      i = int(idx)
-      if mod in norms:
-        llama.get_node(params['layers'][i], norms[mod])['scale'] = jnp.asarray(arr, dtype)
-      elif mod in _GGUF_LINEARS:
-        sub, lin = _GGUF_LINEARS[mod]
-        if cfg.model_type == 'llama' and mod in ('attn_q', 'attn_k'):
-          heads = cfg.num_heads if mod == 'attn_q' else cfg.num_kv_heads
-          arr = _unpermute_rows(arr, heads)
-        if kind == 'weight':
-          params['layers'][i][sub][lin]['kernel'] = jnp.asarray(arr.T, dtype)
-        else:
-          params['layers'][i][sub][lin]['bias'] = jnp.asarray(arr, dtype)
-  _check_complete(params, cfg, str(path))
+    if lazy and t.name.startswith('blk.'):
+      by_block.setdefault(int(t.name.split('.')[1]), []).append(t)
+    else:
+      _place_gguf(params, cfg, t, dtype)
+  if not lazy:
+    _check_complete(params, cfg, str(path))
+    return cfg, params
+  _raise_missing(_missing_top(params, cfg), str(path))
+
+  def read(i: int) -> Params:
+    skeleton = {'layers': {i: _empty_block(cfg)}}
+    for t in by_block.get(i, ()):
+      _place_gguf(skeleton, cfg, t, dtype)
+    _raise_missing(_missing_in_block(skeleton['layers'][i], cfg, i), str(path))
+    return skeleton['layers'][i]
+  st = path.stat()
+  digest = hashlib.sha256(f'{st.st_size} {st.st_mtime_ns} '.encode())
+  for t in reader.tensors:
+    digest.update(f'{t.name} {t.tensor_type} {list(t.shape)} {t.data_offset}\n'.encode())
+  params['layers'] = LazyLayers(cfg, dtype, read, digest.hexdigest(), str(path))
   return cfg, params
+
+
+def _place_gguf(params: Params, cfg: ModelConfig, t, dtype) -> None:
+  """Puts one GGUF tensor (dequantized) into ``params`` (whose ``'layers'`` is indexed by block)."""
+  import gguf  # pylint: disable=g-import-not-at-top
+  norms = _GGUF_GEMMA_NORMS if cfg.post_norms else _GGUF_NORMS
+  arr = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+  arr = arr.reshape(tuple(int(s) for s in reversed(t.shape)))  # ggml shape is [in, out] order
+  name = t.name
+  if cfg.norm_plus_one and name.endswith('norm.weight'):
+    arr = arr - 1.0  # llama.cpp stores Gemma's 1 + w; the checkpoint convention is w
+  if name == 'token_embd.weight':
+    _place(params, cfg, 'model.embed_tokens.weight', arr, dtype)
+  elif name == 'output_norm.weight':
+    _place(params, cfg, 'model.norm.weight', arr, dtype)
+  elif name == 'output.weight':
+    _place(params, cfg, 'lm_head.weight', arr, dtype)
+  elif name.startswith('blk.'):
+    _, idx, mod, kind = name.split('.', 3)
+    i = int(idx)
+    if mod in norms:
+      llama.get_node(params['layers'][i], norms[mod])['scale'] = jnp.asarray(arr, dtype)
+    elif mod in _GGUF_LINEARS:
+      sub, lin = _GGUF_LINEARS[mod]
+      if cfg.model_type == 'llama' and mod in ('attn_q', 'attn_k'):
+        heads = cfg.num_heads if mod == 'attn_q' else cfg.num_kv_heads
+        arr = _unpermute_rows(arr, heads)
+      if kind == 'weight':
+        params['layers'][i][sub][lin]['kernel'] = jnp.asarray(arr.T, dtype)
+      else:
+        params['layers'][i][sub][lin]['bias'] = jnp.asarray(arr, dtype)
 
 
 class ByteTokenizer:
@@ -570,9 +749,13 @@ def tokenizer_source(name_or_path: str, _seen: tuple[str, ...] = ()) -> Callable
   raise _missing_or_unknown(name_or_path, p)
 
 
-def load_model(name_or_path: str, dtype=jnp.float32, seed: int = 0) -> LoadedModel:
+def load_model(name_or_path: str, dtype=jnp.float32, seed: int = 0,
+               lazy: bool = False) -> LoadedModel:
   """Loads a named model, a Hugging Face checkpoint directory, a ``.gguf`` file or a directory
-  written by ``--save`` (its params as saved, compressed leaves included)."""
+  written by ``--save`` (its params as saved, compressed leaves included).
+
+  ``lazy``: the blocks of a Hugging Face directory or GGUF file stay on disk until indexed
+  (:class:`LazyLayers`); the other sources are read whole as without it."""
   if is_saved_model(name_or_path):
     from models import checkpoint  # pylint: disable=g-import-not-at-top
     tok = tokenizer_source(name_or_path)
@@ -582,7 +765,7 @@ def load_model(name_or_path: str, dtype=jnp.float32, seed: int = 0) -> LoadedMod
   if name_or_path == 'smollm2-135m':
     from models import assets  # pylint: disable=g-import-not-at-top
     path = assets.smollm2_gguf()
-    cfg, params = load_gguf(path, dtype)
+    cfg, params = load_gguf(path, dtype, lazy)
     return LoadedModel(cfg, params, str(path), lambda: load_tokenizer(path))
   if name_or_path == 'tiny-llama':
     cfg = config_lib.tiny_config()
@@ -590,9 +773,9 @@ def load_model(name_or_path: str, dtype=jnp.float32, seed: int = 0) -> LoadedMod
     return LoadedModel(cfg, params, 'tiny-llama', ByteTokenizer)
   p = pathlib.Path(name_or_path)
   if p.suffix == '.gguf':
-    cfg, params = load_gguf(p, dtype)
+    cfg, params = load_gguf(p, dtype, lazy)
     return LoadedModel(cfg, params, str(p), lambda: load_tokenizer(p))
   if p.is_dir():
-    cfg, params = load_hf_dir(p, dtype)
+    cfg, params = load_hf_dir(p, dtype, lazy)
     return LoadedModel(cfg, params, str(p), lambda: load_tokenizer(p))
   raise _missing_or_unknown(name_or_path, p)

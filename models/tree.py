@@ -14,6 +14,7 @@ from typing import Any, Callable
 import jax
 
 from kernels import formats
+from models import distributed
 from models import llama
 
 Params = dict[str, Any]
@@ -99,3 +100,16 @@ def adapters(params: Any) -> dict[str, formats.LowRank]:
   """``{full path: adapter}`` of every block linear that carries one."""
   return {p: leaf.adapter for p, leaf in linear_leaves(params).items()
           if isinstance(leaf, formats.CompressedLinear) and leaf.adapter is not None}
+
+
+def block_shapes(layers: Any, i: int) -> Any:
+  """Block ``i`` of ``params['layers']`` for code that needs only its structure and shapes: its
+  abstract shapes when the blocks are still on disk (``layers.abstract``, a
+  :class:`models.loading.LazyLayers`), else the block itself."""
+  return layers.abstract(i) if hasattr(layers, 'abstract') else layers[i]
+
+
+def to_host(block: Any) -> Any:
+  """``block`` with every array whole as a NumPy array in host memory (an all-gather across
+  processes where an array is split across them)."""
+  return jax.tree.map(distributed.gather, block)
