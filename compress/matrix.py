@@ -70,6 +70,12 @@ def jitted(fn, **statics):
   return _jit_cached(fn, tuple(sorted(statics.items())))
 
 
+def needs_full_hessian(spec: LinearSpec) -> bool:
+  """Whether ``spec`` reads more of ``H`` than its diagonal (GPTQ, SparseGPT, AWQ); Wanda,
+  magnitude pruning and RTN read at most ``diag(H)``."""
+  return spec.quant in ('gptq', 'awq') or spec.prune == 'sparsegpt'
+
+
 def compress_matrix(w: jax.Array, stats: calibration.LinearStats | None, spec: LinearSpec,
                     name: str = '') -> tuple[formats.CompressedLinear, dict[str, Any]]:
   """Compresses one ``[in, out]`` weight by ``spec`` (AWQ excepted: it needs the block).
@@ -77,6 +83,8 @@ def compress_matrix(w: jax.Array, stats: calibration.LinearStats | None, spec: L
   Returns the leaf and a dict of method details (e.g. GPTQ damping retries).
   """
   spec.check_shape(tuple(w.shape), name)
+  if stats is not None and needs_full_hessian(spec):
+    calibration.require_full(stats, f'{name}: {spec.describe()}')
   w = jnp.asarray(w, jnp.float32)
   h = None if stats is None else stats.hessian
   info: dict[str, Any] = {}
@@ -189,9 +197,17 @@ def _error_terms(w, w_hat, h):
   return calibration.output_error(w, jnp.zeros_like(w), h), calibration.output_error(w, w_hat, h)
 
 
-def relative_error(w, w_hat, h) -> float:
-  """``||X W - X W_hat|| / ||X W||`` from ``H = X^T X``."""
-  base, err = (float(v) for v in jitted(_error_terms)(w, w_hat, h))
+def _diagonal_error_terms(w, w_hat, h):
+  d = jnp.diagonal(h)[:, None]
+  w = jnp.asarray(w, jnp.float32)
+  return jnp.sum(d * w * w), jnp.sum(d * jnp.square(w - jnp.asarray(w_hat, jnp.float32)))
+
+
+def relative_error(w, w_hat, h, diagonal: bool = False) -> float:
+  """``||X W - X W_hat|| / ||X W||`` from ``H = X^T X``; ``diagonal``: from ``diag(H)`` alone
+  (the input channels' correlations ignored)."""
+  terms = jitted(_diagonal_error_terms if diagonal else _error_terms)(w, w_hat, h)
+  base, err = (float(v) for v in jax.device_get(terms))
   return float(np.sqrt(err / base)) if base > 0 else 0.0
 
 
@@ -213,6 +229,7 @@ def recover_linear(rep: LayerReport, recovery: LinearRecovery, w, leaf, stats, a
                    spec: LinearSpec, h) -> Any:
   """Runs ``recovery`` on one compressed linear and records its time and error in ``rep``;
   ``h`` is the Hessian the error is measured against."""
+  calibration.require_full(stats, f'{rep.name}: recovery')
   t1 = time.time()
   leaf = recovery(rep.name, w, leaf, stats, aux_stats, spec)
   rep.extra['recover_seconds'] = time.time() - t1

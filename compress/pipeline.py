@@ -40,7 +40,8 @@ import numpy as np
 from compress import awq as awq_lib
 from compress import calibration
 from compress.matrix import LayerReport, LinearRecovery, compress_matrix, leaf_dense
-from compress.matrix import recover_linear, relative_error, sparsity, spec_of_leaf
+from compress.matrix import needs_full_hessian, recover_linear, relative_error, sparsity
+from compress.matrix import spec_of_leaf
 from compress.rules import LinearSpec, Rule, match
 from kernels import formats
 from models import checkpoint
@@ -109,7 +110,7 @@ def validate_rules(params: Params, rules: Sequence[Rule]) -> list[dict[str, Line
 
 
 # Bump when a change of this module changes the numbers a resumed run would produce.
-CODE_VERSION = 2
+CODE_VERSION = 4
 
 
 def _run_fingerprint(params, cfg, calib, rules, options) -> str:
@@ -207,10 +208,11 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
   x_aux = None if aux_tokens is None or precomputed_aux_stats is not None else llama.embed(
       params, jnp.asarray(aux_tokens), cfg, dtype)
 
-  def get_stats(i, block, src, keys):
+  def get_stats(i, block, src, keys, diagonal=False):
     if pre:
       return {k: precomputed_stats[i][k] for k in keys}
-    return calibration.collect_stats(block, src, cfg.layer(i), keys, batch_size, routed=moe.routed)
+    return calibration.collect_stats(block, src, cfg.layer(i), keys, batch_size, routed=moe.routed,
+                                     diagonal=diagonal)
 
   def experts(i, block, src, stats, stage_specs):
     """Finds the starved experts of block ``i`` and applies ``moe.starved`` to them."""
@@ -244,7 +246,7 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                        'use moe starved=rtn or collect statistics in the run')
     else:
       again = calibration.collect_stats(block, src, cfg.layer(i), sorted(starved), batch_size,
-                                        routed=False)
+                                        routed=False, diagonal=stats[next(iter(starved))].diagonal)
       stats = dict(stats, **again)
     return stats, stage_specs, notes
   n_blocks = len(params['layers'])
@@ -298,7 +300,10 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
           continue
         keys = sorted({llama.input_key(l) for l in stage_specs})
         stats_block = new_block if (true_sequential and not dense_inputs) else block
-        stats = get_stats(i, stats_block, src, keys)
+        # Wanda, magnitude and RTN read only diag(H): no X^T X product then (the reports'
+        # rel_error is then weighted by diag(H) alone, marked in their extra).
+        diagonal = recovery is None and not any(map(needs_full_hessian, stage_specs.values()))
+        stats = get_stats(i, stats_block, src, keys, diagonal)
         stats, stage_specs, notes = experts(i, stats_block, src, stats, stage_specs)
         for k, st in stats.items():
           calibration.check_finite(st, f'layers/{i}/{k}')
@@ -373,34 +378,61 @@ def _given_specs(params: Params, given: Params) -> list[dict[str, LinearSpec]]:
   return out
 
 
+def _groups(specs: dict[str, LinearSpec], fuse: bool) -> list[list[str]]:
+  """The linears of ``specs`` in runs solved as one matrix: those that read the same input with
+  the same spec (q/k/v, gate/up), whose output units are independent given their shared ``H``
+  (every one-matrix method here: GPTQ and RTN per output unit, Wanda, magnitude and SparseGPT
+  choose each unit's mask on its own). In first-appearance order; one each without ``fuse``."""
+  groups: dict[Any, list[str]] = {}
+  for lin, spec in specs.items():
+    groups.setdefault((llama.input_key(lin), spec) if fuse else lin, []).append(lin)
+  return list(groups.values())
+
+
 def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_stats,
                       given_block=None, notes=None):
   """Compresses (and recovers) the linears ``specs`` of block ``i`` from their dense weights, or
-  takes their leaves from ``given_block``."""
+  takes their leaves from ``given_block``. Linears with one input and one spec are solved as one
+  matrix (their columns side by side: one factorization of ``H`` and one column sweep instead of
+  several) and split again; each keeps its own report."""
   reports = []
-  for lin, spec in specs.items():
-    name = f'layers/{i}/{lin}'
-    # The output columns are independent given H: they are split over the model axis.
-    w = sharding.columns(jnp.asarray(tree.get_linear(dense_block, lin), jnp.float32))
-    st = sharding.replicate(stats[llama.input_key(lin)])
+  for group in _groups(specs, fuse=given_block is None):
+    spec = specs[group[0]]
+    st = sharding.replicate(stats[llama.input_key(group[0])])
+    ws = [jnp.asarray(tree.get_linear(dense_block, lin), jnp.float32) for lin in group]
     t0 = time.time()
     if given_block is not None:
-      leaf, info = tree.strip_adapter(tree.get_linear(given_block, lin)), {'given': True}
+      leaves = [tree.strip_adapter(tree.get_linear(given_block, group[0]))]
+      info = {'given': True}
     else:
-      leaf, info = compress_matrix(w, st, spec, name)
-    w_hat, _ = leaf_dense(leaf)
-    jax.block_until_ready(w_hat)
+      # The output columns are independent given H: they are split over the model axis.
+      w = sharding.columns(ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=1))
+      leaf, info = compress_matrix(w, st, spec, f'layers/{i}/{"+".join(group)}')
+      leaves = [leaf] if len(ws) == 1 else formats.split_columns(leaf, [x.shape[1] for x in ws])
+    jax.block_until_ready(leaves)
     secs = time.time() - t0
-    method = spec.describe() if given_block is None else f'given ({spec.describe()})'
-    if notes and lin in notes:
-      info = dict(info, **notes[lin])
-    rep = LayerReport(name=name, method=method, rel_error=relative_error(w, w_hat, st.hessian),
-                      sparsity=sparsity(w_hat), bits=spec.bits, seconds=secs, extra=info)
-    if recovery is not None:
-      aux = None if aux_stats is None else aux_stats[llama.input_key(lin)]
-      leaf = recover_linear(rep, recovery, w, leaf, st, aux, spec, st.hessian)
-    new_block = tree.set_linear(new_block, lin, leaf)
-    reports.append(rep)
+    total = sum(x.shape[1] for x in ws)
+    for lin, w, leaf in zip(group, ws, leaves):
+      name = f'layers/{i}/{lin}'
+      w = sharding.columns(w)
+      w_hat, _ = leaf_dense(leaf)
+      method = spec.describe() if given_block is None else f'given ({spec.describe()})'
+      extra = dict(info)
+      if len(group) > 1:
+        extra['solved_with'] = [other for other in group if other != lin]
+      if notes and lin in notes:
+        extra.update(notes[lin])
+      if st.diagonal:
+        extra['rel_error'] = 'diagonal H'
+      rep = LayerReport(name=name, method=method,
+                        rel_error=relative_error(w, w_hat, st.hessian, st.diagonal),
+                        sparsity=sparsity(w_hat), bits=spec.bits,
+                        seconds=secs * w.shape[1] / total, extra=extra)
+      if recovery is not None:
+        aux = None if aux_stats is None else aux_stats[llama.input_key(lin)]
+        leaf = recover_linear(rep, recovery, w, leaf, st, aux, spec, st.hessian)
+      new_block = tree.set_linear(new_block, lin, leaf)
+      reports.append(rep)
   return new_block, reports
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import kernels
 from models import checkpoint
 from models import data as data_lib
+from models import distributed
 from models import evaluate as eval_lib
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -395,9 +396,9 @@ def evaluate_models(loaded, models: Mapping[str, Any], windows: Mapping[str, np.
   plain = {n: p for n, p in models.items() if n not in pools}
   out: dict[str, dict[str, Any]] = {name: {} for name in ['dense', *models]}
   for ds, win in windows.items():
-    compare = eval_lib.compare_blockwise if blockwise else eval_lib.compare_many
-    res = compare(loaded.params, plain, cfg, win, batch_size=batch_size, dtype=dtype,
-                  progress=progress, desc=f'eval {ds}')
+    res = _compare_spread(loaded.params, plain, cfg, win, blockwise=blockwise,
+                          batch_size=batch_size, dtype=dtype, progress=progress,
+                          desc=f'eval {ds}')
     out['dense'][f'ppl {ds}'] = res['__ref__']['ppl']
     out['dense'][f'eval_tokens {ds}'] = res['__ref__']['eval_tokens']
     for name in plain:
@@ -416,8 +417,43 @@ def evaluate_models(loaded, models: Mapping[str, Any], windows: Mapping[str, np.
     pre = None
     if name in pools:
       pre = prompting.routed_prefixes(params, cfg, pools[name], ctx[0], mask=ctx[1], dtype=dtype)
-    out[name]['probe_acc'] = eval_lib.score_multiple_choice(
-        params, cfg, tokenizer, items, dtype=dtype, prefixes=pre, progress=False)['acc']
+    if pre is not None or distributed.process_count() == 1:
+      out[name]['probe_acc'] = eval_lib.score_multiple_choice(
+          params, cfg, tokenizer, items, dtype=dtype, prefixes=pre, progress=False)['acc']
+    else:  # each process scores its share of the items
+      share = list(items)[distributed.process_share(len(items))]
+      mc = eval_lib.score_multiple_choice(params, cfg, tokenizer, share, dtype=dtype,
+                                          progress=False) if share else {'acc': 0.0}
+      correct = distributed.sum_over_processes([mc['acc'] * len(share)])[0]
+      out[name]['probe_acc'] = float(correct / max(1, len(items)))
+  return out
+
+
+def _compare_spread(params_ref, models, cfg, windows, *, blockwise: bool, **kwargs):
+  """:func:`models.evaluate.compare_many` (or ``compare_blockwise``) of ``windows``; with several
+  processes each evaluates its share of the windows on its own devices and the sums are combined
+  (the result of one process up to the order of float64 sums)."""
+  compare = eval_lib.compare_blockwise if blockwise else eval_lib.compare_many
+  if distributed.process_count() == 1:
+    return compare(params_ref, models, cfg, windows, **kwargs)
+  share = np.asarray(windows)[distributed.process_share(len(windows))]
+  res = compare(params_ref, models, cfg, share, **kwargs) if len(share) else None
+  names = list(models)
+  sums = np.zeros((1 + 3 * len(names),), np.float64)
+  count = 0
+  if res is not None:
+    count = res['__ref__']['eval_tokens']
+    sums[0] = np.log(res['__ref__']['ppl']) * count
+    for j, name in enumerate(names):
+      r = res[name]
+      sums[1 + 3 * j:4 + 3 * j] = (np.log(r['ppl']) * count, r['kl'] * count, r['top1'] * count)
+  total = distributed.sum_over_processes(np.append(sums, count))
+  sums, count = total[:-1], int(round(total[-1]))
+  out = {'__ref__': {'ppl': float(np.exp(sums[0] / count)), 'eval_tokens': count}}
+  for j, name in enumerate(names):
+    nll, kl, top1 = sums[1 + 3 * j:4 + 3 * j] / count
+    out[name] = {'ppl': float(np.exp(nll)), 'kl': float(kl), 'top1': float(top1),
+                 'eval_tokens': count}
   return out
 
 

@@ -119,9 +119,10 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
 
   With several processes (``jax.distributed`` started, :mod:`models.distributed`) every process
   calls this with the same arguments and gets the same result: the compression runs on the mesh
-  of all their devices (each process feeds its own rows of every calibration batch); evaluation,
-  training and the sensitivity search of ``--auto_bits`` run data-parallel over the devices of
-  each process, repeated in every process (their per-sequence results are fetched to the host);
+  of all their devices (each process feeds its own rows of every calibration batch); evaluation
+  is split over the processes (each scores its share of the windows and probes on its own
+  devices, the sums are combined); training and the sensitivity search of ``--auto_bits`` run
+  data-parallel over the devices of each process, repeated in every process;
   checkpoints are written by all of them together, the export by process 0 alone, and
   ``on_results`` is called in every process (write from :func:`models.distributed.is_writer`)."""
   problems = validate(c, out_dir=out_dir, save=save, model_config=loaded and loaded.config)
@@ -192,7 +193,12 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
                              'mesh': placement.describe(),
                              'offload': placement.offload}
   if several:
-    results['processes'] = distributed.process_count()
+    n = distributed.process_count()
+    results['processes'] = n
+    # Evaluation: each process scores its share of the windows (and probes); sums combined.
+    n_win = len(windows[c.eval_data[0]])
+    results['eval_windows_per_process'] = [
+        len(range(n_win)[distributed.process_share(n_win, count=n, index=i)]) for i in range(n)]
   base = None
   if compensator is not None and compensator.changes_weights:
     # SRR re-quantizes a residual: the compression alone is a separate run without compensation.

@@ -22,7 +22,7 @@ Leaf types:
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Any, Sequence, Union
 
 import flax.struct
 import jax
@@ -254,18 +254,32 @@ def sparse24_compress(w: jax.Array) -> Sparse24Weight:
   Groups with more than 2 non-zeros raise; groups with fewer keep explicit zeros.
   """
   w = jnp.asarray(w)
-  n_in, n_out = w.shape
+  n_in, _ = w.shape
   if n_in % 4:
     raise ValueError(f'2:4 sparsity needs the input dimension to be a multiple of 4, got {n_in}.')
+  values, indices, dense_group = _sparse24_pack(w)
+  if bool(dense_group):
+    raise ValueError('weight is not 2:4 sparse: some group of 4 input rows has more than 2 non-zeros.')
+  return Sparse24Weight(values=values, indices=indices)
+
+
+@jax.jit
+def _sparse24_pack(w: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(values, indices, whether some group has more than 2 non-zeros)`` of ``w [in, out]``."""
+  n_in, n_out = w.shape
   g = w.reshape(n_in // 4, 4, n_out)
   nz = (g != 0)
-  if bool(jnp.any(nz.sum(axis=1) > 2)):
-    raise ValueError('weight is not 2:4 sparse: some group of 4 input rows has more than 2 non-zeros.')
-  # Rank positions: non-zeros first (stable, by position), take the first two and sort them.
-  order = jnp.argsort(~nz, axis=1, stable=True)[:, :2]  # [G, 2, out]
-  order = jnp.sort(order, axis=1)
+  # Rank positions: non-zeros first, then zeros, each by position; keep the first two ranked, in
+  # position order. Elementwise (a sort is slow on CPUs): rank = how many keys are smaller.
+  key = jnp.where(nz, 0, 4) + jnp.arange(4)[None, :, None]  # distinct, [G, 4, out]
+  rank = jnp.sum(key[:, None, :, :] < key[:, :, None, :], axis=2)  # [G, 4, out]
+  kept = rank < 2
+  first = jnp.argmax(kept, axis=1)
+  last = 3 - jnp.argmax(kept[:, ::-1], axis=1)
+  order = jnp.stack([first, last], axis=1)  # [G, 2, out]
   values = jnp.take_along_axis(g, order, axis=1).reshape(n_in // 2, n_out)
-  return Sparse24Weight(values=values, indices=order.reshape(n_in // 2, n_out).astype(jnp.uint8))
+  return (values, order.reshape(n_in // 2, n_out).astype(jnp.uint8),
+          jnp.any(nz.sum(axis=1) > 2))
 
 
 def sparse24_decompress(s: Sparse24Weight, dtype=jnp.float32) -> jax.Array:
@@ -278,6 +292,23 @@ def sparse24_decompress(s: Sparse24Weight, dtype=jnp.float32) -> jax.Array:
   onehot = jax.nn.one_hot(idx, 4, axis=2, dtype=dtype)  # [G, 2, 4, out]
   dense = jnp.einsum('gkpo,gko->gpo', onehot, v)
   return dense.reshape(2 * half, n_out)
+
+
+def split_columns(leaf: Any, sizes: Sequence[int]) -> list[Any]:
+  """A weight leaf of ``sum(sizes)`` output units as one leaf per consecutive run of ``sizes``
+  columns (e.g. q/k/v compressed as one matrix, then stored as three). Every array of two or more
+  axes of a leaf without an adapter has the output units on its last axis (codes, scales, zeros,
+  masks, 2:4 values and indices); one-axis arrays (act-order ``g_idx``, permutations) are per input
+  row and shared."""
+  total = int(sum(sizes))
+  arrays, treedef = jax.tree.flatten(leaf)
+  for a in arrays:
+    if a.ndim >= 2 and a.shape[-1] != total:
+      raise ValueError(f'split_columns: an array of shape {tuple(a.shape)} in a leaf of '
+                       f'{total} output units')
+  bounds = np.cumsum([0, *sizes])
+  return [jax.tree.unflatten(treedef, [a[..., lo:hi] if a.ndim >= 2 else a for a in arrays])
+          for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def to_dense(w, dtype=jnp.float32) -> jax.Array:

@@ -231,6 +231,30 @@ def process_part(windows: Any, batch_size: int) -> np.ndarray:
   return windows[process_rows(len(windows), batch_size)]
 
 
+def process_share(n: int, *, count: int | None = None, index: int | None = None) -> slice:
+  """This process's contiguous share of ``n`` items split as evenly as possible over the processes
+  (the first ``n % count`` get one more; a process may get none)."""
+  count = jax.process_count() if count is None else count
+  index = jax.process_index() if index is None else index
+  base, extra = divmod(n, count)
+  start = index * base + min(index, extra)
+  return slice(start, start + base + (index < extra))
+
+
+def sum_over_processes(x: Any) -> np.ndarray:
+  """``x`` (a small float64 array, the same shape in every process) summed over the processes,
+  in float64: each value travels as two float32 parts (value and remainder), gathered, and is
+  summed on the host."""
+  x = np.asarray(x, np.float64)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  hi = x.astype(np.float32)
+  lo = (x - hi.astype(np.float64)).astype(np.float32)
+  parts = np.asarray(multihost_utils.process_allgather(np.stack([hi, lo])), np.float64)
+  return parts.sum(axis=(0, 1))
+
+
 # --------------------------------------------------------------------------- global and local
 
 

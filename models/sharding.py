@@ -160,6 +160,19 @@ def batch(x: Any, local: bool = False) -> jax.Array:
   return _put(x, P('data'))
 
 
+def batches(x: Any, batch_size: int) -> jax.Array:
+  """``x [N, ...]`` (``N`` a multiple of ``batch_size``) as ``[N / batch_size, batch_size, ...]``
+  on the devices: consecutive batches of ``batch_size`` rows, each split along the data axis when
+  it divides ``batch_size`` (for a jitted loop over the batches, :func:`jax.lax.scan`)."""
+  n = x.shape[0]
+  if n % batch_size:
+    raise ValueError(f'{n} rows are not whole batches of {batch_size}')
+  x = x.reshape((n // batch_size, batch_size) + tuple(x.shape[1:]))
+  if active().mesh is None or batch_size % active().data_size:
+    return _put(x, P())
+  return _put(x, P(None, 'data'))
+
+
 def constrain_batch(tree: Any) -> Any:
   """Inside a jitted function: every array of ``tree`` (a training batch ``[B, ...]``) split along
   the data axis where it divides ``B``, so the step runs data-parallel and its gradients come out

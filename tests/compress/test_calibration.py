@@ -80,3 +80,46 @@ def test_output_error_matches_direct_computation():
   h = cal.update_stats(cal.init_stats(16), jnp.asarray(x, jnp.float32)).hessian
   direct = np.sum((x @ w - x @ w_hat) ** 2)
   np.testing.assert_allclose(float(cal.output_error(w, w_hat, h)), direct, rtol=1e-4)
+
+
+def test_diagonal_statistics_hold_the_diagonal_and_are_refused_where_h_is_needed():
+  from compress import matrix  # pylint: disable=g-import-not-at-top
+  from compress import rules as rules_lib  # pylint: disable=g-import-not-at-top
+  from kernels import QuantSpec  # pylint: disable=g-import-not-at-top
+  x = _inputs()
+  full = cal.update_stats(cal.init_stats(24), x)
+  diag = cal.update_stats(cal.init_stats(24, diagonal=True), x)
+  np.testing.assert_allclose(np.asarray(diag.hessian), np.diag(np.diagonal(full.hessian)),
+                             rtol=1e-5)
+  np.testing.assert_array_equal(diag.act_abs_sum, full.act_abs_sum)
+  w = jax.random.normal(jax.random.key(0), (24, 8))
+  wanda = rules_lib.LinearSpec(prune='wanda', sparsity=rules_lib.PruneSpec.parse('2:4'))
+  a, _ = matrix.compress_matrix(w, full, wanda)
+  b, _ = matrix.compress_matrix(w, diag, wanda)  # Wanda reads diag(H) only: the same leaf
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  gptq = rules_lib.LinearSpec(quant='gptq', qspec=QuantSpec(bits=4, group_size=8))
+  with pytest.raises(ValueError, match='needs the whole H'):
+    matrix.compress_matrix(w, diag, gptq)
+  with pytest.raises(ValueError, match='cannot merge'):
+    cal.merge_stats(full, diag)
+
+
+@pytest.mark.parametrize('rows', [16, 13])  # whole batches, and a last partial one
+def test_passes_on_device_activations_match_host_ones(rows):
+  """Activations on the devices run as one scanned program per block; in host memory
+  (--offload=host) batch by batch: the same statistics and outputs up to rounding."""
+  from models import config as config_lib  # pylint: disable=g-import-not-at-top
+  from models import llama  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.tiny_config()
+  block = llama.init_params(cfg, jax.random.key(0))['layers'][0]
+  xs = jax.random.normal(jax.random.key(1), (rows, 16, cfg.hidden_size))
+  keys = sorted(set(llama.linear_inputs(cfg).values()))
+  dev = cal.collect_stats(block, xs, cfg.layer(0), keys, 4)
+  host = cal.collect_stats(block, np.asarray(xs), cfg.layer(0), keys, 4)
+  for k in keys:
+    np.testing.assert_allclose(dev[k].hessian, host[k].hessian, rtol=2e-5, atol=1e-4)
+    assert int(dev[k].num_tokens) == int(host[k].num_tokens) == rows * 16
+  out = cal.run_block(block, xs, cfg.layer(0), 4)
+  assert isinstance(out, jax.Array) and out.shape == xs.shape
+  np.testing.assert_allclose(out, cal.run_block(block, np.asarray(xs), cfg.layer(0), 4),
+                             rtol=1e-5, atol=1e-5)

@@ -228,7 +228,10 @@ def test_precomputed_dense_stats_equal_dense_input_run(tiny):
   b, rep_b = pipeline.compress_model(params, cfg, calib, rules, precomputed_stats=stats,
                                      progress=False)
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  np.testing.assert_allclose([r.rel_error for r in rep_a], [r.rel_error for r in rep_b], rtol=1e-6)
+  # Collected in the run, Wanda's statistics hold diag(H) alone and its reports say so; the
+  # precomputed ones are whole. Same masks either way.
+  assert all(r.extra.get('rel_error') == 'diagonal H' for r in rep_a)
+  assert not any('rel_error' in r.extra for r in rep_b)
   with pytest.raises(ValueError, match='true_sequential'):
     pipeline.compress_model(params, cfg, calib, rules, precomputed_stats=stats, true_sequential=True,
                             progress=False)

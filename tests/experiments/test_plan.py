@@ -35,7 +35,7 @@ def test_model_and_statistics_are_exact(tiny):
   keys = tuple(sorted(set(llama.LINEAR_INPUTS.values())))
   stats = {k: calibration.init_stats(calibration.input_width(cfg, k)) for k in keys}
   x = jnp.zeros((4, 32, cfg.hidden_size))
-  out = calibration._stats_fn(cfg, keys, 'float32', True).lower(  # pylint: disable=protected-access
+  out = calibration._stats_fn(cfg, keys, 'float32', True, False).lower(  # pylint: disable=protected-access
       params['layers'][0], x, stats).compile().memory_analysis().output_size_in_bytes
   assert plan.stats_bytes(cfg) == pytest.approx(out, rel=0.01)
 
