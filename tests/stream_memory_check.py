@@ -10,7 +10,6 @@ memory, evaluation by blocks). Writes ``{'max_rss', 'max_live_device_bytes', 'pp
 """
 
 import json
-import resource
 import sys
 
 import jax
@@ -27,6 +26,14 @@ def config(model_dir: str, stream: bool) -> run_config.CompressConfig:
   return run_config.CompressConfig(
       model=model_dir, quant='gptq', bits=4, group_size=128, calib_samples=8, calib_seqlen=128,
       eval_windows=4, eval_seqlen=128, batch_size=4, probes='none', stream=stream)
+
+
+def peak_rss() -> int:
+  """This process's peak resident memory in bytes: ``VmHWM``, the high-water mark of its own
+  address space (``ru_maxrss`` would carry the peak of the parent that started it across exec)."""
+  with open('/proc/self/status') as f:
+    kb = next(int(line.split()[1]) for line in f if line.startswith('VmHWM:'))
+  return kb * 1024
 
 
 def main(model_dir: str, mode: str, out: str) -> None:
@@ -46,7 +53,7 @@ def main(model_dir: str, mode: str, out: str) -> None:
   p = plan_lib.plan(c, loading.load_config(model_dir), 1)
   peak[0] = max(peak[0], sum(x.nbytes for x in jax.live_arrays()))
   with open(out, 'w') as f:
-    json.dump({'max_rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    json.dump({'max_rss': peak_rss(),
                'max_live_device_bytes': peak[0], 'ppl_dense': res['ppl_dense'],
                'ppl_compressed': res['ppl_compressed'], 'plan': p}, f)
 
