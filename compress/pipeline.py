@@ -399,14 +399,15 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
   for group in _groups(specs, fuse=given_block is None):
     spec = specs[group[0]]
     st = sharding.replicate(stats[llama.input_key(group[0])])
-    ws = [jnp.asarray(tree.get_linear(dense_block, lin), jnp.float32) for lin in group]
+    # The output columns are independent given H: they are split over the model axis.
+    ws = [sharding.columns(jnp.asarray(tree.get_linear(dense_block, lin), jnp.float32))
+          for lin in group]
     t0 = time.time()
     if given_block is not None:
       leaves = [tree.strip_adapter(tree.get_linear(given_block, group[0]))]
       info = {'given': True}
     else:
-      # The output columns are independent given H: they are split over the model axis.
-      w = sharding.columns(ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=1))
+      w = ws[0] if len(ws) == 1 else sharding.columns(jnp.concatenate(ws, axis=1))
       leaf, info = compress_matrix(w, st, spec, f'layers/{i}/{"+".join(group)}')
       leaves = [leaf] if len(ws) == 1 else formats.split_columns(leaf, [x.shape[1] for x in ws])
     jax.block_until_ready(leaves)
@@ -414,7 +415,6 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
     total = sum(x.shape[1] for x in ws)
     for lin, w, leaf in zip(group, ws, leaves):
       name = f'layers/{i}/{lin}'
-      w = sharding.columns(w)
       w_hat, _ = leaf_dense(leaf)
       method = spec.describe() if given_block is None else f'given ({spec.describe()})'
       extra = dict(info)

@@ -50,16 +50,18 @@ def _nbytes(tree: Any) -> int:
   return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
+def _abstract_params(cfg: ModelConfig, dtype) -> Any:
+  return jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0), dtype=dtype))
+
+
 def model_bytes(cfg: ModelConfig, dtype) -> int:
   """The dense model's parameters in ``dtype``."""
-  params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0), dtype=dtype))
-  return _nbytes(params)
+  return _nbytes(_abstract_params(cfg, dtype))
 
 
 def outer_bytes(cfg: ModelConfig, dtype) -> int:
   """The parameters outside the blocks (embedding, final norm, untied head) in ``dtype``."""
-  params = jax.eval_shape(lambda: llama.init_params(cfg, jax.random.key(0), dtype=dtype))
-  return _nbytes({k: v for k, v in params.items() if k != 'layers'})
+  return _nbytes({k: v for k, v in _abstract_params(cfg, dtype).items() if k != 'layers'})
 
 
 def block_forward_bytes(cfg: ModelConfig, rows: int, seqlen: int, act_bytes: int) -> int:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from models import distributed
 from models import llama
 from models import losses
 from models import sharding
@@ -123,7 +124,12 @@ def _stats_vs_ref(params, tokens: jax.Array, ref_logp: jax.Array, cfg: ModelConf
                   dtype=jnp.float32):
   """Per-token NLL, ``KL(P_ref || P)`` and top-1 agreement of ``params`` given the reference's
   log-probabilities ``ref_logp [B, T - 1, V]``."""
-  lp = _log_probs(params, tokens, cfg, dtype)[:, :-1]
+  return _scores(_log_probs(params, tokens, cfg, dtype)[:, :-1], tokens, ref_logp)
+
+
+def _scores(lp, tokens, ref_logp):
+  """NLL of ``tokens`` under the log-probabilities ``lp [B, T - 1, V]``, ``KL(P_ref || P)`` and
+  top-1 agreement with ``ref_logp``."""
   return {'nll': losses.nll_of(lp, tokens), 'kl': losses.kl_divergence(ref_logp, lp),
           'top1': losses.top1_agreement(ref_logp, lp)}
 
@@ -158,14 +164,6 @@ def compare_many(params_ref, models: dict[str, Any], cfg: ModelConfig, windows: 
   return result
 
 
-def _host(x: Any) -> np.ndarray:
-  """``x`` whole as a NumPy array in host memory (gathered across processes when split)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from models import distributed  # pylint: disable=g-import-not-at-top
-    return distributed.gather(x)
-  return np.asarray(x)
-
-
 def _on_device(tree: Any) -> Any:
   """``tree`` (a block or the top-level params) whole on every device of the active placement;
   host (NumPy) leaves are transferred once here, not once per batch."""
@@ -193,9 +191,7 @@ def _ref_head_step(top, x, tokens, cfg: ModelConfig):
 
 def _vs_ref_head_step(top, x, tokens, ref_logp, cfg: ModelConfig):
   """:func:`_stats_vs_ref` from a model's last hidden states instead of its tokens."""
-  lp = losses.log_probs(llama.head(top, x, cfg))[:, :-1]
-  return {'nll': losses.nll_of(lp, tokens), 'kl': losses.kl_divergence(ref_logp, lp),
-          'top1': losses.top1_agreement(ref_logp, lp)}
+  return _scores(losses.log_probs(llama.head(top, x, cfg))[:, :-1], tokens, ref_logp)
 
 
 @functools.lru_cache(maxsize=None)
@@ -214,7 +210,7 @@ def _last_hidden(params, cfg: ModelConfig, windows: np.ndarray, batch_size: int,
   dtype_name = jnp.dtype(dtype).name
   embed_fn = _blockwise_jitted('embed', cfg, dtype_name)
   top = _on_device({'embed_tokens': params['embed_tokens']})
-  x = np.concatenate([_host(embed_fn(top, sharding.batch(b)))
+  x = np.concatenate([distributed.gather(embed_fn(top, sharding.batch(b)))
                       for b in _batches(windows, batch_size)], axis=0)
   del top
   layers = params['layers']
@@ -222,8 +218,8 @@ def _last_hidden(params, cfg: ModelConfig, windows: np.ndarray, batch_size: int,
     layer_cfg = cfg.layer(i)
     block = _on_device(layers[i])
     fn = _blockwise_jitted('block', layer_cfg, dtype_name)
-    x = np.concatenate([_host(fn(block, sharding.batch(b))) for b in _batches(x, batch_size)],
-                       axis=0)
+    x = np.concatenate([distributed.gather(fn(block, sharding.batch(b)))
+                        for b in _batches(x, batch_size)], axis=0)
     del block
     bar.update(1)
   return x
@@ -281,12 +277,12 @@ def compare_blockwise(params_ref, models: dict[str, Any], cfg: ModelConfig, wind
     rows = slice(start, start + batch_size)
     tokens = sharding.batch(windows[rows])
     lr, nll_ref = ref_fn(ref_top, sharding.batch(ref_hidden[rows]), tokens)
-    ref_nll += float(np.asarray(_host(nll_ref), np.float64).sum())
+    ref_nll += float(np.asarray(distributed.gather(nll_ref), np.float64).sum())
     count += lr.shape[0] * lr.shape[1]
     for name in models:
       out = vs_fn(tops[name], sharding.batch(hidden[name][rows]), tokens, lr)
       for k in sums[name]:
-        sums[name][k] += float(np.asarray(_host(out[k]), np.float64).sum())
+        sums[name][k] += float(np.asarray(distributed.gather(out[k]), np.float64).sum())
     del lr
   result = {'__ref__': {'ppl': float(np.exp(ref_nll / count)), 'eval_tokens': count}}
   for name, s in sums.items():

@@ -359,23 +359,33 @@ def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32,
       _read_dense(params, cfg, fmt_lib, qcfg, str(path))
   if lazy:
     _raise_missing(_missing_top(params, cfg), str(path))
-
-    def read(i: int) -> Params:
-      skeleton = {'layers': {i: _empty_block(cfg)}}
-      for f, name in by_block.get(i, ()):
-        _place(skeleton, cfg, name, np.asarray(f.get(name), np.float32), dtype)
-      _raise_missing(_missing_in_block(skeleton['layers'][i], cfg, i), str(path))
-      return skeleton['layers'][i]
     digest = hashlib.sha256()
     for f in files:  # every shard's tensor table, size and modification time
       st = f.path.stat()
       digest.update(f'{f.path.name} {st.st_size} {st.st_mtime_ns} '.encode())
       digest.update(json.dumps({k: (str(v[0]), v[1], v[2]) for k, v in f.tensors.items()},
                                sort_keys=True).encode())
-    params['layers'] = LazyLayers(cfg, dtype, read, digest.hexdigest(), str(path))
+    params['layers'] = _lazy_layers(
+        cfg, dtype, by_block,
+        lambda skeleton, item: _place(skeleton, cfg, item[1],
+                                      np.asarray(item[0].get(item[1]), np.float32), dtype),
+        digest.hexdigest(), str(path))
   else:
     _check_complete(params, cfg, str(path))
   return cfg, params
+
+
+def _lazy_layers(cfg: ModelConfig, dtype, by_block: dict[int, list[Any]],
+                 place: Callable[[Params, Any], Any], digest: str, source: str) -> 'LazyLayers':
+  """The :class:`LazyLayers` whose block ``i`` is ``place(skeleton, item)`` of every item of
+  ``by_block[i]`` into an empty block (``skeleton['layers'][i]``), checked complete."""
+  def read(i: int) -> Params:
+    skeleton = {'layers': {i: _empty_block(cfg)}}
+    for item in by_block.get(i, ()):
+      place(skeleton, item)
+    _raise_missing(_missing_in_block(skeleton['layers'][i], cfg, i), source)
+    return skeleton['layers'][i]
+  return LazyLayers(cfg, dtype, read, digest, source)
 
 
 class LazyLayers(collections.abc.Sequence):
@@ -506,18 +516,13 @@ def load_gguf(path: str | pathlib.Path, dtype=jnp.float32,
     _check_complete(params, cfg, str(path))
     return cfg, params
   _raise_missing(_missing_top(params, cfg), str(path))
-
-  def read(i: int) -> Params:
-    skeleton = {'layers': {i: _empty_block(cfg)}}
-    for t in by_block.get(i, ()):
-      _place_gguf(skeleton, cfg, t, dtype)
-    _raise_missing(_missing_in_block(skeleton['layers'][i], cfg, i), str(path))
-    return skeleton['layers'][i]
   st = path.stat()
   digest = hashlib.sha256(f'{st.st_size} {st.st_mtime_ns} '.encode())
   for t in reader.tensors:
     digest.update(f'{t.name} {t.tensor_type} {list(t.shape)} {t.data_offset}\n'.encode())
-  params['layers'] = LazyLayers(cfg, dtype, read, digest.hexdigest(), str(path))
+  params['layers'] = _lazy_layers(cfg, dtype, by_block,
+                                  lambda skeleton, t: _place_gguf(skeleton, cfg, t, dtype),
+                                  digest.hexdigest(), str(path))
   return cfg, params
 
 

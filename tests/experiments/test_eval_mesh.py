@@ -21,6 +21,7 @@ import sys
 
 import numpy as np
 import pytest
+from tests.utils import write_mc_task
 
 pytest.importorskip('lm_eval')
 
@@ -39,28 +40,9 @@ def _files(tmp: pathlib.Path) -> dict[str, str]:
              'gold': rng.randrange(3)} for _ in range(5)]
   (tmp / 'probes.jsonl').write_text(''.join(json.dumps(p) + '\n' for p in probes))
   tasks = tmp / 'tasks'
-  tasks.mkdir(exist_ok=True)
   docs = [{'question': words(2, 20), 'choices': [words(1, 4) for _ in range(3)],
            'gold': rng.randrange(3)} for _ in range(12)]
-  (tasks / 'tiny_mc.jsonl').write_text(''.join(json.dumps(d) + '\n' for d in docs))
-  (tasks / 'tiny_mc.yaml').write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {tasks / 'tiny_mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: choices
-doc_to_target: gold
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
+  write_mc_task(tasks, docs)
   return {'corpus': str(tmp / 'corpus.txt'), 'probes': str(tmp / 'probes.jsonl'),
           'tasks': str(tasks)}
 

@@ -38,6 +38,7 @@ from models import export
 from models import harness
 from models import llama
 from models import tree
+from tests.utils import write_mc_task
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EOT = '<|endoftext|>'
@@ -95,25 +96,7 @@ def task_dir(tmp_path_factory):
   words = lambda lo, hi: ' '.join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
   docs = [{'question': words(2, 30), 'choices': [words(1, 4) for _ in range(3)],
            'gold': rng.randrange(3)} for _ in range(24)]
-  (d / 'tiny_mc.jsonl').write_text(''.join(json.dumps(doc) + '\n' for doc in docs))
-  (d / 'tiny_mc.yaml').write_text(f"""task: tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {d / 'tiny_mc.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: choices
-doc_to_target: gold
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-""")
+  write_mc_task(d, docs)
   return d
 
 
