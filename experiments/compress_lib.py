@@ -351,8 +351,10 @@ def compress_cached(loaded: loading.LoadedModel, calib, c: CompressConfig, cache
 
 def compress_key(c: CompressConfig, recovery, calib, aux_tokens=None, *, shared_stats: bool,
                  shared_aux_stats: bool = False) -> str:
-  """The :func:`common.cache_key` of a :func:`compress_cached` result."""
-  return common.cache_key('compress', c, getattr(recovery, 'fingerprint', None), calib,
+  """The :func:`common.cache_key` of a :func:`compress_cached` result (the pipeline's code
+  version included: a model cached before a change of its numbers is made again, never reused)."""
+  return common.cache_key('compress', pipeline.CODE_VERSION, c,
+                          getattr(recovery, 'fingerprint', None), calib,
                           aux_tokens, shared_stats, shared_aux_stats)
 
 
