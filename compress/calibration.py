@@ -12,6 +12,9 @@ set once and the result is cached:
   (llm-awq ``auto_scale.py get_act_scale``) and, in this library, ``H`` to evaluate its output error
   exactly: for ``y = x W`` and a replacement ``W_hat``,
   ``sum_tokens ||x (W - W_hat)||^2 = trace(D^T H D)`` with ``D = W - W_hat`` (:func:`output_error`).
+* Asymmetric calibration (GPTAQ, Li et al. 2025, https://arxiv.org/abs/2504.02692) fits the
+  compressed model's inputs ``X~`` to the dense model's outputs ``X W`` and also reads the cross
+  term ``(X - X~)^T X~`` (``LinearStats.cross``), from the same block run on both streams.
 
 Shapes: ``x [..., in]`` (any leading axes are tokens), ``H [in, in]``.
 
@@ -54,26 +57,35 @@ class LinearStats:
     diagonal: ``hessian`` holds only the diagonal of ``X^T X`` (zeros elsewhere): all that Wanda,
       magnitude pruning and RTN read, at a fraction of the cost (no ``X^T X`` product). Methods
       that need the whole ``H`` (GPTQ, SparseGPT, AWQ, the low-rank recoveries) refuse it.
+    cross: float32 ``[in, in]`` or None: ``sum_t (x_dense_t - x_t)^T x_t``, where ``x_t`` is the
+      token's input in the stream these statistics describe (the compressed model's) and
+      ``x_dense_t`` the same token's input in the dense model. Held only when asked for
+      (:func:`init_stats` ``cross=True``); what asymmetric calibration (GPTAQ) reads. A sum like
+      ``hessian``, so the two keep the same scale.
   """
   hessian: jax.Array
   num_tokens: jax.Array
   act_abs_sum: jax.Array
   diagonal: bool = flax.struct.field(pytree_node=False, default=False)
+  cross: jax.Array | None = None
 
   @property
   def in_features(self) -> int:
     return self.hessian.shape[-1]
 
 
-def init_stats(in_features: int, diagonal: bool = False) -> LinearStats:
+def init_stats(in_features: int, diagonal: bool = False, cross: bool = False) -> LinearStats:
   """Empty statistics for a layer with ``in_features`` inputs (``diagonal``: of ``diag(H)``
-  only, see :class:`LinearStats`)."""
+  only; ``cross``: also the dense/compressed cross term; see :class:`LinearStats`)."""
   if in_features <= 0:
     raise ValueError(f'in_features must be positive, got {in_features}.')
+  if diagonal and cross:
+    raise ValueError('the cross term is for asymmetric calibration, which needs the whole H')
   return LinearStats(
       hessian=jnp.zeros((in_features, in_features), jnp.float32),
       num_tokens=jnp.zeros((), jnp.int32),
-      act_abs_sum=jnp.zeros((in_features,), jnp.float32), diagonal=diagonal)
+      act_abs_sum=jnp.zeros((in_features,), jnp.float32), diagonal=diagonal,
+      cross=jnp.zeros((in_features, in_features), jnp.float32) if cross else None)
 
 
 def require_full(stats: LinearStats, what: str) -> None:
@@ -82,9 +94,13 @@ def require_full(stats: LinearStats, what: str) -> None:
     raise ValueError(f'{what} needs the whole H = X^T X; these statistics hold only its diagonal')
 
 
-def update_stats(stats: LinearStats, x: jax.Array, mask: jax.Array | None = None) -> LinearStats:
+def update_stats(stats: LinearStats, x: jax.Array, mask: jax.Array | None = None,
+                 dense: jax.Array | None = None) -> LinearStats:
   """Adds the tokens ``x [..., in]`` (any float dtype) to ``stats``; with ``mask [...]`` (bool)
   only the tokens where it is True (e.g. those a router sent to one expert).
+
+  ``dense`` (same shape as ``x``): the same tokens' inputs in the dense model, required exactly
+  when ``stats`` holds the cross term (it then grows by ``(dense - x)^T x`` over the kept tokens).
 
   ``x`` is cast to float32 before the product, which runs at ``Precision.HIGHEST`` so that a bf16
   model still accumulates a float32 Hessian.
@@ -94,8 +110,15 @@ def update_stats(stats: LinearStats, x: jax.Array, mask: jax.Array | None = None
     raise ValueError(
         f'update_stats: inputs of shape {x.shape} do not match the statistics of a layer with '
         f'{stats.in_features} input features.')
+  if (dense is None) != (stats.cross is None):
+    raise ValueError('update_stats: pass the dense inputs exactly when the statistics hold the '
+                     f'cross term (they {"do not " if stats.cross is None else ""}hold it).')
+  if dense is not None and tuple(dense.shape) != tuple(x.shape):
+    raise ValueError(f'update_stats: dense inputs of shape {tuple(dense.shape)} do not match the '
+                     f'inputs {tuple(x.shape)}.')
   x = x.reshape(-1, x.shape[-1]).astype(jnp.float32)  # [n, in]
   n = jnp.asarray(x.shape[0], jnp.int32)
+  keep = None
   if mask is not None:
     keep = jnp.asarray(mask).reshape(-1)
     x = jnp.where(keep[:, None], x, 0.0)
@@ -104,20 +127,30 @@ def update_stats(stats: LinearStats, x: jax.Array, mask: jax.Array | None = None
     xtx = jnp.diag(jnp.sum(x * x, axis=0))  # [in, in], zeros off the diagonal
   else:
     xtx = jnp.matmul(x.T, x, precision=_HIGHEST)  # [in, in]
+  cross = stats.cross
+  if dense is not None:
+    dx = jnp.asarray(dense).reshape(-1, x.shape[-1]).astype(jnp.float32) - x
+    if keep is not None:
+      dx = jnp.where(keep[:, None], dx, 0.0)
+    cross = cross + jnp.matmul(dx.T, x, precision=_HIGHEST)  # [in, in]
   return LinearStats(
       hessian=stats.hessian + xtx,
       num_tokens=stats.num_tokens + n,
-      act_abs_sum=stats.act_abs_sum + jnp.sum(jnp.abs(x), axis=0), diagonal=stats.diagonal)
+      act_abs_sum=stats.act_abs_sum + jnp.sum(jnp.abs(x), axis=0), diagonal=stats.diagonal,
+      cross=cross)
 
 
 def merge_stats(a: LinearStats, b: LinearStats) -> LinearStats:
   """Statistics of the union of two disjoint token sets (e.g. two devices or two data shards)."""
-  if a.hessian.shape != b.hessian.shape or a.diagonal != b.diagonal:
+  if (a.hessian.shape != b.hessian.shape or a.diagonal != b.diagonal
+      or (a.cross is None) != (b.cross is None)):
     raise ValueError(
         f'merge_stats: cannot merge statistics of {a.in_features} and {b.in_features} input '
-        f'features (diagonal only: {a.diagonal}, {b.diagonal}).')
+        f'features (diagonal only: {a.diagonal}, {b.diagonal}; cross term: '
+        f'{a.cross is not None}, {b.cross is not None}).')
   return LinearStats(hessian=a.hessian + b.hessian, num_tokens=a.num_tokens + b.num_tokens,
-                     act_abs_sum=a.act_abs_sum + b.act_abs_sum, diagonal=a.diagonal)
+                     act_abs_sum=a.act_abs_sum + b.act_abs_sum, diagonal=a.diagonal,
+                     cross=None if a.cross is None else a.cross + b.cross)
 
 
 def mean_hessian(stats: LinearStats) -> jax.Array:
@@ -139,7 +172,7 @@ def check_finite(stats: LinearStats, name: str) -> None:
   silently turns every GPTQ/SparseGPT update into NaN.
   """
   bad = []
-  for field in ('hessian', 'act_abs_sum'):
+  for field in ('hessian', 'act_abs_sum') + (() if stats.cross is None else ('cross',)):
     value = np.asarray(getattr(stats, field))
     if not np.all(np.isfinite(value)):
       bad.append(f'{field} ({int(np.sum(~np.isfinite(value)))} non-finite entries)')
@@ -180,27 +213,45 @@ def output_error(w: jax.Array, w_hat: jax.Array, hessian: jax.Array) -> jax.Arra
 # --------------------------------------------------------------------------- collecting statistics
 
 
-def _stats_step(block, x, stats, cfg: ModelConfig, keys: tuple[str, ...], routed: bool):
+def _stats_step(block, x, stats, cfg: ModelConfig, keys: tuple[str, ...], routed: bool,
+                dense_block=None, x_dense=None):
   """``stats`` plus the statistics of the named inputs of ``block`` on the batch ``x``; an
-  expert's inputs count only the tokens routed to it when ``routed``, else every token."""
+  expert's inputs count only the tokens routed to it when ``routed``, else every token. Inputs
+  whose statistics hold the cross term also read the same batch's dense stream: ``dense_block``
+  (the dense block) on ``x_dense``."""
   _, inputs = llama.block_apply(block, x, cfg, return_inputs=True)
+  dense_inputs = None
+  if x_dense is not None:
+    _, dense_inputs = llama.block_apply(dense_block, x_dense, cfg, return_inputs=True)
   out = {}
   for k in keys:
     e = llama.expert_of(k)
     mask = inputs['routed'][..., e] if routed and e is not None else None
-    out[k] = update_stats(stats[k], inputs[k], mask)
+    dense = None if stats[k].cross is None else dense_inputs[k]
+    out[k] = update_stats(stats[k], inputs[k], mask, dense)
   return out
 
 
 @functools.lru_cache(maxsize=None)
 def _stats_fn(cfg: ModelConfig, keys: tuple[str, ...], dtype_name: str, routed: bool,
-              scan: bool):
+              scan: bool, two_streams: bool = False):
   """Jitted ``(block, x, stats) -> stats`` over one batch ``x [B, T, D]``, or with ``scan`` over
   batches ``x [K, B, T, D]`` in one program (one call per block: XLA reuses its buffers from batch
-  to batch, where separate calls cost ~25% more on a CPU)."""
+  to batch, where separate calls cost ~25% more on a CPU). ``two_streams``:
+  ``(block, x, stats, dense_block, x_dense) -> stats``, both streams' batches in the same
+  program (for the cross term)."""
   step = functools.partial(_stats_step, cfg=cfg, keys=keys, routed=routed)
   if not scan:
     return jax.jit(step, donate_argnums=(2,))
+
+  if two_streams:
+    def fn2(block, xs, stats, dense_block, xs_dense):
+      def body(st, pair):
+        x, xd = pair
+        return step(block, sharding.constrain_batch(x), st, dense_block=dense_block,
+                    x_dense=sharding.constrain_batch(xd)), None
+      return jax.lax.scan(body, stats, (xs, xs_dense))[0]
+    return jax.jit(fn2, donate_argnums=(2,))
 
   def fn(block, xs, stats):
     return jax.lax.scan(lambda st, x: (step(block, sharding.constrain_batch(x), st), None),
@@ -221,7 +272,7 @@ def _out_fn(cfg: ModelConfig, dtype_name: str, scan: bool = False):
   return jax.jit(fn)
 
 
-def _split(xs, batch_size: int) -> tuple[Any, Any]:
+def split_batches(xs, batch_size: int) -> tuple[Any, Any]:
   """``(whole batches [K, B, T, D] on the devices, or None; the last rows that make no whole
   batch, or None)``. Activations in host memory (``--offload=host``) give no whole batches: each
   batch moves to the devices when used."""
@@ -241,23 +292,46 @@ def input_width(cfg: ModelConfig, key: str) -> int:
 
 def collect_stats(block: Params, xs: np.ndarray | jax.Array, cfg: ModelConfig,
                   keys: Sequence[str], batch_size: int, *, routed: bool = True,
-                  diagonal: bool = False) -> dict[str, LinearStats]:
+                  diagonal: bool = False, cross_keys: Sequence[str] = (),
+                  dense_block: Params | None = None,
+                  dense_xs: np.ndarray | jax.Array | None = None) -> dict[str, LinearStats]:
   """Statistics of the inputs ``keys`` (see ``llama.input_key``) of ``block`` on ``xs [N,T,D]``.
 
   ``routed``: a mixture's expert inputs count only the tokens the router sends to that expert
   (False: every token of the block, for experts the calibration set starves). ``diagonal``: only
-  ``diag(H)`` (:class:`LinearStats`).
+  ``diag(H)`` (:class:`LinearStats`). ``cross_keys`` (a subset of ``keys``): also collect the cross
+  term ``sum_t (x_dense_t - x_t)^T x_t`` of these inputs, with ``x_dense`` the inputs of
+  ``dense_block`` on ``dense_xs`` (the dense stream: same tokens, same shape as ``xs``), run in the
+  same jitted program as ``block`` on ``xs``. An expert's tokens are those routed to it in ``xs``.
   """
   keys = tuple(sorted(set(keys)))
-  stats = {k: init_stats(input_width(cfg, k), diagonal) for k in keys}
+  cross_keys = frozenset(cross_keys)
+  if not cross_keys <= set(keys):
+    raise ValueError(f'collect_stats: cross_keys {sorted(cross_keys - set(keys))} are not among '
+                     f'the keys {list(keys)}')
+  two = bool(cross_keys)
+  if two and (dense_block is None or dense_xs is None):
+    raise ValueError('collect_stats: the cross term needs the dense block and its inputs')
+  if two and tuple(dense_xs.shape) != tuple(xs.shape):
+    raise ValueError(f'collect_stats: dense inputs {tuple(dense_xs.shape)} do not match the '
+                     f'inputs {tuple(xs.shape)}')
+  stats = {k: init_stats(input_width(cfg, k), diagonal, k in cross_keys) for k in keys}
   dtype_name = jnp.dtype(xs.dtype).name
-  whole, rest = _split(xs, batch_size)
+  whole, rest = split_batches(xs, batch_size)
+  dense_whole, dense_rest = split_batches(dense_xs, batch_size) if two else (None, None)
+  if two and (whole is None) != (dense_whole is None):  # one stream on the host, one on devices
+    whole, rest, dense_whole, dense_rest = None, xs, None, dense_xs
   if whole is not None:
-    stats = _stats_fn(cfg, keys, dtype_name, routed, True)(block, whole, stats)
+    fn = _stats_fn(cfg, keys, dtype_name, routed, True, two)
+    stats = fn(block, whole, stats, dense_block, dense_whole) if two else fn(block, whole, stats)
   if rest is not None:
     fn = _stats_fn(cfg, keys, dtype_name, routed, False)
     for i in range(0, rest.shape[0], batch_size):
-      stats = fn(block, sharding.batch(rest[i:i + batch_size]), stats)
+      if two:
+        stats = fn(block, sharding.batch(rest[i:i + batch_size]), stats, dense_block=dense_block,
+                   x_dense=sharding.batch(dense_rest[i:i + batch_size]))
+      else:
+        stats = fn(block, sharding.batch(rest[i:i + batch_size]), stats)
   return stats
 
 
@@ -265,7 +339,7 @@ def run_block(block: Params, xs, cfg: ModelConfig, batch_size: int) -> Any:
   """Block ``block``'s output on ``xs [N, T, D]``, ``batch_size`` sequences per jitted call: a
   device array, or a NumPy array in host memory under ``--offload=host``."""
   dtype_name = jnp.dtype(xs.dtype).name
-  whole, rest = _split(xs, batch_size)
+  whole, rest = split_batches(xs, batch_size)
   outs = [] if whole is None else [sharding.activations(_out_fn(cfg, dtype_name, True)(block,
                                                                                        whole))]
   if rest is not None:

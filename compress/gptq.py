@@ -33,6 +33,23 @@ The algorithm, as in the reference:
    ``trace(D (H + damp I) D^T) / 2`` for the final error ``D``: it is in the units of the given
    ``H`` (the reference accumulates ``H = 2 X^T X / n``).
 
+Asymmetric calibration (GPTAQ: Li, Yin, Lee, Xiao, Panda, "GPTAQ: Efficient Finetuning-Free
+Quantization for Asymmetric Calibration", ICML 2025, https://arxiv.org/abs/2504.02692; reference
+code Intelligent-Computing-Lab-Yale/GPTAQ ``gptaq_utils.py GPTAQ.fasterquant``), given ``cross``
+``= sum_t (x_dense_t - x_t)^T x_t`` (``[in, in]``, the statistics' ``LinearStats.cross``) and
+``alpha``: the target is the dense layer's output on the dense inputs, ``X W``, reached from the
+compressed inputs ``X~`` (those ``H`` describes). When column ``i`` (current value ``w_i``) is
+quantized, its share of the asymmetry, ``w_i (x_dense_i - x_i)``, is regressed on the inputs of the
+columns not yet quantized and added to them:
+``alpha * w_i * cross[i, i+1:] @ inv(H[i+1:, i+1:])`` (damped ``H``, processing order). All rows
+of these regressions come from the Cholesky factor at once:
+``P = alpha * triu(cross @ Hinv^T, 1) @ Hinv`` (the inverse of a trailing block of ``H`` is
+``Hinv[k:, k:]^T Hinv[k:, k:]``), and the sweep subtracts ``err_i Hinv[i, :] - w_i P[i, :]``
+instead of ``err_i Hinv[i, :]``. The lazy batch update uses the same ``w_i`` (the reference uses
+the batch's quantized values there, which makes its result depend on ``block_size``; here the
+result is the column-by-column update whatever the batch size). With act-order ``cross`` is
+permuted like ``H`` (both of its indices are input channels). ``cross = 0`` gives GPTQ exactly.
+
 ``mask`` (bool ``[in, out]``, True = kept) is SparseGPT's joint prune + quantize sweep: a weight
 outside the mask gets the grid's zero point as its code (it dequantizes to exactly 0) and its current value,
 zero if the weight was already pruned, is compensated through the error feedback like any
@@ -62,6 +79,8 @@ from compress.quantize import compute_qparams, group_qparams, quantize_codes
 from kernels.formats import QuantizedWeight, QuantSpec
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# GPTAQ's weight of the asymmetric term: the reference code's default.
+DEFAULT_ALPHA = 0.25
 
 
 @flax.struct.dataclass
@@ -168,10 +187,34 @@ def damped_inverse_cholesky(
   return U, pd, tries - 1, good(U)
 
 
-def _check_args(w, hessian, spec, block_size, mask, max_damp_retries):
+def asymmetric_update(cross: jax.Array, Hinv: jax.Array, alpha: float) -> jax.Array:
+  """GPTAQ's ``P = alpha * triu(cross @ Hinv^T, 1) @ Hinv`` ``[n, n]`` (strictly upper
+  triangular): row ``i`` holds ``alpha * cross[i, i+1:] @ inv(H[i+1:, i+1:])`` for the upper
+  Cholesky factor ``Hinv`` of ``H^-1`` (processing order). Shared by GPTQ and SparseGPT."""
+  C = jnp.asarray(cross, jnp.float32)
+  T = jnp.triu(jnp.matmul(C, Hinv.T, precision=_HIGHEST), 1)
+  return jnp.asarray(alpha, jnp.float32) * jnp.matmul(T, Hinv, precision=_HIGHEST)
+
+
+def check_cross(cross, n_in: int, alpha, method: str) -> None:
+  """Raises ValueError unless ``cross`` is ``[n_in, n_in]`` and ``alpha`` a non-negative number
+  (a traced scalar is taken as it is)."""
+  if tuple(cross.shape) != (n_in, n_in):
+    raise ValueError(f'{method}: cross term of shape {tuple(cross.shape)} does not match a weight '
+                     f'with {n_in} inputs (expected ({n_in}, {n_in})).')
+  if isinstance(alpha, jax.Array) and alpha.ndim == 0:
+    return
+  if not (isinstance(alpha, (int, float)) and np.isfinite(alpha) and alpha >= 0):
+    raise ValueError(f'{method}: alpha must be a finite number >= 0, got {alpha!r}.')
+
+
+def _check_args(w, hessian, spec, block_size, mask, max_damp_retries, cross=None,
+                alpha=DEFAULT_ALPHA):
   if not isinstance(spec, QuantSpec):
     raise ValueError(f'spec must be a QuantSpec, got {type(spec).__name__}.')
   n_in = check_weight_hessian(w, hessian, 'gptq')
+  if cross is not None:
+    check_cross(cross, n_in, alpha, 'gptq')
   if mask is not None and mask.shape != w.shape:
     raise ValueError(f'gptq: mask of shape {mask.shape} does not match the weight {w.shape}.')
   if block_size <= 0:
@@ -181,11 +224,12 @@ def _check_args(w, hessian, spec, block_size, mask, max_damp_retries):
 
 
 def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mask,
-               max_damp_retries):
+               max_damp_retries, cross=None, alpha=DEFAULT_ALPHA):
   """Returns ``(codes [in, out] int32, scales [G, out], zeros [G, out], g_idx | None, info)``."""
   w = jnp.asarray(w)
   hessian = jnp.asarray(hessian)
-  _check_args(w, hessian, spec, block_size, mask, max_damp_retries)
+  cross = None if cross is None else jnp.asarray(cross, jnp.float32)
+  _check_args(w, hessian, spec, block_size, mask, max_damp_retries, cross, alpha)
   n_in, n_out = w.shape
   columns = n_in
   grouped = spec.group_size != -1
@@ -208,6 +252,7 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
   dead = jnp.diag(H) == 0  # [in]
   H = H + jnp.diag(dead.astype(jnp.float32))  # H[dead, dead] = 1
   W = jnp.where(dead[None, :], 0.0, W)
+  C = None if cross is None else jnp.where(dead[None, :], 0.0, cross)  # as the reference does
 
   if static_groups:
     # The reference's find_params(W[:, i:i + groupsize]) for i in range(0, columns, groupsize):
@@ -224,6 +269,8 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
     invperm = jnp.argsort(perm)
     W = W[:, perm]
     H = H[perm][:, perm]
+    if C is not None:
+      C = C[perm][:, perm]
     if M is not None:
       M = M[:, perm]
 
@@ -236,6 +283,7 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
     gcol = jnp.asarray(np.arange(columns) // groupsize, jnp.int32)
 
   Hinv, percdamp, retries, ok = damped_inverse_cholesky(H, damp, max_damp_retries)
+  P = None if C is None else asymmetric_update(C, Hinv, alpha)  # [in, in], processing order
 
   # Pad the columns to whole lazy batches so that one fori_loop body serves every batch. A padded
   # column has weight 0, Hinv = identity (no coupling to real columns) and a dummy grid (index
@@ -250,6 +298,8 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
   Hinv = jnp.pad(Hinv, ((0, pad), (0, pad))) + jnp.diag(
       jnp.asarray(np.arange(padded) >= columns, jnp.float32))
   gcol = jnp.pad(gcol, (0, pad), constant_values=n_groups)
+  if P is not None:
+    P = jnp.pad(P, ((0, pad), (0, pad)))  # padded columns take and give no asymmetric term
   if M is not None:
     M = jnp.pad(M, ((0, 0), (0, pad)), constant_values=True)
   scales = jnp.concatenate([scales, jnp.ones((1, n_out), jnp.float32)])  # [G + 1, out]
@@ -257,8 +307,9 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
   # At most this many groups start inside one lazy batch.
   groups_per_block = -(-blocksize // groupsize)
 
-  def column(i, carry, Hinv1, g1, M1, scales, zeros):
-    W1, Q1, Err1, loss = carry
+  def column(i, carry, Hinv1, g1, M1, P1, scales, zeros):
+    # GPTAQ carries A1 too: each column's weight just before it was quantized.
+    W1, Q1, Err1, loss, *A1 = carry
     w = jax.lax.dynamic_index_in_dim(W1, i, axis=1, keepdims=False)  # [out]
     h_row = jax.lax.dynamic_index_in_dim(Hinv1, i, axis=0, keepdims=False)  # [blocksize]
     d = h_row[i]
@@ -271,10 +322,16 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
     err1 = (w - q) / d
     loss = loss + jnp.sum(err1 * err1)
     # Hinv1[i, :i] == 0, so updating the whole batch equals the reference's W1[:, i:] update.
-    W1 = W1 - err1[:, None] * h_row[None, :]
+    if P1 is None:
+      W1 = W1 - err1[:, None] * h_row[None, :]
+    else:  # GPTAQ: w's asymmetric share goes to the later columns too (P1[i, :i + 1] == 0)
+      p_row = jax.lax.dynamic_index_in_dim(P1, i, axis=0, keepdims=False)  # [blocksize]
+      W1 = W1 - err1[:, None] * h_row[None, :]
+      W1 = W1 + w[:, None] * p_row[None, :]
+      A1 = [jax.lax.dynamic_update_index_in_dim(A1[0], w, i, axis=1)]
     Q1 = jax.lax.dynamic_update_index_in_dim(Q1, code, i, axis=1)
     Err1 = jax.lax.dynamic_update_index_in_dim(Err1, err1, i, axis=1)
-    return W1, Q1, Err1, loss
+    return (W1, Q1, Err1, loss, *A1)
 
   def block(b, carry):
     W, Q, scales, zeros, loss = carry
@@ -307,13 +364,23 @@ def _gptq_core(w, hessian, spec, block_size, damp, act_order, static_groups, mas
     Hinv1 = jax.lax.dynamic_slice_in_dim(Hrows, i1, blocksize, axis=1)  # [blocksize, blocksize]
     g1 = jax.lax.dynamic_slice_in_dim(gcol, i1, blocksize)
     M1 = None if M is None else jax.lax.dynamic_slice_in_dim(M, i1, blocksize, axis=1)
-    body = functools.partial(column, Hinv1=Hinv1, g1=g1, M1=M1, scales=scales, zeros=zeros)
+    Prows = P1 = None
+    if P is not None:
+      Prows = jax.lax.dynamic_slice_in_dim(P, i1, blocksize, axis=0)  # [blocksize, padded]
+      P1 = jax.lax.dynamic_slice_in_dim(Prows, i1, blocksize, axis=1)
+    body = functools.partial(column, Hinv1=Hinv1, g1=g1, M1=M1, P1=P1, scales=scales, zeros=zeros)
     init = (W1, jnp.zeros_like(W1), jnp.zeros_like(W1), loss)
-    _, Q1, Err1, loss = jax.lax.fori_loop(0, blocksize, body, init)
+    if P is not None:
+      init += (jnp.zeros_like(W1),)
+    _, Q1, Err1, loss, *A1 = jax.lax.fori_loop(0, blocksize, body, init)
     Q = jax.lax.dynamic_update_slice_in_dim(Q, Q1, i1, axis=1)
     # The reference's W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]. Hrows is zero left of the batch; the
     # batch's own columns of W also change here, but they are never read again.
-    W = W - jnp.matmul(Err1, Hrows, precision=_HIGHEST)
+    if P is None:
+      W = W - jnp.matmul(Err1, Hrows, precision=_HIGHEST)
+    else:  # Prows is zero left of and on the diagonal, like Hrows
+      W = W - jnp.matmul(Err1, Hrows, precision=_HIGHEST)
+      W = W + jnp.matmul(A1[0], Prows, precision=_HIGHEST)
     return W, Q, scales, zeros, loss
 
   init = (W, jnp.zeros_like(W), scales, zeros, jnp.zeros((), jnp.float32))
@@ -357,8 +424,9 @@ def _dequantize_codes(codes, scales, zeros, g):
 
 def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, block_size: int = 128,
          damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-         mask: jax.Array | None = None,
-         max_damp_retries: int = 5) -> tuple[QuantizedWeight, GPTQInfo]:
+         mask: jax.Array | None = None, max_damp_retries: int = 5,
+         cross: jax.Array | None = None,
+         alpha: float = DEFAULT_ALPHA) -> tuple[QuantizedWeight, GPTQInfo]:
   """Quantizes ``w`` with GPTQ.
 
   Args:
@@ -371,6 +439,9 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, block_size: int =
     static_groups: compute all group grids from the original weights before any update.
     mask: optional bool ``[in, out]``, True = kept; the rest quantize to exactly zero.
     max_damp_retries: how many times to raise ``damp`` x10 when a Cholesky factorization fails.
+    cross: optional ``[in, in]`` ``sum_t (x_dense_t - x_t)^T x_t`` (``LinearStats.cross``): GPTAQ,
+      the asymmetric target ``X W`` from the inputs ``X~`` that ``hessian`` describes.
+    alpha: GPTAQ's weight of the asymmetric term (the reference's default 0.25; 0 is GPTQ).
 
   Returns:
     ``(QuantizedWeight, GPTQInfo)``. ``g_idx`` is set only for act-order with dynamic groups (the
@@ -378,7 +449,8 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, block_size: int =
     fails raises ValueError; under ``jit`` check ``info.ok``.
   """
   codes, scales, zeros, g_idx, info = _gptq_core(w, hessian, spec, block_size, damp, act_order,
-                                                 static_groups, mask, max_damp_retries)
+                                                 static_groups, mask, max_damp_retries, cross,
+                                                 alpha)
   report(info)
   qw = QuantizedWeight.from_ints(codes, scales, zeros, spec, g_idx=g_idx)
   return qw, info
@@ -386,14 +458,16 @@ def gptq(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, block_size: int =
 
 def gptq_dense(w: jax.Array, hessian: jax.Array, spec: QuantSpec, *, block_size: int = 128,
                damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-               mask: jax.Array | None = None,
-               max_damp_retries: int = 5) -> tuple[jax.Array, GPTQInfo]:
+               mask: jax.Array | None = None, max_damp_retries: int = 5,
+               cross: jax.Array | None = None,
+               alpha: float = DEFAULT_ALPHA) -> tuple[jax.Array, GPTQInfo]:
   """Like :func:`gptq` but returns the dequantized float32 weight ``[in, out]`` without packing.
 
   The result equals ``dequantize(gptq(...)[0])`` exactly.
   """
   codes, scales, zeros, g_idx, info = _gptq_core(w, hessian, spec, block_size, damp, act_order,
-                                                 static_groups, mask, max_damp_retries)
+                                                 static_groups, mask, max_damp_retries, cross,
+                                                 alpha)
   report(info)
   n_in = codes.shape[0]
   g = g_idx if g_idx is not None else jnp.asarray(np.arange(n_in) // spec.group_len(n_in))

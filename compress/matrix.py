@@ -77,16 +77,28 @@ def needs_full_hessian(spec: LinearSpec) -> bool:
 
 
 def compress_matrix(w: jax.Array, stats: calibration.LinearStats | None, spec: LinearSpec,
-                    name: str = '') -> tuple[formats.CompressedLinear, dict[str, Any]]:
+                    name: str = '', grad: jax.Array | None = None
+                    ) -> tuple[formats.CompressedLinear, dict[str, Any]]:
   """Compresses one ``[in, out]`` weight by ``spec`` (AWQ excepted: it needs the block).
 
-  Returns the leaf and a dict of method details (e.g. GPTQ damping retries).
+  Returns the leaf and a dict of method details (e.g. GPTQ damping retries). An asymmetric spec
+  (GPTAQ) reads ``stats.cross`` in its one GPTQ or SparseGPT sweep (SparseGPT + GPTQ is one joint
+  sweep; a Wanda or magnitude mask goes into GPTQ's sweep). ``grad``: Wanda++'s regional
+  gradient ``[in, out]`` (:func:`compress.regional.regional_gradients`), which it needs.
   """
   spec.check_shape(tuple(w.shape), name)
   if stats is not None and needs_full_hessian(spec):
     calibration.require_full(stats, f'{name}: {spec.describe()}')
   w = jnp.asarray(w, jnp.float32)
   h = None if stats is None else stats.hessian
+  # GPTAQ's statics and cross term, for the GPTQ/SparseGPT calls (nothing for other specs).
+  asym_statics, asym_args = {}, {}
+  if spec.asymmetric:
+    if stats is None or stats.cross is None:
+      raise ValueError(f'{name}: {spec.describe()} needs the cross term of the dense and the '
+                       'compressed inputs (LinearStats.cross), which only a run that propagates '
+                       'both streams collects')
+    asym_statics, asym_args = {'alpha': spec.asymmetric_alpha}, {'cross': stats.cross}
   info: dict[str, Any] = {}
   mask = None
   w_work = w
@@ -94,12 +106,19 @@ def compress_matrix(w: jax.Array, stats: calibration.LinearStats | None, spec: L
   if spec.prune == 'sparsegpt':
     if spec.quant == 'gptq':
       qw, mask = jitted(sparsegpt_lib.sparsegpt_quant, spec=sp, quant=spec.qspec,
-                        block_size=spec.block_size, percdamp=spec.damp)(w, h)
+                        block_size=spec.block_size, percdamp=spec.damp,
+                        **asym_statics)(w, h, **asym_args)
       return _finish(qw, mask, spec), info
     w_work, mask = jitted(sparsegpt_lib.sparsegpt, spec=sp, block_size=spec.block_size,
-                          percdamp=spec.damp)(w, h)
+                          percdamp=spec.damp, **asym_statics)(w, h, **asym_args)
   elif spec.prune == 'wanda':
     w_work, mask = jitted(prune_lib.wanda, spec=sp)(w, h)
+  elif spec.prune == 'wanda++':
+    if grad is None or tuple(grad.shape) != tuple(w.shape):
+      raise ValueError(f'{name}: wanda++ needs the regional gradient of the weight '
+                       f'{tuple(w.shape)} (compress.regional.regional_gradients)')
+    w_work, mask = jitted(prune_lib.wandapp, spec=sp, alpha=spec.wandapp_alpha)(
+        w, h, jnp.asarray(grad, jnp.float32))
   elif spec.prune == 'magnitude':
     w_work, mask = jitted(prune_lib.magnitude, spec=sp)(w)
 
@@ -109,8 +128,8 @@ def compress_matrix(w: jax.Array, stats: calibration.LinearStats | None, spec: L
     qw = jitted(quantize.rtn, spec=spec.qspec)(w_work)
   elif spec.quant == 'gptq':
     qw, ginfo = jitted(gptq_lib.gptq, spec=spec.qspec, block_size=spec.block_size, damp=spec.damp,
-                       act_order=spec.act_order, static_groups=spec.static_groups)(w_work, h,
-                                                                                  mask=mask)
+                       act_order=spec.act_order, static_groups=spec.static_groups,
+                       **asym_statics)(w_work, h, mask=mask, **asym_args)
     gptq_lib.report(ginfo, name)
     info['gptq_damp_retries'] = int(ginfo.retries)
   else:

@@ -13,7 +13,11 @@ For block ``i`` (compress/METHODS.md §4, as the GPTQ/SparseGPT/Wanda references
 4. run the compressed block to produce the next block's inputs.
 
 ``dense_inputs=True`` collects statistics from the dense model's activations instead (the
-inputs stay dense all the way). Memory: one block's weights plus the calibration activations.
+inputs stay dense all the way). An asymmetric spec (GPTAQ, ``LinearSpec.asymmetric``) makes the
+pipeline carry both streams, the compressed model's hidden states through the compressed blocks
+and the dense model's through the dense blocks, and collect the cross term of the two streams'
+linear inputs (``LinearStats.cross``) with ``H`` of the compressed stream, in one pass.
+Memory: one block's weights plus the calibration activations (twice with GPTAQ).
 Progress: one bar step per block. The finished blocks, the propagated activations and the report
 are checkpointed (``checkpoint_dir``, a :class:`~models.checkpoint.ResumableSweep`) at most every
 ``checkpoint_every_s`` seconds and after the last block; a rerun with the same arguments resumes
@@ -39,6 +43,7 @@ import numpy as np
 
 from compress import awq as awq_lib
 from compress import calibration
+from compress import regional
 from compress.matrix import LayerReport, LinearRecovery, compress_matrix, leaf_dense
 from compress.matrix import needs_full_hessian, recover_linear, relative_error, sparsity
 from compress.matrix import spec_of_leaf
@@ -84,7 +89,7 @@ def data_free(spec: LinearSpec) -> LinearSpec:
   """The data-free version of ``spec``: RTN on its grid, magnitude pruning at its sparsity."""
   return dataclasses.replace(
       spec, quant='rtn' if spec.quant != 'none' else 'none', act_order=False, static_groups=False,
-      awq_clip=False, prune='magnitude' if spec.prune != 'none' else 'none')
+      awq_clip=False, prune='magnitude' if spec.prune != 'none' else 'none', asymmetric=False)
 
 
 def validate_rules(params: Params, rules: Sequence[Rule]) -> list[dict[str, LinearSpec]]:
@@ -140,7 +145,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     cfg: its config.
     calib_tokens: ``[N, T]`` calibration token windows.
     rules: the recipe (first match wins; unmatched linears stay dense).
-    dense_inputs: collect statistics from dense activations instead of the compressed model's.
+    dense_inputs: collect statistics from dense activations instead of the compressed model's
+      (not with an asymmetric spec: that one reads both).
     true_sequential: re-collect statistics after each stage of a block (q/k/v, o, gate/up, down).
     batch_size: sequences per jitted calibration step.
     dtype: compute dtype of the calibration passes.
@@ -184,6 +190,23 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
   head_spec = match(rules, 'lm_head/kernel')
   if head_spec is not None and head_spec.quant in ('awq',):
     raise ValueError('AWQ on the LM head is not supported')
+  # Blocks with an asymmetric (GPTAQ) spec read the dense stream too; so does an asymmetric head.
+  asym_blocks = [i for i, specs in enumerate(specs_per_block)
+                 if any(s.asymmetric for s in specs.values())]
+  head_asym = head_spec is not None and head_spec.asymmetric and 'lm_head' in params
+  if (asym_blocks or head_asym) and (dense_inputs or precomputed_stats is not None):
+    raise ValueError('asymmetric calibration (GPTAQ) fits the compressed model\'s inputs to the '
+                     'dense outputs: with dense-input or precomputed statistics both are the dense '
+                     'inputs and it would change nothing; use propagated inputs')
+  if any(s.prune == 'wanda++' for specs in specs_per_block for s in specs.values()):
+    if precomputed_stats is not None:
+      raise ValueError('wanda++ needs each block\'s calibration inputs for its regional gradients: '
+                       'not with precomputed statistics')
+  if head_spec is not None and head_spec.prune == 'wanda++':
+    raise ValueError('wanda++ scores a decoder block\'s linears by the gradient of the block\'s '
+                     'output: the LM head is not in a block; prune it with wanda')
+  # The dense stream is carried up to the last block (or the head) that reads it.
+  dense_until = cfg.num_layers if head_asym else (max(asym_blocks) if asym_blocks else -1)
 
   options = dict(dense_inputs=dense_inputs, true_sequential=true_sequential, dtype=jnp.dtype(dtype).name,
                  batch_size=batch_size, precomputed=precomputed_stats is not None,
@@ -204,15 +227,27 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     dense_inputs = True
   x = None if pre else sharding.activations(
       llama.embed(params, jnp.asarray(calib_tokens), cfg, dtype))
-  x_dense = x if dense_inputs else None
+  x_dense = x if dense_inputs or dense_until >= 0 else None
   x_aux = None if aux_tokens is None or precomputed_aux_stats is not None else llama.embed(
       params, jnp.asarray(aux_tokens), cfg, dtype)
 
-  def get_stats(i, block, src, keys, diagonal=False):
+  def get_stats(i, block, src, keys, diagonal=False, cross_keys=()):
+    """Statistics of ``keys`` of ``block`` on ``src``; ``cross_keys`` also get the cross term
+    with the dense stream (the dense block ``i`` on ``x_dense``)."""
     if pre:
       return {k: precomputed_stats[i][k] for k in keys}
     return calibration.collect_stats(block, src, cfg.layer(i), keys, batch_size, routed=moe.routed,
-                                     diagonal=diagonal)
+                                     diagonal=diagonal, cross_keys=cross_keys,
+                                     dense_block=params['layers'][i] if cross_keys else None,
+                                     dense_xs=x_dense if cross_keys else None)
+
+  def wandapp_gradients(i, block, src, stage_specs):
+    """Wanda++'s regional gradients of the dense block on the same inputs (none needed: {})."""
+    lins = [l for l, s in stage_specs.items() if s.prune == 'wanda++']
+    return regional.regional_gradients(block, src, cfg.layer(i), lins, batch_size) if lins else {}
+
+  def cross_keys_of(stage_specs):
+    return sorted({llama.input_key(l) for l, s in stage_specs.items() if s.asymmetric})
 
   def experts(i, block, src, stats, stage_specs):
     """Finds the starved experts of block ``i`` and applies ``moe.starved`` to them."""
@@ -245,8 +280,12 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       raise ValueError('precomputed statistics cannot re-calibrate starved experts on all tokens: '
                        'use moe starved=rtn or collect statistics in the run')
     else:
+      cross = [k for k in starved if stats[k].cross is not None]
       again = calibration.collect_stats(block, src, cfg.layer(i), sorted(starved), batch_size,
-                                        routed=False, diagonal=stats[next(iter(starved))].diagonal)
+                                        routed=False, diagonal=stats[next(iter(starved))].diagonal,
+                                        cross_keys=cross,
+                                        dense_block=params['layers'][i] if cross else None,
+                                        dense_xs=x_dense if cross else None)
       stats = dict(stats, **again)
     return stats, stage_specs, notes
   n_blocks = len(params['layers'])
@@ -281,15 +320,16 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     if not specs:
       pass
     elif any(s.quant == 'awq' for s in specs.values()):
-      stats = get_stats(i, block, src, needed)
+      stats = get_stats(i, block, src, needed, cross_keys=cross_keys_of(specs))
       for k, st in stats.items():
         calibration.check_finite(st, f'layers/{i}/{k}')
       new_block, rep = awq_lib.awq_block(block, stats, specs, cfg.layer(i), f'layers/{i}', recovery,
                                          aux_stats)
       rest = {l: s for l, s in specs.items() if s.quant != 'awq'}
       stats, rest, notes = experts(i, block, src, stats, rest)
+      grads = wandapp_gradients(i, block, src, rest)
       new_block, rep2 = _compress_linears(new_block, block, rest, stats, i, recovery, aux_stats,
-                                          notes=notes)
+                                          notes=notes, grads=grads)
       reports += rep + rep2
     else:
       stages = (llama.sequential_stages(cfg) if true_sequential
@@ -303,13 +343,15 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
         # Wanda, magnitude and RTN read only diag(H): no X^T X product then (the reports'
         # rel_error is then weighted by diag(H) alone, marked in their extra).
         diagonal = recovery is None and not any(map(needs_full_hessian, stage_specs.values()))
-        stats = get_stats(i, stats_block, src, keys, diagonal)
+        stats = get_stats(i, stats_block, src, keys, diagonal, cross_keys_of(stage_specs))
         stats, stage_specs, notes = experts(i, stats_block, src, stats, stage_specs)
         for k, st in stats.items():
           calibration.check_finite(st, f'layers/{i}/{k}')
+        # Wanda++: the regional gradients of the dense block on the same inputs.
+        grads = wandapp_gradients(i, block, src, stage_specs)
         new_block, rep = _compress_linears(new_block, block, stage_specs, stats, i, recovery,
                                            aux_stats, None if given is None else given['layers'][i],
-                                           notes)
+                                           notes, grads)
         reports += rep
     layers[i] = tree.to_host(new_block) if host_blocks else new_block
     # A recovery that re-compresses the weights themselves (SRR) must propagate its adapters.
@@ -319,6 +361,9 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
       x = calibration.run_block(prop_block, x, cfg.layer(i), batch_size)
     if dense_inputs and not pre:
       x_dense = calibration.run_block(block, x_dense, cfg.layer(i), batch_size)
+    elif x_dense is not None and not dense_inputs:  # the dense stream of asymmetric calibration
+      x_dense = (calibration.run_block(block, x_dense, cfg.layer(i), batch_size)
+                 if i < dense_until else None)
     if x_aux is not None:
       x_aux = calibration.run_block(prop_block, x_aux, cfg.layer(i), batch_size)
     block_reports = reports[first_report:]
@@ -340,7 +385,9 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
   if head_spec is not None and not head_spec.is_noop and 'lm_head' in params and (
       stop_after is None or stop_after >= cfg.num_layers):
     hx = llama.final_norm(params, x, cfg)
-    st = calibration.update_stats(calibration.init_stats(cfg.hidden_size), hx)
+    st = calibration.update_stats(
+        calibration.init_stats(cfg.hidden_size, cross=head_asym), hx,
+        dense=llama.final_norm(params, x_dense, cfg) if head_asym else None)
     w = params['lm_head']['kernel']
     t0 = time.time()
     leaf, info = compress_matrix(w, st, head_spec, 'lm_head')
@@ -390,7 +437,7 @@ def _groups(specs: dict[str, LinearSpec], fuse: bool) -> list[list[str]]:
 
 
 def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_stats,
-                      given_block=None, notes=None):
+                      given_block=None, notes=None, grads=None):
   """Compresses (and recovers) the linears ``specs`` of block ``i`` from their dense weights, or
   takes their leaves from ``given_block``. Linears with one input and one spec are solved as one
   matrix (their columns side by side: one factorization of ``H`` and one column sweep instead of
@@ -408,7 +455,10 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
       info = {'given': True}
     else:
       w = ws[0] if len(ws) == 1 else sharding.columns(jnp.concatenate(ws, axis=1))
-      leaf, info = compress_matrix(w, st, spec, f'layers/{i}/{"+".join(group)}')
+      grad = None
+      if grads and group[0] in grads:  # Wanda++, side by side like the weights
+        grad = jnp.concatenate([grads[lin] for lin in group], axis=1)
+      leaf, info = compress_matrix(w, st, spec, f'layers/{i}/{"+".join(group)}', grad)
       leaves = [leaf] if len(ws) == 1 else formats.split_columns(leaf, [x.shape[1] for x in ws])
     jax.block_until_ready(leaves)
     secs = time.time() - t0

@@ -11,6 +11,10 @@ consecutive input weights.
 Layout: weights are Flax ``[in, out]`` (``y = x @ W``), so an output unit is a *column* here (a row
 in the papers' ``[out, in]``). Masks are bool ``[in, out]`` with True = kept.
 
+Wanda++ (Yang et al. 2025, https://arxiv.org/abs/2503.04992): the regional gradient score
+``(alpha * G_ij + ||X_:,i||_2) * |W_ij|`` (:func:`wandapp_scores`, ``G`` from
+:mod:`compress.regional`), selected exactly as Wanda's; see ``compress/METHODS.md`` §2.3a.
+
 Magnitude pruning uses the same per-output-unit selection with score ``|W|`` (the Wanda repository's
 magnitude baseline instead thresholds the whole matrix at once; per output unit is the convention of
 this library, so every method prunes exactly the same number of weights from every output unit).
@@ -225,6 +229,59 @@ def wanda_mask(w: jax.Array, hessian: jax.Array, spec: PruneSpec) -> jax.Array:
   return mask_from_scores(wanda_scores(w, hessian), spec)
 
 
+# Wanda++ (Yang et al. 2025, https://arxiv.org/abs/2503.04992): the scale of the regional-gradient
+# term. 100 is the paper's default and that of the reproduction it links (TTTTTTris/wandaplus
+# ``main.py --rgs_scaling``); see compress/METHODS.md §2.3a.
+WANDAPP_ALPHA = 100.0
+
+
+def wandapp_scores(w: jax.Array, hessian: jax.Array, grad: jax.Array,
+                   alpha: float = WANDAPP_ALPHA) -> jax.Array:
+  """Wanda++ regional gradient scores ``S_ij = (alpha * G_ij + ||X_:,i||_2) * |W_ij|``.
+
+  Computed as Wanda's score plus the gradient term, ``wanda_scores(w, H) + (alpha * G) * |W|`` (the
+  same sum; with ``alpha = 0`` exactly Wanda's scores). ``||X_:,i||_2 = sqrt(H_ii)`` is the norm
+  over every calibration token, as in Wanda; ``G`` is the regional gradient magnitude of
+  :func:`compress.regional.regional_gradients`.
+
+  Args:
+    w: ``[in, out]`` weight.
+    hessian: ``[in, in]`` the sum ``X^T X`` of the calibration inputs (only the diagonal is read;
+      unlike Wanda, the score depends on its scale relative to ``G``).
+    grad: ``[in, out]`` regional gradient magnitudes ``G`` (non-negative).
+    alpha: weight of the gradient term.
+
+  Returns:
+    float32 ``[in, out]``; higher = more important.
+  """
+  w = jnp.asarray(w, jnp.float32)
+  grad = jnp.asarray(grad, jnp.float32)
+  return wanda_scores(w, hessian) + (alpha * grad) * jnp.abs(w)
+
+
+def wandapp_mask(w: jax.Array, hessian: jax.Array, grad: jax.Array, spec: PruneSpec,
+                 alpha: float = WANDAPP_ALPHA) -> jax.Array:
+  """Wanda++ pruning mask: :func:`wandapp_scores` selected per output unit like Wanda's.
+
+  Args:
+    w: ``[in, out]`` weight.
+    hessian: ``[in, in]`` ``X^T X`` (a sum over the calibration tokens; only the diagonal is used).
+    grad: ``[in, out]`` regional gradient magnitudes.
+    spec: the sparsity pattern.
+    alpha: weight of the gradient term (``0``: Wanda's mask).
+
+  Returns:
+    bool ``[in, out]``, True = kept.
+  """
+  check_weight_hessian(w, hessian, 'wanda++')
+  if tuple(grad.shape) != tuple(w.shape):
+    raise ValueError(f'wanda++: gradient shape {tuple(grad.shape)} does not match weight shape '
+                     f'{tuple(w.shape)}.')
+  if isinstance(alpha, int | float) and not alpha >= 0:
+    raise ValueError(f'wanda++: alpha must be non-negative, got {alpha!r}.')
+  return mask_from_scores(wandapp_scores(w, hessian, grad, alpha), spec)
+
+
 def apply_mask(w: jax.Array, mask: jax.Array) -> jax.Array:
   """``w`` with pruned entries set to exact zeros (dtype kept)."""
   w = jnp.asarray(w)
@@ -240,6 +297,14 @@ def magnitude(w: jax.Array, spec: PruneSpec) -> tuple[jax.Array, jax.Array]:
 def wanda(w: jax.Array, hessian: jax.Array, spec: PruneSpec) -> tuple[jax.Array, jax.Array]:
   """Wanda pruning (no weight update). Returns ``(w_pruned [in, out], mask bool [in, out])``."""
   mask = wanda_mask(w, hessian, spec)
+  return apply_mask(w, mask), mask
+
+
+def wandapp(w: jax.Array, hessian: jax.Array, grad: jax.Array, spec: PruneSpec,
+            alpha: float = WANDAPP_ALPHA) -> tuple[jax.Array, jax.Array]:
+  """Wanda++ pruning with the regional gradient score alone (no regional optimization, no weight
+  update). Returns ``(w_pruned [in, out], mask bool [in, out])``."""
+  mask = wandapp_mask(w, hessian, grad, spec, alpha)
   return apply_mask(w, mask), mask
 
 

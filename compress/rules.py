@@ -9,17 +9,21 @@ them (``lm_head/kernel``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Sequence
 
-from compress.prune import PruneSpec
+from compress.gptq import DEFAULT_ALPHA
+from compress.prune import WANDAPP_ALPHA, PruneSpec
 from kernels.formats import QuantSpec
 
-PRUNE_METHODS = ('none', 'magnitude', 'wanda', 'sparsegpt')
+PRUNE_METHODS = ('none', 'magnitude', 'wanda', 'wanda++', 'sparsegpt')
 QUANT_METHODS = ('none', 'rtn', 'gptq', 'awq')
 # Every projection of a block, experts' included; a mixture of experts' router (mlp/gate) and
 # shared-expert gate are not projections and stay dense unless a rule names them.
 BLOCK_LINEARS = r'layers/\d+/(self_attn|mlp)/((experts/\d+|shared_expert)/)?[a-z]+_proj/kernel'
+# LinearSpec fields added after the first recipes: left out of its repr while at their default.
+_LATER_FIELDS = frozenset({'asymmetric', 'asymmetric_alpha', 'wandapp_alpha'})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,7 +31,7 @@ class LinearSpec:
   """How to compress one linear layer (hashable).
 
   Attributes:
-    prune: 'none', 'magnitude', 'wanda' or 'sparsegpt'.
+    prune: 'none', 'magnitude', 'wanda', 'wanda++' (Wanda with regional gradients) or 'sparsegpt'.
     sparsity: the pattern, required when pruning.
     quant: 'none', 'rtn', 'gptq' or 'awq'.
     qspec: the grid, required when quantizing.
@@ -36,6 +40,10 @@ class LinearSpec:
     awq_clip: AWQ's clipping search.
     block_size: GPTQ/SparseGPT lazy-batch size.
     damp: GPTQ/SparseGPT relative dampening.
+    asymmetric: asymmetric calibration (GPTAQ) for GPTQ and SparseGPT: fit the compressed
+      model's inputs to the dense model's outputs (the pipeline then runs both streams).
+    asymmetric_alpha: GPTAQ's weight of the asymmetric term (0 would be plain GPTQ/SparseGPT).
+    wandapp_alpha: Wanda++'s weight of the regional gradient in its score (``prune='wanda++'``).
   """
   prune: str = 'none'
   sparsity: PruneSpec | None = None
@@ -46,6 +54,9 @@ class LinearSpec:
   awq_clip: bool = False
   block_size: int = 128
   damp: float = 0.01
+  asymmetric: bool = False
+  asymmetric_alpha: float = DEFAULT_ALPHA
+  wandapp_alpha: float = WANDAPP_ALPHA
 
   def __post_init__(self):
     if self.prune not in PRUNE_METHODS:
@@ -60,6 +71,24 @@ class LinearSpec:
       raise ValueError('AWQ combined with pruning is not supported; use GPTQ or RTN with pruning')
     if self.act_order and self.quant != 'gptq':
       raise ValueError('act_order only applies to GPTQ')
+    if self.asymmetric and self.quant != 'gptq' and self.prune != 'sparsegpt':
+      raise ValueError('asymmetric calibration (GPTAQ) only applies to GPTQ and SparseGPT, not to '
+                       f'{self.describe()}')
+    if not (isinstance(self.asymmetric_alpha, (int, float)) and self.asymmetric_alpha > 0
+            and math.isfinite(self.asymmetric_alpha)):
+      raise ValueError(f'asymmetric_alpha must be a positive number, got {self.asymmetric_alpha!r}')
+    if not (isinstance(self.wandapp_alpha, (int, float)) and self.wandapp_alpha >= 0
+            and math.isfinite(self.wandapp_alpha)):
+      raise ValueError(f'wandapp_alpha must be a number >= 0, got {self.wandapp_alpha!r}')
+
+  def __repr__(self) -> str:
+    # The fields added after the first recipes (_LATER_FIELDS) appear only when they differ from
+    # their default, so that the repr of every earlier spec, part of a resumable run's identity
+    # (compress/pipeline.py), stays what it was.
+    shown = [f for f in dataclasses.fields(self)
+             if f.repr and not (f.name in _LATER_FIELDS and getattr(self, f.name) == f.default)]
+    return (f'{type(self).__qualname__}('
+            + ', '.join(f'{f.name}={getattr(self, f.name)!r}' for f in shown) + ')')
 
   @property
   def is_noop(self) -> bool:
@@ -92,7 +121,11 @@ class LinearSpec:
       g = self.qspec.group_size
       parts.append(f'{self.quant} w{self.qspec.bits}' + (f'g{g}' if g != -1 else '') +
                    (' sym' if self.qspec.symmetric else '') + (' act-order' if self.act_order else ''))
-    return ' + '.join(parts) or 'dense'
+    text = ' + '.join(parts) or 'dense'
+    if self.asymmetric:
+      text += ' asymmetric' + ('' if self.asymmetric_alpha == DEFAULT_ALPHA
+                               else f' alpha={self.asymmetric_alpha:g}')
+    return text
 
 
 @dataclasses.dataclass(frozen=True)

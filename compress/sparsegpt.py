@@ -44,6 +44,16 @@ block start; here they include the block's updates so far (the same whenever ``b
 SparseGPT reference computes it on the whole unpruned ``W``; here block 0's pruned entries are
 zero).
 
+Asymmetric calibration (GPTAQ's update, see :mod:`compress.gptq`), given ``cross`` ``= sum_t
+(x_dense_t - x_t)^T x_t`` and ``alpha``: when column ``i`` (current value ``w_i``) is replaced by
+``q`` (0 or kept, quantized in joint mode), its share of the asymmetry, ``w_i (x_dense_i - x_i)``,
+is regressed on the later columns' inputs and added to them, whatever ``q`` is: every feedback step
+subtracts ``err Hinv[i, :] - w_i P[i, :]`` with GPTAQ's ``P``. The mask score stays
+``w^2 / Hinv_ii^2`` on the (now asymmetrically updated) weights: that term is the only part of the
+asymmetric objective that depends on the choice for column ``i`` once GPTAQ's approximation (it
+drops the share of ``x_dense_i - x_i`` along ``x_i``'s own direction, which only the choice of
+``q`` could absorb) is made, exactly as GPTQ's rounding stays round-to-nearest under GPTAQ.
+
 Implementation: blocks run in a ``lax.fori_loop`` (compile time independent of the input size),
 inside a block the columns run in sub-blocks of 16 (see ``_process_columns``), and everything is
 vectorised over output units. Results agree with a float64 line-by-line port of the reference (with
@@ -59,6 +69,7 @@ import jax.numpy as jnp
 
 from compress import quantize
 from compress.calibration import check_weight_hessian
+from compress.gptq import DEFAULT_ALPHA, asymmetric_update, check_cross
 from compress.prune import PruneSpec, lowest_k_mask
 from kernels.formats import QuantizedWeight, QuantSpec
 
@@ -115,8 +126,11 @@ def inverse_hessian_factor(hessian: jax.Array,
   return U, dead
 
 
-def _check_args(w, hessian, spec: PruneSpec, block_size: int, quant: QuantSpec | None):
+def _check_args(w, hessian, spec: PruneSpec, block_size: int, quant: QuantSpec | None,
+                cross=None, alpha: float = DEFAULT_ALPHA):
   n_in = check_weight_hessian(w, hessian, 'sparsegpt')
+  if cross is not None:
+    check_cross(cross, n_in, alpha, 'sparsegpt')
   if not isinstance(spec, PruneSpec):
     raise ValueError(f'spec must be a PruneSpec, got {type(spec).__name__}.')
   if not isinstance(block_size, int) or block_size <= 0:
@@ -137,7 +151,7 @@ def _check_args(w, hessian, spec: PruneSpec, block_size: int, quant: QuantSpec |
 
 
 def _fasterprune(w, hessian, spec: PruneSpec, block_size: int, percdamp: float,
-                 quant: QuantSpec | None):
+                 quant: QuantSpec | None, cross=None, alpha: float = DEFAULT_ALPHA):
   """The reference's ``fasterprune`` in paper orientation.
 
   Blocks run in a ``lax.fori_loop`` (compile time does not grow with the input dimension). For
@@ -145,7 +159,8 @@ def _fasterprune(w, hessian, spec: PruneSpec, block_size: int, percdamp: float,
   ``Hinv`` block (padded columns carry no error and never count as pruned), and the update after a
   block, ``W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]``, is applied to all columns: ``Hinv`` is upper
   triangular, so columns left of the block are untouched, and the block's own columns are final
-  already (kept in ``Q``).
+  already (kept in ``Q``). With ``cross`` (GPTAQ) every update also adds ``w_i P[i, :]`` for
+  each finished column ``i`` (``A`` holds those ``w_i``).
 
   Returns:
     ``(Q [rows, cols] float32, pruned bool [rows, cols], scales, zeros)``; scales/zeros are
@@ -153,9 +168,13 @@ def _fasterprune(w, hessian, spec: PruneSpec, block_size: int, percdamp: float,
   """
   w = jnp.asarray(w)
   hessian = jnp.asarray(hessian)
-  _check_args(w, hessian, spec, block_size, quant)
+  cross = None if cross is None else jnp.asarray(cross, jnp.float32)
+  _check_args(w, hessian, spec, block_size, quant, cross, alpha)
   Hinv, dead = inverse_hessian_factor(hessian, percdamp)
   W = jnp.where(dead[None, :], 0.0, w.astype(jnp.float32).T)  # [rows, cols]
+  P = None
+  if cross is not None:
+    P = asymmetric_update(jnp.where(dead[None, :], 0.0, cross), Hinv, alpha)
   rows, columns = W.shape
   B = min(block_size, columns)
   num_blocks = -(-columns // B)
@@ -163,6 +182,8 @@ def _fasterprune(w, hessian, spec: PruneSpec, block_size: int, percdamp: float,
   W = jnp.pad(W, ((0, 0), (0, padded - columns)))
   Hinv = jnp.pad(Hinv, ((0, padded - columns), (0, padded - columns)))
   Hinv = Hinv + jnp.diag((jnp.arange(padded) >= columns).astype(jnp.float32))
+  if P is not None:
+    P = jnp.pad(P, ((0, padded - columns), (0, padded - columns)))
   valid = jnp.arange(padded) < columns
 
   if spec.is_nm:
@@ -199,6 +220,7 @@ def _fasterprune(w, hessian, spec: PruneSpec, block_size: int, percdamp: float,
     i1 = b * B
     W1 = jax.lax.dynamic_slice_in_dim(W, i1, B, axis=1)  # [rows, B]
     Hinv1 = jax.lax.dynamic_slice(Hinv, (i1, i1), (B, B))
+    P1 = None if P is None else jax.lax.dynamic_slice(P, (i1, i1), (B, B))
     d = jnp.diagonal(Hinv1)  # [B]
     if spec.is_nm:
       pruned1 = jnp.zeros((rows, B), jnp.bool_)
@@ -208,9 +230,10 @@ def _fasterprune(w, hessian, spec: PruneSpec, block_size: int, percdamp: float,
       pruned1 = lowest_k_mask(tmp, block_k[b], axis=1)
     Q1 = jnp.zeros_like(W1)
     Err1 = jnp.zeros_like(W1)
+    A1 = [] if P is None else [jnp.zeros_like(W1)]  # GPTAQ: each column's w before its choice
 
     def segment(t, seg_state):
-      W1, Q1, Err1, pruned1, scales, zeros, scale, zero = seg_state
+      W1, Q1, Err1, pruned1, scales, zeros, scale, zero, *A1 = seg_state
       start = t * seg
       if quant is not None:
         c = i1 + start
@@ -218,14 +241,18 @@ def _fasterprune(w, hessian, spec: PruneSpec, block_size: int, percdamp: float,
         g = jnp.minimum(c // group_len, num_groups - 1)  # rewrites the current group's params
         scales = jax.lax.dynamic_update_index_in_dim(scales, scale, g, axis=0)
         zeros = jax.lax.dynamic_update_index_in_dim(zeros, zero, g, axis=0)
-      W1, Q1, Err1, pruned1 = _process_columns(
-          (W1, Q1, Err1, pruned1), start, seg, Hinv1, spec, quant, scale, zero)
-      return W1, Q1, Err1, pruned1, scales, zeros, scale, zero
+      W1, Q1, Err1, pruned1, *A1 = _process_columns(
+          (W1, Q1, Err1, pruned1, *A1), start, seg, Hinv1, spec, quant, scale, zero, P1)
+      return (W1, Q1, Err1, pruned1, scales, zeros, scale, zero, *A1)
 
-    seg_state = (W1, Q1, Err1, pruned1, scales, zeros, scale, zero)
-    _, Q1, Err1, pruned1, scales, zeros, scale, zero = jax.lax.fori_loop(
+    seg_state = (W1, Q1, Err1, pruned1, scales, zeros, scale, zero, *A1)
+    _, Q1, Err1, pruned1, scales, zeros, scale, zero, *A1 = jax.lax.fori_loop(
         0, B // seg, segment, seg_state)
-    W = W - Err1 @ jax.lax.dynamic_slice_in_dim(Hinv, i1, B, axis=0)
+    if P is None:
+      W = W - Err1 @ jax.lax.dynamic_slice_in_dim(Hinv, i1, B, axis=0)
+    else:
+      W = W - Err1 @ jax.lax.dynamic_slice_in_dim(Hinv, i1, B, axis=0)
+      W = W + A1[0] @ jax.lax.dynamic_slice_in_dim(P, i1, B, axis=0)
     Q = jax.lax.dynamic_update_slice_in_dim(Q, Q1, i1, axis=1)
     pruned = jax.lax.dynamic_update_slice_in_dim(pruned, pruned1, i1, axis=1)
     return W, Q, pruned, scales, zeros, scale, zero
@@ -249,11 +276,13 @@ def _chunk_len(spec: PruneSpec) -> int:
 
 
 def _process_columns(state, start, length: int, Hinv1, spec: PruneSpec,
-                     quant: QuantSpec | None, scale, zero):
+                     quant: QuantSpec | None, scale, zero, P1=None):
   """Columns ``[start, start + length)`` of a block: mask (N:M), quantize, error feedback.
 
-  ``state`` is ``(W1, Q1, Err1, pruned1)``, each ``[rows, block]``; ``start`` may be traced,
-  ``length`` is static; ``scale``/``zero`` ``[rows]`` are the current group's quantization params.
+  ``state`` is ``(W1, Q1, Err1, pruned1)``, each ``[rows, block]``, plus ``A1`` (each column's
+  weight before its choice) with GPTAQ's ``P1`` (the block's ``[block, block]`` part of ``P``);
+  ``start`` may be traced, ``length`` is static; ``scale``/``zero`` ``[rows]`` are the current
+  group's quantization params.
 
   The columns run in sub-blocks of ``_chunk_len(spec)``: inside a sub-block the error of each column
   goes to the sub-block's later columns at once (the reference's ``W1[:, i:] -= ...``), and to the
@@ -264,14 +293,15 @@ def _process_columns(state, start, length: int, Hinv1, spec: PruneSpec,
   step = spec.m if spec.is_nm else 1
 
   def chunk(c0, size, state):
-    W1, Q1, Err1, pruned1 = state
+    W1, Q1, Err1, pruned1, *A1 = state
     Wc = jax.lax.dynamic_slice_in_dim(W1, c0, size, axis=1)  # [rows, size]
     Pc = jax.lax.dynamic_slice_in_dim(pruned1, c0, size, axis=1)
     Hc = jax.lax.dynamic_slice(Hinv1, (c0, c0), (size, size))  # upper triangular
+    Gc = None if P1 is None else jax.lax.dynamic_slice(P1, (c0, c0), (size, size))
     dc = jnp.diagonal(Hc)
 
     def columns(t, cs):
-      Wc, Qc, Ec, Pc = cs
+      Wc, Qc, Ec, Pc, *Ac = cs
       j0 = t * step
       if spec.is_nm:
         tmp = (jax.lax.dynamic_slice_in_dim(Wc, j0, spec.m, axis=1) ** 2
@@ -287,19 +317,30 @@ def _process_columns(state, start, length: int, Hinv1, spec: PruneSpec,
           q = quantize.fake_quantize(q, scale, zero, quant.bits)
         err = (w - q) / dc[j]
         # Hc is upper triangular: only columns j.. change, as the reference's W1[:, i:].
-        Wc = Wc - err[:, None] * Hc[j][None, :]
+        if Gc is None:
+          Wc = Wc - err[:, None] * Hc[j][None, :]
+        else:  # GPTAQ (Gc strictly upper triangular)
+          Wc = Wc - err[:, None] * Hc[j][None, :]
+          Wc = Wc + w[:, None] * Gc[j][None, :]
+          Ac = [jax.lax.dynamic_update_index_in_dim(Ac[0], w, j, axis=1)]
         Qc = jax.lax.dynamic_update_index_in_dim(Qc, q, j, axis=1)
         Ec = jax.lax.dynamic_update_index_in_dim(Ec, err, j, axis=1)
-      return Wc, Qc, Ec, Pc
+      return (Wc, Qc, Ec, Pc, *Ac)
 
     zeros_c = jnp.zeros_like(Wc)
-    _, Qc, Errc, Pc = jax.lax.fori_loop(0, size // step, columns, (Wc, zeros_c, zeros_c, Pc))
+    init = (Wc, zeros_c, zeros_c, Pc) + (() if P1 is None else (zeros_c,))
+    _, Qc, Errc, Pc, *Ac = jax.lax.fori_loop(0, size // step, columns, init)
     # Hinv1 rows of this sub-block are zero left of c0; columns inside it are finished already.
-    W1 = W1 - Errc @ jax.lax.dynamic_slice_in_dim(Hinv1, c0, size, axis=0)
+    if P1 is None:
+      W1 = W1 - Errc @ jax.lax.dynamic_slice_in_dim(Hinv1, c0, size, axis=0)
+    else:
+      W1 = W1 - Errc @ jax.lax.dynamic_slice_in_dim(Hinv1, c0, size, axis=0)
+      W1 = W1 + Ac[0] @ jax.lax.dynamic_slice_in_dim(P1, c0, size, axis=0)
+      A1 = [jax.lax.dynamic_update_slice_in_dim(A1[0], Ac[0], c0, axis=1)]
     Q1 = jax.lax.dynamic_update_slice_in_dim(Q1, Qc, c0, axis=1)
     Err1 = jax.lax.dynamic_update_slice_in_dim(Err1, Errc, c0, axis=1)
     pruned1 = jax.lax.dynamic_update_slice_in_dim(pruned1, Pc, c0, axis=1)
-    return W1, Q1, Err1, pruned1
+    return (W1, Q1, Err1, pruned1, *A1)
 
   full, rest = divmod(length, S)
   if full == 1:
@@ -312,8 +353,9 @@ def _process_columns(state, start, length: int, Hinv1, spec: PruneSpec,
 
 
 def sparsegpt(w: jax.Array, hessian: jax.Array, spec: PruneSpec, *, block_size: int = 128,
-              percdamp: float = 0.01,
-              quant: QuantSpec | None = None) -> tuple[jax.Array, jax.Array]:
+              percdamp: float = 0.01, quant: QuantSpec | None = None,
+              cross: jax.Array | None = None,
+              alpha: float = DEFAULT_ALPHA) -> tuple[jax.Array, jax.Array]:
   """SparseGPT pruning (optionally joint with quantization) of one linear weight.
 
   Jittable with ``spec``, ``block_size`` and ``quant`` static, e.g.
@@ -328,18 +370,22 @@ def sparsegpt(w: jax.Array, hessian: jax.Array, spec: PruneSpec, *, block_size: 
     percdamp: dampening as a fraction of ``mean(diag(H))`` (reference: 0.01).
     quant: if set, the kept weights are quantized in the same pass (SparseGPT + GPTQ) and the
       returned weight lies on that grid; :func:`sparsegpt_quant` returns it packed.
+    cross: optional ``[in, in]`` ``sum_t (x_dense_t - x_t)^T x_t`` (``LinearStats.cross``):
+      GPTAQ's asymmetric update (the module docstring).
+    alpha: GPTAQ's weight of the asymmetric term.
 
   Returns:
     ``(w_pruned [in, out] float32 with exact zeros where pruned, mask bool [in, out])``;
     mask True = kept.
   """
-  Q, pruned, _, _ = _fasterprune(w, hessian, spec, block_size, percdamp, quant)
+  Q, pruned, _, _ = _fasterprune(w, hessian, spec, block_size, percdamp, quant, cross, alpha)
   return Q.T, ~pruned.T
 
 
 def sparsegpt_quant(w: jax.Array, hessian: jax.Array, spec: PruneSpec, quant: QuantSpec, *,
-                    block_size: int = 128,
-                    percdamp: float = 0.01) -> tuple[QuantizedWeight, jax.Array]:
+                    block_size: int = 128, percdamp: float = 0.01,
+                    cross: jax.Array | None = None,
+                    alpha: float = DEFAULT_ALPHA) -> tuple[QuantizedWeight, jax.Array]:
   """Joint SparseGPT + quantization, packed.
 
   Args:
@@ -350,9 +396,12 @@ def sparsegpt_quant(w: jax.Array, hessian: jax.Array, spec: PruneSpec, quant: Qu
       N:M).
     block_size: input columns per block.
     percdamp: dampening fraction.
+    cross: optional GPTAQ cross term (see :func:`sparsegpt`).
+    alpha: GPTAQ's weight of the asymmetric term.
 
   Returns:
     ``(QuantizedWeight [in, out], mask bool [in, out])``; pruned entries dequantize to exact zeros.
   """
-  Q, pruned, scales, zeros = _fasterprune(w, hessian, spec, block_size, percdamp, quant)
+  Q, pruned, scales, zeros = _fasterprune(w, hessian, spec, block_size, percdamp, quant, cross,
+                                          alpha)
   return quantize.pack_weight(Q.T, scales, zeros, quant), ~pruned.T
