@@ -21,12 +21,10 @@ from typing import Any
 
 from absl import app, flags
 import jax
-import jax.numpy as jnp
 
 from compress import calibration
 from experiments import common
 from experiments.compress_lib import compress_cached, compressions
-from kernels import formats
 from models import llama
 from models import loading
 from models import tree
@@ -39,12 +37,7 @@ TARGET_RATIO = 0.3
 
 def _compensate_all(comp: compensate.Compensator, dense, compressed, stats) -> float:
   t0 = time.time()
-  for i, (bd, bc) in enumerate(zip(dense['layers'], compressed['layers'])):
-    for lin in llama.LINEAR_NAMES:
-      st = stats[i][llama.LINEAR_INPUTS[lin]]
-      leaf = comp(f'layers/{i}/{lin}', jnp.asarray(tree.get_linear(bd, lin), jnp.float32),
-                  tree.get_linear(bc, lin), st, None, None)
-      jax.block_until_ready(formats.to_dense(leaf.adapter.a))
+  jax.block_until_ready(tree.adapters(compensate.compensate_tree(dense, compressed, stats, comp)))
   return time.time() - t0
 
 

@@ -14,13 +14,15 @@ from typing import Any, Callable
 from compress import allocate, pipeline
 from experiments import common
 from experiments.config import CompressConfig, build_rules, build_spec, recon_config, resolve
-from experiments.config import validate
+from experiments.config import adapters_trained, validate
+from experiments.config import compensator as compensator_of
 from models import checkpoint
 from models import distributed
 from models import export as export_lib
 from models import loading
 from models import sharding
 from models import tree
+from recover import budget as budget_lib
 from recover import compensate as compensate_lib
 from recover import prompting
 from recover import reconstruct as reconstruct_lib
@@ -35,6 +37,9 @@ def _add_compute(info: dict[str, Any], tokens_seen: int, train_compute: float,
 
 
 # The stages' resumable state under OUT_DIR; --restart clears all of them.
+# How --rank_budget=global compares the layers' output errors (recover.budget.WEIGHTINGS); the
+# choice is measured in results/eora_robust (budget section).
+BUDGET_WEIGHTING = 'absolute'
 STAGE_DIRS = {'compress': 'checkpoint', 'recon': 'recon_checkpoint', 'ft': 'ft_checkpoint'}
 FT_CHUNK_STEPS = 10  # fine-tuning steps per compiled (and checkpointable) chunk
 
@@ -148,10 +153,8 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
   calib = common.calibration_for(tokenizer, c.calib_data, c.calib_samples, c.calib_seqlen, c.seed,
                                  vocab_size=cfg.vocab_size)
   aux = None
-  compensator = None
-  if c.recover != 'none':
-    compensator = compensate_lib.Compensator(method=c.recover, rank=c.rank,
-                                             adapter_bits=c.adapter_bits, srr_k=c.srr_k)
+  compensator = compensator_of(c)
+  if compensator is not None:
     if c.recover_data:
       aux = common.calibration_for(tokenizer, c.recover_data, c.recover_samples, c.calib_seqlen,
                                    c.seed + 1, vocab_size=cfg.vocab_size)
@@ -199,6 +202,13 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
     n_win = len(windows[c.eval_data[0]])
     results['eval_windows_per_process'] = [
         len(range(n_win)[distributed.process_share(n_win, count=n, index=i)]) for i in range(n)]
+  if c.rank_budget == 'global':  # EoRA at --budget_max_rank, cut to one model-wide budget
+    compressed, alloc = budget_lib.global_budget(compressed, c.rank, weighting=BUDGET_WEIGHTING)
+    results['rank_budget'] = alloc.summary()
+  if compensator is not None and compensator.adapter_bits != c.adapter_bits and not (
+      adapters_trained(c)):  # quantized after the budget cut them (after training: later)
+    compressed = compensate_lib.quantize_adapters(compressed, c.adapter_bits,
+                                                  compensator.adapter_group_size)
   base = None
   if compensator is not None and compensator.changes_weights:
     # SRR re-quantizes a residual: the compression alone is a separate run without compensation.
@@ -255,6 +265,9 @@ def _evaluate_and_recover(c: CompressConfig, loaded: loading.LoadedModel, compre
     recovered, train_info = train_recovery(c, params, compressed, cfg, tokenizer, out_dir)
     pool = train_info.pop('pool', None)
     results.update(train_info)
+    if adapters_trained(c) and c.adapter_bits != 16:  # the last step of a composed recipe
+      recovered = compensate_lib.quantize_adapters(recovered, c.adapter_bits,
+                                                   compensate_lib.Compensator.adapter_group_size)
   if recovered is not None:
     ev = evaluate({'recovered': recovered}, pools=None if pool is None else {'recovered': pool},
                   dense_probes=False)['recovered']
@@ -307,6 +320,10 @@ COMPRESSIONS: dict[str, dict[str, Any]] = {
     'sparsegpt 2:4 + gptq w4g64': dict(prune='sparsegpt', sparsity='2:4', quant='gptq', bits=4,
                                         group_size=64),
     'awq w3g64': dict(quant='awq', bits=3, group_size=64),
+    # Modern baselines (propagated inputs only: their statistics need the compressed model's).
+    'wanda++ 2:4': dict(prune='wanda++', sparsity='2:4'),
+    'gptaq w3g64': dict(quant='gptq', bits=3, group_size=64, asymmetric=True),
+    'sparsegpt 2:4 asymmetric': dict(prune='sparsegpt', sparsity='2:4', asymmetric=True),
 }
 
 

@@ -39,7 +39,9 @@ class CompressConfig:
   """Everything ``run`` needs, and the single declaration of ``experiments.compress``'s flags: each
   field is a flag of the same name, default and help (``common.define_flags_from``)."""
   model: str = common.flag_field('smollm2-135m', 'Model name, checkpoint directory or .gguf.')
-  prune: str = common.flag_field('none', 'Pruning method: none|magnitude|wanda|sparsegpt.')
+  prune: str = common.flag_field(
+      'none', 'Pruning method: none|magnitude|wanda|wanda++|sparsegpt (wanda++: Wanda with '
+      'regional gradients, --wandapp_alpha).')
   sparsity: str = common.flag_field('0.5', 'Unstructured ratio in (0, 1), or N:M (2:4, 4:8).')
   quant: str = common.flag_field('none', 'Quantization method: none|rtn|gptq|awq.')
   bits: int = common.flag_field(4, 'Weight bits: 2, 3, 4 or 8.')
@@ -49,6 +51,12 @@ class CompressConfig:
       'widths are 576 and 1536); results.json records the one used.')
   act_order: bool = common.flag_field(False, 'GPTQ act-order.')
   static_groups: bool = common.flag_field(False, 'GPTQ static groups.')
+  asymmetric: bool = common.flag_field(
+      False, 'GPTAQ (asymmetric calibration) for --quant=gptq and --prune=sparsegpt: fit the '
+      'compressed model\'s inputs to the dense model\'s outputs (carries the dense activations '
+      'too; not with --dense_inputs).')
+  wandapp_alpha: float = common.flag_field(
+      100.0, "Wanda++'s weight of the regional gradient in its score (the paper's 100).")
   sym: bool = common.flag_field(False, 'Symmetric quantization grid.')
   awq_clip: bool = common.flag_field(False, "AWQ's clipping search.")
   true_sequential: bool = common.flag_field(False, 'Re-collect statistics inside a block.')
@@ -98,6 +106,17 @@ class CompressConfig:
   adapter_bits: int = common.flag_field(16, 'Adapter bits: 16 (float), 8, 4, 3.')
   srr_k: int | None = common.flag_field(
       None, 'SRR preserved rank (default energy rule; -1 search).')
+  eora_shrink: float = common.flag_field(
+      0.0, 'Robust EoRA (--recover=eora): the eigenspace of H + lambda tr(H)/d I with this lambda '
+      '(0: EoRA as published; larger trades in-domain accuracy for out-of-domain, plain SVD in '
+      'the limit). See results/eora_robust.')
+  rank_budget: str = common.flag_field(
+      'uniform', 'uniform: every linear gets --rank; global: the adapter parameters of --rank on '
+      'every linear, allotted model-wide to the linears whose EoRA components remove the most '
+      'output error per parameter (--recover=eora; ranks recorded and exported as rank_pattern).',
+      choices=('uniform', 'global'))
+  budget_max_rank: int = common.flag_field(
+      0, '--rank_budget=global: the largest rank one linear may get (0: 4 x --rank).')
   recover_data: str | None = common.flag_field(
       None, 'Separate calibration source for recovery, of the kinds --calib_data takes (a .npy: '
       'windows [n, --calib_seqlen], its first --recover_samples rows).')
@@ -114,6 +133,12 @@ class CompressConfig:
       'scales', 'What a quantized weight trains: scales|ste|lora.')
   recon_peft: bool = common.flag_field(
       False, 'Train a LoRA (r16, alpha 32) per window and merge it.')
+  recon_train: str = common.flag_field(
+      'all', 'What reconstruction trains: all (the compressed linears, as the paper) or adapters '
+      '(only the low-rank adapters: those of --recover, or a zero-product LoRA of --rank where a '
+      'linear has none; the compressed weights stay fixed and the adapters stay adapters; with '
+      '--adapter_bits below 16 they are quantized after the reconstruction).',
+      choices=('all', 'adapters'))
   finetune: str = common.flag_field('none', 'Fine-tuning method: none|lora|qat|global|idp.')
   ft_steps: int = common.flag_field(100, 'Fine-tuning steps.')
   ft_samples: int = common.flag_field(128, 'Fine-tuning sequences (calibration corpus).')
@@ -187,9 +212,30 @@ def recon_config(c: CompressConfig) -> reconstruct_lib.ReconConfig:
     return reconstruct_lib.ReconConfig(
         window=c.reconstruct, epochs=c.recon_epochs, batch_size=c.recon_batch,
         optim=train_lib.OptimConfig(lr=c.recon_lr), loss=c.recon_loss, inputs=c.recon_inputs,
-        quant_mode=c.recon_quant_mode, peft=c.recon_peft, seed=c.seed)
+        quant_mode=c.recon_quant_mode, peft=c.recon_peft, seed=c.seed, train=c.recon_train,
+        **({'lora_rank': c.rank, 'lora_alpha': float(c.rank)} if c.recon_train == 'adapters'
+           else {}))
   except ValueError as e:
     raise ValueError(f'--reconstruct: {e}') from e
+
+
+def adapters_trained(c: CompressConfig) -> bool:
+  """Whether reconstruction trains low-rank adapters alone (``--recon_train=adapters``)."""
+  return c.reconstruct != 'none' and c.recon_train == 'adapters'
+
+
+def compensator(c: CompressConfig) -> compensate_lib.Compensator | None:
+  """The training-free compensation of the flags (None without ``--recover``). Its adapters stay
+  float when something changes them afterwards (a global rank budget cuts them, an adapters-only
+  reconstruction trains them); ``--adapter_bits`` then applies at the end. A global budget
+  computes ``--budget_max_rank`` before allotting."""
+  if c.recover == 'none':
+    return None
+  later = c.rank_budget == 'global' or adapters_trained(c)
+  rank = (c.budget_max_rank or 4 * c.rank) if c.rank_budget == 'global' else c.rank
+  return compensate_lib.Compensator(method=c.recover, rank=rank,
+                                    adapter_bits=16 if later else c.adapter_bits, srr_k=c.srr_k,
+                                    shrink=c.eora_shrink if c.recover == 'eora' else 0.0)
 
 
 # --------------------------------------------------------------------------- validation before work
@@ -210,17 +256,22 @@ _IGNORED_UNLESS = (
      'without --quant (rtn|gptq|awq): nothing is quantized'),
     (('auto_candidates',), lambda c: c.auto_bits is None, 'without --auto_bits'),
     (('static_groups',), lambda c: c.quant != 'gptq', 'without --quant=gptq'),
+    (('wandapp_alpha',), lambda c: c.prune != 'wanda++', 'without --prune=wanda++'),
     (('awq_clip',), lambda c: c.quant != 'awq', 'without --quant=awq'),
     (('include_head', 'true_sequential', 'dense_inputs', 'rules', 'moe_calibration',
       'moe_min_tokens', 'moe_starved'),
      lambda c: c.prune == 'none' and c.quant == 'none',
      'without --prune or --quant: nothing is compressed'),
-    (('rank', 'adapter_bits', 'recover_data'), lambda c: c.recover == 'none', 'without --recover'),
+    (('rank', 'adapter_bits'), lambda c: c.recover == 'none' and not adapters_trained(c),
+     'without --recover (or --reconstruct with --recon_train=adapters)'),
+    (('recover_data', 'eora_shrink', 'rank_budget', 'budget_max_rank'),
+     lambda c: c.recover == 'none', 'without --recover'),
+    (('budget_max_rank',), lambda c: c.rank_budget != 'global', 'without --rank_budget=global'),
     (('srr_k',), lambda c: c.recover != 'srr', 'without --recover=srr'),
     (('recover_samples',), lambda c: c.recover == 'none' or c.recover_data is None,
      'without --recover and --recover_data'),
     (('recon_samples', 'recon_epochs', 'recon_lr', 'recon_batch', 'recon_inputs', 'recon_loss',
-      'recon_quant_mode', 'recon_peft'), lambda c: c.reconstruct == 'none',
+      'recon_quant_mode', 'recon_peft', 'recon_train'), lambda c: c.reconstruct == 'none',
      'without --reconstruct'),
     (('ft_steps', 'ft_samples', 'ft_lr'), lambda c: c.finetune == 'none', 'without --finetune'),
     (('ft_distill',), lambda c: c.finetune in ('none', 'idp'),
@@ -300,6 +351,13 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
   if c.act_order and c.quant != 'gptq':
     p.append(f'--act_order only applies to --quant=gptq (got --quant={c.quant})')
     spec_ok = False
+  if c.asymmetric and c.quant != 'gptq' and c.prune != 'sparsegpt':
+    p.append(f'--asymmetric (GPTAQ) only applies to --quant=gptq and --prune=sparsegpt (got '
+             f'--quant={c.quant} --prune={c.prune})')
+    spec_ok = False
+  if c.asymmetric and c.dense_inputs:
+    p.append('--asymmetric fits compressed inputs to dense outputs: with --dense_inputs both are '
+             'dense and it changes nothing')
   if c.quant == 'awq' and c.prune != 'none':
     p.append(f'--quant=awq cannot be combined with --prune={c.prune}; use --quant=gptq or rtn')
     spec_ok = False
@@ -354,12 +412,22 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
                'the adapter rank')
     if c.recover_data is not None and c.recover_samples <= 0:
       p.append(f'--recover_samples={c.recover_samples} must be positive')
+    if c.eora_shrink and c.recover != 'eora':
+      p.append(f'--eora_shrink={c.eora_shrink:g} applies to --recover=eora, not {c.recover}')
+    if c.rank_budget == 'global' and c.recover != 'eora':
+      p.append(f'--rank_budget=global allots ranks by EoRA\'s gains: it needs --recover=eora, '
+               f'not {c.recover}')
+    if c.rank_budget == 'global' and c.budget_max_rank and c.budget_max_rank < c.rank:
+      p.append(f'--budget_max_rank={c.budget_max_rank} is below --rank={c.rank}: the budget '
+               'could not even give every linear the uniform rank')
     if len(p) == n and c.recover in compensate_lib.METHODS:
       try:
-        compensate_lib.Compensator(method=c.recover, rank=c.rank, adapter_bits=c.adapter_bits,
-                                   srr_k=c.srr_k)
+        compensator(c)
       except ValueError as e:
         p.append(f'--recover={c.recover}: {e}')
+  elif adapters_trained(c) and c.rank <= 0:
+    p.append(f'--rank={c.rank} must be positive (the rank of the adapters --recon_train=adapters '
+             'trains)')
   if c.reconstruct != 'none':
     try:
       recon_config(c)
@@ -412,6 +480,10 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
       spec = rules_lib.LinearSpec(prune=c.prune, sparsity=sparsity, quant=c.quant, qspec=qspec,
                                   act_order=c.act_order, static_groups=c.static_groups,
                                   awq_clip=c.awq_clip)
+      if c.asymmetric:
+        spec = dataclasses.replace(spec, asymmetric=True)
+      if c.prune == 'wanda++':
+        spec = dataclasses.replace(spec, wandapp_alpha=c.wandapp_alpha)
     except ValueError as e:
       p.append(str(e))
   return spec, p

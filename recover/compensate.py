@@ -41,6 +41,12 @@ class Compensator:
     adapter_group_size: group size of the adapter quantization.
     srr_k: SRR's preserved rank: None = the energy rule, an int = fixed, -1 = search.
     srr_scaling: 'exact' (``H^1/2``) or 'diag'.
+    basis_cache: a dict shared by compensations of the same statistics (e.g. a sweep of
+      ``shrink`` or of compressions calibrated on one set): one eigendecomposition per input for
+      all of them (unbounded: the caller owns its memory). None keeps a small private cache.
+    shrink: robust EoRA's covariance shrinkage ``lambda``: the eigenspace of
+      ``H + lambda * tr(H) / d * I`` (0: EoRA's own; large: plain SVD). See
+      :func:`recover.lowrank.shrink_eigenvalues`.
   """
   method: str
   rank: int
@@ -48,6 +54,8 @@ class Compensator:
   adapter_group_size: int = 64
   srr_k: int | None = None
   srr_scaling: str = 'exact'
+  shrink: float = 0.0
+  basis_cache: dict[Any, lowrank.EigenBasis] | None = dataclasses.field(default=None, repr=False)
   _bases: dict[str, lowrank.EigenBasis] = dataclasses.field(default_factory=dict, repr=False)
 
   def __post_init__(self):
@@ -57,6 +65,10 @@ class Compensator:
       raise ValueError(f'rank must be positive, got {self.rank}')
     if self.adapter_bits not in ADAPTER_BITS:
       raise ValueError(f'adapter_bits={self.adapter_bits} is not supported; choose one of {ADAPTER_BITS}')
+    lowrank.check_shrink(self.shrink)
+    if self.shrink and self.method != 'eora':
+      raise ValueError(f'covariance shrinkage (shrink={self.shrink}) applies to EoRA only, not '
+                       f'{self.method!r}')
 
   @property
   def changes_weights(self) -> bool:
@@ -65,7 +77,8 @@ class Compensator:
 
   @property
   def fingerprint(self) -> str:
-    return f'{self.method}-r{self.rank}-b{self.adapter_bits}-g{self.adapter_group_size}-k{self.srr_k}-{self.srr_scaling}'
+    return (f'{self.method}-r{self.rank}-b{self.adapter_bits}-g{self.adapter_group_size}'
+            f'-k{self.srr_k}-{self.srr_scaling}' + (f'-s{self.shrink:g}' if self.shrink else ''))
 
   def _basis(self, name: str, stats: LinearStats) -> lowrank.EigenBasis:
     parts = name.split('/')  # layers/I/<linear>: linears that share an input share a basis
@@ -74,11 +87,17 @@ class Compensator:
     except ValueError:  # not a block linear (the LM head)
       shared = name
     key = f'{"/".join(parts[:2])}/{shared}/{id(stats.hessian)}'
+    if self.basis_cache is not None:  # shared by several compensations of the same statistics
+      if key not in self.basis_cache:
+        self.basis_cache[key] = lowrank.eigen_basis(stats.hessian, name=name,
+                                                    num_tokens=int(stats.num_tokens))
+      raw = self.basis_cache[key]
+      return lowrank.shrunk_basis(raw, self.shrink) if self.shrink else raw
     if key not in self._bases:
       if len(self._bases) > 8:
         self._bases.clear()
       self._bases[key] = lowrank.eigen_basis(stats.hessian, num_tokens=int(stats.num_tokens),
-                                             name=name)
+                                             name=name, shrink=self.shrink)
     return self._bases[key]
 
   def __call__(self, name: str, w: jnp.ndarray, leaf, stats: LinearStats,
@@ -116,6 +135,25 @@ class Compensator:
     return dataclasses.replace(leaf, adapter=adapter)
 
 
+def compensate_tree(dense: Any, compressed: Any, stats: Any, comp: Compensator) -> Any:
+  """Applies ``comp`` to every compressed block linear of ``compressed`` after the fact, from
+  per-block statistics ``stats[i][input_key]`` (e.g. :func:`compress.calibration.dense_statistics`
+  of the calibration set: then equal to compensating inside a dense-input pipeline run). Lets
+  several compensations share one compression (sweeps of rank, shrinkage, method)."""
+  if comp.method == 'srr':
+    raise ValueError('SRR re-quantizes the weights: run it inside the compression pipeline')
+  leaves = {}
+  for path, leaf in tree.linear_leaves(compressed).items():
+    if not isinstance(leaf, formats.CompressedLinear):
+      continue
+    i, lin = tree.split_path(path)
+    w = jnp.asarray(tree.get_linear(dense['layers'][i], lin), jnp.float32)
+    name = path[:-len('/kernel')]
+    leaves[path] = comp(name, w, tree.strip_adapter(leaf), stats[i][llama.input_key(lin)], None,
+                        None)
+  return tree.replace_leaves(compressed, leaves)
+
+
 def adapter_share(params: Any) -> dict[str, float]:
   """Bytes of the adapters vs the whole model (weights at their stored precision, floats at 16 bits)."""
   total = adapters = 0
@@ -129,6 +167,11 @@ def adapter_share(params: Any) -> dict[str, float]:
   jax.tree.map(visit, params, is_leaf=formats.is_weight_leaf)
   return {'adapter_bytes': adapters, 'model_bytes': total,
           'adapter_share': adapters / total if total else 0.0}
+
+
+def adapter_params(params: Any) -> int:
+  """Parameters of every adapter of the tree, ``rank * (in + out)`` each (float or quantized)."""
+  return sum(ad.rank * (ad.a.shape[0] + ad.b.shape[1]) for ad in tree.adapters(params).values())
 
 
 def with_svd_adapters(dense: Any, compressed: Any, rank: int) -> Any:

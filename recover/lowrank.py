@@ -173,6 +173,9 @@ class EigenBasis:
     sqrt_l: float64 ``[in]`` ``sqrt(l)``, 0 for clamped eigenvalues.
     inv_sqrt_l: float64 ``[in]`` ``1 / sqrt(l)``, 0 for clamped eigenvalues.
     num_clamped: how many eigenvalues were treated as zero.
+    lam: float64 ``[in]`` the eigenvalues of ``H / n`` before any shrinkage (so that
+      :func:`shrunk_basis` needs no new eigendecomposition).
+    rel_eig_threshold: the threshold the basis was made with.
 
   The arrays are float64 device arrays made under a local x64 block; pass the basis to this
   module's functions rather than computing with its fields directly (outside an x64 block JAX
@@ -182,15 +185,38 @@ class EigenBasis:
   sqrt_l: jax.Array
   inv_sqrt_l: jax.Array
   num_clamped: int
+  lam: jax.Array | None = None
+  rel_eig_threshold: float = DEFAULT_REL_EIG_THRESHOLD
 
   @property
   def in_features(self) -> int:
     return self.q.shape[0]
 
 
+def _basis(q, lam, rel_eig_threshold: float, shrink: float) -> EigenBasis:
+  """The basis of eigenvectors ``q`` and eigenvalues ``lam`` shrunk by ``shrink`` (inside
+  :func:`_x64`)."""
+  shrunk = shrink_eigenvalues(lam, shrink) if shrink else lam
+  keep = (shrunk > rel_eig_threshold * jnp.max(shrunk)) & (shrunk > 0)
+  sqrt_l = jnp.where(keep, jnp.sqrt(jnp.where(keep, shrunk, 1.0)), 0.0)
+  inv_sqrt_l = jnp.where(keep, 1.0 / jnp.where(keep, sqrt_l, 1.0), 0.0)
+  return EigenBasis(q=q, sqrt_l=sqrt_l, inv_sqrt_l=inv_sqrt_l, num_clamped=int(jnp.sum(~keep)),
+                    lam=lam, rel_eig_threshold=rel_eig_threshold)
+
+
+def shrunk_basis(basis: EigenBasis, shrink: float) -> EigenBasis:
+  """``basis`` (of ``H``) turned into that of ``H + shrink * tr(H) / d * I``: the same
+  eigenvectors, no new eigendecomposition."""
+  check_shrink(shrink)
+  if basis.lam is None:
+    raise ValueError('this EigenBasis carries no eigenvalues; make it with eigen_basis')
+  with _x64():
+    return _basis(basis.q, basis.lam, basis.rel_eig_threshold, shrink)
+
+
 def eigen_basis(hessian: jax.Array, *, num_tokens: int | None = None,
                 rel_eig_threshold: float = DEFAULT_REL_EIG_THRESHOLD,
-                name: str = '') -> EigenBasis:
+                name: str = '', shrink: float = 0.0) -> EigenBasis:
   """Eigendecomposes ``H`` in float64 (locally enabled x64) for :func:`eora_from_basis` and SRR.
 
   Warns (``UserWarning`` naming the layer) when some eigenvalues are treated as zero: ``H`` is
@@ -203,6 +229,8 @@ def eigen_basis(hessian: jax.Array, *, num_tokens: int | None = None,
     rel_eig_threshold: eigenvalues ``<= rel_eig_threshold * max eigenvalue`` (and negative ones from
       rounding) are treated as zero. See ``DEFAULT_REL_EIG_THRESHOLD``.
     name: layer name for warnings and errors.
+    shrink: the robust variant's ``lambda`` (:func:`shrink_eigenvalues`): the basis of
+      ``H + lambda * tr(H) / d * I``. 0 is EoRA's own ``H``.
 
   Returns:
     An :class:`EigenBasis` (float64 device arrays).
@@ -211,15 +239,13 @@ def eigen_basis(hessian: jax.Array, *, num_tokens: int | None = None,
   scale = _check_num_tokens(num_tokens)
   if not rel_eig_threshold >= 0:
     raise ValueError(f'rel_eig_threshold must be >= 0, got {rel_eig_threshold}.')
+  check_shrink(shrink)
   with _x64():
     h = _f64(hessian)
     h = 0.5 * (h + h.T) / scale
     lam, q = jnp.linalg.eigh(h)
-    lam_max = jnp.max(lam)
-    keep = (lam > rel_eig_threshold * lam_max) & (lam > 0)
-    sqrt_l = jnp.where(keep, jnp.sqrt(jnp.where(keep, lam, 1.0)), 0.0)
-    inv_sqrt_l = jnp.where(keep, 1.0 / jnp.where(keep, sqrt_l, 1.0), 0.0)
-    num_clamped = int(jnp.sum(~keep))
+    basis = _basis(q, lam, rel_eig_threshold, shrink)
+  num_clamped = basis.num_clamped
   if num_clamped:
     n_in = int(np.shape(hessian)[0])
     if num_tokens is not None and float(num_tokens) < n_in:
@@ -233,7 +259,52 @@ def eigen_basis(hessian: jax.Array, *, num_tokens: int | None = None,
         f'{rel_eig_threshold:g} x the largest; they are treated as zero (truncated '
         f'pseudo-inverse), so the correction ignores those input directions. {hint}',
         UserWarning, stacklevel=3)
-  return EigenBasis(q=q, sqrt_l=sqrt_l, inv_sqrt_l=inv_sqrt_l, num_clamped=num_clamped)
+  return basis
+
+
+def check_shrink(shrink) -> float:
+  if not (isinstance(shrink, (int, float)) and math.isfinite(shrink) and shrink >= 0):
+    raise ValueError(f'shrink (the covariance shrinkage lambda) must be a finite number >= 0, '
+                     f'got {shrink!r}.')
+  return float(shrink)
+
+
+def shrink_eigenvalues(lam: jax.Array, shrink: float) -> jax.Array:
+  """The eigenvalues of ``H + shrink * tr(H) / d * I`` from those of ``H`` (the eigenvectors are
+  the same): each moves up by ``shrink`` times their mean. Negative rounding noise counts as 0.
+
+  The robust EoRA variant: EoRA weighs each input direction by its calibration energy, so a
+  direction the calibration domain never excites gets no correction at all; another domain may
+  excite it. Shrinking the covariance toward the identity gives every direction a floor of
+  ``shrink`` times the mean energy: ``shrink = 0`` is EoRA, ``shrink -> inf`` plain SVD of the
+  error (the whitening becomes a multiple of the identity). Call inside :func:`_x64` for float64.
+  """
+  lam = jnp.maximum(lam, 0.0)
+  return lam + shrink * jnp.mean(lam)
+
+
+def choose_shrink(delta_w: jax.Array, basis: EigenBasis, hessian_val: jax.Array, rank: int,
+                  grid: Sequence[float], name: str = '') -> tuple[float, list[float]]:
+  """Robust EoRA's ``lambda`` for one layer, chosen on held-out data: for each value of ``grid``,
+  the rank-``rank`` adapter fitted in ``basis`` (the eigenspace of the fitting half's ``H``)
+  shrunk by it, scored by its output error on the held-out half, ``tr(E^T H_val E)`` with
+  ``E = dW - A B``. Returns ``(the best value, the errors in grid order)``; ties go to the smaller
+  value."""
+  shape = _check_matrix(delta_w, name, 'delta_w')
+  _check_hessian(hessian_val, shape[0], name)
+  rank = _check_rank(rank, shape, name)
+  if not grid:
+    raise ValueError('choose_shrink needs at least one candidate value')
+  errors = []
+  with _x64():
+    d = _f64(delta_w)
+    h = _f64(hessian_val)
+    for lam in grid:
+      a, b = _eora_factors(d, shrunk_basis(basis, lam))
+      e = d - a[:, :rank] @ b[:rank]
+      errors.append(float(jnp.sum(e * (h @ e))))
+  best = min(range(len(grid)), key=lambda k: (errors[k], grid[k]))
+  return float(grid[best]), errors
 
 
 def _eora_factors(delta_w64: jax.Array, basis: EigenBasis):
@@ -273,7 +344,7 @@ def eora_from_basis(delta_w: jax.Array, basis: EigenBasis, rank: int, name: str 
 
 def eora(delta_w: jax.Array, hessian: jax.Array, rank: int, *, num_tokens: int | None = None,
          rel_eig_threshold: float = DEFAULT_REL_EIG_THRESHOLD, name: str = '',
-         dtype=jnp.float32) -> LowRank:
+         dtype=jnp.float32, shrink: float = 0.0) -> LowRank:
   """EoRA: the rank-r ``A B`` minimising ``||X (dW - A B)||_F``.
 
   ``H / n = Q L Q^T``, ``P = Q sqrt(L)``; ``A B = P^-T [P^T dW]_r``. Eigenvalues below
@@ -288,6 +359,8 @@ def eora(delta_w: jax.Array, hessian: jax.Array, rank: int, *, num_tokens: int |
     rel_eig_threshold: see :func:`eigen_basis`.
     name: layer name for warnings and errors.
     dtype: dtype of the returned factors.
+    shrink: robust EoRA's ``lambda``: minimise ``||X (dW - A B)||^2 + lambda tr(H)/d ||dW - A B||^2``
+      instead (:func:`shrink_eigenvalues`).
 
   Returns:
     ``LowRank(a [in, r], b [r, out])``.
@@ -296,7 +369,7 @@ def eora(delta_w: jax.Array, hessian: jax.Array, rank: int, *, num_tokens: int |
   _check_hessian(hessian, shape[0], name)
   _check_rank(rank, shape, name)
   basis = eigen_basis(hessian, num_tokens=num_tokens, rel_eig_threshold=rel_eig_threshold,
-                      name=name)
+                      name=name, shrink=shrink)
   return eora_from_basis(delta_w, basis, rank, name, dtype=dtype)
 
 

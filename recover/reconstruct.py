@@ -17,7 +17,9 @@ over AdamW steps with linear warmup and decay; reference defaults: one epoch, ba
 differentiated: float weights with their mask or 2:4 pattern re-applied in the forward pass (pruned
 weights stay exactly zero), the scales of quantized weights (or a straight-through latent weight,
 or a LoRA), or, with ``peft``, a LoRA (r 16, alpha 32) on every linear of the window, merged
-into float weights at the end. Norms and embeddings stay as they are.
+into float weights at the end. With ``train='adapters'`` only the low-rank adapters train (the
+leaf's own, e.g. EoRA's, or a zero-product LoRA where it has none) and stay adapters: the
+compressed weights are fixed. Norms and embeddings stay as they are.
 
 A progress bar steps once per window with its loss before and after; finished windows (the
 reconstructed blocks and the hidden states) are checkpointed at most every ``checkpoint_every_s``
@@ -47,6 +49,10 @@ from recover import train
 Params = dict[str, Any]
 INPUTS = ('propagated', 'dense')
 QUANT_MODES = ('scales', 'ste', 'lora')
+# What a window trains: 'all' its compressed linears (as the paper), 'adapters' only the low-rank
+# adapters (the compressed weights fixed; composed recipes: compression -> EoRA -> reconstruction
+# of the adapters -> adapter quantization).
+TRAIN = ('all', 'adapters')
 
 
 def parse_window(window: str) -> int:
@@ -83,9 +89,15 @@ class ReconConfig:
   lora_alpha: float = 32.0
   seed: int = 0
   eval_batch: int = 8
+  train: str = 'all'
 
   def __post_init__(self):
     parse_window(self.window)
+    if self.train not in TRAIN:
+      raise ValueError(f'--recon_train={self.train!r}: choose from {TRAIN}')
+    if self.train == 'adapters' and self.peft:
+      raise ValueError("--recon_train=adapters trains the adapters already; --recon_peft (a LoRA "
+                       'merged into the weights) contradicts it')
     if self.loss not in losses.OUTPUT_LOSSES:
       raise ValueError(f'unknown reconstruction loss {self.loss!r}; choose from '
                        f'{tuple(losses.OUTPUT_LOSSES)}')
@@ -163,6 +175,10 @@ class WindowReport:
 
 
 def _plan(leaf, config: ReconConfig) -> train.LeafPlan:
+  if config.train == 'adapters':
+    # The leaf's own adapter (EoRA, SVD, ...) or, where it has none, a zero-product LoRA of
+    # lora_rank; kept as an adapter, never merged: the compressed weight stays as it is.
+    return train.LeafPlan('lora', config.lora_rank, config.lora_alpha, merge=False)
   quantized = train.default_mode(leaf) == 'scales'
   if config.peft or (quantized and config.quant_mode == 'lora'):
     return train.LeafPlan('lora', config.lora_rank, config.lora_alpha, merge=not quantized)

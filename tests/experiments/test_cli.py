@@ -125,3 +125,56 @@ def test_auto_bits_keeps_the_users_rules(tmp_path):
   names = [r['name'] for r in res['layers']]
   assert len(names) == 12 and not any('down_proj' in n for n in names)
   assert {r['bits'] for r in res['layers']} <= {2, 3, 4}
+
+
+def test_global_rank_budget_and_robust_eora(tmp_path):
+  """--rank_budget=global spends the adapter parameters of --rank everywhere, unevenly; the
+  ranks are in the results and the PEFT export (rank_pattern)."""
+  c = _config(tmp_path, quant='rtn', bits=2, recover='eora', rank=4, rank_budget='global',
+              budget_max_rank=16, eora_shrink=0.1, adapter_bits=4, export='peft')
+  res = compress_exp.run(c, out_dir=str(tmp_path / 'out'))
+  rb = res['rank_budget']
+  assert rb['used_params'] <= rb['budget_params'] and rb['rank_max'] <= 16
+  assert rb['rank_min'] < 4 < rb['rank_max'] or rb['rank_min'] < rb['rank_max']
+  assert np.isfinite(res['ppl_recovered']) and res['kl_recovered'] < res['kl_compressed']
+  adapter = json.loads((tmp_path / 'out' / 'export_peft' / 'adapter' / 'adapter_config.json')
+                       .read_text())
+  assert adapter['rank_pattern']  # the ranks differ per module
+  json.dumps(res)
+
+
+def test_composed_recipe_trains_only_the_adapters(tmp_path):
+  """compression -> EoRA -> block reconstruction of the adapters -> 4-bit adapters: the
+  compressed weights are those of the compression alone; the adapters changed and are 4-bit."""
+  from kernels import formats  # pylint: disable=g-import-not-at-top
+  from models import checkpoint, tree  # pylint: disable=g-import-not-at-top
+  c = _config(tmp_path, quant='rtn', bits=2, recover='eora', rank=4, adapter_bits=4,
+              reconstruct='block', recon_train='adapters', recon_samples=4, recon_epochs=4,
+              recon_lr=3e-3)
+  res = compress_exp.run(c, out_dir=str(tmp_path / 'out'), save=str(tmp_path / 'saved'))
+  assert all(w['loss_after'] < w['loss_before'] for w in res['windows'])
+  alone = compress_exp.run(_config(tmp_path, quant='rtn', bits=2, recover='eora', rank=4),
+                           save=str(tmp_path / 'alone'))
+  _, got, _ = checkpoint.load_model(str(tmp_path / 'saved'))
+  _, ref, _ = checkpoint.load_model(str(tmp_path / 'alone'))
+  for path, leaf in tree.linear_leaves(got).items():
+    other = tree.linear_leaves(ref)[path]
+    np.testing.assert_array_equal(np.asarray(formats.to_dense(tree.strip_adapter(leaf))),
+                                  np.asarray(formats.to_dense(tree.strip_adapter(other))))
+    assert isinstance(leaf.adapter.a, formats.QuantizedWeight)
+    assert leaf.adapter.a.bits == 4
+  assert res['trainable_params'] < 0.2 * res['model_bytes']  # adapters only
+  assert res['ppl_recovered'] != alone['ppl_recovered']
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(quant='rtn', recover='svd', eora_shrink=0.1), 'applies to --recover=eora'),
+    (dict(quant='rtn', recover='svd', rank_budget='global'), 'needs --recover=eora'),
+    (dict(quant='rtn', recover='eora', rank=8, rank_budget='global', budget_max_rank=4),
+     'below --rank'),
+    (dict(quant='rtn', reconstruct='block', recon_train='adapters', recon_peft=True),
+     'contradicts'),
+])
+def test_new_recovery_flags_fail_before_work(tmp_path, kw, match):
+  with pytest.raises(ValueError, match=match):
+    compress_exp.run(_config(tmp_path, **kw))

@@ -121,3 +121,54 @@ def test_idp_table_smoke(corpus, tmp_path):
   assert 0 < rows['idp pool']['added_params'] < rows['lora']['added_params']
   assert res['idp_vs_lora']['params_ratio'] > 1
   assert sum(res['routing']['a']) == pytest.approx(1.0)
+
+
+def test_eora_robust_smoke(corpus, tmp_path, monkeypatch):
+  from experiments import eora_robust  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(compress_lib.COMPRESSIONS, 'rtn w2g32', dict(quant='rtn', bits=2, group_size=32))
+  res = eora_robust.run(sections=list(eora_robust.SECTIONS), out_dir=str(tmp_path / 'r'),
+                        rows=['rtn w2g32'], rank=4, lambdas=(0.0, 1.0, 1e6), auto_grid=(0.0, 1.0),
+                        max_rank=16, model='tiny-llama', calib_samples=8, calib_seqlen=32,
+                        eval_data=('a', 'b'), eval_windows=2, eval_seqlen=32, probes=False)
+  by = {r['recovery']: r for r in res['shrink'] if r['compression'] == 'rtn w2g32'}
+  # lambda -> inf is plain SVD: the same perplexity up to rounding
+  assert abs(by['eora lambda=1e+06']['ppl a'] / by['svd']['ppl a'] - 1) < 1e-3
+  assert by['eora lambda=0']['kl a'] < by['none']['kl a']
+  assert sum(by['auto']['auto_lambda_counts'].values()) == 7 * 2  # every linear chose a value
+  assert (tmp_path / 'r' / 'shrink_rtn_w2g32.png').exists()
+  rows = {r['recovery']: r for r in res['budget'] if r['compression'] == 'rtn w2g32'}
+  for w in ('absolute', 'relative'):  # the same adapter size as uniform rank 4, spent elsewhere
+    assert rows[f'global {w}']['adapter_params'] <= rows['uniform r4']['adapter_params']
+    assert rows[f'global {w}']['rank_max'] > 4 or rows[f'global {w}']['rank_min'] < 4
+  assert (tmp_path / 'r' / 'budget_ranks.png').exists()
+
+
+def test_recon_defaults_smoke(tmp_path):
+  from experiments import recon_defaults  # pylint: disable=g-import-not-at-top
+  text = tmp_path / 'corpus.txt'
+  text.write_text(' '.join(np.random.default_rng(0).choice(['a', 'bc', 'model', 'weight'], 3000)))
+  res = recon_defaults.run(out_dir=str(tmp_path / 'd'), lrs=(1e-3,), model='tiny-llama',
+                           calib_data=str(text), eval_data=(str(text),), calib_samples=4,
+                           calib_seqlen=32, eval_windows=2, eval_seqlen=32, recon_samples=4,
+                           probes='none')
+  (row,) = res['rows']
+  assert row['recon_lr'] == 1e-3 and row['ppl_recovered'] > 0
+  assert row['gap_closed'] == pytest.approx(
+      (row['ppl_compressed'] - row['ppl_recovered']) / (row['ppl_compressed'] - row['ppl_dense']))
+  assert (tmp_path / 'd' / 'results.json').exists()
+
+
+def test_composed_smoke(corpus, tmp_path, monkeypatch):
+  from experiments import composed  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(compress_lib.COMPRESSIONS, 'rtn w2g32', dict(quant='rtn', bits=2, group_size=32))
+  res = composed.run(out_dir=str(tmp_path / 'c'), rows=['rtn w2g32'], rank=4, recon_lr=3e-3,
+                     adapter_lr=3e-3, recon_samples=4, model='tiny-llama', calib_samples=4,
+                     calib_seqlen=32, eval_data=('a', 'b'), eval_windows=2, eval_seqlen=32,
+                     probes=False)
+  by = {r['recipe']: r for r in res['rows'] if r['compression'] == 'rtn w2g32'}
+  # equal added parameters for every adapter recipe; none for the weights' reconstruction
+  sizes = {by[k]['adapter_params'] for k in by if k not in ('none', 'reconstruct weights')}
+  assert len(sizes) == 1 and by['reconstruct weights']['adapter_params'] == 0
+  assert by['eora -> reconstruct adapters']['kl a'] < by['none']['kl a']
+  assert by['reconstruct LoRA']['train_compute'] > 0
+  assert (tmp_path / 'c' / 'composed.md').exists()

@@ -322,3 +322,68 @@ def test_quantize_adapter(rank, group_size):
   y = jax.jit(reference.linear)(jnp.asarray(x[:4]),
                                 formats.CompressedLinear(weight=w_hat, adapter=q))
   np.testing.assert_allclose(np.asarray(y), x[:4] @ approx, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Robust EoRA: covariance shrinkage.
+
+
+@pytest.mark.parametrize('lam', [0.05, 1.0])
+def test_shrunk_eora_is_the_closed_form_optimum_of_the_shrunk_objective(lam):
+  """``shrink = lambda`` minimises ||X E||^2 + lambda tr(H)/d ||E||^2 over rank-r corrections: the
+  plain EoRA optimum of the inputs X stacked over sqrt(lambda tr(H)/d) I."""
+  x = _inputs()
+  h = _hessian(x)
+  _, d = _error_problem()
+  rank = 8
+  lr = lowrank.eora(jnp.asarray(d), jnp.asarray(h), rank, shrink=lam)
+  c = lam * np.trace(h.astype(np.float64)) / N_IN
+  x_aug = np.concatenate([x.astype(np.float64), np.sqrt(c) * np.eye(N_IN)], axis=0)
+  assert _x_err(x_aug, d, lr) == pytest.approx(_closed_form_min(x_aug, d, rank), rel=1e-6)
+  # ... which is worse than EoRA on X alone, better than EoRA on the identity part alone.
+  eora = lowrank.eora(jnp.asarray(d), jnp.asarray(h), rank)
+  assert _x_err(x, d, lr) >= _x_err(x, d, eora) * (1 - 1e-9)
+  assert np.linalg.norm(d - np.asarray(lr.a) @ np.asarray(lr.b)) <= np.linalg.norm(
+      d - np.asarray(eora.a) @ np.asarray(eora.b)) * (1 + 1e-9)
+
+
+def test_shrink_zero_is_eora_and_large_shrink_is_svd():
+  x = _inputs()
+  h = _hessian(x)
+  _, d = _error_problem()
+  prod = lambda lr: np.asarray(lr.a, np.float64) @ np.asarray(lr.b, np.float64)
+  np.testing.assert_array_equal(prod(lowrank.eora(jnp.asarray(d), jnp.asarray(h), 8, shrink=0.0)),
+                                prod(lowrank.eora(jnp.asarray(d), jnp.asarray(h), 8)))
+  np.testing.assert_allclose(prod(lowrank.eora(jnp.asarray(d), jnp.asarray(h), 8, shrink=1e7)),
+                             prod(lowrank.svd_compensate(jnp.asarray(d), 8)), atol=1e-4)
+  # shrinkage removes the clamping of a rank-deficient H: every direction gets the floor
+  basis = lowrank.eigen_basis(jnp.asarray(_hessian(_inputs(n_tok=16))), shrink=0.1)
+  assert basis.num_clamped == 0
+
+
+def test_shrunk_basis_equals_a_new_decomposition():
+  h = jnp.asarray(_hessian(_inputs()))
+  direct = lowrank.eigen_basis(h, num_tokens=N_TOK, shrink=0.3)
+  again = lowrank.shrunk_basis(lowrank.eigen_basis(h, num_tokens=N_TOK), 0.3)
+  np.testing.assert_array_equal(np.asarray(direct.sqrt_l), np.asarray(again.sqrt_l))
+  np.testing.assert_array_equal(np.asarray(direct.inv_sqrt_l), np.asarray(again.inv_sqrt_l))
+
+
+def test_choose_shrink_picks_the_held_out_minimum():
+  x = _inputs()
+  _, d = _error_problem()
+  grid = [0.0, 0.01, 0.1, 1.0, 10.0]
+  fit = lowrank.eigen_basis(jnp.asarray(_hessian(x)))
+  # Held out = the fitting data: EoRA itself (lambda = 0) is the optimum (Eckart-Young).
+  lam, errs = lowrank.choose_shrink(jnp.asarray(d), fit, jnp.asarray(_hessian(x)), 8, grid)
+  assert lam == 0.0 and errs[0] == min(errs) and len(errs) == len(grid)
+  # Held out = isotropic inputs (another "domain"): plain SVD's metric, so the largest value wins.
+  lam, errs = lowrank.choose_shrink(jnp.asarray(d), fit, jnp.eye(N_IN), 8, grid)
+  assert lam == 10.0 and errs == sorted(errs, reverse=True)
+
+
+def test_bad_shrink_is_refused():
+  h = jnp.asarray(_hessian(_inputs()))
+  for bad in (-0.1, float('nan'), float('inf'), 'big'):
+    with pytest.raises(ValueError, match='shrink'):
+      lowrank.eigen_basis(h, shrink=bad)
