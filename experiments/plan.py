@@ -10,9 +10,11 @@ The figures model what the pipeline holds at its two peaks:
   ``--stream`` the embedding and head and one dense block, read from the checkpoint when its turn
   comes),
   the calibration activations between blocks (two copies while a block's outputs are computed;
-  with ``--offload=host`` only the batch in flight is on the device), one block's forward
+  twice that with ``--asymmetric``, whose dense stream runs beside the compressed one; with
+  ``--offload=host`` only the batch in flight is on the device), one block's forward
   temporaries for a batch of ``--batch_size / data`` sequences, the block's statistics
-  ``H = X^T X`` (float32) of every linear input, the one-matrix numerics of its largest linear
+  ``H = X^T X`` (float32) of every linear input (and GPTAQ's cross term of the same size), the
+  one-matrix numerics of its largest linear
   (the weight's columns split over ``model``; ``H`` and its inverse factor; float64
   eigendecompositions for EoRA/SVD/SRR) and the compressed model so far (with ``--stream``: one
   compressed block; the finished ones are in host memory);
@@ -123,7 +125,9 @@ def plan(c: CompressConfig, cfg: ModelConfig, n_devices: int | None = None,
       compressed_linears += _nbytes(leaf)
       dense_linears += int(np.prod(shape)) * 4
   compressed = dense - dense_linears * act // 4 + compressed_linears
-  copies = 1 + int(c.dense_inputs) + int(c.recover_data is not None and c.recover != 'none')
+  # --asymmetric (GPTAQ) carries the dense stream beside the compressed one.
+  copies = (1 + int(c.dense_inputs or c.asymmetric)
+            + int(c.recover_data is not None and c.recover != 'none'))
   between = copies * c.calib_samples * c.calib_seqlen * cfg.hidden_size * act
   rows = max(1, c.batch_size // data)
   in_flight = 2 * rows * c.calib_seqlen * cfg.hidden_size * act
@@ -133,7 +137,8 @@ def plan(c: CompressConfig, cfg: ModelConfig, n_devices: int | None = None,
   common = {
       'activations between blocks': in_flight if c.offload == 'host' else 2 * between,
       'block forward temporaries': block_forward_bytes(cfg, rows, c.calib_seqlen, act),
-      'statistics (H)': stats_bytes(cfg),
+      # GPTAQ keeps a cross term of H's size beside each H
+      'statistics (H)': stats_bytes(cfg) * (2 if c.asymmetric else 1),
       'one-matrix numerics': numerics_bytes(*largest, model, decomposition),
   }
   logits = eval_bytes(cfg, eval_rows, c.eval_seqlen)

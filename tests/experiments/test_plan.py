@@ -103,3 +103,14 @@ def test_plans_of_big_models_from_their_configs_alone():
   split = plan.plan(run_config.CompressConfig(**{**c.__dict__, 'mesh': 'data:4,model:2'}), cfg, 8)
   assert split['device']['one-matrix numerics'] < one['device']['one-matrix numerics']
   assert split['device']['block forward temporaries'] < one['device']['block forward temporaries']
+
+
+def test_asymmetric_calibration_counts_the_dense_stream(tiny):
+  cfg, _ = tiny
+  base = dict(model='tiny-llama', quant='gptq', bits=4, group_size=32, calib_samples=64,
+              calib_seqlen=64)
+  plain = plan.plan(run_config.CompressConfig(**base), cfg, 1)
+  asym = plan.plan(run_config.CompressConfig(**base, asymmetric=True), cfg, 1)
+  for key in ('activations between blocks', 'statistics (H)'):
+    assert asym['device'][key] == 2 * plain['device'][key]
+  assert asym['device_peak'] > plain['device_peak']
