@@ -13,6 +13,7 @@ Runs the main command (``experiments.compress``) as a user would, ``--prune=wand
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from typing import Any, Sequence
@@ -32,12 +33,17 @@ def run(*, out_dir: str, lrs: Sequence[float] = LRS, prune: str = 'wanda', spars
   """One main-command run per learning rate; ``overrides``: other :class:`CompressConfig` fields
   (the defaults otherwise)."""
   out = pathlib.Path(out_dir)
-  rows = []
+  done = out / 'results.json'
+  # Learning rates of an earlier run into the same directory are kept, not run again.
+  rows = [r for r in json.loads(done.read_text()).get('rows', [])] if done.exists() else []
   results: dict[str, Any] = {'command': f'--prune={prune} --sparsity={sparsity} '
                                         '--reconstruct=block --recon_lr=LR',
                              'defaults': {k: v for k, v in dataclasses.asdict(CompressConfig()).items()
                                           if k.startswith('recon')}}
+  results['rows'] = rows
   for lr in lrs:
+    if any(r['recon_lr'] == lr for r in rows):
+      continue
     c = CompressConfig(prune=prune, sparsity=sparsity, reconstruct='block', recon_lr=lr,
                        **overrides)
     t0 = time.time()
@@ -49,6 +55,7 @@ def run(*, out_dir: str, lrs: Sequence[float] = LRS, prune: str = 'wanda', spars
                  'kl_compressed': res['kl_compressed'], 'kl_recovered': res['kl_recovered'],
                  'probe_acc_recovered': res.get('probe_acc_recovered'),
                  'train_seconds': res.get('train_seconds'), 'run_seconds': time.time() - t0})
+    rows.sort(key=lambda r: r['recon_lr'])
     results['rows'] = rows
     common.write_results(out, results, rows=rows, flags={'lrs': list(lrs), 'prune': prune,
                                                          'sparsity': sparsity, **overrides},
@@ -61,7 +68,7 @@ def main(argv):
   del argv
   common.quiet_logs()
   res = run(out_dir=FLAGS.out_dir, lrs=[float(x) for x in FLAGS.lrs])
-  print(common.markdown_table(res['rows']))
+  print(common.markdown_table(res.get('rows', [])))
 
 
 if __name__ == '__main__':

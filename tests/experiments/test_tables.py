@@ -156,6 +156,12 @@ def test_recon_defaults_smoke(tmp_path):
   assert row['gap_closed'] == pytest.approx(
       (row['ppl_compressed'] - row['ppl_recovered']) / (row['ppl_compressed'] - row['ppl_dense']))
   assert (tmp_path / 'd' / 'results.json').exists()
+  # a rerun into the same directory keeps the finished learning rate and runs only the new one
+  again = recon_defaults.run(out_dir=str(tmp_path / 'd'), lrs=(1e-3,), model='tiny-llama',
+                             calib_data=str(text), eval_data=(str(text),), calib_samples=4,
+                             calib_seqlen=32, eval_windows=2, eval_seqlen=32, recon_samples=4,
+                             probes='none')
+  assert again['rows'] == res['rows']
 
 
 def test_composed_smoke(corpus, tmp_path, monkeypatch):
