@@ -152,10 +152,12 @@ def run(*, sections: Sequence[str], out_dir: str, rows: Sequence[str] = ROWS, ra
             loaded.params, base[r], full,
             compensate.Compensator('eora', rank, shrink=lam, basis_cache=cache))
         seconds[f'eora lambda={lam:g}'] = time.time() - t0
-      t0 = time.time()
-      models['auto'], chosen = heldout_eora(loaded.params, base[r], fit, val, full, rank,
-                                            auto_grid)
-      seconds['auto'] = time.time() - t0
+      chosen = None
+      if auto_grid:  # an empty grid skips the held-out choice
+        t0 = time.time()
+        models['auto'], chosen = heldout_eora(loaded.params, base[r], fit, val, full, rank,
+                                              auto_grid)
+        seconds['auto'] = time.time() - t0
       m = common.evaluate_models(loaded, models, windows)
       for name in models:
         row = {'compression': r, 'recovery': name, **{k: v for k, v in m[name].items()
@@ -283,7 +285,7 @@ def define_flags() -> None:
                        'is the budget).')
   flags.DEFINE_list('lambdas', [f'{x:g}' for x in LAMBDAS], 'Shrinkage values of the sweep.')
   flags.DEFINE_list('auto_grid', [f'{x:g}' for x in AUTO_GRID],
-                    'Candidates of the per-layer held-out choice.')
+                    'Candidates of the per-layer held-out choice (empty: no held-out choice).')
   flags.DEFINE_float('shrink', 0.0, 'Shrinkage of the EoRA adapters of the budget section.')
   flags.DEFINE_integer('max_rank', 256, 'Rank the budget section computes before cutting.')
   flags.DEFINE_integer('calib_samples', 64, 'Calibration sequences (two halves).')
