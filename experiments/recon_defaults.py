@@ -34,12 +34,18 @@ def run(*, out_dir: str, lrs: Sequence[float] = LRS, prune: str = 'wanda', spars
   (the defaults otherwise)."""
   out = pathlib.Path(out_dir)
   done = out / 'results.json'
-  # Learning rates of an earlier run into the same directory are kept, not run again.
-  rows = [r for r in json.loads(done.read_text()).get('rows', [])] if done.exists() else []
+  # The settings every row shares (all but the learning rate): rows of an earlier run into the
+  # same directory are kept only when they were made with the same ones, never reported stale.
+  settings = repr(dataclasses.replace(
+      CompressConfig(prune=prune, sparsity=sparsity, reconstruct='block', **overrides),
+      recon_lr=0.0))
+  earlier = json.loads(done.read_text()) if done.exists() else {}
+  rows = list(earlier.get('rows', [])) if earlier.get('settings') == settings else []
   results: dict[str, Any] = {'command': f'--prune={prune} --sparsity={sparsity} '
                                         '--reconstruct=block --recon_lr=LR',
                              'defaults': {k: v for k, v in dataclasses.asdict(CompressConfig()).items()
-                                          if k.startswith('recon')}}
+                                          if k.startswith('recon')},
+                             'settings': settings}
   results['rows'] = rows
   for lr in lrs:
     if any(r['recon_lr'] == lr for r in rows):

@@ -17,21 +17,8 @@ from kernels import formats
 from models import config as config_lib
 from models import llama
 from models import tree
+from tests.compress.test_prune import _hessian, _rng, _weight
 from tests.utils import tiny_model
-
-
-def _rng(seed=0):
-  return np.random.default_rng(seed)
-
-
-def _weight(n_in=64, n_out=24, seed=0):
-  return _rng(seed).standard_normal((n_in, n_out)).astype(np.float32)
-
-
-def _hessian(n_in=64, n_tokens=256, seed=1):
-  x = _rng(seed).standard_normal((n_tokens, n_in)).astype(np.float32)
-  x *= np.exp(_rng(seed + 1).uniform(-1.0, 1.0, n_in)).astype(np.float32)
-  return x.T @ x
 
 
 def _grad(n_in=64, n_out=24, seed=3):
