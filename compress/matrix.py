@@ -76,6 +76,70 @@ def needs_full_hessian(spec: LinearSpec) -> bool:
   return spec.quant in ('gptq', 'awq') or spec.prune == 'sparsegpt'
 
 
+def _check(w_shape: tuple[int, ...], stats: calibration.LinearStats | None, spec: LinearSpec,
+           name: str, grad_shape: tuple[int, ...] | None) -> None:
+  """What :func:`compress_matrix` refuses before any work (one ``[in, out]`` matrix)."""
+  spec.check_shape(tuple(w_shape), name)
+  if stats is not None and needs_full_hessian(spec):
+    calibration.require_full(stats, f'{name}: {spec.describe()}')
+  if spec.asymmetric and (stats is None or stats.cross is None):
+    raise ValueError(f'{name}: {spec.describe()} needs the cross term of the dense and the '
+                     'compressed inputs (LinearStats.cross), which only a run that propagates '
+                     'both streams collects')
+  if spec.prune == 'wanda++' and (grad_shape is None or tuple(grad_shape) != tuple(w_shape)):
+    raise ValueError(f'{name}: wanda++ needs the regional gradient of the weight '
+                     f'{tuple(w_shape)} (compress.regional.regional_gradients)')
+
+
+def _numerics(w: jax.Array, h: jax.Array | None, cross: jax.Array | None,
+              grad: jax.Array | None, spec: LinearSpec) -> tuple[Any, Any, Any]:
+  """The one-matrix numerics of ``spec`` on checked inputs, a pure function of arrays (so
+  :func:`compress_matrices` maps it over a stack of matrices): ``(weight, mask, info)`` with the
+  pruned float weight or the :class:`~kernels.formats.QuantizedWeight`, the mask (None when
+  nothing is pruned) and GPTQ's factorization info (None for the other methods).
+  :func:`_leaf` makes the param-tree leaf of them."""
+  w = jnp.asarray(w, jnp.float32)
+  asym_statics, asym_args = {}, {}
+  if spec.asymmetric:
+    asym_statics, asym_args = {'alpha': spec.asymmetric_alpha}, {'cross': cross}
+  mask = None
+  w_work = w
+  sp = spec.sparsity
+  if spec.prune == 'sparsegpt':
+    if spec.quant == 'gptq':
+      qw, mask = jitted(sparsegpt_lib.sparsegpt_quant, spec=sp, quant=spec.qspec,
+                        block_size=spec.block_size, percdamp=spec.damp,
+                        **asym_statics)(w, h, **asym_args)
+      return qw, mask, None
+    w_work, mask = jitted(sparsegpt_lib.sparsegpt, spec=sp, block_size=spec.block_size,
+                          percdamp=spec.damp, **asym_statics)(w, h, **asym_args)
+  elif spec.prune == 'wanda':
+    w_work, mask = jitted(prune_lib.wanda, spec=sp)(w, h)
+  elif spec.prune == 'wanda++':
+    w_work, mask = jitted(prune_lib.wandapp, spec=sp, alpha=spec.wandapp_alpha)(
+        w, h, jnp.asarray(grad, jnp.float32))
+  elif spec.prune == 'magnitude':
+    w_work, mask = jitted(prune_lib.magnitude, spec=sp)(w)
+
+  if spec.quant == 'none':
+    return w_work, mask, None
+  if spec.quant == 'rtn':
+    return jitted(quantize.rtn, spec=spec.qspec)(w_work), mask, None
+  if spec.quant == 'gptq':
+    qw, ginfo = jitted(gptq_lib.gptq, spec=spec.qspec, block_size=spec.block_size, damp=spec.damp,
+                       act_order=spec.act_order, static_groups=spec.static_groups,
+                       **asym_statics)(w_work, h, mask=mask, **asym_args)
+    return qw, mask, ginfo
+  raise ValueError(f'{spec.quant} is applied per block, not per matrix')
+
+
+def _leaf(weight, mask, spec: LinearSpec) -> formats.CompressedLinear:
+  """The param-tree leaf of :func:`_numerics`' result (2:4 patterns packed)."""
+  if spec.quant == 'none':
+    return prune_lib.make_sparse_leaf(weight, mask, spec.sparsity)
+  return _finish(weight, mask, spec)
+
+
 def compress_matrix(w: jax.Array, stats: calibration.LinearStats | None, spec: LinearSpec,
                     name: str = '', grad: jax.Array | None = None
                     ) -> tuple[formats.CompressedLinear, dict[str, Any]]:
@@ -86,55 +150,48 @@ def compress_matrix(w: jax.Array, stats: calibration.LinearStats | None, spec: L
   sweep; a Wanda or magnitude mask goes into GPTQ's sweep). ``grad``: Wanda++'s regional
   gradient ``[in, out]`` (:func:`compress.regional.regional_gradients`), which it needs.
   """
-  spec.check_shape(tuple(w.shape), name)
-  if stats is not None and needs_full_hessian(spec):
-    calibration.require_full(stats, f'{name}: {spec.describe()}')
-  w = jnp.asarray(w, jnp.float32)
-  h = None if stats is None else stats.hessian
-  # GPTAQ's statics and cross term, for the GPTQ/SparseGPT calls (nothing for other specs).
-  asym_statics, asym_args = {}, {}
-  if spec.asymmetric:
-    if stats is None or stats.cross is None:
-      raise ValueError(f'{name}: {spec.describe()} needs the cross term of the dense and the '
-                       'compressed inputs (LinearStats.cross), which only a run that propagates '
-                       'both streams collects')
-    asym_statics, asym_args = {'alpha': spec.asymmetric_alpha}, {'cross': stats.cross}
+  _check(w.shape, stats, spec, name, None if grad is None else grad.shape)
+  weight, mask, ginfo = _numerics(w, None if stats is None else stats.hessian,
+                                  None if stats is None else stats.cross, grad, spec)
+  leaf = _leaf(weight, mask, spec)
   info: dict[str, Any] = {}
-  mask = None
-  w_work = w
-  sp = spec.sparsity
-  if spec.prune == 'sparsegpt':
-    if spec.quant == 'gptq':
-      qw, mask = jitted(sparsegpt_lib.sparsegpt_quant, spec=sp, quant=spec.qspec,
-                        block_size=spec.block_size, percdamp=spec.damp,
-                        **asym_statics)(w, h, **asym_args)
-      return _finish(qw, mask, spec), info
-    w_work, mask = jitted(sparsegpt_lib.sparsegpt, spec=sp, block_size=spec.block_size,
-                          percdamp=spec.damp, **asym_statics)(w, h, **asym_args)
-  elif spec.prune == 'wanda':
-    w_work, mask = jitted(prune_lib.wanda, spec=sp)(w, h)
-  elif spec.prune == 'wanda++':
-    if grad is None or tuple(grad.shape) != tuple(w.shape):
-      raise ValueError(f'{name}: wanda++ needs the regional gradient of the weight '
-                       f'{tuple(w.shape)} (compress.regional.regional_gradients)')
-    w_work, mask = jitted(prune_lib.wandapp, spec=sp, alpha=spec.wandapp_alpha)(
-        w, h, jnp.asarray(grad, jnp.float32))
-  elif spec.prune == 'magnitude':
-    w_work, mask = jitted(prune_lib.magnitude, spec=sp)(w)
-
-  if spec.quant == 'none':
-    return prune_lib.make_sparse_leaf(w_work, mask, sp), info
-  if spec.quant == 'rtn':
-    qw = jitted(quantize.rtn, spec=spec.qspec)(w_work)
-  elif spec.quant == 'gptq':
-    qw, ginfo = jitted(gptq_lib.gptq, spec=spec.qspec, block_size=spec.block_size, damp=spec.damp,
-                       act_order=spec.act_order, static_groups=spec.static_groups,
-                       **asym_statics)(w_work, h, mask=mask, **asym_args)
+  if ginfo is not None:
     gptq_lib.report(ginfo, name)
     info['gptq_damp_retries'] = int(ginfo.retries)
-  else:
-    raise ValueError(f'{spec.quant} is applied per block, not per matrix')
-  return _finish(qw, mask, spec), info
+  return leaf, info
+
+
+def compress_matrices(ws: jax.Array, stats: calibration.LinearStats | None, spec: LinearSpec,
+                      names: list[str], grads: jax.Array | None = None
+                      ) -> tuple[list[formats.CompressedLinear], list[dict[str, Any]]]:
+  """:func:`compress_matrix` on a stack of ``E`` independent problems at once (the experts of a
+  mixture): ``ws [E, in, out]``, ``stats`` whose arrays have a leading ``E`` axis (each its own
+  ``H``), ``names`` one per problem, ``grads [E, in, out]`` for Wanda++. The numerics run as one
+  program mapped over ``E`` (``jax.vmap``), so a stack split along ``E`` over the devices
+  (:func:`models.sharding.stacked`) is solved on all of them at once. Returns one leaf and one
+  info dict per problem, as :func:`compress_matrix` gives them."""
+  if len(names) != ws.shape[0]:
+    raise ValueError(f'{ws.shape[0]} matrices but {len(names)} names')
+  for name in names:
+    _check(ws.shape[1:], stats, spec, name, None if grads is None else grads.shape[1:])
+  fn = jitted(_stacked_numerics, spec=spec)
+  weights, masks, ginfos = fn(ws, None if stats is None else stats.hessian,
+                              None if stats is None else stats.cross, grads)
+  out_leaves, infos = [], []
+  for e, name in enumerate(names):
+    take = lambda tree, e=e: jax.tree.map(lambda x: x[e], tree)  # noqa: E731
+    out_leaves.append(_leaf(take(weights), take(masks), spec))
+    info: dict[str, Any] = {}
+    if ginfos is not None:
+      ginfo = jax.tree.map(lambda x, e=e: x[e], ginfos)
+      gptq_lib.report(ginfo, name)
+      info['gptq_damp_retries'] = int(ginfo.retries)
+    infos.append(info)
+  return out_leaves, infos
+
+
+def _stacked_numerics(ws, hs, crosses, grads, *, spec: LinearSpec):
+  return jax.vmap(functools.partial(_numerics, spec=spec))(ws, hs, crosses, grads)
 
 
 def spec_of_leaf(leaf: formats.CompressedLinear) -> LinearSpec:

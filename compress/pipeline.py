@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import time
 from typing import Any, Sequence
 
@@ -44,7 +45,8 @@ import numpy as np
 from compress import awq as awq_lib
 from compress import calibration
 from compress import regional
-from compress.matrix import LayerReport, LinearRecovery, compress_matrix, leaf_dense
+from compress.matrix import LayerReport, LinearRecovery, compress_matrices, compress_matrix
+from compress.matrix import leaf_dense
 from compress.matrix import needs_full_hessian, recover_linear, relative_error, sparsity
 from compress.matrix import spec_of_leaf
 from compress.rules import LinearSpec, Rule, match
@@ -436,14 +438,60 @@ def _groups(specs: dict[str, LinearSpec], fuse: bool) -> list[list[str]]:
   return list(groups.values())
 
 
+def _expert_batches(groups: list[list[str]], specs: dict[str, LinearSpec]) -> list[list[list[str]]]:
+  """The groups of :func:`_groups` that are the same linears of different experts with one spec
+  (``experts/0/down_proj``, ``experts/1/down_proj``, ...): each such run is solved as one stack."""
+  batches: dict[Any, list[list[str]]] = {}
+  for n, group in enumerate(groups):
+    if all(llama.expert_of(llama.input_key(lin)) is not None for lin in group):
+      key = (tuple(re.sub(r'experts/\d+/', 'experts/*/', lin) for lin in group), specs[group[0]])
+    else:
+      key = n
+    batches.setdefault(key, []).append(group)
+  return [b for b in batches.values() if len(b) > 1]
+
+
+def _solve_experts(batch: list[list[str]], dense_block, specs, stats, i, grads
+                   ) -> dict[tuple[str, ...], tuple[list[Any], dict[str, Any], float]]:
+  """The groups of ``batch`` (one per expert, equal shapes) solved as one stack split along the
+  expert axis over the devices (:func:`compress.matrix.compress_matrices`). Returns, per group,
+  its leaves (one per linear), its info and its share of the wall time."""
+  spec = specs[batch[0][0]]
+  ws = jnp.stack([jnp.concatenate([jnp.asarray(tree.get_linear(dense_block, lin), jnp.float32)
+                                   for lin in group], axis=1) for group in batch])
+  st = jax.tree.map(lambda *xs: jnp.stack(xs),
+                    *[stats[llama.input_key(group[0])] for group in batch])
+  g = None
+  if grads and batch[0][0] in grads:
+    g = jnp.stack([jnp.concatenate([grads[lin] for lin in group], axis=1) for group in batch])
+  ws, st, g = sharding.stacked((ws, st, g))
+  t0 = time.time()
+  leaves, infos = compress_matrices(ws, st, spec, [f'layers/{i}/{"+".join(grp)}' for grp in batch],
+                                    g)
+  jax.block_until_ready(leaves)
+  secs = (time.time() - t0) / len(batch)
+  out = {}
+  for group, leaf, info in zip(batch, leaves, infos):
+    sizes = [tree.get_linear(dense_block, lin).shape[1] for lin in group]
+    parts = [leaf] if len(group) == 1 else formats.split_columns(leaf, sizes)
+    out[tuple(group)] = (parts, dict(info, experts_solved_together=len(batch)), secs)
+  return out
+
+
 def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_stats,
                       given_block=None, notes=None, grads=None):
   """Compresses (and recovers) the linears ``specs`` of block ``i`` from their dense weights, or
   takes their leaves from ``given_block``. Linears with one input and one spec are solved as one
   matrix (their columns side by side: one factorization of ``H`` and one column sweep instead of
-  several) and split again; each keeps its own report."""
+  several) and split again; the same linears of the experts of a mixture are solved as one stack,
+  in parallel over the devices; each keeps its own report."""
   reports = []
-  for group in _groups(specs, fuse=given_block is None):
+  groups = _groups(specs, fuse=given_block is None)
+  solved = {}
+  if given_block is None:
+    for batch in _expert_batches(groups, specs):
+      solved.update(_solve_experts(batch, dense_block, specs, stats, i, grads))
+  for group in groups:
     spec = specs[group[0]]
     st = sharding.replicate(stats[llama.input_key(group[0])])
     # The output columns are independent given H: they are split over the model axis.
@@ -453,6 +501,9 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
     if given_block is not None:
       leaves = [tree.strip_adapter(tree.get_linear(given_block, group[0]))]
       info = {'given': True}
+    elif tuple(group) in solved:
+      leaves, info, secs_done = solved[tuple(group)]
+      t0 -= secs_done
     else:
       w = ws[0] if len(ws) == 1 else sharding.columns(jnp.concatenate(ws, axis=1))
       grad = None

@@ -119,11 +119,15 @@ def inverse_hessian_factor(hessian: jax.Array,
 
   # The factorization appears once in the program (a retry is another trip through the loop).
   U, tries = jax.lax.while_loop(again, attempt, (jnp.zeros_like(H), jnp.int32(0)))
-  jax.lax.cond(tries > 1,
-               lambda: jax.debug.print('sparsegpt: Cholesky failed, used percdamp x10^{r} '
-                                       '(finite: {ok})', r=tries - 1, ok=jnp.all(jnp.isfinite(U))),
-               lambda: None)
+  # Told on the host only when a retry happened (a callback, not a cond: under vmap a cond
+  # runs both branches).
+  jax.debug.callback(_tell_retries, tries, jnp.all(jnp.isfinite(U)))
   return U, dead
+
+
+def _tell_retries(tries, finite) -> None:
+  if int(tries) > 1:
+    print(f'sparsegpt: Cholesky failed, used percdamp x10^{int(tries) - 1} (finite: {bool(finite)})')
 
 
 def _check_args(w, hessian, spec: PruneSpec, block_size: int, quant: QuantSpec | None,

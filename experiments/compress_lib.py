@@ -104,7 +104,7 @@ def moe_calibration(c: CompressConfig) -> pipeline.MoeCalibration:
 def run(c: CompressConfig, **kwargs) -> dict[str, Any]:
   """:func:`run_on_mesh` on the placement ``--mesh`` and ``--offload`` name."""
   try:
-    placement = sharding.Placement.create(c.mesh, c.offload)
+    placement = sharding.Placement.create(c.mesh, c.offload, c.param_sharding)
   except ValueError:  # the checks of run_on_mesh report it, with every other problem
     placement = sharding.active()
   with sharding.use(placement):
@@ -126,8 +126,10 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
   calls this with the same arguments and gets the same result: the compression runs on the mesh
   of all their devices (each process feeds its own rows of every calibration batch); evaluation
   is split over the processes (each scores its share of the windows and probes on its own
-  devices, the sums are combined); training and the sensitivity search of ``--auto_bits`` run
-  data-parallel over the devices of each process, repeated in every process;
+  devices, the sums are combined); reconstruction and fine-tuning run data-parallel on the mesh
+  of all processes (every batch split along its data axis, the gradients all-reduced across
+  processes); the sensitivity search of ``--auto_bits`` runs on the devices of each process,
+  repeated in every process;
   checkpoints are written by all of them together, the export by process 0 alone, and
   ``on_results`` is called in every process (write from :func:`models.distributed.is_writer`)."""
   problems = validate(c, out_dir=out_dir, save=save, model_config=loaded and loaded.config)
@@ -224,15 +226,18 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
   with sharding.use(local):
     return _evaluate_and_recover(c, loaded, compressed, base, reports, summary, results, windows,
                                  items, method, tokenizer, out_dir=out_dir, save=save,
-                                 on_results=on_results)
+                                 on_results=on_results, train_placement=placement)
 
 
 def _evaluate_and_recover(c: CompressConfig, loaded: loading.LoadedModel, compressed, base,
                           reports, summary, results, windows, items, method, tokenizer, *,
                           out_dir: str | None, save: str | None,
-                          on_results: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+                          on_results: Callable[[dict[str, Any]], None] | None,
+                          train_placement: sharding.Placement) -> dict[str, Any]:
   """The rest of :func:`run_on_mesh` after the compression, on the active placement (this
-  process's devices when the run spans several): evaluation, training, export, save."""
+  process's devices when the run spans several): evaluation, training, export, save. Training
+  runs on ``train_placement`` (the mesh of every process: data-parallel across them) and its
+  result comes back to this process's devices."""
   cfg, params = loaded.config, loaded.params
   dt = common.parse_dtype(c.dtype)
   report = lambda: dict(results, per_dataset=per_dataset, summary=summary,  # noqa: E731
@@ -262,7 +267,16 @@ def _evaluate_and_recover(c: CompressConfig, loaded: loading.LoadedModel, compre
   if on_results is not None:
     on_results(dict(report(), complete=False))
   if c.reconstruct != 'none' or c.finetune != 'none':
-    recovered, train_info = train_recovery(c, params, compressed, cfg, tokenizer, out_dir)
+    with sharding.use(train_placement):
+      recovered, train_info = train_recovery(c, params, compressed, cfg, tokenizer, out_dir)
+    train_info['train_mesh'] = train_placement.describe()
+    train_info['param_sharding'] = train_placement.params
+    train_info['train_processes'] = (1 if train_placement.mesh is None else
+                                     len({d.process_index for d in train_placement.mesh.devices.flat}))
+    if train_placement.spans_processes:  # every process holds the whole trained model
+      recovered = distributed.to_local(recovered)
+      if train_info.get('pool') is not None:
+        train_info['pool'] = distributed.to_local(train_info['pool'])
     pool = train_info.pop('pool', None)
     results.update(train_info)
     if adapters_trained(c) and c.adapter_bits != 16:  # the last step of a composed recipe
@@ -366,11 +380,18 @@ def compress_cached(loaded: loading.LoadedModel, calib, c: CompressConfig, cache
   return params, meta.get('timing', {})
 
 
+def changed_settings(c: CompressConfig) -> dict[str, Any]:
+  """The settings of ``c`` that differ from their defaults, by name (what a cache key hashes, so
+  that a setting added later, at its default, keeps earlier keys valid)."""
+  return {f.name: getattr(c, f.name) for f in dataclasses.fields(c)
+          if getattr(c, f.name) != CompressConfig.__dataclass_fields__[f.name].default}
+
+
 def compress_key(c: CompressConfig, recovery, calib, aux_tokens=None, *, shared_stats: bool,
                  shared_aux_stats: bool = False) -> str:
   """The :func:`common.cache_key` of a :func:`compress_cached` result (the pipeline's code
   version included: a model cached before a change of its numbers is made again, never reused)."""
-  return common.cache_key('compress', pipeline.CODE_VERSION, c,
+  return common.cache_key('compress', pipeline.CODE_VERSION, changed_settings(c),
                           getattr(recovery, 'fingerprint', None), calib,
                           aux_tokens, shared_stats, shared_aux_stats)
 

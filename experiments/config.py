@@ -174,6 +174,11 @@ class CompressConfig:
   offload: str = common.flag_field(
       'none', 'Where the activations between blocks live: none (on the devices)|host (host '
       'memory; each batch moves to the devices when used).', choices=sharding.OFFLOADS)
+  param_sharding: str = common.flag_field(
+      'replicated', 'How training (--reconstruct, --finetune) places the parameters and optimizer '
+      'state on the mesh: replicated (whole on every device; data parallel)|fsdp (fully sharded: '
+      'each large array split along the data axis, gathered where a step uses it).',
+      choices=sharding.PARAM_RULES)
   stream: bool = common.flag_field(
       False, 'Memory-bounded run: the dense blocks stay on disk (a Hugging Face directory\'s '
       'safetensors shards or a GGUF file) and are read one at a time, each finished block goes '
@@ -643,7 +648,8 @@ def _export_problems(c: CompressConfig, cfg, compressed: dict[str, Any]) -> list
       spec = compressed.get(f'layers/{i}/{sub}/{lin}', (None,))[0]
       linears[f'model.layers.{i}.{hf}'] = matrix_lib.abstract_leaf(spec, shapes[f'{sub}/{lin}'])
   try:
-    loading.quantized_format(fmt).check_linears(linears)
+    # A fused module (Phi-3's qkv_proj, gate_up_proj) is written as one matrix of its parts.
+    loading.quantized_format(fmt).check_linears(export_lib.fuse_linears(linears, cfg))
   except export_lib.ExportError as e:
     p.append(f'{flag}: {e}')
   return p

@@ -33,7 +33,9 @@ SUPPORTED_ARCHITECTURES = {
     'Qwen2MoeForCausalLM': 'qwen2_moe',
     'Qwen3MoeForCausalLM': 'qwen3_moe',
 }
-SUPPORTED_GGUF_ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'gemma2', 'gemma3')
+# llama.cpp writes Mixtral as 'llama' with experts (expert_count > 0).
+SUPPORTED_GGUF_ARCHITECTURES = ('llama', 'qwen2', 'qwen3', 'gemma2', 'gemma3', 'phi3', 'qwen2moe',
+                                'qwen3moe')
 ATTENTION_KINDS = ('full_attention', 'sliding_attention')
 ACTIVATIONS = {'silu': 'silu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_tanh': 'gelu_tanh'}
 
@@ -340,8 +342,40 @@ def from_gguf_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> Model
   elif g('rope.scaling.type') not in (None, 'none'):
     raise ValueError(f'unsupported GGUF rope.scaling.type {g("rope.scaling.type")!r}; supported: '
                      'none, linear')
+  # llama.cpp keeps long-context RoPE as per-frequency factor tensors (Phi-3's longrope / su
+  # scaling: rope_factors_long / rope_factors_short, with rope.scaling.attn_factor), which we do not
+  # implement.
+  factors = sorted(n for n in tensor_names if n.startswith(('rope_factors_long',
+                                                             'rope_factors_short')))
+  if factors:
+    raise ValueError(f'unsupported GGUF longrope scaling (tensors {", ".join(factors)}); '
+                     'supported: none, linear')
+  # Llama 3.1's llama3 RoPE scaling is stored as one such tensor, rope_freqs (its parameters are
+  # not in the metadata): refused rather than run with unscaled frequencies.
+  if any(n.startswith('rope_freqs') for n in tensor_names):
+    raise ValueError('unsupported GGUF per-frequency RoPE factors (tensor rope_freqs.weight, how '
+                     "llama.cpp stores Llama 3.1's llama3 scaling); load the Hugging Face "
+                     'directory instead, whose config.json carries the llama3 rope_scaling')
+  if g('rope.scaling.attn_factor') not in (None, 1.0):
+    raise ValueError(f'unsupported GGUF {arch}.rope.scaling.attn_factor='
+                     f'{g("rope.scaling.attn_factor")} (longrope / yarn attention scaling)')
   n_layers = int(g('block_count'))
-  extra: dict[str, Any] = {'qk_norm': arch in ('qwen3', 'gemma3')}
+  extra: dict[str, Any] = {'qk_norm': arch in ('qwen3', 'gemma3', 'qwen3moe')}
+  rot = g('rope.dimension_count')
+  if rot is not None and int(rot) != head_dim:  # partial rotary (Phi-3): rot dims of each head
+    factor = int(rot) / head_dim
+    if int(head_dim * factor) < int(rot):  # so that rotary_dim gives back rot exactly
+      factor = math.nextafter(factor, 1.0)
+    extra['partial_rotary_factor'] = factor
+  if arch == 'phi3':
+    # Phi3MiniModel writes no key_length (head_dim = hidden / heads) and the sliding window, 0 for
+    # none (Phi-4). llama.cpp currently runs Phi-3 without its window; transformers, the reference
+    # of the checkpoint the file came from, applies it, and so do we (as for that checkpoint).
+    extra.update(fused_qkv=True, fused_gate_up=True,
+                 sliding_window=int(g('attention.sliding_window', 0) or 0) or None)
+  n_experts = int(g('expert_count', 0) or 0)
+  if n_experts:
+    extra.update(_gguf_moe_fields(arch, g, n_experts, tensor_names))
   if arch in ('gemma2', 'gemma3'):
     # llama.cpp's conventions: the layer pattern (Gemma 2 alternates, Gemma 3 has one global layer
     # in six), Gemma 3's local RoPE base of 10000, and the 27B models' query scale hidden / heads.
@@ -355,8 +389,12 @@ def from_gguf_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> Model
         query_pre_attn_scalar=float(hidden // heads if big else head_dim),
         attn_softcap=g('attn_logit_softcapping'), final_softcap=g('final_logit_softcapping'),
         rope_local_theta=10000.0 if arch == 'gemma3' else None)
+  model_type = {'gemma3': 'gemma3_text', 'qwen2moe': 'qwen2_moe',
+                'qwen3moe': 'qwen3_moe'}.get(arch, arch)
+  if arch == 'llama' and n_experts:
+    model_type = 'mixtral'
   return ModelConfig(
-      model_type={'gemma3': 'gemma3_text'}.get(arch, arch),
+      model_type=model_type,
       vocab_size=int(vocab),
       hidden_size=hidden,
       intermediate_size=int(g('feed_forward_length')),
@@ -375,6 +413,39 @@ def from_gguf_metadata(meta: Mapping[str, Any], tensor_names: set[str]) -> Model
       **extra,
       **_rope_fields(rope_scaling),
   )
+
+
+def _gguf_moe_fields(arch: str, g, n_experts: int, tensor_names: set[str]) -> dict[str, Any]:
+  """The mixture-of-experts fields of a GGUF file (``g``: its ``{arch}.`` keys), as llama.cpp reads
+  them: Mixtral (``llama``) experts are ``feed_forward_length`` wide, Qwen's
+  ``expert_feed_forward_length`` (else ``feed_forward_length / expert_used_count``), Qwen2-MoE's
+  shared expert ``expert_shared_feed_forward_length`` (else ``feed_forward_length``)."""
+  if arch not in ('llama', 'qwen2moe', 'qwen3moe'):
+    raise ValueError(f'GGUF architecture {arch!r} with experts is not supported')
+  gating = g('expert_gating_func')
+  if gating not in (None, 1):  # gguf.ExpertGatingFuncType: 1 softmax, 2 sigmoid
+    raise ValueError(f'unsupported GGUF {arch}.expert_gating_func={gating}; supported: 1 (softmax)')
+  if g('expert_weights_scale') not in (None, 0.0, 1.0):  # llama.cpp: 0 means unscaled
+    raise ValueError(f'unsupported GGUF {arch}.expert_weights_scale={g("expert_weights_scale")}; '
+                     'supported: 1')
+  if int(g('leading_dense_block_count', 0) or 0):
+    raise ValueError(f'GGUF {arch}.leading_dense_block_count (dense MLP layers before the sparse '
+                     'ones) is not supported')
+  ff, used = int(g('feed_forward_length')), int(g('expert_used_count'))
+  expert = g('expert_feed_forward_length')
+  shared = 0
+  if arch == 'qwen2moe' and 'blk.0.ffn_up_shexp.weight' in tensor_names:
+    shared = int(g('expert_shared_feed_forward_length') or ff)
+  # Renormalising the top-k weights: transformers' Mixtral always does, Qwen2-MoE and Qwen3-MoE as
+  # their config's norm_topk_prob says (false in the released Qwen1.5/Qwen2-MoE configs, true in
+  # Qwen3-MoE's). llama.cpp's converters do not store it for these architectures and its graphs fix
+  # the same per architecture (llama and qwen3moe renormalise, qwen2moe does not); we follow
+  # expert_weights_norm when a file has it, else llama.cpp. A Qwen2-MoE whose config had
+  # norm_topk_prob=true cannot be told from its GGUF: it runs as llama.cpp runs it, unrenormalised.
+  return dict(num_experts=n_experts, num_experts_per_tok=used,
+              expert_intermediate_size=int(expert or (ff if arch == 'llama' else ff // used)),
+              shared_expert_size=shared,
+              norm_topk_prob=bool(g('expert_weights_norm', arch != 'qwen2moe')))
 
 
 def tiny_config(**overrides) -> ModelConfig:

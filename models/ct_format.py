@@ -68,8 +68,11 @@ What the format cannot hold is refused (:class:`models.export.ExportError` namin
 * a model in which nothing is quantized or sparse (use the ``hf`` export).
 
 Linears with different schemes go into separate config groups that name their modules (one scheme:
-``targets: ["Linear"]``). ``version`` is not written (we are not the library). Low-rank adapters
-are not part of the format: export them with ``peft``.
+``targets: ["Linear"]``). A checkpoint's fused module (Phi-3's ``qkv_proj``, ``gate_up_proj``) is
+one linear here, named as such: one leaf of its parts' columns side by side
+(:func:`models.export.fuse_leaves`), read back as one and split into our linears by the loader.
+``version`` is not written (we are not the library). Low-rank adapters are not part of the
+format: export them with ``peft``.
 
 Loaders, as of compressed-tensors 0.20 and transformers 5: the library's own API (the config
 applied to the model, ``ModelCompressor.compress_model``, the tensors loaded,

@@ -304,6 +304,7 @@ def local_placement(placement):
   n = jax.local_device_count()
   model = placement.model_size if n % placement.model_size == 0 else 1
   if n == 1:
-    return sharding.Placement(None, placement.offload)
+    return sharding.Placement(None, placement.offload, placement.params)
   devices = np.asarray(jax.local_devices()).reshape(n // model, model)
-  return sharding.Placement(jax.sharding.Mesh(devices, sharding.AXES), placement.offload)
+  return sharding.Placement(jax.sharding.Mesh(devices, sharding.AXES), placement.offload,
+                            placement.params)

@@ -32,6 +32,11 @@ group size or symmetry (the format has one ``quantization_config``), widths that
 multiples of 32. Low-rank adapters are not part of the format: they go to a ``peft`` export on
 this base (PEFT attaches them to GPTQ linears). Loaders compute the dequantized weight in
 float16, so their logits differ from ours by float16 rounding of the weights.
+
+A checkpoint's fused module (Phi-3's ``qkv_proj``, ``gate_up_proj``) is one linear here: it comes
+as one leaf of its parts' columns side by side (:func:`models.export.fuse_leaves`, whose unpacked
+zero points are packed here whatever the parts' widths) and is read as one, then split into our
+linears (:func:`models.loading.load_hf_dir`).
 """
 
 from __future__ import annotations

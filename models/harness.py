@@ -26,11 +26,13 @@ reproduces that):
   prefix token before the first window), scored as above and summed per document.
 * ``generate_until``: greedy decoding with our KV cache (:func:`models.llama.forward_with_cache`),
   prompts of different lengths batched together (right-padded; each row writes its cache at its
-  own position), the context cut from the left to ``max_length - max_gen_toks`` tokens. Decoding
-  stops at ``max_gen_toks`` or once every row has produced the end-of-text token or one of the
-  ``until`` strings; the text is cut at the first stop string (lm-eval's
-  ``postprocess_generated_text``). Sampling (``do_sample=True``) is not implemented: such
-  requests are decoded greedily, with a warning.
+  own position), the context cut from the left to ``max_length - max_gen_toks`` tokens. The
+  caches are :func:`models.llama.generate`'s: full length on global layers, a ring buffer of the
+  window on sliding-window layers (Mistral, Gemma 2/3), into which each row writes only its own
+  real tokens. Decoding stops at ``max_gen_toks`` or once every row has produced the
+  end-of-text token or one of the ``until`` strings; the text is cut at the first stop string
+  (lm-eval's ``postprocess_generated_text``). Sampling (``do_sample=True``) is not
+  implemented: such requests are decoded greedily, with a warning.
 
 The prefix token (for an empty context and before the first rolling window) is, as in ``hf``,
 the tokenizer's BOS token, else its EOS token; for a tokenizer with neither (the byte tokenizer of
@@ -141,11 +143,14 @@ def score_continuations(params, tokens: jax.Array, index: jax.Array, targets: ja
 @functools.partial(jax.jit, static_argnames=('cfg', 'cache_len', 'dtype_name'))
 def _prefill(params, tokens: jax.Array, lengths: jax.Array, *, cfg: ModelConfig, cache_len: int,
              dtype_name: str):
-  """Runs right-padded prompts ``[B, P]`` into a fresh cache of ``cache_len`` slots; returns
-  ``(greedy next token [B], cache)`` (the token after each row's last real one)."""
+  """Runs right-padded prompts ``[B, P]`` (row ``b``: ``lengths[b]`` real tokens) into a fresh
+  cache, :func:`models.llama.generate`'s: ``cache_len`` slots on global layers, a ring buffer of
+  the window on sliding-window layers, each row's ring holding its own last real tokens (the
+  padding is not cached). Returns ``(greedy next token [B], cache)`` (the token after each row's
+  last real one)."""
   dtype = jnp.dtype(dtype_name)
-  cache = llama.init_cache(cfg, tokens.shape[0], cache_len, dtype)
-  x, new = llama.hidden_with_cache(params, tokens, cfg, cache, 0, dtype=dtype)
+  cache = llama.init_cache(cfg, tokens.shape[0], cache_len, dtype, window=True)
+  x, new = llama.hidden_with_cache(params, tokens, cfg, cache, 0, dtype=dtype, lengths=lengths)
   last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)
   logits = llama.head(params, last, cfg)[:, 0]
   return jnp.argmax(logits, axis=-1).astype(jnp.int32), new
@@ -181,7 +186,9 @@ def greedy_generate(params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
   """Greedy continuations of prompts of different lengths, batched, with the KV cache.
 
   Prompts are right-padded to a bucket length; row ``b`` continues at its own position, so its
-  tokens are those of :func:`models.llama.generate` on that prompt alone.
+  tokens are those of :func:`models.llama.generate` on that prompt alone. The caches are
+  ``generate``'s (:func:`models.llama.init_cache` with ``window=True``): a sliding-window layer
+  keeps a ring buffer of its window, whatever the prompt and generation lengths.
 
   Args:
     params: the model's params.

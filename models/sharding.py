@@ -13,6 +13,14 @@ all-reduced):
   The output columns of GPTQ, SparseGPT, Wanda and RTN are independent given ``H``, so a large
   matrix's numerics run on all devices of the model axis.
 * :func:`replicate`: parameters and statistics every device needs whole.
+* :func:`stacked`: the weights and statistics of the experts of a block, stacked, split along
+  the expert axis over the devices, so that their numerics run in parallel.
+* :func:`shard_params` / :func:`constrain_params`: the parameters and optimizer state of a
+  training run, by the placement's ``params`` rule: ``replicated`` (every device holds them
+  whole; plain data parallelism) or ``fsdp`` (fully sharded: each array of at least
+  :data:`FSDP_MIN_ELEMENTS` values split along the data axis by its largest axis the data axis
+  divides, so each device holds ``1/N`` of the weights, adapters and Adam moments; XLA gathers a
+  weight where the step uses it and reduce-scatters its gradient).
 
 ``--mesh=data:N,model:M`` (:func:`parse_mesh`) names the axes' sizes; the mesh takes the first
 ``N x M`` devices (``jax.devices()``, all processes). The default puts every device on ``data``.
@@ -40,6 +48,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 AXES = ('data', 'model')
 OFFLOADS = ('none', 'host')
+PARAM_RULES = ('replicated', 'fsdp')
+FSDP_MIN_ELEMENTS = 1024  # smaller arrays (norms, biases, scalars) stay whole on every device
 
 
 def parse_mesh(spec: str | None, n_devices: int | None = None) -> dict[str, int]:
@@ -73,23 +83,28 @@ def parse_mesh(spec: str | None, n_devices: int | None = None) -> dict[str, int]
 
 @dataclasses.dataclass(frozen=True)
 class Placement:
-  """A mesh (None: the default device, nothing sharded) and where activations live."""
+  """A mesh (None: the default device, nothing sharded), where activations live, and how the
+  parameters of a training run are placed (:data:`PARAM_RULES`)."""
   mesh: Mesh | None = None
   offload: str = 'none'
+  params: str = 'replicated'
 
   @classmethod
-  def create(cls, mesh: str | None = None, offload: str = 'none') -> 'Placement':
+  def create(cls, mesh: str | None = None, offload: str = 'none',
+             params: str = 'replicated') -> 'Placement':
     if offload not in OFFLOADS:
       raise ValueError(f'--offload={offload!r} is not one of {OFFLOADS}')
+    if params not in PARAM_RULES:
+      raise ValueError(f'--param_sharding={params!r} is not one of {PARAM_RULES}')
     sizes = parse_mesh(mesh)
     if math.prod(sizes.values()) == 1:
-      return cls(None, offload)
+      return cls(None, offload, params)
     n = math.prod(sizes.values())
     devices = jax.devices()
     if jax.process_count() > 1:  # process by process: a model group inside one process
       devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     devices = np.asarray(devices[:n]).reshape(sizes['data'], sizes['model'])
-    return cls(Mesh(devices, AXES), offload)
+    return cls(Mesh(devices, AXES), offload, params)
 
   @property
   def spans_processes(self) -> bool:
@@ -196,11 +211,85 @@ def columns(w: Any) -> Any:
   return _put(w, P(*([None] * (w.ndim - 1)), 'model'))
 
 
+def stacked(tree: Any) -> Any:
+  """Arrays ``[E, ...]`` of ``E`` independent problems (the experts of a mixture, each with its
+  weight and its ``H``), split along their first axis over every device of the mesh when the
+  device count divides ``E`` (else over the model axis, else the data axis, else whole on every
+  device): a program mapped over ``E`` then solves them on all devices at once. With several
+  processes only the model axis splits them (a model group stays inside one process, so every
+  process ends with every expert's result)."""
+  mesh = active().mesh
+  if mesh is None:
+    return tree
+  leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, 'shape')]
+  e = leaves[0].shape[0] if leaves else 1
+  choices = ((('model',),) if active().spans_processes else (AXES, ('model',), ('data',)))
+  for axes in choices:
+    if math.prod(mesh.shape[a] for a in axes) > 1 and e % math.prod(mesh.shape[a] for a in axes) == 0:
+      return _put(tree, P(axes if len(axes) > 1 else axes[0]))
+  return _put(tree, P())
+
+
 def replicate(tree: Any) -> Any:
   """Every array of ``tree`` whole on every device."""
   if active().mesh is None:
     return tree
   return _put(tree, P())
+
+
+def param_spec(shape: tuple[int, ...]) -> P:
+  """Where the active placement's ``params`` rule puts a parameter of ``shape``: whole
+  (``replicated``, or an array too small or with no axis the data axis divides), or split along
+  the data axis by its largest such axis (``fsdp``; the first of equal ones)."""
+  n = active().data_size
+  if active().params != 'fsdp' or n == 1 or math.prod(shape) < FSDP_MIN_ELEMENTS:
+    return P()
+  axes = [a for a in range(len(shape)) if shape[a] % n == 0]
+  if not axes:
+    return P()
+  axis = max(axes, key=lambda a: (shape[a], -a))
+  return P(*([None] * axis), 'data')
+
+
+def _is_array(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray))
+
+
+def shard_params(tree: Any) -> Any:
+  """The arrays of ``tree`` (trainable and frozen parameters, optimizer state) on the devices by
+  the active placement's ``params`` rule (:func:`param_spec`); other leaves as they are. With no
+  mesh, the tree unchanged."""
+  mesh = active().mesh
+  if mesh is None:
+    return tree
+
+  def one(x):
+    if not _is_array(x):
+      return x
+    sharding = NamedSharding(mesh, param_spec(x.shape))
+    return _global(x, sharding) if active().spans_processes else jax.device_put(x, sharding)
+  return jax.tree.map(one, tree)
+
+
+def constrain_params(tree: Any) -> Any:
+  """Inside a jitted function: the arrays of ``tree`` kept where :func:`shard_params` puts them
+  (so a training loop's carried parameters and optimizer state stay sharded from step to step).
+  Baked in when the function is traced under the active placement."""
+  mesh = active().mesh
+  if mesh is None:
+    return tree
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, param_spec(x.shape))) if hasattr(x, 'shape') else x, tree)
+
+
+def device_share(tree: Any) -> float:
+  """The largest fraction of one array of ``tree`` (of at least :data:`FSDP_MIN_ELEMENTS` values)
+  that one device holds: 1.0 when some such array is whole on a device, ``1/N`` when every one
+  is split ``N`` ways."""
+  shares = [float(np.prod(x.addressable_shards[0].data.shape)) / x.size
+            for x in jax.tree.leaves(tree)
+            if isinstance(x, jax.Array) and x.size >= FSDP_MIN_ELEMENTS]
+  return max(shares, default=1.0)
 
 
 def activations(x: jax.Array) -> Any:

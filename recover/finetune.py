@@ -46,6 +46,7 @@ from kernels.formats import CompressedLinear, QuantizedWeight, Sparse24Weight
 from models import checkpoint
 from models import llama
 from models import losses
+from models import sharding
 from models import tree
 from models.config import ModelConfig
 from recover import train
@@ -319,7 +320,9 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
     exactly zero), and ``info`` with ``method``, ``lora_init``, ``steps``, ``train_seconds``
     (excluding compilation), ``compile_seconds``, ``tokens_seen``, ``trainable_params``,
     ``train_compute`` (tokens seen x trainable parameters),
-    ``peak_memory_bytes``, ``loss_first``, ``loss_last`` and ``losses`` (one per step).
+    ``peak_memory_bytes``, ``param_sharding`` and ``device_share`` (the placement's rule, and the
+    largest fraction of a trained array or Adam moment one device held: 1/N when fully sharded
+    over N devices), ``loss_first``, ``loss_last`` and ``losses`` (one per step).
   """
   if not isinstance(config, FinetuneConfig):
     raise ValueError(f'config must be a FinetuneConfig, got {type(config).__name__}')
@@ -379,6 +382,7 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
     carry = (state['trainable'], jax.tree.unflatten(opt_def, state['opt_state']))
     step_losses = list(meta['losses'])
     train_seconds, compile_seconds = meta['train_seconds'], meta['compile_seconds']
+  carry, frozen = sharding.shard_params((carry, frozen))  # replicated, or fsdp: split
   compiled = {}
   bars.append(tqdm(total=config.steps, initial=bounds[start][0] if start < len(bounds) else
                    config.steps, desc=f'finetune {config.method}', unit='step',
@@ -400,6 +404,7 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
                    'compile_seconds': compile_seconds}):
       break
   bars[0].close()
+  share = sharding.device_share(carry)  # of the trained arrays and Adam moments, per device
   trainable = carry[0]
   step_losses = np.asarray(step_losses, np.float64)
 
@@ -420,6 +425,8 @@ def finetune(params: Params, cfg: ModelConfig, tokens, config: FinetuneConfig, *
                        * train.count_params(split.trainable),
       'trained_linears': len(plans),
       'peak_memory_bytes': train.peak_memory_bytes(),
+      'param_sharding': sharding.active().params,
+      'device_share': share,
       'loss_first': float(step_losses[0]),
       'loss_last': float(step_losses[-1]),
       'losses': [float(v) for v in step_losses],

@@ -44,6 +44,7 @@ from kernels import api as kernels_api
 from models import checkpoint
 from models import llama
 from models import losses
+from models import sharding
 from models import tree
 from models.config import ModelConfig
 from recover import train
@@ -281,9 +282,11 @@ def reconstruct_window(cfg: ModelConfig, window: Window, blocks: dict[int, Param
                             config.seed * 100003 + window.index)
   units = _local_units(window)
   run, apply = _jitted(cfg, units, split.static_key, config.optim, len(order), config.loss)
-  frozen = {'split': split.frozen, 'local': local}
-  before, _ = _mean_loss(apply, split.trainable, frozen, xs, ys, config.eval_batch, config.loss)
-  args = (split.trainable, frozen, {'x': xs, 'y': ys}, jnp.asarray(order))
+  # Replicated, or split over the devices (fsdp): the window's weights and its trainable arrays.
+  trainable, frozen = sharding.shard_params((split.trainable, {'split': split.frozen,
+                                                               'local': local}))
+  before, _ = _mean_loss(apply, trainable, frozen, xs, ys, config.eval_batch, config.loss)
+  args = (trainable, frozen, {'x': xs, 'y': ys}, jnp.asarray(order))
   loop_bytes = _loop_bytes(run, *args) if measure_memory else None
   trained, _ = run(*args)
   after, out = _mean_loss(apply, trained, frozen, xs, ys, config.eval_batch, config.loss)

@@ -321,14 +321,20 @@ def train_steps(loss_fn: LossFn, opt: optax.GradientTransformation) -> Callable:
   """``run((trainable, opt_state), frozen, data, order) -> ((trainable, opt_state), losses)``:
   the optimizer steps over batches ``data[order[s]]`` in one ``lax.scan``, from and to a carried
   optimizer state (so a long run can be cut into resumable chunks). The caller jits it (statics
-  bound in ``loss_fn``); only ``trainable`` is differentiated."""
+  bound in ``loss_fn``); only ``trainable`` is differentiated. The batches split along the data
+  axis of the active placement; the carry and ``frozen`` stay where its ``params`` rule puts them
+  (the caller passes them placed by :func:`models.sharding.shard_params`, so that a fully sharded
+  run never holds them whole)."""
   def run(carry, frozen, data, order):
+    carry, frozen = sharding.constrain_params((carry, frozen))
     def step(carry, idx):
       params, state = carry
       batch = sharding.constrain_batch(jax.tree.map(lambda d: jnp.take(d, idx, axis=0), data))
       loss, grads = jax.value_and_grad(loss_fn)(params, frozen, batch)
       updates, state = opt.update(grads, state, params)
-      return (optax.apply_updates(params, updates), state), loss
+      # Parameters and optimizer state stay where the placement's rule puts them (fsdp: split).
+      carry = sharding.constrain_params((optax.apply_updates(params, updates), state))
+      return carry, loss
     return jax.lax.scan(step, carry, order)
   return run
 

@@ -38,3 +38,20 @@ def test_the_main_command_on_a_mesh_with_host_offload(mesh_results):
   assert d['mesh_recorded'] == 'data:4,model:2' and d['offload_recorded'] == 'host'
   assert d['ints_equal'], d
   assert d['ppl_rel'] < 1e-5, (mesh, d)
+
+
+def test_fully_sharded_training_is_data_parallel_training(mesh_results):
+  """``fsdp`` keeps each large weight, adapter and Adam moment split over the 8 devices (one
+  eighth each) and trains the same model as replicated parameters and as one device."""
+  r = mesh_results['fsdp']
+  for case in ('finetune global', 'finetune lora', 'reconstruct block'):
+    for mesh, d in r[case].items():
+      assert d['ints_equal'], (case, mesh, d)
+      assert d['loss_rel'] < 1e-5 and d['float_rel'] < 1e-4, (case, mesh, d)
+  for method in ('global', 'lora'):  # the trained arrays and Adam moments during training
+    assert r[f'finetune {method}']['data:8 fsdp']['shard_fraction'] == 1 / 8, r
+    assert r[f'finetune {method}']['data:8']['shard_fraction'] == 1.0, r
+  mem = r['memory']
+  assert mem['data:8 fsdp']['shard_fraction'] == 1 / 8 and mem['data:8']['shard_fraction'] == 1.0
+  # Weights and both Adam moments: a device holds about an eighth of what replication holds.
+  assert mem['data:8 fsdp']['argument_bytes'] < 0.25 * mem['data:8']['argument_bytes'], mem

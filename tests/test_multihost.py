@@ -156,9 +156,10 @@ def _one_process(setup, tmp, name, *extra):
   return out, save
 
 
-def _two_processes(setup, tmp, name, *extra, kill_after_block=False):
+def _two_processes(setup, tmp, name, *extra, kill_after_block=False, stage='checkpoint'):
   """Two processes, one CPU device each. ``kill_after_block``: SIGKILL process 1 as soon as the
-  first block's checkpoint is in place, then process 0 (a job dies whole)."""
+  first checkpoint of ``stage`` (the compression's, or a training stage's) is in place, then
+  process 0 (a job dies whole)."""
   out, save = tmp / name, tmp / f'{name}_model'
   port = _free_port()
   logs = [tmp / f'{name}.{i}.log' for i in range(2)]
@@ -170,7 +171,7 @@ def _two_processes(setup, tmp, name, *extra, kill_after_block=False):
     return out, save, logs
   deadline = time.time() + TIMEOUT_S
   try:
-    while not (out / 'checkpoint' / 'state').exists():
+    while not (out / stage / 'state').exists():
       assert all(p.poll() is None for p in procs), logs[0].read_text()[-3000:]
       assert time.time() < deadline, 'no checkpoint appeared'
       time.sleep(0.02)
@@ -318,6 +319,38 @@ def test_a_run_killed_in_one_process_resumes(setup, uninterrupted):
   # weights bit for bit; its evaluation runs whole in one process (two split it: float rounding).
   out1, save1 = _one_process(setup, tmp, 'killed_copy', every_block)
   _compare(save1, two_save, out1, two_out, exact=True, exact_metrics=False)
+
+
+TRAIN = ('--reconstruct=block', '--recon_samples=8', '--recon_batch=4', '--recon_lr=1e-3',
+         '--finetune=lora', '--ft_steps=3', '--ft_samples=8', '--lora_rank=4')
+
+
+@pytest.mark.slow
+def test_training_spans_the_processes(setup, tmp_path):
+  """Block reconstruction then LoRA fine-tuning on the mesh of two processes (every batch split
+  across them, the gradients all-reduced) give the trained model of one process with the same
+  mesh on two devices; a run killed during the reconstruction resumes."""
+  one_out, one_save = _one_process(setup, tmp_path, 'one', *TRAIN)
+  two_out, two_save, _ = _two_processes(setup, tmp_path, 'two', *TRAIN)
+  every = '--checkpoint_every_s=0'
+  out, _, _ = _two_processes(setup, tmp_path, 'killed', *TRAIN, every, kill_after_block=True,
+                             stage='recon_checkpoint')
+  state = checkpoint.load_metadata(out / 'recon_checkpoint' / 'state')['metadata']
+  assert 1 <= state['next'] < LAYERS, state['next']  # killed during the reconstruction
+  out, save, _ = _two_processes(setup, tmp_path, 'killed', *TRAIN, every)
+  _compare(save, two_save, out, two_out, exact=True)
+  res = _compare(two_save, one_save, two_out, one_out, exact=False)
+  ref = json.loads((one_out / 'results.json').read_text())
+  assert res['train_mesh'] == ref['train_mesh'] == 'data:2,model:1'
+  assert res['train_processes'] == 2 and ref['train_processes'] == 1
+  assert res['processes'] == 2 and res['tokens_seen'] == ref['tokens_seen'] > 0
+  for key in ('ppl_recovered', 'kl_recovered'):
+    assert abs(res[key] - ref[key]) <= 1e-5 * abs(ref[key]) + 1e-7, key
+  # The training changed the model: the recovered model is not the compressed one.
+  assert res['ppl_recovered'] != res['ppl_compressed']
+  for a, b in zip(res['windows'], ref['windows']):
+    assert a['name'] == b['name']
+    np.testing.assert_allclose(a['loss_after'], b['loss_after'], rtol=1e-4)
 
 
 if __name__ == '__main__':

@@ -4,7 +4,9 @@ transformers) and matching our logits; checkpoints the library writes load into 
 The dequantized weights match bit for bit (scales are stored in float32, the model's dtype, and
 both sides compute ``(code - zero) * scale`` in float32), so the logits differ only by the order
 of float32 sums in torch and XLA (about 2e-6 on logits of this tiny model; ``LOGIT_ATOL`` leaves a
-tenfold margin).
+tenfold margin). Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` (a tiny random Phi-3 of
+transformers' own ``Phi3Config``) are written as one packed matrix each, load in the library with
+our weights and logits, and split back into our q/k/v and gate/up leaves.
 """
 
 import json
@@ -21,6 +23,7 @@ from compress import matrix
 from compress import quantize
 from compress import rules as rules_lib
 from compress.prune import PruneSpec
+from experiments import tiny_families as families
 from kernels import QuantSpec
 from kernels import formats
 from models import config as config_lib
@@ -74,11 +77,15 @@ CASES = {
 def base():
   """A tiny model, token windows and one Hessian of random inputs per input width."""
   cfg = config_lib.tiny_config(num_layers=2, tie_word_embeddings=False)
-  params = llama.init_params(cfg, jax.random.key(0), scale=0.1)
+  return _with_windows_and_stats(cfg, llama.init_params(cfg, jax.random.key(0), scale=0.1), 10)
+
+
+def _with_windows_and_stats(cfg, params, seed: int):
+  """``(cfg, params, token windows, {input width: LinearStats of random inputs})``."""
   tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size))
   stats = {}
   for k, width in enumerate((cfg.hidden_size, cfg.intermediate_size)):
-    x = jax.random.normal(jax.random.key(10 + k), (256, width))
+    x = jax.random.normal(jax.random.key(seed + k), (256, width))
     stats[width] = calibration.LinearStats(hessian=x.T @ x, num_tokens=jnp.int32(256),
                                            act_abs_sum=jnp.abs(x).sum(0))
   return cfg, params, tokens, stats
@@ -584,3 +591,148 @@ def test_the_main_command_refuses_what_compressed_tensors_cannot_hold_before_any
                 dict(quant='gptq', bits=4, act_order=True, static_groups=True)):
     assert run_config.validate(run_config.CompressConfig(**base, **flags),
                                out_dir=str(tmp_path / 'run')) == [], flags
+
+
+# ------------------------------------------------------------------------------------------------
+# Phi-3: its fused qkv_proj and gate_up_proj, one packed matrix each.
+
+# The Llama cases; 'mixed' with the parts of each fused module alike.
+PHI3_CASES = dict(CASES, mixed=[
+    (r'layers/0/self_attn/.*', L(quant='rtn', qspec=G32)),
+    (r'layers/0/mlp/.*', L(quant='rtn', qspec=QuantSpec(bits=8, group_size=-1, symmetric=True))),
+    (r'layers/1/self_attn/o_proj/.*', L(prune='wanda', sparsity=UNSTRUCTURED)),
+    (r'layers/1/self_attn/.*', L(prune='wanda', sparsity=UNSTRUCTURED, quant='rtn',
+                                 qspec=QuantSpec(bits=2, group_size=32))),
+    (r'layers/1/mlp/(gate|up)_proj/.*', L(quant='rtn', qspec=G32)),
+    (r'layers/1/mlp/down_proj/.*', None)])
+
+
+@pytest.fixture(scope='module')
+def phi3_base(tmp_path_factory):
+  """A tiny random Phi-3 (transformers' Phi3Config, saved and loaded: its fused matrices split),
+  token windows and one Hessian of random inputs per input width."""
+  path = families.save('phi3', tmp_path_factory.mktemp('phi3'))
+  return _with_windows_and_stats(*loading.load_hf_dir(path), 20)
+
+
+def _phi3_cached(phi3_base, name):
+  if ('phi3', name) not in _CACHE:
+    _CACHE['phi3', name] = _compress(phi3_base, PHI3_CASES[name])
+  return _CACHE['phi3', name]
+
+
+@pytest.fixture(params=sorted(PHI3_CASES))
+def phi3_case(request, phi3_base):
+  return request.param, _phi3_cached(phi3_base, request.param)
+
+
+def _hf_weights(params, cfg):
+  """Our dense weight ``[in, out]`` of every Hugging Face block module, fused ones side by side."""
+  return {name[:-len('.weight')]: w.T for name, w in export.hf_state_dict(
+      params, cfg, merge_adapters=False).items() if name.endswith('_proj.weight')}
+
+
+@pytest.mark.parametrize('loader', LOADERS)
+def test_phi3_compressed_tensors_loads_the_export_and_matches_our_logits(phi3_base, phi3_case,
+                                                                         tmp_path, loader):
+  cfg, _, tokens, _ = phi3_base
+  name, params = phi3_case
+  path = export.save(tmp_path / 'ct', 'compressed-tensors', params, cfg)
+  qcfg = json.loads((path / 'config.json').read_text())['quantization_config']
+  groups = qcfg['config_groups']
+  if loader == 'transformers' and any(not g['weights']['symmetric'] for g in groups.values()):
+    pytest.skip('transformers builds the packed layout of an asymmetric scheme with unpacked '
+                'zero points and refuses the packed ones (the library\'s own checkpoints too)')
+  if loader == 'transformers_dequantize' and len(groups) > 1:
+    pytest.skip('transformers dequantizes every linear at load with the first config group')
+  tensors = safetensors_numpy.load_file(str(path / 'model.safetensors'))
+  assert not any('.q_proj.' in t or '.gate_proj.' in t for t in tensors)
+  model = _hf_model(path, loader)
+  got = _torch_logits(model, tokens)
+  want = _our_logits(params, tokens, cfg)
+  theirs, ours = _torch_weights(model), _hf_weights(params, cfg)
+  assert set(theirs) == set(ours) and 'model.layers.0.self_attn.qkv_proj' in theirs
+  for module, w in ours.items():  # bit for bit, the fused ones too
+    np.testing.assert_array_equal(theirs[module], w, err_msg=module)
+  print(f'phi3 {name} {loader}: max |logit diff| {np.abs(got - want).max():.2e} of '
+        f'{np.abs(want).max():.2f}')
+  np.testing.assert_allclose(got, want, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_phi3_round_trip_gives_the_same_leaves_and_the_same_bytes(phi3_base, phi3_case,
+                                                                  tmp_path):
+  """The export read back: the q/k/v and gate/up leaves are ours (codes, float32 scales, zeros,
+  masks and 2:4 as the format holds them), each the exact columns of its fused matrix, and a
+  second export is the same files."""
+  cfg, _, tokens, _ = phi3_base
+  _, params = phi3_case
+  path = export.save(tmp_path / 'a', 'compressed-tensors', params, cfg)
+  _, back = loading.load_hf_dir(path)
+  ours, theirs = export.block_linears(params), export.block_linears(back)
+  for module, leaf in ours.items():
+    _assert_round_trip(module, leaf, theirs[module])
+  qcfg = json.loads((path / 'config.json').read_text())['quantization_config']
+  f = loading.SafetensorsFile(path / 'model.safetensors')
+  for i in range(cfg.num_layers):
+    for hf, lins in loading.HF_FUSED.items():
+      module = f'model.layers.{i}.{hf}'
+      parts = np.concatenate([_dense(tree.get_linear(back['layers'][i], lin)) for lin in lins], 1)
+      if f'{module}.weight_packed' in f.keys():
+        fused = _dense(ct_format.read_linear(module, f.get, cfg.hidden_size, qcfg))
+      else:
+        fused = f.get(f'{module}.weight').T
+      np.testing.assert_array_equal(parts, fused, err_msg=module)
+  np.testing.assert_array_equal(_our_logits(back, tokens, cfg), _our_logits(params, tokens, cfg))
+  again = export.save(tmp_path / 'b', 'compressed-tensors', back, cfg)
+  for name in ('config.json', 'model.safetensors'):
+    assert (again / name).read_bytes() == (path / name).read_bytes(), name
+
+
+def test_phi3_parts_that_cannot_be_one_matrix_are_refused(phi3_base, tmp_path):
+  """A fused module is one matrix: parts compressed differently are refused before anything is
+  written, naming the module and the difference; what the format refuses on the fused matrix
+  names its parts."""
+  cfg, params, _, stats = phi3_base
+  rtn4 = _phi3_cached(phi3_base, 'rtn_w4_sym_g32')
+
+  def leaf(path, spec):
+    w = tree.linear_leaves(params)[path]
+    return matrix.compress_matrix(w, stats[w.shape[0]], spec, path)[0]
+  q1, k1, up1 = ('layers/1/self_attn/q_proj/kernel', 'layers/1/self_attn/k_proj/kernel',
+                 'layers/1/mlp/up_proj/kernel')
+  qkv, gate_up = r'model\.layers\.1\.self_attn\.qkv_proj', r'model\.layers\.1\.mlp\.gate_up_proj'
+  fused = f'{qkv} holds q_proj, k_proj, v_proj fused into one matrix, but '
+  bad = [
+      ({q1: leaf(q1, L(quant='rtn', qspec=QuantSpec(bits=8, group_size=-1, symmetric=True)))},
+       rf'^{fused}k_proj is 4-bit and q_proj 8-bit: [^\n]*$'),
+      ({k1: leaf(k1, L(quant='rtn', qspec=G32))}, f'{fused}k_proj is asymmetric and q_proj '
+       'symmetric'),
+      ({k1: leaf(k1, L(prune='wanda', sparsity=UNSTRUCTURED, quant='rtn', qspec=G32_SYM))},
+       f'{fused}k_proj is quantized with a pruning mask and q_proj quantized'),
+      ({up1: leaf(up1, L(prune='wanda', sparsity=SPARSE24))},
+       f'{gate_up} holds gate_proj, up_proj fused into one matrix, but up_proj is 2:4 sparse and '
+       'gate_proj quantized'),
+      ({p: leaf(p, L(quant='gptq', qspec=G32_SYM, act_order=True)) for p in
+        ('layers/1/mlp/gate_proj/kernel', up1)},
+       rf'^{gate_up} \(fused gate_proj, up_proj\) has an act-order g_idx: '),
+  ]
+  for leaves, match in bad:
+    out = tmp_path / 'out'
+    with pytest.raises(export.ExportError, match=match):
+      export.save(out, 'compressed-tensors', tree.replace_leaves(rtn4, leaves), cfg)
+    assert not out.exists() and not (tmp_path / 'out.tmp').exists()
+
+
+def test_the_main_command_refuses_unfusable_phi3_parts_before_any_work(tmp_path):
+  """From the flags alone: a rule that gives q_proj other bits than k_proj and v_proj cannot be
+  written as Phi-3's one qkv_proj matrix; the same parts under one rule can."""
+  from experiments import config as run_config  # pylint: disable=g-import-not-at-top
+  model = families.save('phi3', tmp_path / 'phi3')
+  base = dict(model=str(model), calib_data='shakespeare', eval_data=('shakespeare',),
+              calib_seqlen=32, eval_seqlen=32, group_size=32, probes='none', quant='rtn', bits=4,
+              export='compressed-tensors')
+  problems = run_config.validate(run_config.CompressConfig(
+      **base, rules=(r'.*/q_proj/kernel=8',)), out_dir=str(tmp_path / 'run'))
+  assert any('qkv_proj' in p and '8-bit' in p for p in problems), problems
+  assert run_config.validate(run_config.CompressConfig(**base),
+                             out_dir=str(tmp_path / 'run')) == []

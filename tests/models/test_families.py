@@ -9,6 +9,8 @@ reconstruction, LoRA and IDP on each family.
 
 import dataclasses
 import json
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -315,33 +317,57 @@ _GGUF_BLOCK = {'self_attn.q_proj': 'attn_q', 'self_attn.k_proj': 'attn_k',
                'self_attn.v_proj': 'attn_v', 'self_attn.o_proj': 'attn_output',
                'mlp.gate_proj': 'ffn_gate', 'mlp.up_proj': 'ffn_up', 'mlp.down_proj': 'ffn_down',
                'input_layernorm': 'attn_norm', 'self_attn.q_norm': 'attn_q_norm',
-               'self_attn.k_norm': 'attn_k_norm'}
+               'self_attn.k_norm': 'attn_k_norm',
+               # Phi-3's fused matrices keep their fusion (ffn_up: gate then up).
+               'self_attn.qkv_proj': 'attn_qkv', 'mlp.gate_up_proj': 'ffn_up',
+               # Mixtures: the router, Qwen2-MoE's shared expert and its gate.
+               'mlp.gate': 'ffn_gate_inp', 'block_sparse_moe.gate': 'ffn_gate_inp',
+               'mlp.shared_expert.gate_proj': 'ffn_gate_shexp',
+               'mlp.shared_expert.up_proj': 'ffn_up_shexp',
+               'mlp.shared_expert.down_proj': 'ffn_down_shexp',
+               'mlp.shared_expert_gate': 'ffn_gate_inp_shexp'}
 _GGUF_QWEN = dict(_GGUF_BLOCK, post_attention_layernorm='ffn_norm')
 _GGUF_GEMMA = dict(_GGUF_BLOCK, post_attention_layernorm='post_attention_norm',
                    pre_feedforward_layernorm='ffn_norm',
                    post_feedforward_layernorm='post_ffw_norm')
+_GGUF_ARCH = {'qwen3': 'qwen3', 'gemma2': 'gemma2', 'gemma3': 'gemma3', 'phi3': 'phi3',
+              'mixtral': 'llama', 'qwen2_moe': 'qwen2moe', 'qwen3_moe': 'qwen3moe'}
+# One expert's projection in a checkpoint (Mixtral's w1/w3/w2 are gate/up/down).
+_HF_EXPERT = re.compile(
+    r'model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(\w+)\.weight')
+_GGUF_EXPERT = {'gate_proj': 'gate', 'w1': 'gate', 'up_proj': 'up', 'w3': 'up', 'down_proj': 'down',
+                'w2': 'down'}
 
 
-def _write_gguf(name: str, model, hf_cfg, path):
-  """A GGUF file of a tiny transformers model written as llama.cpp's converter writes it: its
-  tensor names and metadata keys, Gemma's norms stored as ``1 + w``, no q/k permutation (these
-  families rotate halves)."""
+def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """llama.cpp's converter's q/k row permutation (``LlamaModel.permute``), which loading undoes."""
+  rows = w.shape[0]
+  return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _write_gguf(name: str, hf_dir, hf_cfg, path, extra=None):
+  """A GGUF file of a tiny transformers checkpoint (saved in ``hf_dir``) written as llama.cpp's
+  converter writes it: its tensor names and metadata keys, Gemma's norms stored as ``1 + w``,
+  Mixtral as architecture ``llama`` with its q/k rows permuted (the others rotate halves), each
+  projection's experts stacked into one ``[experts, out, in]`` tensor, Phi-3's fused matrices as
+  they are. ``extra(writer)`` adds keys or tensors."""
   gguf = pytest.importorskip('gguf')
-  arch = {'qwen3': 'qwen3', 'gemma2': 'gemma2', 'gemma3': 'gemma3'}[name]
-  w = gguf.GGUFWriter(str(path), arch)
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  w = gguf.GGUFWriter(str(path), _GGUF_ARCH[name])
   w.add_context_length(hf_cfg.max_position_embeddings)
   w.add_embedding_length(hf_cfg.hidden_size)
   w.add_block_count(hf_cfg.num_hidden_layers)
   w.add_feed_forward_length(hf_cfg.intermediate_size)
   w.add_head_count(hf_cfg.num_attention_heads)
   w.add_head_count_kv(hf_cfg.num_key_value_heads)
-  w.add_key_length(hf_cfg.head_dim)
-  w.add_value_length(hf_cfg.head_dim)
+  if name != 'phi3':  # Phi3MiniModel writes no head size (hidden / heads)
+    w.add_key_length(hf_cfg.head_dim)
+    w.add_value_length(hf_cfg.head_dim)
   w.add_layer_norm_rms_eps(hf_cfg.rms_norm_eps)
   w.add_vocab_size(hf_cfg.vocab_size)
   rope = hf_cfg.rope_parameters
   w.add_rope_freq_base((rope.get('full_attention') or rope)['rope_theta'])
-  if name.startswith('gemma'):
+  if name.startswith('gemma') or name == 'phi3':
     w.add_sliding_window(hf_cfg.sliding_window)
   if name == 'gemma2':
     w.add_attn_logit_softcapping(hf_cfg.attn_logit_softcapping)
@@ -349,9 +375,33 @@ def _write_gguf(name: str, model, hf_cfg, path):
   if name == 'gemma3':
     w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
     w.add_rope_scaling_factor(rope['full_attention']['factor'])
+  if name == 'phi3':  # the rotated dims, as Phi3MiniModel computes them
+    w.add_rope_dimension_count(int(rope.get('partial_rotary_factor', 1.0) * hf_cfg.hidden_size)
+                               // hf_cfg.num_attention_heads)
+    w.add_rope_scaling_orig_ctx_len(hf_cfg.original_max_position_embeddings)
+  if name == 'mixtral':
+    w.add_rope_dimension_count(hf_cfg.head_dim)
+  if name in families.MOE_FAMILIES:
+    w.add_expert_count(families.NUM_EXPERTS)
+    w.add_expert_used_count(hf_cfg.num_experts_per_tok)
+  if name in ('qwen2_moe', 'qwen3_moe'):
+    w.add_expert_feed_forward_length(hf_cfg.moe_intermediate_size)
+  if name == 'qwen2_moe':
+    w.add_expert_shared_feed_forward_length(hf_cfg.shared_expert_intermediate_size)
+  if extra is not None:
+    extra(w)
   block = _GGUF_GEMMA if name.startswith('gemma') else _GGUF_QWEN
-  for key, t in model.state_dict().items():
-    arr = t.float().numpy()
+  experts: dict[tuple[str, str], dict[int, np.ndarray]] = {}
+  for key, arr in load_file(pathlib.Path(hf_dir) / 'model.safetensors').items():
+    arr = arr.astype(np.float32)
+    if m := _HF_EXPERT.fullmatch(key):
+      experts.setdefault((m[1], _GGUF_EXPERT[m[3]]), {})[int(m[2])] = arr
+      continue
+    if name == 'mixtral' and key.endswith(('q_proj.weight', 'k_proj.weight')):
+      arr = _llama_permute(arr, hf_cfg.num_attention_heads if 'q_proj' in key
+                           else hf_cfg.num_key_value_heads)
+    if key.endswith('shared_expert_gate.weight'):
+      arr = arr.reshape(-1)  # llama.cpp's tensor is [n_embd]
     if name.startswith('gemma') and key.endswith('norm.weight'):
       arr = arr + 1.0
     if key == 'model.embed_tokens.weight':
@@ -367,6 +417,9 @@ def _write_gguf(name: str, model, hf_cfg, path):
       module, kind = rest.rsplit('.', 1)
       out = f'blk.{i}.{block[module]}.{kind}'
     w.add_tensor(out, np.ascontiguousarray(arr))
+  for (i, proj), per_expert in experts.items():  # torch.stack(experts, dim=0), as the converter
+    w.add_tensor(f'blk.{i}.ffn_{proj}_exps.weight',
+                 np.stack([per_expert[e] for e in range(len(per_expert))]))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
@@ -374,9 +427,18 @@ def _write_gguf(name: str, model, hf_cfg, path):
   return path
 
 
-@pytest.mark.parametrize('name', ('qwen3', 'gemma2', 'gemma3'))
+def _gguf_of(name: str, tmp_path, extra=None, **overrides):
+  """``(transformers model, its checkpoint dir, GGUF path)`` of a tiny ``family``."""
+  model, hf_cfg = families.hf_model(name, **overrides)
+  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
+  return model, tmp_path / 'hf', _write_gguf(name, tmp_path / 'hf', hf_cfg,
+                                             tmp_path / f'{name}.gguf', extra)
+
+
+@pytest.mark.parametrize('name', families.FAMILIES + families.MOE_FAMILIES)
 def test_gguf_matches_transformers(name, tmp_path):
-  """A GGUF written with llama.cpp's conventions loads into the model transformers computes."""
+  """A GGUF written with llama.cpp's conventions loads, whole and through the lazy reader
+  (``--stream``), into the model transformers computes."""
   overrides = {}
   if name.startswith('gemma'):
     # Gemma's GGUF has no query_pre_attn_scalar: llama.cpp scales by head_dim (except for the
@@ -384,18 +446,54 @@ def test_gguf_matches_transformers(name, tmp_path):
     overrides['query_pre_attn_scalar'] = 16
   if name == 'gemma3':
     overrides.update(num_hidden_layers=6, layer_types=['sliding_attention'] * 5 + ['full_attention'])
-  model, hf_cfg = families.hf_model(name, **overrides)
-  cfg, params = loading.load_gguf(_write_gguf(name, model, hf_cfg, tmp_path / f'{name}.gguf'))
-  model.save_pretrained(tmp_path / 'hf', safe_serialization=True)
-  ref_cfg, _ = loading.load_hf_dir(tmp_path / 'hf')
+  model, hf_dir, path = _gguf_of(name, tmp_path, **overrides)
+  cfg, params = loading.load_gguf(path)
+  ref_cfg, _ = loading.load_hf_dir(hf_dir)
   assert cfg.rms_norm_eps == pytest.approx(ref_cfg.rms_norm_eps)  # GGUF holds it in float32
   assert dataclasses.replace(cfg, rms_norm_eps=ref_cfg.rms_norm_eps) == dataclasses.replace(
       ref_cfg, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  assert loading.load_config(str(path)) == cfg  # from the header alone
   tokens, mask = _padded_batch(cfg.vocab_size)
   with torch.no_grad():
     ref = model(torch.tensor(tokens)).logits.numpy()
   out = np.asarray(llama.forward(params, jnp.asarray(tokens), cfg))
-  assert np.abs(out[mask] - ref[mask]).max() < PARITY_TOL, name
+  diff = np.abs(out[mask] - ref[mask]).max()
+  assert diff < PARITY_TOL, name
+  lazy_cfg, lazy = loading.load_gguf(path, lazy=True)
+  assert lazy_cfg == cfg and isinstance(lazy['layers'], loading.LazyLayers)
+  blocks = [lazy['layers'][i] for i in range(cfg.num_layers)]
+  for i, block in enumerate(blocks):  # each block read on demand is the eager one
+    assert jax.tree.structure(block) == jax.tree.structure(params['layers'][i]), (name, i)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(block),
+                                                   jax.tree.leaves(params['layers'][i]))), (name, i)
+  streamed = np.asarray(llama.forward(dict(lazy, layers=blocks), jnp.asarray(tokens), cfg))
+  assert np.abs(streamed[mask] - ref[mask]).max() < PARITY_TOL, name
+  print(f'{name} gguf: max abs logit diff {diff:.2e} (of {np.abs(ref[mask]).max():.1f})')
+
+
+@pytest.mark.parametrize('name,extra,match', [
+    # Phi-3's longrope as Phi3MiniModel writes it: factor tensors and the attention factor.
+    ('phi3', lambda w: (w.add_rope_scaling_attn_factors(1.19),
+                        w.add_tensor('rope_factors_long.weight', np.full(4, 2.0, np.float32)),
+                        w.add_tensor('rope_factors_short.weight', np.ones(4, np.float32))),
+     'longrope scaling .*rope_factors_long'),
+    ('phi3', lambda w: w.add_string('phi3.rope.scaling.type', 'longrope'),
+     "rope.scaling.type 'longrope'"),
+    ('qwen3_moe', lambda w: w.add_uint32('qwen3moe.expert_gating_func', 2),  # sigmoid
+     'expert_gating_func=2'),
+    # Llama 3.1's llama3 scaling as llama.cpp writes it (a `llama` file): one factor tensor.
+    ('mixtral', lambda w: w.add_tensor('rope_freqs.weight', np.ones(4, np.float32)),
+     'per-frequency RoPE factors .*rope_freqs'),
+], ids=['phi3-longrope-factors', 'phi3-longrope-type', 'qwen3_moe-sigmoid-router',
+        'llama-rope-freqs'])
+def test_gguf_unimplemented_fields_are_refused(name, extra, match, tmp_path):
+  """What the GGUF loader does not implement is refused by name, from the header as from the
+  file (as the Hugging Face path refuses Phi-3's longrope)."""
+  _, _, path = _gguf_of(name, tmp_path, extra)
+  with pytest.raises(ValueError, match=match):
+    loading.load_gguf(path)
+  with pytest.raises(ValueError, match=match):
+    loading.load_config(str(path))
 
 
 # --------------------------------------------------------------------------- fused matrices

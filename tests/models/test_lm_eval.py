@@ -30,6 +30,7 @@ from lm_eval.tasks import TaskManager
 
 from compress import quantize
 from experiments import lm_eval as cli
+from experiments import tiny_families as families
 from kernels import CompressedLinear, LowRank, QuantSpec, dequantize
 from models import checkpoint
 from models import config as config_lib
@@ -37,6 +38,7 @@ from models import evaluate as eval_lib
 from models import export
 from models import harness
 from models import llama
+from models import loading
 from models import tree
 from tests.utils import write_mc_task
 
@@ -215,6 +217,98 @@ def test_generate_until_is_greedy_llama_generate_cut_at_the_stop_string(ours, hf
   assert got[1] == full[1].split(stop)[0]
   assert hf.generate_until(_requests('generate_until', [(p, gen_kwargs) for p in prompts]),
                            disable_tqdm=True) == got
+
+
+def _sliding_model(name, tmp_path):
+  """``(config, params)`` of a tiny model with sliding-window layers: Gemma 2/3 from transformers'
+  classes (alternating sliding and global layers), or a Mistral-like Llama whose every layer
+  slides; the window is ``families.SLIDING_WINDOW``."""
+  if name == 'mistral':
+    cfg = config_lib.tiny_config(vocab_size=160, sliding_window=families.SLIDING_WINDOW)
+    return cfg, llama.init_params(cfg, jax.random.key(4), scale=0.2)
+  model, _ = families.hf_model(name, seed=1, weight_std=0.03)  # greedy tokens that vary
+  model.save_pretrained(tmp_path / name, safe_serialization=True)
+  return loading.load_hf_dir(tmp_path / name)
+
+
+def _greedy_without_cache(params, cfg, prompt, n_new):
+  """Greedy tokens of the cache-free forward on the growing sequence (right-padded to one
+  width: causal attention never sees the padding)."""
+  forward = jax.jit(lambda p, t: llama.forward(p, t, cfg))
+  seq = list(prompt)
+  width = len(prompt) + n_new
+  for _ in range(n_new):
+    tokens = np.zeros((1, width), np.int32)
+    tokens[0, :len(seq)] = seq
+    seq.append(int(np.argmax(np.asarray(forward(params, jnp.asarray(tokens)))[0, len(seq) - 1])))
+  return seq[len(prompt):]
+
+
+@pytest.mark.parametrize('name', ['gemma2', 'gemma3', 'mistral'])
+def test_batched_generation_keeps_a_ring_of_the_window_on_sliding_layers(name, tmp_path,
+                                                                       monkeypatch):
+  """Right-padded prompts of different lengths (two longer than the sliding window) decoded
+  together far past the window: each row's tokens are the cache-free forward's greedy tokens and
+  ``models.llama.generate``'s on that prompt alone, and every cache the harness allocates on a
+  sliding-window layer (prefill and every decoding call) has the window's length, a global
+  layer's the full length. ``generate_until`` runs the same caches."""
+  cfg, params = _sliding_model(name, tmp_path)
+  window = families.SLIDING_WINDOW
+  sliding = [cfg.layer(i).sliding_window is not None for i in range(cfg.num_layers)]
+  assert any(sliding) and (all(sliding) if name == 'mistral' else not all(sliding))
+  shapes = []  # (call, [cache shape per layer]) of every prefill and decoding call
+
+  def spy(fn, call, at):
+    def wrapped(*args, **kwargs):
+      out = fn(*args, **kwargs)
+      if call == 'decode':
+        shapes.append(('decode in', [c['k'].shape for c in args[2]]))
+      shapes.append((call, [c['k'].shape for c in out[at]]))
+      return out
+    return wrapped
+
+  # pylint: disable=protected-access
+  monkeypatch.setattr(harness, '_prefill', spy(harness._prefill, 'prefill', 1))
+  monkeypatch.setattr(harness, '_decode', spy(harness._decode, 'decode', 2))
+  # pylint: enable=protected-access
+
+  rng = np.random.default_rng(5)
+  lengths = [3, 13, 20, 9]  # 13 and 20 > the window of 8
+  prompts = [rng.integers(1, cfg.vocab_size, size=n).tolist() for n in lengths]
+  n_new = 2 * window + 3
+  rows, chunk = 6, 5  # two padding rows; several decoding calls
+  got = harness.greedy_generate(params, cfg, prompts, n_new, rows=rows, chunk=chunk)
+  generate = jax.jit(lambda p, t: llama.generate(p, t, cfg, max_new_tokens=n_new))
+  for prompt, out in zip(prompts, got):
+    assert out == _greedy_without_cache(params, cfg, prompt, n_new)
+    assert out == np.asarray(generate(params, jnp.asarray([prompt])))[0].tolist()
+  assert min(len(set(out)) for out in got) >= 3  # no row repeats one token
+
+  width = harness.bucket_length(max(lengths))
+  full = width + -(-(n_new - 1) // chunk) * chunk  # prompt bucket + decoding steps
+  assert full > 4 * window
+  want = [(rows, window if s else full, cfg.num_kv_heads, cfg.head_dim) for s in sliding]
+  assert [call for call, _ in shapes[:2]] == ['prefill', 'decode in']
+  assert len(shapes) == 1 + 2 * -(-(n_new - 1) // chunk)
+  assert all(got_shapes == want for _, got_shapes in shapes), shapes
+
+  # lm-eval's generate_until (a character tokenizer over the same ids) runs the same caches.
+  tok = families.char_tokenizer(cfg.vocab_size)
+  lm = harness.CompressRecoverLM(model=loading.LoadedModel(cfg, params, name, lambda: tok),
+                                 batch_size=4, max_gen_toks=n_new)
+  texts = ['a cat', 'the tiny model of', 'the world is a dog of', 'answer: a']
+  shapes.clear()
+  outs = lm.generate_until(_requests('generate_until', [(t, {'until': []}) for t in texts]),
+                           disable_tqdm=True)
+  for text, out in zip(texts, outs):
+    toks = lm.tok_encode(text)
+    assert out == lm.tok_decode(_greedy_without_cache(params, cfg, toks, n_new))
+  longest = max(len(lm.tok_encode(t)) for t in texts)
+  assert longest > window
+  full = harness.bucket_length(longest) + n_new - 1  # one decoding call: n_new - 1 <= its chunk
+  want = [(4, window if s else full, cfg.num_kv_heads, cfg.head_dim) for s in sliding]
+  assert [call for call, _ in shapes] == ['prefill', 'decode in', 'decode']
+  assert all(got_shapes == want for _, got_shapes in shapes), shapes
 
 
 def test_compressed_save_dir_is_scored_as_saved(hf_dir, ours, tmp_path):
