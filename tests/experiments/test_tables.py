@@ -76,20 +76,22 @@ def test_compress_cached_computes_statistics_only_on_a_miss(tmp_path, monkeypatc
   import jax
   cfg = config_lib.tiny_config(num_layers=1)
   params = llama.init_params(cfg, jax.random.key(0))
+  from experiments import config as run_config
+  c = run_config.CompressConfig(model='tiny-llama', batch_size=4)
   cache = tmp_path / 'm'
-  key = compress_lib.compress_key(None, None, None, shared_stats=True)
+  key = compress_lib.compress_key(c, None, None, shared_stats=True)
   checkpoint.save_model(cache, params, cfg, {'timing': {'numerics_seconds': 1.5}, 'cache_key': key})
 
   def no_stats():
     raise AssertionError('statistics computed')
 
-  got, timing = compress_lib.compress_cached(None, None, None, cache, stats=no_stats)
+  got, timing = compress_lib.compress_cached(None, None, c, cache, stats=no_stats)
   assert timing == {'numerics_seconds': 1.5}
   np.testing.assert_array_equal(np.asarray(got['embed_tokens']['embedding']),
                                 np.asarray(params['embed_tokens']['embedding']))
   # A cached model of other settings (here: propagated calibration) is refused, not reported.
   with pytest.raises(checkpoint.CheckpointError, match='other settings'):
-    compress_lib.compress_cached(None, None, None, cache)
+    compress_lib.compress_cached(None, None, c, cache)
   # A miss calls the callable once and hands its result to the pipeline.
   seen = {}
 
@@ -102,9 +104,17 @@ def test_compress_cached_computes_statistics_only_on_a_miss(tmp_path, monkeypatc
   monkeypatch.setattr(compress_lib, 'build_rules', lambda c, s: None)
   loaded = type('L', (), {'params': params, 'config': cfg})()
   with pytest.raises(RuntimeError, match='stop'):
-    compress_lib.compress_cached(loaded, None, type('C', (), {'batch_size': 4})(),
-                                   tmp_path / 'miss', stats=lambda: 'S', aux_stats=lambda: 'A')
+    compress_lib.compress_cached(loaded, None, c, tmp_path / 'miss', stats=lambda: 'S',
+                                 aux_stats=lambda: 'A')
   assert seen == {'stats': 'S', 'aux': 'A'}
+  # The key hashes the settings that differ from their defaults: a setting at its default (as a
+  # flag added later is) leaves it unchanged, any other value changes it.
+  assert compress_lib.changed_settings(c) == {'model': 'tiny-llama', 'batch_size': 4}
+  assert key == compress_lib.compress_key(
+      run_config.CompressConfig(model='tiny-llama', batch_size=4, param_sharding='replicated'),
+      None, None, shared_stats=True)
+  assert key != compress_lib.compress_key(
+      run_config.CompressConfig(model='tiny-llama', batch_size=8), None, None, shared_stats=True)
 
 
 def test_idp_table_smoke(corpus, tmp_path):
