@@ -179,11 +179,11 @@ def compress_matrices(ws: jax.Array, stats: calibration.LinearStats | None, spec
                               None if stats is None else stats.cross, grads)
   out_leaves, infos = [], []
   for e, name in enumerate(names):
-    take = lambda tree, e=e: jax.tree.map(lambda x: x[e], tree)  # noqa: E731
+    take = lambda tree, e=e: jax.tree.map(lambda x: x[e], tree)  # noqa: E731  expert e's part
     out_leaves.append(_leaf(take(weights), take(masks), spec))
     info: dict[str, Any] = {}
     if ginfos is not None:
-      ginfo = jax.tree.map(lambda x, e=e: x[e], ginfos)
+      ginfo = take(ginfos)
       gptq_lib.report(ginfo, name)
       info['gptq_damp_retries'] = int(ginfo.retries)
     infos.append(info)

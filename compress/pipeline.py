@@ -497,13 +497,12 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
     # The output columns are independent given H: they are split over the model axis.
     ws = [sharding.columns(jnp.asarray(tree.get_linear(dense_block, lin), jnp.float32))
           for lin in group]
-    t0 = time.time()
+    t0, secs_stacked = time.time(), 0.0
     if given_block is not None:
       leaves = [tree.strip_adapter(tree.get_linear(given_block, group[0]))]
       info = {'given': True}
-    elif tuple(group) in solved:
-      leaves, info, secs_done = solved[tuple(group)]
-      t0 -= secs_done
+    elif tuple(group) in solved:  # an expert solved in its stack: its share of the stack's time
+      leaves, info, secs_stacked = solved[tuple(group)]
     else:
       w = ws[0] if len(ws) == 1 else sharding.columns(jnp.concatenate(ws, axis=1))
       grad = None
@@ -512,7 +511,7 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
       leaf, info = compress_matrix(w, st, spec, f'layers/{i}/{"+".join(group)}', grad)
       leaves = [leaf] if len(ws) == 1 else formats.split_columns(leaf, [x.shape[1] for x in ws])
     jax.block_until_ready(leaves)
-    secs = time.time() - t0
+    secs = time.time() - t0 + secs_stacked
     total = sum(x.shape[1] for x in ws)
     for lin, w, leaf in zip(group, ws, leaves):
       name = f'layers/{i}/{lin}'

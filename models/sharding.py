@@ -225,7 +225,8 @@ def stacked(tree: Any) -> Any:
   e = leaves[0].shape[0] if leaves else 1
   choices = ((('model',),) if active().spans_processes else (AXES, ('model',), ('data',)))
   for axes in choices:
-    if math.prod(mesh.shape[a] for a in axes) > 1 and e % math.prod(mesh.shape[a] for a in axes) == 0:
+    n = math.prod(mesh.shape[a] for a in axes)
+    if n > 1 and e % n == 0:
       return _put(tree, P(axes if len(axes) > 1 else axes[0]))
   return _put(tree, P())
 
@@ -251,24 +252,14 @@ def param_spec(shape: tuple[int, ...]) -> P:
   return P(*([None] * axis), 'data')
 
 
-def _is_array(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray))
-
-
 def shard_params(tree: Any) -> Any:
   """The arrays of ``tree`` (trainable and frozen parameters, optimizer state) on the devices by
   the active placement's ``params`` rule (:func:`param_spec`); other leaves as they are. With no
   mesh, the tree unchanged."""
-  mesh = active().mesh
-  if mesh is None:
+  if active().mesh is None:
     return tree
-
-  def one(x):
-    if not _is_array(x):
-      return x
-    sharding = NamedSharding(mesh, param_spec(x.shape))
-    return _global(x, sharding) if active().spans_processes else jax.device_put(x, sharding)
-  return jax.tree.map(one, tree)
+  return jax.tree.map(lambda x: _put(x, param_spec(x.shape)) if isinstance(x, (jax.Array, np.ndarray))
+                      else x, tree)
 
 
 def constrain_params(tree: Any) -> Any:

@@ -239,14 +239,21 @@ def _assert_round_trip(module, leaf, back):
     np.testing.assert_array_equal(back.mask, np.asarray(leaf.mask) & nonzero, err_msg=module)
 
 
+def _export_and_read_back(params, cfg, path):
+  """``(export dir, our reading of it)`` of a compressed-tensors export of ``params``, every
+  block linear read back as :func:`_assert_round_trip` requires."""
+  path = export.save(path, 'compressed-tensors', params, cfg)
+  _, back = loading.load_hf_dir(path)
+  theirs = export.block_linears(back)
+  for module, leaf in export.block_linears(params).items():
+    _assert_round_trip(module, leaf, theirs[module])
+  return path, back
+
+
 def test_round_trip_gives_the_same_leaves_and_the_same_bytes(base, case, tmp_path):
   cfg, _, tokens, _ = base
   _, params = case
-  path = export.save(tmp_path / 'a', 'compressed-tensors', params, cfg)
-  _, back = loading.load_hf_dir(path)
-  ours, theirs = export.block_linears(params), export.block_linears(back)
-  for module, leaf in ours.items():
-    _assert_round_trip(module, leaf, theirs[module])
+  path, back = _export_and_read_back(params, cfg, tmp_path / 'a')
   np.testing.assert_array_equal(_our_logits(back, tokens, cfg), _our_logits(params, tokens, cfg))
   again = export.save(tmp_path / 'b', 'compressed-tensors', back, cfg)
   for f in ('config.json', 'model.safetensors'):
@@ -666,11 +673,7 @@ def test_phi3_round_trip_gives_the_same_leaves_and_the_same_bytes(phi3_base, phi
   second export is the same files."""
   cfg, _, tokens, _ = phi3_base
   _, params = phi3_case
-  path = export.save(tmp_path / 'a', 'compressed-tensors', params, cfg)
-  _, back = loading.load_hf_dir(path)
-  ours, theirs = export.block_linears(params), export.block_linears(back)
-  for module, leaf in ours.items():
-    _assert_round_trip(module, leaf, theirs[module])
+  path, back = _export_and_read_back(params, cfg, tmp_path / 'a')
   qcfg = json.loads((path / 'config.json').read_text())['quantization_config']
   f = loading.SafetensorsFile(path / 'model.safetensors')
   for i in range(cfg.num_layers):
