@@ -310,4 +310,9 @@ def recover_linear(rep: LayerReport, recovery: LinearRecovery, w, leaf, stats, a
   leaf = recovery(rep.name, w, leaf, stats, aux_stats, spec)
   rep.extra['recover_seconds'] = time.time() - t1
   rep.rel_error_recovered = relative_error(w, leaf_dense(leaf)[1], h)
+  # The dense output energy ||X W||^2 / n on the recovery's statistics (a model-wide rank budget
+  # weighs the layers' errors relative to it).
+  st = aux_stats if aux_stats is not None else stats
+  base, _ = jax.device_get(jitted(_error_terms)(w, w, st.hessian))
+  rep.extra['output_energy'] = float(base) / max(int(st.num_tokens), 1)
   return leaf

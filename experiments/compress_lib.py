@@ -8,8 +8,11 @@ import dataclasses
 import functools
 import pathlib
 import shutil
+import tempfile
 import time
 from typing import Any, Callable
+
+import jax
 
 from compress import allocate, pipeline
 from experiments import common
@@ -37,10 +40,8 @@ def _add_compute(info: dict[str, Any], tokens_seen: int, train_compute: float,
 
 
 # The stages' resumable state under OUT_DIR; --restart clears all of them.
-# How --rank_budget=global compares the layers' output errors (recover.budget.WEIGHTINGS); the
-# choice is measured in results/eora_robust (budget section).
-BUDGET_WEIGHTING = 'absolute'
-STAGE_DIRS = {'compress': 'checkpoint', 'recon': 'recon_checkpoint', 'ft': 'ft_checkpoint'}
+STAGE_DIRS = {'compress': 'checkpoint', 'recon': 'recon_checkpoint', 'ft': 'ft_checkpoint',
+              'srr': 'srr_candidates'}
 FT_CHUNK_STEPS = 10  # fine-tuning steps per compiled (and checkpointable) chunk
 
 
@@ -173,6 +174,17 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
       for stage in STAGE_DIRS:
         shutil.rmtree(_stage_dir(out_dir, stage), ignore_errors=True)
     distributed.barrier(f'restart {out_dir}')
+  scratch = None
+  if compensator is not None and compensator.budget_rank:
+    # SRR's candidates under a global budget: kept beside the compression checkpoint (so a resumed
+    # run has those of the blocks done), one directory per process.
+    if out_dir:
+      where = pathlib.Path(_stage_dir(out_dir, 'srr')) / f'p{jax.process_index()}'
+    else:
+      scratch = tempfile.TemporaryDirectory()
+      where = scratch.name
+    compensator = dataclasses.replace(compensator,
+                                      candidate_store=budget_lib.CandidateStore(where))
   given = None
   if c.compressed is not None:  # compressed elsewhere: its leaves, our recovery and evaluation
     given, rules = loading.load_model(c.compressed, dtype=dt).params, []
@@ -204,8 +216,17 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
     n_win = len(windows[c.eval_data[0]])
     results['eval_windows_per_process'] = [
         len(range(n_win)[distributed.process_share(n_win, count=n, index=i)]) for i in range(n)]
-  if c.rank_budget == 'global':  # EoRA at --budget_max_rank, cut to one model-wide budget
-    compressed, alloc = budget_lib.global_budget(compressed, c.rank, weighting=BUDGET_WEIGHTING)
+  if c.rank_budget == 'global' and c.recover == 'srr':  # k and rank of every linear, model-wide
+    compressed, alloc = budget_lib.srr_global_budget(compressed, compensator.candidate_store,
+                                                     c.rank, weighting=c.budget_weighting)
+    results['rank_budget'] = alloc.summary()
+    if scratch is not None:
+      scratch.cleanup()
+  elif c.rank_budget == 'global':  # EoRA at --budget_max_rank, cut to one model-wide budget
+    energies = {f'{r.name}/kernel': r.extra['output_energy'] for r in reports
+                if 'output_energy' in r.extra}
+    compressed, alloc = budget_lib.global_budget(compressed, c.rank, weighting=c.budget_weighting,
+                                                 energies=energies)
     results['rank_budget'] = alloc.summary()
   if compensator is not None and compensator.adapter_bits != c.adapter_bits and not (
       adapters_trained(c)):  # quantized after the budget cut them (after training: later)

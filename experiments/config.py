@@ -114,11 +114,16 @@ class CompressConfig:
   rank_budget: str = common.flag_field(
       'uniform', 'uniform: every linear gets --rank; global: the adapter parameters of --rank on '
       'every linear, allotted model-wide to the linears whose EoRA components remove the most '
-      'output error per parameter (--recover=eora; ranks recorded and exported as rank_pattern; '
-      'on SmolLM2 it did not beat uniform: results/eora_robust_budget).',
+      'output error per parameter (--recover=eora, or srr: there each linear\'s preserved k '
+      'too, from --srr_k or the search set; ranks recorded and exported as rank_pattern; on '
+      'SmolLM2 it did not beat uniform: results/eora_robust_budget, results/srr_global).',
       choices=('uniform', 'global'))
   budget_max_rank: int = common.flag_field(
       0, '--rank_budget=global: the largest rank one linear may get (0: 4 x --rank).')
+  budget_weighting: str = common.flag_field(
+      'absolute', '--rank_budget=global: weigh the layers\' output errors as they are (absolute) '
+      'or relative to each layer\'s dense output energy ||X W||^2 (relative).',
+      choices=('absolute', 'relative'))
   recover_data: str | None = common.flag_field(
       None, 'Separate calibration source for recovery, of the kinds --calib_data takes (a .npy: '
       'windows [n, --calib_seqlen], its first --recover_samples rows).')
@@ -243,9 +248,11 @@ def compensator(c: CompressConfig) -> compensate_lib.Compensator | None:
     return None
   later = c.rank_budget == 'global' or adapters_trained(c)
   rank = (c.budget_max_rank or 4 * c.rank) if c.rank_budget == 'global' else c.rank
+  srr_budget = c.rank_budget == 'global' and c.recover == 'srr'
   return compensate_lib.Compensator(method=c.recover, rank=rank,
                                     adapter_bits=16 if later else c.adapter_bits, srr_k=c.srr_k,
-                                    shrink=c.eora_shrink if c.recover == 'eora' else 0.0)
+                                    shrink=c.eora_shrink if c.recover == 'eora' else 0.0,
+                                    budget_rank=c.rank if srr_budget else 0)
 
 
 # --------------------------------------------------------------------------- validation before work
@@ -276,7 +283,8 @@ _IGNORED_UNLESS = (
      'without --recover (or --reconstruct with --recon_train=adapters)'),
     (('recover_data', 'eora_shrink', 'rank_budget', 'budget_max_rank'),
      lambda c: c.recover == 'none', 'without --recover'),
-    (('budget_max_rank',), lambda c: c.rank_budget != 'global', 'without --rank_budget=global'),
+    (('budget_max_rank', 'budget_weighting'), lambda c: c.rank_budget != 'global',
+     'without --rank_budget=global'),
     (('srr_k',), lambda c: c.recover != 'srr', 'without --recover=srr'),
     (('recover_samples',), lambda c: c.recover == 'none' or c.recover_data is None,
      'without --recover and --recover_data'),
@@ -424,9 +432,9 @@ def _spec_problems(c: CompressConfig) -> tuple[rules_lib.LinearSpec | None, list
       p.append(f'--recover_samples={c.recover_samples} must be positive')
     if c.eora_shrink and c.recover != 'eora':
       p.append(f'--eora_shrink={c.eora_shrink:g} applies to --recover=eora, not {c.recover}')
-    if c.rank_budget == 'global' and c.recover != 'eora':
-      p.append(f'--rank_budget=global allots ranks by EoRA\'s gains: it needs --recover=eora, '
-               f'not {c.recover}')
+    if c.rank_budget == 'global' and c.recover not in ('eora', 'srr'):
+      p.append(f'--rank_budget=global allots ranks by EoRA\'s gains: it needs --recover=eora or '
+               f'srr, not {c.recover}')
     if c.rank_budget == 'global' and c.budget_max_rank and c.budget_max_rank < c.rank:
       p.append(f'--budget_max_rank={c.budget_max_rank} is below --rank={c.rank}: the budget '
                'could not even give every linear the uniform rank')

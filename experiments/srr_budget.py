@@ -1,6 +1,7 @@
 r"""SRR rank budgets: preserve-then-quantize vs quantize-then-compensate (SVD, EoRA) on SmolLM2 layers.
 
   python -m experiments.srr_budget --out_dir=results/srr
+  python -m experiments.srr_budget --section=global --out_dir=results/srr_global/layers
 
 Expect ~15 min on 2 CPU cores. For a subset of blocks (``--blocks``) the dense model's calibration
 statistics are collected once (python-docs train, 32 x 512); then every linear of those blocks is
@@ -21,6 +22,7 @@ EoRA tables script gives downstream numbers for SVD/EoRA.
 
 from __future__ import annotations
 
+import math
 import pathlib
 import time
 from typing import Any, Sequence
@@ -36,6 +38,7 @@ from compress.matrix import relative_error
 from experiments import common
 from kernels import QuantSpec, formats
 from models import llama, loading
+from recover import budget as budget_lib
 from recover import lowrank
 
 FLAGS = flags.FLAGS
@@ -46,17 +49,22 @@ def _rel(w, w_total, h) -> float:
   return relative_error(w, w_total, h)
 
 
-def run(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
-        ranks: Sequence[int] = (16, 32, 64, 128), settings: Sequence[str] = ('w3g64', 'w2g64'),
-        k_sweep_rank: int = 64, k_fractions: Sequence[float] = (0.0, 0.125, 0.25, 0.5, 0.75),
-        model: str = 'smollm2-135m', calib_samples: int = 32, calib_seqlen: int = 512
-        ) -> dict[str, Any]:
+def _layer_stats(model, blocks, calib_samples, calib_seqlen):
   loaded = loading.load_model(model)
   tok = loaded.tokenizer()
   calib = common.calibration_for(tok, 'python-docs', calib_samples, calib_seqlen, 0)
   per_block = calibration.dense_statistics(loaded.params, loaded.config, calib, blocks=list(blocks))
   stats = {(i, k): v for i in blocks for k, v in per_block[i].items()}
   layers = [(i, lin) for i in blocks for lin in llama.LINEAR_NAMES]
+  return loaded, stats, layers
+
+
+def run(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
+        ranks: Sequence[int] = (16, 32, 64, 128), settings: Sequence[str] = ('w3g64', 'w2g64'),
+        k_sweep_rank: int = 64, k_fractions: Sequence[float] = (0.0, 0.125, 0.25, 0.5, 0.75),
+        model: str = 'smollm2-135m', calib_samples: int = 32, calib_seqlen: int = 512
+        ) -> dict[str, Any]:
+  loaded, stats, layers = _layer_stats(model, blocks, calib_samples, calib_seqlen)
   errs: dict[tuple[str, str, int], list[float]] = {}
   ksweep: dict[str, list[float]] = {}
   t0 = time.time()
@@ -127,16 +135,93 @@ def run(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
           'calib': f'python-docs train {calib_samples}x{calib_seqlen}, dense inputs'}
 
 
+def run_global(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
+               settings: Sequence[str] = ('w3g64', 'w2g64'), rank: int = 64, max_rank: int = 256,
+               model: str = 'smollm2-135m', calib_samples: int = 32, calib_seqlen: int = 512
+               ) -> dict[str, Any]:
+  """The model-wide budget on the same layers: uniform rank ``rank`` against the same adapter
+  parameters allotted over the layers (``recover.budget.allocate_curves``), for EoRA (ranks only:
+  SRR's k = 0 curve) and SRR (k and rank), errors weighed as they are ('absolute') or relative to
+  each layer's dense output energy ('relative'). The metric is the mean relative output error over
+  the layers, ``sqrt(err / ||X W||^2)`` per layer, with every error from the candidates' curves."""
+  loaded, stats, layers = _layer_stats(model, blocks, calib_samples, calib_seqlen)
+  t0 = time.time()
+  rows, alloc_info = [], {}
+  for setting in settings:
+    qs = SETTINGS[setting]
+
+    def quantize_fn(residual, qs=qs):
+      q = quantize.rtn(residual, qs)
+      return q, formats.dequantize(q)
+
+    curves, costs, energies = {}, {}, {}
+    for i, lin in tqdm(layers, desc=f'candidates {setting}'):
+      sub, name = lin.split('/')
+      w = jnp.asarray(loaded.params['layers'][i][sub][name]['kernel'], jnp.float32)
+      st = stats[(i, llama.LINEAR_INPUTS[lin])]
+      key = f'layers/{i}/{lin}'
+      cands = lowrank.srr_candidates(w, st.hessian, max_rank, quantize_fn, rank=rank,
+                                     num_tokens=int(st.num_tokens), name=key)
+      curves[key] = budget_lib.srr_curves(cands)
+      costs[key] = int(w.shape[0] + w.shape[1])
+      energies[key] = lowrank.weighted_error(w, st.hessian, num_tokens=int(st.num_tokens)) ** 2
+    total = sum(rank * c for c in costs.values())
+
+    def error(cv, r):
+      return cv.base - float(np.sum(cv.gains[:r - cv.min_rank]))
+
+    def summarize(label, choice, cvs):
+      rel = [math.sqrt(max(error(cvs[n][j], r), 0.0) / energies[n]) for n, (j, r) in choice.items()]
+      ranks = [r for _, r in choice.values()]
+      rows.append({'quant': setting, 'allotment': label, 'mean rel error': float(np.mean(rel)),
+                   'adapter_params': int(sum(r * costs[n] for n, (_, r) in choice.items())),
+                   'rank_min': min(ranks), 'rank_max': max(ranks),
+                   'k_mean': float(np.mean([cvs[n][j].min_rank for n, (j, _) in choice.items()]))})
+
+    eora = {n: [cvs[0]] for n, cvs in curves.items()}  # k = 0: quantize, then EoRA
+    summarize('eora uniform', {n: (0, rank) for n in curves}, eora)
+    searched = {n: (min(range(len(cvs)), key=lambda j, cvs=cvs: error(cvs[j], rank)
+                        if cvs[j].min_rank <= rank else np.inf), rank)
+                for n, cvs in curves.items()}
+    summarize('srr uniform (searched k)', searched, curves)
+    for weighting in budget_lib.WEIGHTINGS:
+      weights = (None if weighting == 'absolute' else
+                 {n: 1.0 / max(e, 1e-30) for n, e in energies.items()})
+      for label, cvs, start in (('eora', eora, {n: (0, rank) for n in curves}),
+                                ('srr', curves, searched)):
+        choice = budget_lib.allocate_curves(cvs, costs, total, weights=weights, starts=[start])
+        summarize(f'{label} global {weighting}', choice, cvs)
+        alloc_info[f'{setting} {label} {weighting}'] = {n: list(v) for n, v in choice.items()}
+  out = pathlib.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'global.md').write_text(
+      f'# Uniform rank {rank} vs one budget over the layers (RTN, mean relative output error)\n\n'
+      + common.markdown_table(rows))
+  return {'rows': rows, 'choices': alloc_info, 'layers': len(layers), 'blocks': list(blocks),
+          'seconds': time.time() - t0, 'rank': rank, 'max_rank': max_rank,
+          'calib': f'python-docs train {calib_samples}x{calib_seqlen}, dense inputs'}
+
+
 def define_flags() -> None:
   flags.DEFINE_string('out_dir', 'results/srr', 'Output directory.')
   flags.DEFINE_list('blocks', ['0', '6', '12', '18', '24', '29'], 'Blocks whose linears are measured.')
   flags.DEFINE_list('ranks', ['16', '32', '64', '128'], 'Rank budgets.')
   flags.DEFINE_integer('calib_samples', 32, 'Calibration sequences.')
+  flags.DEFINE_enum('section', 'ranks', ['ranks', 'global'],
+                    'ranks: the rank and k tables; global: uniform rank 64 vs one budget over '
+                    'the layers (write it to its own --out_dir).')
 
 
 def main(argv):
   del argv
   common.quiet_logs()
+  if FLAGS.section == 'global':
+    res = run_global(out_dir=FLAGS.out_dir, blocks=[int(b) for b in FLAGS.blocks],
+                     calib_samples=FLAGS.calib_samples)
+    common.write_results(FLAGS.out_dir, res, rows=res['rows'], flags=common.flag_values(FLAGS),
+                         title='SRR and EoRA: uniform rank vs one budget over SmolLM2 layers')
+    print((pathlib.Path(FLAGS.out_dir) / 'global.md').read_text())
+    return
   res = run(out_dir=FLAGS.out_dir, blocks=[int(b) for b in FLAGS.blocks],
             ranks=[int(r) for r in FLAGS.ranks], calib_samples=FLAGS.calib_samples)
   common.write_results(FLAGS.out_dir, res, rows=res['rows'], flags=common.flag_values(FLAGS),

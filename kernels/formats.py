@@ -182,6 +182,15 @@ class LowRank:
   def rank(self) -> int:
     return self.a.shape[-1]
 
+  def first(self, rank: int) -> 'LowRank':
+    """The first ``rank`` components (float factors only: SVD, EoRA and SRR order them by value,
+    so this is exactly the lower-rank result)."""
+    if isinstance(self.a, QuantizedWeight) or isinstance(self.b, QuantizedWeight):
+      raise ValueError('cannot truncate a quantized adapter; truncate first, then quantize')
+    if not 0 <= rank <= self.rank:
+      raise ValueError(f'rank {rank} asked of an adapter of rank {self.rank}')
+    return LowRank(a=self.a[:, :rank], b=self.b[:rank], preserved=min(self.preserved, rank))
+
 
 @flax.struct.dataclass
 class CompressedLinear:
@@ -200,6 +209,13 @@ class CompressedLinear:
   @property
   def shape(self) -> tuple[int, int]:
     return tuple(self.weight.shape)
+
+
+def with_adapter(leaf, adapter: LowRank | None) -> CompressedLinear:
+  """``leaf`` (a compressed weight, or a :class:`CompressedLinear`) carrying ``adapter``."""
+  if not isinstance(leaf, CompressedLinear):
+    leaf = CompressedLinear(weight=leaf)
+  return dataclasses.replace(leaf, adapter=adapter)
 
 
 @flax.struct.dataclass

@@ -47,6 +47,12 @@ class Compensator:
     shrink: robust EoRA's covariance shrinkage ``lambda``: the eigenspace of
       ``H + lambda * tr(H) / d * I`` (0: EoRA's own; large: plain SVD). See
       :func:`recover.lowrank.shrink_eigenvalues`.
+    budget_rank: SRR under a model-wide budget (:func:`recover.budget.srr_global_budget`): the
+      uniform rank the budget equals. Every linear's candidates (``k`` fixed by ``srr_k``, or the
+      search set for that rank) are computed at ``rank`` and written to ``candidate_store``; the
+      returned leaf, which the pipeline propagates, is the candidate of least output error at
+      ``budget_rank`` (uniform SRR with the searched ``k``). 0: no budget.
+    candidate_store: a :class:`recover.budget.CandidateStore` (with ``budget_rank``).
   """
   method: str
   rank: int
@@ -55,7 +61,9 @@ class Compensator:
   srr_k: int | None = None
   srr_scaling: str = 'exact'
   shrink: float = 0.0
+  budget_rank: int = 0
   basis_cache: dict[Any, lowrank.EigenBasis] | None = dataclasses.field(default=None, repr=False)
+  candidate_store: Any = dataclasses.field(default=None, repr=False)
   _bases: dict[str, lowrank.EigenBasis] = dataclasses.field(default_factory=dict, repr=False)
 
   def __post_init__(self):
@@ -69,6 +77,11 @@ class Compensator:
     if self.shrink and self.method != 'eora':
       raise ValueError(f'covariance shrinkage (shrink={self.shrink}) applies to EoRA only, not '
                        f'{self.method!r}')
+    if self.budget_rank and (self.method != 'srr' or not 0 < self.budget_rank <= self.rank):
+      raise ValueError(f'budget_rank={self.budget_rank} needs method srr and 0 < budget_rank <= '
+                       f'rank={self.rank}')
+    if self.budget_rank and self.srr_k not in (None, -1) and self.srr_k > self.budget_rank:
+      raise ValueError(f'srr_k={self.srr_k} exceeds budget_rank={self.budget_rank}')
 
   @property
   def changes_weights(self) -> bool:
@@ -78,7 +91,8 @@ class Compensator:
   @property
   def fingerprint(self) -> str:
     return (f'{self.method}-r{self.rank}-b{self.adapter_bits}-g{self.adapter_group_size}'
-            f'-k{self.srr_k}-{self.srr_scaling}' + (f'-s{self.shrink:g}' if self.shrink else ''))
+            f'-k{self.srr_k}-{self.srr_scaling}' + (f'-s{self.shrink:g}' if self.shrink else '')
+            + (f'-u{self.budget_rank}' if self.budget_rank else ''))
 
   def _basis(self, name: str, stats: LinearStats) -> lowrank.EigenBasis:
     parts = name.split('/')  # layers/I/<linear>: linears that share an input share a basis
@@ -112,6 +126,8 @@ class Compensator:
         return new_leaf, formats.to_dense(new_leaf)
 
       basis = self._basis(name, st)
+      if self.budget_rank:
+        return self._srr_candidates(name, w, st, quantize_fn, basis, rank)
       if self.srr_k == -1:
         new_leaf, adapter, _ = lowrank.srr_search_k(w, st.hessian, rank, quantize_fn,
                                                     scaling=self.srr_scaling, name=name, basis=basis)
@@ -130,9 +146,23 @@ class Compensator:
                                          name=name)
     if self.adapter_bits != 16:
       adapter = lowrank.quantize_adapter(adapter, self.adapter_bits, self.adapter_group_size)
-    if not isinstance(leaf, formats.CompressedLinear):
-      leaf = formats.CompressedLinear(weight=leaf)
-    return dataclasses.replace(leaf, adapter=adapter)
+    return formats.with_adapter(leaf, adapter)
+
+  def _srr_candidates(self, name, w, st: LinearStats, quantize_fn, basis, rank):
+    """SRR under a model-wide budget: stores every candidate split, returns the uniform choice."""
+    if self.candidate_store is None:
+      raise ValueError('SRR with a model-wide budget needs a candidate_store')
+    if self.adapter_bits != 16:
+      raise ValueError('SRR with a model-wide budget allots float adapters; quantize them after')
+    uniform = min(self.budget_rank, rank)
+    ks = None if self.srr_k in (None, -1) else [self.srr_k]
+    cands = lowrank.srr_candidates(w, st.hessian, rank, quantize_fn, rank=uniform, ks=ks,
+                                   scaling=self.srr_scaling, num_tokens=int(st.num_tokens),
+                                   name=name, basis=basis)
+    energy = lowrank.weighted_error(w, st.hessian, num_tokens=int(st.num_tokens)) ** 2
+    self.candidate_store.put(name, cands, energy, int(w.shape[0] + w.shape[1]))
+    best = min((c for c in cands if c.k <= uniform), key=lambda c: (c.error(uniform), c.k))
+    return formats.with_adapter(best.compressed, best.adapter.first(uniform))
 
 
 def compensate_tree(dense: Any, compressed: Any, stats: Any, comp: Compensator) -> Any:
@@ -192,11 +222,7 @@ def truncate_adapters(params: Any, rank: int) -> Any:
   def cut(leaf):
     if leaf.adapter is None:
       return leaf
-    a, b = leaf.adapter.a, leaf.adapter.b
-    if isinstance(a, formats.QuantizedWeight) or isinstance(b, formats.QuantizedWeight):
-      raise ValueError('cannot truncate a quantized adapter; truncate first, then quantize')
-    return dataclasses.replace(leaf, adapter=formats.LowRank(
-        a=a[:, :rank], b=b[:rank], preserved=min(leaf.adapter.preserved, rank)))
+    return dataclasses.replace(leaf, adapter=leaf.adapter.first(min(rank, leaf.adapter.rank)))
   return tree.map_compressed(cut, params)
 
 

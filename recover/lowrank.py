@@ -21,7 +21,8 @@ Methods:
 * :func:`srr`: preserve-then-quantize (Cho et al. 2026, https://arxiv.org/abs/2602.02001). The top
   ``k`` singular directions of the activation-scaled weight ``S W`` stay in the low-rank path, only
   the residual is quantized, and the remaining ``r - k`` ranks run EoRA on the residual's
-  quantization error. :func:`srr_search_k` tries several ``k``.
+  quantization error. :func:`srr_search_k` tries several ``k``; :func:`srr_candidates` keeps
+  several ``k`` at a larger rank with their error curves, for a model-wide budget.
 * :func:`quantize_adapter`: group-wise RTN of the adapter factors (EoRA's adapter quantization).
 
 Numerics: the eigendecomposition, the SVDs and the mappings run in float64 with JAX's 64-bit mode
@@ -502,7 +503,9 @@ def _srr_for_k(state: _SrrState, k: int, rank: int, quantize_fn: QuantizeFn, nam
     b = jnp.take(jnp.concatenate([state.b_p[:rank], b_e[:rank]], axis=0), idx, axis=0)
     adapter = _lowrank(a, b, rank, dtype)
     total = _f64(residual_hat) + a @ b
-  return compressed, adapter, total
+    # Each EoRA component removes s_i^2 of the per-token output error, s_i = ||b_i||^2.
+    s2 = np.asarray(jnp.sum(b_e * b_e, axis=1) ** 2)
+  return compressed, adapter, total, s2
 
 
 def _srr_setup(w, hessian, rank, num_tokens, rel_eig_threshold, name, basis):
@@ -564,7 +567,7 @@ def srr(w: jax.Array, hessian: jax.Array, rank: int, quantize_fn: QuantizeFn, *,
       raise ValueError(f"{_label(name)}: k_rule must be 'energy', got {k_rule!r}.")
     k = energy_rule_k(sigma, rank)
   k = _check_k(k, rank, name)
-  compressed, adapter, _ = _srr_for_k(state, k, rank, quantize_fn, name, dtype)
+  compressed, adapter, _, _ = _srr_for_k(state, k, rank, quantize_fn, name, dtype)
   adapter = dataclasses.replace(adapter, preserved=k)
   info = {'k': k, 'rank': rank, 'energy': _energy(sigma, rank), 'scaling': scaling,
           'num_clamped': basis.num_clamped}
@@ -605,14 +608,10 @@ def srr_search_k(w: jax.Array, hessian: jax.Array, rank: int, quantize_fn: Quant
   rank, scale, basis = _srr_setup(w, hessian, rank, num_tokens, rel_eig_threshold, name, basis)
   state = _srr_prepare(w, hessian, basis, scaling, scale, rel_eig_threshold)
   sigma = np.asarray(state.sigma)
-  if ks is None:
-    ks = {0, energy_rule_k(sigma, rank), rank // 4, rank // 2, (3 * rank) // 4, rank}
-  ks = sorted({_check_k(k, rank, name) for k in ks})
-  if not ks:
-    raise ValueError(f'{_label(name)}: ks is empty.')
+  ks = _candidate_ks(ks, sigma, rank, rank, name)
   best, errors = None, {}
   for k in ks:
-    compressed, adapter, total = _srr_for_k(state, k, rank, quantize_fn, name, dtype)
+    compressed, adapter, total, _ = _srr_for_k(state, k, rank, quantize_fn, name, dtype)
     with _x64():
       err = weighted_error(state.w64 - total, hessian, num_tokens=num_tokens)
     errors[k] = err
@@ -623,6 +622,84 @@ def srr_search_k(w: jax.Array, hessian: jax.Array, rank: int, quantize_fn: Quant
   info = {'k': k, 'rank': rank, 'energy': _energy(sigma, rank), 'scaling': scaling,
           'num_clamped': basis.num_clamped, 'errors': errors}
   return compressed, adapter, info
+
+
+def _candidate_ks(ks, sigma, rank: int, max_rank: int, name: str) -> list[int]:
+  """The candidate preserved ranks, sorted: ``ks`` or, by default, ``{0, the energy rule, r/4, r/2,
+  3r/4, r}`` for the rank ``r``; each checked against ``max_rank``."""
+  if ks is None:
+    ks = {0, energy_rule_k(sigma, rank), rank // 4, rank // 2, (3 * rank) // 4, rank}
+  ks = sorted({_check_k(k, max_rank, name) for k in ks})
+  if not ks:
+    raise ValueError(f'{_label(name)}: ks is empty.')
+  return ks
+
+
+@dataclasses.dataclass(frozen=True)
+class SrrCandidate:
+  """One SRR split of a layer (``k`` preserved directions), computed at a largest rank so that a
+  model-wide budget can pick its rank later: for any total rank ``k <= r <= adapter.rank`` the
+  result is the residual leaf with the first ``r`` components of ``adapter`` (EoRA's factors are
+  ordered, so the cut is exactly SRR at rank ``r`` with this ``k``).
+
+  Attributes:
+    k: preserved directions (the adapter's first ``k`` components).
+    compressed: the quantized residual ``W - L_k``.
+    adapter: ``LowRank`` at the largest rank, ``preserved = k``.
+    base_error: the per-token squared output error ``||X (W - R_hat - L_k)||^2 / n`` in the
+      whitened space (directions the clamped eigenbasis ignores are not counted): the error at
+      rank ``k``.
+    gains: ``[adapter.rank - k]``: how much each further (EoRA) component lowers that error,
+      non-increasing.
+  """
+  k: int
+  compressed: Any
+  adapter: LowRank
+  base_error: float
+  gains: np.ndarray
+
+  def error(self, rank: int) -> float:
+    """The per-token squared output error at total rank ``rank`` (``k <= rank <= adapter.rank``)."""
+    if not self.k <= rank <= self.k + len(self.gains):
+      raise ValueError(f'rank {rank} is outside [{self.k}, {self.k + len(self.gains)}] for k={self.k}')
+    return float(self.base_error - np.sum(self.gains[:rank - self.k]))
+
+
+def srr_candidates(w: jax.Array, hessian: jax.Array, max_rank: int, quantize_fn: QuantizeFn, *,
+                   rank: int | None = None, ks: Sequence[int] | None = None,
+                   scaling: str = 'exact', num_tokens: int | None = None,
+                   rel_eig_threshold: float = DEFAULT_REL_EIG_THRESHOLD, name: str = '',
+                   basis: EigenBasis | None = None,
+                   dtype=jnp.float32) -> list[SrrCandidate]:
+  """SRR for several preserved ranks ``k`` at once, each at rank ``max_rank`` with its error curve:
+  what a model-wide budget (:mod:`recover.budget`) needs to choose ``k`` and the rank of every
+  layer together. The eigenbasis and the SVD of ``S W`` are computed once; ``quantize_fn`` runs
+  once per ``k``.
+
+  Args:
+    w, hessian, quantize_fn, scaling, num_tokens, rel_eig_threshold, name, basis, dtype: as in
+      :func:`srr`.
+    max_rank: the largest total rank any choice may take (clipped to ``min(in, out)``).
+    rank: the rank the default ``ks`` are relative to (default ``max_rank``).
+    ks: candidate ``k`` in ``[0, max_rank]``; default as in :func:`srr_search_k` for ``rank``.
+
+  Returns:
+    One :class:`SrrCandidate` per ``k``, by increasing ``k``.
+  """
+  max_rank = min(max_rank, *_check_matrix(w, name, 'w'))
+  max_rank, scale, basis = _srr_setup(w, hessian, max_rank, num_tokens, rel_eig_threshold, name,
+                                      basis)
+  state = _srr_prepare(w, hessian, basis, scaling, scale, rel_eig_threshold)
+  sigma = np.asarray(state.sigma)
+  rank = max_rank if rank is None else min(_check_rank(rank, tuple(w.shape), name), max_rank)
+  out = []
+  for k in _candidate_ks(ks, sigma, rank, max_rank, name):
+    compressed, adapter, _, s2 = _srr_for_k(state, k, max_rank, quantize_fn, name, dtype)
+    s2 = np.asarray(s2, np.float64)
+    out.append(SrrCandidate(k=k, compressed=compressed,
+                            adapter=dataclasses.replace(adapter, preserved=k),
+                            base_error=float(s2.sum()), gains=s2[:max_rank - k]))
+  return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Smoke tests of the experiment scripts on the tiny byte-level model (no large assets needed for
 the model; the text comes from the shipped corpora)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -134,6 +135,10 @@ def test_global_rank_budget_and_robust_eora(tmp_path):
               budget_max_rank=16, eora_shrink=0.1, adapter_bits=4, export='peft')
   res = compress_exp.run(c, out_dir=str(tmp_path / 'out'))
   rb = res['rank_budget']
+  assert rb['weighting'] == 'absolute'
+  relative = compress_exp.run(dataclasses.replace(c, budget_weighting='relative', export='none'))
+  assert relative['rank_budget']['weighting'] == 'relative'
+  assert relative['rank_budget']['ranks'] != rb['ranks']
   assert rb['used_params'] <= rb['budget_params'] and rb['rank_max'] <= 16
   assert rb['rank_min'] < 4 < rb['rank_max'] or rb['rank_min'] < rb['rank_max']
   assert np.isfinite(res['ppl_recovered']) and res['kl_recovered'] < res['kl_compressed']
@@ -141,6 +146,27 @@ def test_global_rank_budget_and_robust_eora(tmp_path):
                        .read_text())
   assert adapter['rank_pattern']  # the ranks differ per module
   json.dumps(res)
+
+
+def test_srr_global_budget_and_its_resume(tmp_path):
+  """--recover=srr --rank_budget=global picks each linear's preserved k and rank within the
+  uniform size; a second run on the same directory finds the compression done and allots from the
+  candidates on disk, to the same model."""
+  c = _config(tmp_path, quant='rtn', bits=2, recover='srr', rank=4, rank_budget='global',
+              budget_max_rank=8, budget_weighting='relative', export='peft')
+  out = str(tmp_path / 'out')
+  res = compress_exp.run(c, out_dir=out)
+  rb = res['rank_budget']
+  assert rb['used_params'] <= rb['budget_params'] and rb['rank_max'] <= 8
+  assert rb['rank_min'] < rb['rank_max'] and set(rb['preserved']) == set(rb['ranks'])
+  assert rb['weighting'] == 'relative'
+  assert all(0 <= rb['preserved'][p] <= 4 for p in rb['preserved'])
+  assert np.isfinite(res['ppl_recovered']) and res['kl_recovered'] < res['kl_compressed']
+  adapter = json.loads((tmp_path / 'out' / 'export_peft' / 'adapter' / 'adapter_config.json')
+                       .read_text())
+  assert adapter['rank_pattern']
+  again = compress_exp.run(c, out_dir=out)
+  assert again['rank_budget'] == rb and again['ppl_recovered'] == res['ppl_recovered']
 
 
 def test_composed_recipe_trains_only_the_adapters(tmp_path):
@@ -169,7 +195,7 @@ def test_composed_recipe_trains_only_the_adapters(tmp_path):
 
 @pytest.mark.parametrize('kw,match', [
     (dict(quant='rtn', recover='svd', eora_shrink=0.1), 'applies to --recover=eora'),
-    (dict(quant='rtn', recover='svd', rank_budget='global'), 'needs --recover=eora'),
+    (dict(quant='rtn', recover='svd', rank_budget='global'), 'needs --recover=eora or srr'),
     (dict(quant='rtn', recover='eora', rank=8, rank_budget='global', budget_max_rank=4),
      'below --rank'),
     (dict(quant='rtn', reconstruct='block', recon_train='adapters', recon_peft=True),

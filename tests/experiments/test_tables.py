@@ -188,3 +188,18 @@ def test_composed_smoke(corpus, tmp_path, monkeypatch):
   assert by['eora -> reconstruct adapters']['kl a'] < by['none']['kl a']
   assert by['reconstruct LoRA']['train_compute'] > 0
   assert (tmp_path / 'c' / 'composed.md').exists()
+
+
+def test_srr_global_layers_smoke(corpus, tmp_path, monkeypatch):
+  monkeypatch.setattr(srr_budget, 'SETTINGS', {'w2g32': QuantSpec(bits=2, group_size=32)})
+  res = srr_budget.run_global(out_dir=str(tmp_path / 'g'), blocks=(1,), settings=('w2g32',),
+                              rank=4, max_rank=16, model='tiny-llama', calib_samples=8,
+                              calib_seqlen=32)
+  rows = {r['allotment']: r for r in res['rows']}
+  budget = rows['eora uniform']['adapter_params']
+  assert all(r['adapter_params'] <= budget for r in rows.values())
+  # each allotment starts from its uniform choice, so it never leaves more weighted error; the
+  # searched k is never worse than k = 0 at the same rank
+  assert rows['srr uniform (searched k)']['mean rel error'] <= rows['eora uniform'][
+      'mean rel error'] + 1e-9
+  assert (tmp_path / 'g' / 'global.md').exists()

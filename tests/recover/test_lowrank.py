@@ -297,6 +297,33 @@ def test_srr_search_beats_quantize_then_eora():
   assert info['k'] > 0 and err < base  # preserving dominant directions helps here
 
 
+def test_srr_candidates_cut_to_any_rank_are_srr_at_that_rank():
+  """A candidate computed at the largest rank, cut to rank r, is SRR at rank r with its k (the same
+  residual codes, the same product); its error curve is the output error it leaves at each rank."""
+  x, h, w = _srr_problem()
+  qfn = _rtn_fn(QuantSpec(bits=3, group_size=16))
+  cands = lowrank.srr_candidates(jnp.asarray(w), h, 16, qfn, rank=8, num_tokens=N_TOK,
+                                 name='blk/o')
+  ks = [c.k for c in cands]
+  assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 8 and {2, 4, 6} <= set(ks)
+  x64 = x.astype(np.float64)
+  for cand in cands:
+    assert cand.adapter.rank == 16 and cand.adapter.preserved == cand.k
+    assert len(cand.gains) == 16 - cand.k and np.all(np.diff(cand.gains) <= 1e-12)
+    for r in sorted({cand.k, 8, 16}):
+      q, ad, _ = lowrank.srr(jnp.asarray(w), h, r, qfn, k=cand.k, num_tokens=N_TOK)
+      np.testing.assert_array_equal(np.asarray(q.qweight), np.asarray(cand.compressed.qweight))
+      cut = np.asarray(cand.adapter.a[:, :r], np.float64) @ np.asarray(cand.adapter.b[:r],
+                                                                        np.float64)
+      np.testing.assert_allclose(cut, np.asarray(ad.a, np.float64) @ np.asarray(ad.b, np.float64),
+                                 atol=1e-5 * max(np.abs(cut).max(), 1.0))
+      total = np.asarray(_to_dense(cand.compressed), np.float64) + cut
+      err = np.sum((x64 @ (w - total)) ** 2) / N_TOK
+      assert cand.error(r) == pytest.approx(err, rel=1e-4)
+  with pytest.raises(ValueError, match='outside'):
+    cands[-1].error(4)  # below its preserved k
+
+
 # ---------------------------------------------------------------------------------------------
 # Adapter quantization.
 
