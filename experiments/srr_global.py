@@ -61,7 +61,7 @@ def _row(name: str, res: dict[str, Any], domains: Sequence[str]) -> dict[str, An
   row['rank_min'], row['rank_max'] = rb.get('rank_min'), rb.get('rank_max')
   row['k_mean'] = rb.get('preserved_mean')
   row['seconds'] = res['compress_seconds'] + res.get('recover_seconds', 0.0)
-  return row
+  return {k: v for k, v in row.items() if v is not None}
 
 
 def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), rank: int = 64,
