@@ -41,6 +41,32 @@ from models.config import ModelConfig
 Params = dict[str, Any]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# X^T X is symmetric: with its columns split in p blocks only the products on and above the block
+# diagonal are computed (the rest are their transposes), (p + 1) / (2 p) of the work. Measured on
+# 4096 tokens (2 CPU cores, results/compress_timing): 576 features in 3 blocks take 0.83x the time
+# of one product, 1536 in 2 blocks 0.77x; more blocks of these widths lose to their overhead.
+GRAM_PARTS = ((256, 1), (1024, 3), (None, 2))  # (below this many features, blocks)
+
+
+def _gram_parts(d: int) -> int:
+  return next(p for limit, p in GRAM_PARTS if limit is None or d < limit)
+
+
+def gram(x: jax.Array) -> jax.Array:
+  """``x^T x`` for ``x [n, d]`` (float32 at ``Precision.HIGHEST``), exactly symmetric."""
+  d = x.shape[-1]
+  parts = _gram_parts(d)
+  if parts <= 1:
+    return jnp.matmul(x.T, x, precision=_HIGHEST)
+  step = -(-d // parts)
+  edges = list(range(0, d, step)) + [d]
+  upper = [jnp.matmul(x[:, a:b].T, x[:, a:], precision=_HIGHEST)  # [b - a, d - a]
+           for a, b in zip(edges[:-1], edges[1:])]
+  rows = []
+  for i, (a, b) in enumerate(zip(edges[:-1], edges[1:])):
+    left = [upper[j][:, a - edges[j]:b - edges[j]].T for j in range(i)]
+    rows.append(jnp.concatenate(left + [upper[i]], axis=1))
+  return jnp.concatenate(rows, axis=0)
 
 
 @flax.struct.dataclass
@@ -126,7 +152,7 @@ def update_stats(stats: LinearStats, x: jax.Array, mask: jax.Array | None = None
   if stats.diagonal:
     xtx = jnp.diag(jnp.sum(x * x, axis=0))  # [in, in], zeros off the diagonal
   else:
-    xtx = jnp.matmul(x.T, x, precision=_HIGHEST)  # [in, in]
+    xtx = gram(x)  # [in, in]
   cross = stats.cross
   if dense is not None:
     dx = jnp.asarray(dense).reshape(-1, x.shape[-1]).astype(jnp.float32) - x

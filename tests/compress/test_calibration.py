@@ -27,6 +27,18 @@ def test_update_stats_equals_direct_xtx():
                              rtol=1e-5)
 
 
+@pytest.mark.parametrize('parts,d', [(1, 24), (2, 24), (3, 25), (4, 7), (3, 1030)])
+def test_gram_blocks_equal_the_whole_product(monkeypatch, parts, d):
+  """Only the blocks on and above the diagonal are multiplied; the result is X^T X, exactly
+  symmetric, for widths that the parts do not divide."""
+  monkeypatch.setattr(cal, 'GRAM_PARTS', ((None, parts),))
+  x = _inputs(shape=(64, d)).reshape(64, d)
+  g = np.asarray(jax.jit(cal.gram)(jnp.asarray(x)))
+  x64 = x.astype(np.float64)
+  np.testing.assert_allclose(g, x64.T @ x64, rtol=1e-5, atol=1e-3)
+  np.testing.assert_array_equal(g, g.T)
+
+
 def test_update_stats_is_order_and_batching_invariant():
   x = _inputs(1).reshape(-1, 24)  # [120, in]
   whole = cal.update_stats(cal.init_stats(24), x)
