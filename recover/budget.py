@@ -29,9 +29,10 @@ then EoRA's gains). :func:`allocate_curves` picks one curve and one rank per lin
 multiple-choice knapsack) by Lagrangian relaxation: for a price ``mu`` per parameter, every linear
 independently takes the curve and rank that minimise ``error + mu * parameters``; ``mu`` is
 bisected to the smallest price whose choices fit the budget, and what is left is spent by local
-moves (one linear changes its curve or rank, best error decrease per parameter first). :class:`CandidateStore` keeps the candidates on disk while the pipeline
-runs (one file per linear, written as each block finishes, so a resumed run still has those of the
-blocks done before), and :func:`srr_global_budget` allots and assembles the model.
+moves (one linear changes its curve or rank, best error decrease per parameter first).
+:class:`CandidateStore` keeps the candidates on disk while the pipeline runs (one file per linear,
+written as each block finishes, so a resumed run still has those of the blocks done before), and
+:func:`srr_global_budget` allots and assembles the model.
 """
 
 from __future__ import annotations
@@ -340,11 +341,14 @@ def allocate_curves(curves: Mapping[str, Sequence[Curve]], costs: Mapping[str, i
         ok = (d_cost <= left) & (d_err < -1e-15 * max(abs(float(err[p])), 1e-300))
         if not ok.any():
           continue
-        score = np.where(d_cost > 0, d_err / np.maximum(d_cost, 1), -np.inf)
-        score = np.where(ok, score, np.inf)
-        q = int(np.argmin(np.where(np.isneginf(score), d_err, np.inf))) if np.isneginf(
-            score).any() else int(np.argmin(score))
-        key = (0, float(d_err[q])) if np.isneginf(score[q]) else (1, float(score[q]))
+        free = ok & (d_cost <= 0)  # lowers the error without spending: first, largest first
+        if free.any():
+          q = int(np.argmin(np.where(free, d_err, np.inf)))
+          key = (0, float(d_err[q]))
+        else:  # else the best error decrease per added parameter
+          ratio = np.where(ok, d_err / np.maximum(d_cost, 1), np.inf)
+          q = int(np.argmin(ratio))
+          key = (1, float(ratio[q]))
         if best is None or key < best[0]:
           best = (key, n, q)
       if best is None:

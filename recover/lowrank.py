@@ -661,7 +661,8 @@ class SrrCandidate:
   def error(self, rank: int) -> float:
     """The per-token squared output error at total rank ``rank`` (``k <= rank <= adapter.rank``)."""
     if not self.k <= rank <= self.k + len(self.gains):
-      raise ValueError(f'rank {rank} is outside [{self.k}, {self.k + len(self.gains)}] for k={self.k}')
+      raise ValueError(f'rank {rank} is outside [{self.k}, {self.k + len(self.gains)}] for '
+                       f'k={self.k}')
     return float(self.base_error - np.sum(self.gains[:rank - self.k]))
 
 
