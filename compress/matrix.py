@@ -283,7 +283,11 @@ def relative_error(w, w_hat, h, diagonal: bool = False) -> float:
   """``||X W - X W_hat|| / ||X W||`` from ``H = X^T X``; ``diagonal``: from ``diag(H)`` alone
   (the input channels' correlations ignored)."""
   terms = jitted(_diagonal_error_terms if diagonal else _error_terms)(w, w_hat, h)
-  base, err = (float(v) for v in jax.device_get(terms))
+  return _ratio(*jax.device_get(terms))
+
+
+def _ratio(base, err) -> float:
+  base, err = float(base), float(err)
   return float(np.sqrt(err / base)) if base > 0 else 0.0
 
 
@@ -309,10 +313,12 @@ def recover_linear(rep: LayerReport, recovery: LinearRecovery, w, leaf, stats, a
   t1 = time.time()
   leaf = recovery(rep.name, w, leaf, stats, aux_stats, spec)
   rep.extra['recover_seconds'] = time.time() - t1
-  rep.rel_error_recovered = relative_error(w, leaf_dense(leaf)[1], h)
+  base, err = jax.device_get(jitted(_error_terms)(w, leaf_dense(leaf)[1], h))
+  rep.rel_error_recovered = _ratio(base, err)
   # The dense output energy ||X W||^2 / n on the recovery's statistics (a model-wide rank budget
   # weighs the layers' errors relative to it).
-  st = aux_stats if aux_stats is not None else stats
-  base, _ = jax.device_get(jitted(_error_terms)(w, w, st.hessian))
+  st = stats if aux_stats is None else aux_stats
+  if st.hessian is not h:  # else the error's own first term is it
+    base, _ = jax.device_get(jitted(_error_terms)(w, w, st.hessian))
   rep.extra['output_energy'] = float(base) / max(int(st.num_tokens), 1)
   return leaf

@@ -44,6 +44,21 @@ def test_eora_reduces_error_and_keeps_compressed_weights(tiny):
   assert leaf.adapter.rank == 8
 
 
+def test_reports_carry_the_dense_output_energy(tiny):
+  """Each compensated linear's report holds ||X W||^2 / n of its calibration inputs (block 0 sees
+  the dense inputs, so its energies are the dense statistics')."""
+  from compress import calibration  # pylint: disable=g-import-not-at-top
+  from recover import budget  # pylint: disable=g-import-not-at-top
+  cfg, params, calib = tiny
+  _, reports = _run(tiny, 'eora', 8)
+  stats = calibration.dense_statistics(params, cfg, calib, blocks=[0], progress=False)
+  want = budget.output_energies(params, stats)
+  got = {f'{r.name}/kernel': r.extra['output_energy'] for r in reports}
+  assert len(want) == 7 and set(want) <= set(got)
+  for path, e in want.items():
+    assert got[path] == pytest.approx(e, rel=1e-4)
+
+
 def test_truncation_equals_lower_rank_run(tiny):
   high, _ = _run(tiny, 'eora', 16)
   low, _ = _run(tiny, 'eora', 4)
