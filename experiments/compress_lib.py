@@ -180,6 +180,8 @@ def run_on_mesh(c: CompressConfig, *, out_dir: str | None = None, save: str | No
     # run has those of the blocks done), one directory per process.
     if out_dir:
       where = pathlib.Path(_stage_dir(out_dir, 'srr')) / f'p{jax.process_index()}'
+      if not (pathlib.Path(_stage_dir(out_dir, 'compress')) / 'state').exists():
+        shutil.rmtree(where, ignore_errors=True)  # a fresh compression: no other run's candidates
     else:
       scratch = tempfile.TemporaryDirectory()
       where = scratch.name

@@ -167,11 +167,8 @@ def run_global(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
       energies[key] = lowrank.weighted_error(w, st.hessian, num_tokens=int(st.num_tokens)) ** 2
     total = sum(rank * c for c in costs.values())
 
-    def error(cv, r):
-      return cv.base - float(np.sum(cv.gains[:r - cv.min_rank]))
-
     def summarize(label, choice, cvs):
-      rel = [math.sqrt(max(error(cvs[n][j], r), 0.0) / energies[n]) for n, (j, r) in choice.items()]
+      rel = [math.sqrt(max(cvs[n][j].error(r), 0.0) / energies[n]) for n, (j, r) in choice.items()]
       ranks = [r for _, r in choice.values()]
       rows.append({'quant': setting, 'allotment': label, 'mean rel error': float(np.mean(rel)),
                    'adapter_params': int(sum(r * costs[n] for n, (_, r) in choice.items())),
@@ -180,9 +177,7 @@ def run_global(*, out_dir: str, blocks: Sequence[int] = (0, 6, 12, 18, 24, 29),
 
     eora = {n: [cvs[0]] for n, cvs in curves.items()}  # k = 0: quantize, then EoRA
     summarize('eora uniform', {n: (0, rank) for n in curves}, eora)
-    searched = {n: (min(range(len(cvs)), key=lambda j, cvs=cvs: error(cvs[j], rank)
-                        if cvs[j].min_rank <= rank else np.inf), rank)
-                for n, cvs in curves.items()}
+    searched = budget_lib.uniform_choice(curves, rank)
     summarize('srr uniform (searched k)', searched, curves)
     for weighting in budget_lib.WEIGHTINGS:
       weights = (None if weighting == 'absolute' else

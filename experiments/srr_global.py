@@ -86,7 +86,9 @@ def run(*, out_dir: str, rows: Sequence[str] = tuple(ROWS), rank: int = 64,
       res = json.loads(done.read_text())['results']
     else:
       res = compress_lib.run(c, out_dir=str(run_dir))
-      done.write_text(json.dumps({'config': settings, 'results': res}))
+      tmp = done.with_suffix('.tmp')  # a finished row only: never a half-written file
+      tmp.write_text(json.dumps({'config': settings, 'results': res}))
+      tmp.replace(done)
     if first is None:
       first = res
       ref: dict[str, Any] = {'recovery': f'{quant} w{bits}g{group_size}, no adapter'}

@@ -258,8 +258,9 @@ def shard_params(tree: Any) -> Any:
   mesh, the tree unchanged."""
   if active().mesh is None:
     return tree
-  return jax.tree.map(lambda x: _put(x, param_spec(x.shape)) if isinstance(x, (jax.Array, np.ndarray))
-                      else x, tree)
+  return jax.tree.map(
+      lambda x: _put(x, param_spec(x.shape)) if isinstance(x, (jax.Array, np.ndarray)) else x,
+      tree)
 
 
 def constrain_params(tree: Any) -> Any:

@@ -233,6 +233,21 @@ class Curve:
   base: float
   gains: np.ndarray
 
+  def error(self, rank: int) -> float:
+    """The error at ``rank`` (``min_rank <= rank <= min_rank + len(gains)``)."""
+    return float(self.base - np.sum(self.gains[:rank - self.min_rank]))
+
+
+def uniform_choice(curves: Mapping[str, Sequence[Curve]], rank: int) -> dict[str, tuple[int, int]]:
+  """Every linear at ``rank`` (or its curves' largest rank, if smaller) on the curve of least error
+  there (ties: the smaller ``min_rank``): SRR's per-layer searched ``k`` at a uniform rank."""
+  out = {}
+  for n, cvs in curves.items():
+    r = min(rank, cvs[0].min_rank + len(cvs[0].gains))
+    fits = [j for j, cv in enumerate(cvs) if cv.min_rank <= r]
+    out[n] = (min(fits, key=lambda j, cvs=cvs, r=r: (cvs[j].error(r), cvs[j].min_rank)), r)
+  return out
+
 
 def _best_choice(curves: Sequence[Curve], cost: int, weight: float, mu: float):
   """The (curve index, rank) minimising ``weight * error + mu * cost * rank`` (ties: lower rank)."""
@@ -432,29 +447,22 @@ def srr_global_budget(params: Any, store: CandidateStore, uniform_rank: int, *,
   """
   if uniform_rank <= 0:
     raise ValueError(f'uniform_rank must be positive, got {uniform_rank}')
-  recs = store.curves()
-  leaves = tree.linear_leaves(params)
-  targets = {n: f'{n}/kernel' for n in recs}
-  missing = sorted(n for n, p in targets.items() if p not in leaves)
+  # The linears SRR compensated in this run carry adapters; only their candidates are read.
+  targets = {p[:-len('/kernel')]: p for p in adapters(params)}
+  recs = {n: r for n, r in store.curves().items() if n in targets}
+  missing = sorted(set(targets) - set(recs))
   if missing or not recs:
-    raise ValueError(f'the SRR candidate store at {store.directory} does not match the model '
-                     f'(stored: {len(recs)} linears; not in the model: {missing[:3]})')
-  without = sorted(p for p, leaf in adapters(params).items() if p[:-len('/kernel')] not in recs)
-  if without:
-    raise ValueError(f'no stored SRR candidates for {without[:3]}: the store is incomplete')
+    raise ValueError(f'the SRR candidate store at {store.directory} does not match the model: '
+                     f'no candidates for {len(missing)} of its {len(targets)} compensated linears '
+                     f'(e.g. {missing[:3]})')
   curves = {n: r['curves'] for n, r in recs.items()}
   costs = {n: r['cost'] for n, r in recs.items()}
   budget = sum(min(uniform_rank, cv[0].min_rank + len(cv[0].gains)) * costs[n]
                for n, cv in curves.items())
   weights = _layer_weights(curves, weighting, {n: r['energy'] for n, r in recs.items()})
   # The uniform choice (rank uniform_rank, the k of least error there) is one start to improve.
-  uniform = {}
-  for n, cvs in curves.items():
-    r = min(uniform_rank, cvs[0].min_rank + len(cvs[0].gains))
-    fits = [j for j, cv in enumerate(cvs) if cv.min_rank <= r]
-    uniform[n] = (min(fits, key=lambda j: (cvs[j].base - cvs[j].gains[:r - cvs[j].min_rank].sum(),
-                                           cvs[j].min_rank)), r)
-  choice = allocate_curves(curves, costs, budget, weights=weights, starts=[uniform])
+  choice = allocate_curves(curves, costs, budget, weights=weights,
+                           starts=[uniform_choice(curves, uniform_rank)])
   new, ranks, preserved = {}, {}, {}
   for n, (j, r) in choice.items():
     cand = store.candidate(n, j)

@@ -204,3 +204,16 @@ def test_composed_recipe_trains_only_the_adapters(tmp_path):
 def test_new_recovery_flags_fail_before_work(tmp_path, kw, match):
   with pytest.raises(ValueError, match=match):
     compress_exp.run(_config(tmp_path, **kw))
+
+
+def test_srr_global_budget_starts_from_no_other_runs_candidates(tmp_path):
+  """A fresh compression clears the candidate store it writes to, so candidates a different run
+  left there can never enter the model."""
+  stale = tmp_path / 'out' / 'srr_candidates' / 'p0' / 'layers.7.mlp.up_proj.curves.pkl'
+  stale.parent.mkdir(parents=True)
+  stale.write_bytes(b'not ours')
+  c = _config(tmp_path, quant='rtn', bits=2, recover='srr', rank=4, rank_budget='global',
+              budget_max_rank=8)
+  res = compress_exp.run(c, out_dir=str(tmp_path / 'out'))
+  assert res['rank_budget']['used_params'] <= res['rank_budget']['budget_params']
+  assert not stale.exists()  # cleared: the tiny model has no block 7
