@@ -52,8 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from compress import calibration
-from compress.matrix import LayerReport, LinearRecovery, jitted, leaf_dense, recover_linear
-from compress.matrix import relative_error, sparsity
+from compress.matrix import LayerReport, LinearRecovery, jitted, measure, recover_linear
 from compress.quantize import rtn, rtn_dense
 from compress.rules import LinearSpec
 from kernels import formats
@@ -315,16 +314,17 @@ def awq_block(block: Params, stats: dict[str, calibration.LinearStats],
       block = tree.set_linear(block, lin, dense[lin].astype(jnp.asarray(tree.get_linear(block, lin)).dtype))
   out = []
   for lin, w_ref, h, leaf, secs in reports:
-    w_hat, _ = leaf_dense(leaf)
+    rel_error, sparse, _ = measure(w_ref, leaf, h)
     rep = LayerReport(name=f'{prefix}/{lin}', method=specs[lin].describe(),
-                      rel_error=relative_error(w_ref, w_hat, h), sparsity=sparsity(w_hat),
+                      rel_error=rel_error, sparsity=sparse,
                       bits=specs[lin].bits, seconds=secs)
     if recovery is not None:
       # The target is the rescaled dense weight diag(s) W on the rescaled input x / s.
       key = llama.input_key(lin)
       s = scales_in.get(key)
       rescale = lambda st: st if s is None else dataclasses.replace(
-          st, hessian=st.hessian / s[:, None] / s[None, :], act_abs_sum=st.act_abs_sum / s)
+          st, hessian=st.hessian / s[:, None] / s[None, :],
+          act_abs_sum=None if st.act_abs_sum is None else st.act_abs_sum / s)
       aux = None if aux_stats is None else rescale(aux_stats[key])
       leaf = recover_linear(rep, recovery, w_ref, leaf, rescale(stats[key]), aux, specs[lin], h)
       block = tree.set_linear(block, lin, leaf)

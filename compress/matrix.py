@@ -291,18 +291,20 @@ def _ratio(base, err) -> float:
   return float(np.sqrt(err / base)) if base > 0 else 0.0
 
 
-def _dense_and_effective(leaf):
-  return formats.to_dense(leaf), formats.effective_weight(leaf)
+def _measure(w, leaf, h, *, diagonal: bool, adapter: bool):
+  w_hat = formats.effective_weight(leaf) if adapter else formats.to_dense(leaf)
+  base, err = (_diagonal_error_terms if diagonal else _error_terms)(w, w_hat, h)
+  return base, err, jnp.sum(w_hat == 0)
 
 
-def leaf_dense(leaf) -> tuple[jax.Array, jax.Array]:
-  """``(to_dense(leaf), effective_weight(leaf))``: without and with the adapter."""
-  return jitted(_dense_and_effective)(leaf)
-
-
-def sparsity(w_eff) -> float:
-  """Fraction of exact zeros."""
-  return float(jnp.mean(w_eff == 0))
+def measure(w, leaf, h, diagonal: bool = False,
+            adapter: bool = False) -> tuple[float, float, float]:
+  """``(relative error, sparsity, ||X W||^2)`` of a weight leaf against the dense ``w``, in one
+  program and one transfer (a report's numbers): the error as :func:`relative_error` gives it
+  for the leaf's dense weight (with its adapter's ``a @ b`` when ``adapter``), the fraction of
+  exact zeros in that weight, and the dense output energy (the error's first term)."""
+  base, err, zeros = jax.device_get(jitted(_measure, diagonal=diagonal, adapter=adapter)(w, leaf, h))
+  return _ratio(base, err), float(zeros) / float(np.prod(w.shape)), float(base)
 
 
 def recover_linear(rep: LayerReport, recovery: LinearRecovery, w, leaf, stats, aux_stats,
@@ -313,8 +315,7 @@ def recover_linear(rep: LayerReport, recovery: LinearRecovery, w, leaf, stats, a
   t1 = time.time()
   leaf = recovery(rep.name, w, leaf, stats, aux_stats, spec)
   rep.extra['recover_seconds'] = time.time() - t1
-  base, err = jax.device_get(jitted(_error_terms)(w, leaf_dense(leaf)[1], h))
-  rep.rel_error_recovered = _ratio(base, err)
+  rep.rel_error_recovered, _, base = measure(w, leaf, h, adapter=True)
   # The dense output energy ||X W||^2 / n on the recovery's statistics (a model-wide rank budget
   # weighs the layers' errors relative to it).
   st = stats if aux_stats is None else aux_stats

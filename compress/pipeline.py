@@ -46,8 +46,7 @@ from compress import awq as awq_lib
 from compress import calibration
 from compress import regional
 from compress.matrix import LayerReport, LinearRecovery, compress_matrices, compress_matrix
-from compress.matrix import leaf_dense
-from compress.matrix import needs_full_hessian, recover_linear, relative_error, sparsity
+from compress.matrix import measure, needs_full_hessian, recover_linear
 from compress.matrix import spec_of_leaf
 from compress.rules import LinearSpec, Rule, match
 from kernels import formats
@@ -233,15 +232,16 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
   x_aux = None if aux_tokens is None or precomputed_aux_stats is not None else llama.embed(
       params, jnp.asarray(aux_tokens), cfg, dtype)
 
-  def get_stats(i, block, src, keys, diagonal=False, cross_keys=()):
+  def get_stats(i, block, src, keys, diagonal=False, cross_keys=(), abs_sum=False):
     """Statistics of ``keys`` of ``block`` on ``src``; ``cross_keys`` also get the cross term
-    with the dense stream (the dense block ``i`` on ``x_dense``)."""
+    with the dense stream (the dense block ``i`` on ``x_dense``); ``abs_sum``: also AWQ's
+    ``sum |x|``."""
     if pre:
       return {k: precomputed_stats[i][k] for k in keys}
     return calibration.collect_stats(block, src, cfg.layer(i), keys, batch_size, routed=moe.routed,
                                      diagonal=diagonal, cross_keys=cross_keys,
                                      dense_block=params['layers'][i] if cross_keys else None,
-                                     dense_xs=x_dense if cross_keys else None)
+                                     dense_xs=x_dense if cross_keys else None, abs_sum=abs_sum)
 
   def wandapp_gradients(i, block, src, stage_specs):
     """Wanda++'s regional gradients of the dense block on the same inputs (none needed: {})."""
@@ -287,7 +287,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
                                         routed=False, diagonal=stats[next(iter(starved))].diagonal,
                                         cross_keys=cross,
                                         dense_block=params['layers'][i] if cross else None,
-                                        dense_xs=x_dense if cross else None)
+                                        dense_xs=x_dense if cross else None,
+                                        abs_sum=stats[next(iter(starved))].act_abs_sum is not None)
       stats = dict(stats, **again)
     return stats, stage_specs, notes
   n_blocks = len(params['layers'])
@@ -317,12 +318,13 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     if recovery is not None and precomputed_aux_stats is not None and specs:
       aux_stats = {k: precomputed_aux_stats[i][k] for k in needed}
     elif recovery is not None and x_aux is not None and specs:
-      aux_stats = calibration.collect_stats(block, x_aux, cfg.layer(i), needed, batch_size)
+      aux_stats = calibration.collect_stats(block, x_aux, cfg.layer(i), needed, batch_size,
+                                            abs_sum=False)
     new_block = block
     if not specs:
       pass
     elif any(s.quant == 'awq' for s in specs.values()):
-      stats = get_stats(i, block, src, needed, cross_keys=cross_keys_of(specs))
+      stats = get_stats(i, block, src, needed, cross_keys=cross_keys_of(specs), abs_sum=True)
       for k, st in stats.items():
         calibration.check_finite(st, f'layers/{i}/{k}')
       new_block, rep = awq_lib.awq_block(block, stats, specs, cfg.layer(i), f'layers/{i}', recovery,
@@ -394,10 +396,9 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     t0 = time.time()
     leaf, info = compress_matrix(w, st, head_spec, 'lm_head')
     out['lm_head'] = {'kernel': leaf}
-    w_hat = formats.to_dense(leaf)
+    rel_error, sparse, _ = measure(w, leaf, st.hessian)
     reports.append(LayerReport(name='lm_head', method=head_spec.describe(),
-                               rel_error=relative_error(w, w_hat, st.hessian),
-                               sparsity=sparsity(w_hat), bits=head_spec.bits,
+                               rel_error=rel_error, sparsity=sparse, bits=head_spec.bits,
                                seconds=time.time() - t0, extra=info,
                                wall_seconds=time.time() - t0))
   if pending and reports:
@@ -515,7 +516,7 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
     total = sum(x.shape[1] for x in ws)
     for lin, w, leaf in zip(group, ws, leaves):
       name = f'layers/{i}/{lin}'
-      w_hat, _ = leaf_dense(leaf)
+      rel_error, sparse, _ = measure(w, leaf, st.hessian, st.diagonal)
       method = spec.describe() if given_block is None else f'given ({spec.describe()})'
       extra = dict(info)
       if len(group) > 1:
@@ -525,8 +526,7 @@ def _compress_linears(new_block, dense_block, specs, stats, i, recovery, aux_sta
       if st.diagonal:
         extra['rel_error'] = 'diagonal H'
       rep = LayerReport(name=name, method=method,
-                        rel_error=relative_error(w, w_hat, st.hessian, st.diagonal),
-                        sparsity=sparsity(w_hat), bits=spec.bits,
+                        rel_error=rel_error, sparsity=sparse, bits=spec.bits,
                         seconds=secs * w.shape[1] / total, extra=extra)
       if recovery is not None:
         aux = None if aux_stats is None else aux_stats[llama.input_key(lin)]

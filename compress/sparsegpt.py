@@ -27,11 +27,11 @@ Deviations from the reference:
   scores (the set a stable sort selects). The per-block counts telescope, so every output unit has
   exactly ``int(in * s)`` pruned weights for any ``in`` and ``block_size``; when
   ``block_size * s`` is an integer every block prunes the same ``block_size * s`` per row.
-* ``Hinv`` is computed as ``R^-1`` where ``H = R R^T`` with ``R`` upper triangular (a Cholesky of
-  the index-reversed ``H``). This is the same matrix as the reference's
+* ``Hinv`` comes from GPTQ's :func:`compress.gptq.damped_inverse_cholesky` (one Cholesky of
+  the index-reversed ``H``): the same matrix as the reference's
   ``cholesky(cholesky_inverse(cholesky(H)), upper=True)`` (uniqueness of the Cholesky factor) at
-  about half the cost. If the factorization fails (non-finite factor), ``percdamp`` is raised x10
-  and the factorization retried (at most 3 times; from 1e-4 if it was 0), and a message says so.
+  about half the cost. If the factorization fails, ``percdamp`` is raised x10 and the
+  factorization retried, as GPTQ does, and a warning says so.
 
 Joint quantization (the reference's ``--wbits``): the kept weights are quantized as they are
 processed (pruned ones stay exact zeros, which are on every grid). The quantization parameters of a
@@ -62,6 +62,7 @@ the choices above) to float32 rounding; see ``tests/compress/test_sparsegpt.py``
 
 from __future__ import annotations
 
+import logging
 import math
 
 import jax
@@ -69,23 +70,13 @@ import jax.numpy as jnp
 
 from compress import quantize
 from compress.calibration import check_weight_hessian
-from compress.gptq import DEFAULT_ALPHA, asymmetric_update, check_cross
+from compress.gptq import DEFAULT_ALPHA, asymmetric_update, check_cross, damped_inverse_cholesky
 from compress.prune import PruneSpec, lowest_k_mask
 from kernels.formats import QuantizedWeight, QuantSpec
 
 # pylint: disable=invalid-name  (paper names: W, H, Hinv, Q1, Err1 as in the reference)
 
-_MAX_DAMP_RETRIES = 3
 _CHUNK = 16  # columns per sub-block of the error feedback (fewer passes over the block)
-
-
-def _upper_cholesky_of_inverse(H: jax.Array) -> jax.Array:
-  """Upper triangular ``U`` with ``H^-1 = U^T U`` (positive diagonal). ``H`` [n, n] SPD."""
-  n = H.shape[0]
-  L = jnp.linalg.cholesky(H[::-1, ::-1])  # reversed(H) = L L^T
-  R = L[::-1, ::-1]  # upper; H = R R^T
-  U = jax.scipy.linalg.solve_triangular(R, jnp.eye(n, dtype=H.dtype), lower=False)
-  return jnp.triu(U)
 
 
 def inverse_hessian_factor(hessian: jax.Array,
@@ -104,30 +95,17 @@ def inverse_hessian_factor(hessian: jax.Array,
   diag = jnp.diagonal(H)
   dead = diag == 0
   H = H.at[jnp.arange(n), jnp.arange(n)].set(jnp.where(dead, 1.0, diag))
-  mean_diag = jnp.mean(jnp.diagonal(H))
-  eye = jnp.eye(n, dtype=jnp.float32)
-
-  def attempt(state):  # one factorization; the first one uses percdamp, retries x10 each
-    _, tries = state
-    frac = jnp.where(tries == 0, percdamp,
-                     jnp.maximum(percdamp, 1e-4) * 10.0 ** tries.astype(jnp.float32))
-    return _upper_cholesky_of_inverse(H + (frac * mean_diag) * eye), tries + 1
-
-  def again(state):
-    U, tries = state
-    return (tries == 0) | (~jnp.all(jnp.isfinite(U)) & (tries <= _MAX_DAMP_RETRIES))
-
-  # The factorization appears once in the program (a retry is another trip through the loop).
-  U, tries = jax.lax.while_loop(again, attempt, (jnp.zeros_like(H), jnp.int32(0)))
+  U, damp, retries, ok = damped_inverse_cholesky(H, percdamp)
   # Told on the host only when a retry happened (a callback, not a cond: under vmap a cond
   # runs both branches).
-  jax.debug.callback(_tell_retries, tries, jnp.all(jnp.isfinite(U)))
+  jax.debug.callback(_tell_retries, retries, damp, ok)
   return U, dead
 
 
-def _tell_retries(tries, finite) -> None:
-  if int(tries) > 1:
-    print(f'sparsegpt: Cholesky failed, used percdamp x10^{int(tries) - 1} (finite: {bool(finite)})')
+def _tell_retries(retries, damp, ok) -> None:
+  if int(retries):
+    logging.warning('sparsegpt: Cholesky failed; damp raised %d time(s) to %g x mean(diag(H))%s',
+                    int(retries), float(damp), '' if bool(ok) else ', and still failed')
 
 
 def _check_args(w, hessian, spec: PruneSpec, block_size: int, quant: QuantSpec | None,

@@ -13,7 +13,8 @@ python-docs train), it measures, one after the other on one machine:
 
 * the machine: CPU, cores, load average before and after, and the float32 matmul peak
   (2048-cubed products, JAX and torch);
-* a plain forward over the calibration tokens (batch 8): ours (jitted) and transformers', with
+* a plain forward over the calibration tokens (batch 8): ours (jitted; the median of one
+  before each method's run and one after the last, all kept in the JSON) and transformers', with
   their achieved GFLOP/s and share of the peak;
 * for Wanda 2:4, SparseGPT 2:4 and GPTQ w3g64 (inputs propagated through the compressed blocks,
   the papers' setting): our pipeline on 1 and on 2 (simulated) devices, each in a fresh process
@@ -121,10 +122,11 @@ def ours(calib_samples: int, calib_seqlen: int, methods: Sequence[str], devices:
   calib = common.calibration_for(tok, 'python-docs', calib_samples, calib_seqlen, 0)
   out: dict[str, Any] = {'devices': devices}
   with sharding.use(sharding.Placement.create(f'data:{devices}', 'none')):
-    if devices == 1:
-      out['plain_forward_s'] = plain_forward_seconds(loaded, calib, 8)
     runs = [(m, 'float32') for m in methods] + ([('gptq w3g64', 'bfloat16')] if bf16 else [])
+    plain = []  # the plain forward before every run and after the last: the machine drifts
     for m, dtype in runs:
+      if devices == 1:
+        plain.append(plain_forward_seconds(loaded, calib, 8))
       c = CompressConfig(model='smollm2-135m', **METHODS[m][0])
       spec = build_spec(c)
       params = loaded.params if dtype == 'float32' else loading.load_model(
@@ -153,6 +155,10 @@ def ours(calib_samples: int, calib_seqlen: int, methods: Sequence[str], devices:
                               result)
         out[key]['ppl'] = eval_lib.perplexity(result, cfg, windows, batch_size=4,
                                               progress=False)['ppl']
+    if devices == 1:
+      plain.append(plain_forward_seconds(loaded, calib, 8))
+      out['plain_forward_runs_s'] = plain
+      out['plain_forward_s'] = float(np.median(plain))
   return out
 
 

@@ -135,3 +135,20 @@ def test_passes_on_device_activations_match_host_ones(rows):
   assert isinstance(out, jax.Array) and out.shape == xs.shape
   np.testing.assert_allclose(out, cal.run_block(block, np.asarray(xs), cfg.layer(0), 4),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_statistics_without_abs_sum_are_the_same_and_refused_by_awq():
+  x = _inputs()
+  full = cal.update_stats(cal.init_stats(24), x)
+  lean = cal.update_stats(cal.init_stats(24, abs_sum=False), x)
+  assert lean.act_abs_sum is None
+  np.testing.assert_array_equal(lean.hessian, full.hessian)
+  assert int(lean.num_tokens) == int(full.num_tokens)
+  cal.check_finite(lean, 'q')
+  merged = cal.merge_stats(lean, lean)
+  assert merged.act_abs_sum is None
+  np.testing.assert_allclose(merged.hessian, 2 * np.asarray(full.hessian), rtol=1e-6)
+  with pytest.raises(ValueError, match='sum |x|'):
+    cal.mean_abs_activation(lean)
+  with pytest.raises(ValueError, match='cannot merge'):
+    cal.merge_stats(lean, full)

@@ -265,13 +265,10 @@ def test_output_structure():
   assert info_shape.retries == ((), jnp.int32) and info_shape.ok == ((), jnp.bool_)
 
 
-def test_blocked_cholesky_and_inverse_factor():
+def test_inverse_factor():
   rng = np.random.default_rng(13)
   a = rng.standard_normal((300, 200))
   h = jnp.asarray(a.T @ a, jnp.float32)
-  L = np.asarray(jax.jit(functools.partial(gptq_lib.cholesky_blocked, block=64))(h))  # padded
-  np.testing.assert_allclose(L, np.linalg.cholesky(np.asarray(h, np.float64)), rtol=1e-3,
-                             atol=1e-3)
   U, damp, retries, ok = jax.jit(gptq_lib.damped_inverse_cholesky)(h)
   hd = np.asarray(h, np.float64) + 0.01 * np.mean(np.diag(np.asarray(h))) * np.eye(200)
   ref = np.linalg.cholesky(np.linalg.inv(hd)).T

@@ -311,7 +311,7 @@ def _pipeline_model():
 
 def _masks(params):
   from compress import matrix  # pylint: disable=g-import-not-at-top
-  return {p: np.asarray(matrix.leaf_dense(leaf)[1]) != 0
+  return {p: np.asarray(formats.effective_weight(leaf)) != 0
           for p, leaf in tree.linear_leaves(params).items()}
 
 

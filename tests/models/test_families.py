@@ -505,13 +505,14 @@ def test_splitting_a_fused_matrix_changes_no_code_or_mask(spec):
   SparseGPT treat every output unit on its own, so compressing [q | k | v] as one matrix gives
   exactly the codes and masks of compressing q, k and v apart (only low-rank adapters differ)."""
   from compress import calibration, matrix  # pylint: disable=g-import-not-at-top
+  from kernels import formats  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(256, 64)), jnp.float32)
   stats = calibration.update_stats(calibration.init_stats(64), x)
   parts = [jnp.asarray(rng.normal(size=(64, n)) * 0.1, jnp.float32) for n in (64, 32, 32)]
   fused, _ = matrix.compress_matrix(jnp.concatenate(parts, axis=1), stats, spec)
   alone = [matrix.compress_matrix(w, stats, spec)[0] for w in parts]
-  dense = lambda leaf: np.asarray(matrix.leaf_dense(leaf)[0])  # noqa: E731
+  dense = lambda leaf: np.asarray(formats.to_dense(leaf))  # noqa: E731
   np.testing.assert_array_equal(dense(fused), np.concatenate([dense(l) for l in alone], axis=1))
 
 
