@@ -12,7 +12,8 @@ The figures model what the pipeline holds at its two peaks:
   the calibration activations between blocks (two copies while a block's outputs are computed;
   twice that with ``--asymmetric``, whose dense stream runs beside the compressed one; with
   ``--offload=host`` only the batch in flight is on the device), one block's forward
-  temporaries for a batch of ``--batch_size / data`` sequences, the block's statistics
+  temporaries for a batch of ``--batch_size / data`` sequences (a bound on the CPU, whose steps
+  may be smaller: :func:`compress.calibration.step_size`), the block's statistics
   ``H = X^T X`` (float32) of every linear input (and GPTAQ's cross term of the same size), the
   one-matrix numerics of its largest linear
   (the weight's columns split over ``model``; ``H`` and its inverse factor; float64

@@ -152,3 +152,39 @@ def test_statistics_without_abs_sum_are_the_same_and_refused_by_awq():
     cal.mean_abs_activation(lean)
   with pytest.raises(ValueError, match='cannot merge'):
     cal.merge_stats(lean, full)
+
+
+def test_cpu_steps_bound_the_tokens_per_device(monkeypatch):
+  from models import sharding  # pylint: disable=g-import-not-at-top
+  assert jax.default_backend() == 'cpu'
+  assert cal.step_size(8, 512) == 2 and cal.step_size(8, 64) == 8 and cal.step_size(8, 4096) == 1
+  monkeypatch.setattr(cal, 'CPU_STEP_TOKENS', 4096)
+  assert cal.step_size(8, 512) == 8 and cal.step_size(4, 512) == 4
+  monkeypatch.setattr(cal, 'CPU_STEP_TOKENS', 1024)
+
+  class Placement:  # a data axis of 4: at least one sequence per device and step
+    data_size = 4
+  monkeypatch.setattr(sharding, 'active', lambda: Placement())
+  assert cal.step_size(8, 512) == 8 and cal.step_size(16, 4096) == 4
+
+
+def test_smaller_steps_give_the_same_statistics_and_outputs(monkeypatch):
+  """A pass in steps of fewer sequences than ``batch_size`` (the CPU's, :func:`step_size`) sums
+  the same statistics and gives the same outputs, up to rounding."""
+  from models import config as config_lib  # pylint: disable=g-import-not-at-top
+  from models import llama  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.tiny_config()
+  block = llama.init_params(cfg, jax.random.key(0))['layers'][0]
+  xs = jax.random.normal(jax.random.key(1), (8, 32, cfg.hidden_size))
+  keys = sorted(set(llama.linear_inputs(cfg).values()))
+  runs = []
+  for tokens in (1024, 64):  # 8 sequences per step, then 2
+    monkeypatch.setattr(cal, 'CPU_STEP_TOKENS', tokens)
+    runs.append((cal.collect_stats(block, xs, cfg.layer(0), keys, 8),
+                 cal.run_block(block, xs, cfg.layer(0), 8)))
+  (whole, out_whole), (steps, out_steps) = runs
+  for k in keys:
+    np.testing.assert_allclose(whole[k].hessian, steps[k].hessian, rtol=2e-5, atol=1e-4)
+    np.testing.assert_allclose(whole[k].act_abs_sum, steps[k].act_abs_sum, rtol=2e-5)
+    assert int(whole[k].num_tokens) == int(steps[k].num_tokens) == 8 * 32
+  np.testing.assert_allclose(out_whole, out_steps, rtol=1e-5, atol=1e-5)
