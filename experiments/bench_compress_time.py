@@ -25,9 +25,9 @@ python-docs train), it measures, one after the other on one machine:
   with transformers' current layer arguments; ``compile_s`` is our first block's extra time
   (compilation: the later blocks have the same shapes) and ``ratio_without_compile`` the ratio
   once compiled (a second run in one process, or a persistent compilation cache);
-  ``calib_passes_over_forward`` is the whole run's time outside the numerics (compilation
-  included) over the plain forward (compiled), ``calib_passes_compiled`` the same from the
-  median compiled block;
+  ``calib_passes_over_forward`` is the whole run's time outside the numerics (the statistics
+  and output passes and each linear's error report; compilation included) over the plain
+  forward (compiled), ``calib_passes_compiled`` the same from the median compiled block;
 * where the CPU has bfloat16 dot instructions (``avx512_bf16``): GPTQ with bfloat16 calibration
   passes (float32 statistics), its speed-up and its perplexity cost.
 
