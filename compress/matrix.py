@@ -303,7 +303,8 @@ def measure(w, leaf, h, diagonal: bool = False,
   program and one transfer (a report's numbers): the error as :func:`relative_error` gives it
   for the leaf's dense weight (with its adapter's ``a @ b`` when ``adapter``), the fraction of
   exact zeros in that weight, and the dense output energy (the error's first term)."""
-  base, err, zeros = jax.device_get(jitted(_measure, diagonal=diagonal, adapter=adapter)(w, leaf, h))
+  fn = jitted(_measure, diagonal=diagonal, adapter=adapter)
+  base, err, zeros = jax.device_get(fn(w, leaf, h))
   return _ratio(base, err), float(zeros) / float(np.prod(w.shape)), float(base)
 
 

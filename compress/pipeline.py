@@ -149,7 +149,8 @@ def compress_model(params: Params, cfg: ModelConfig, calib_tokens: np.ndarray, r
     dense_inputs: collect statistics from dense activations instead of the compressed model's
       (not with an asymmetric spec: that one reads both).
     true_sequential: re-collect statistics after each stage of a block (q/k/v, o, gate/up, down).
-    batch_size: sequences per calibration step (on the CPU fewer: :func:`compress.calibration.step_size`).
+    batch_size: sequences per calibration step (on the CPU fewer:
+      :func:`compress.calibration.step_size`).
     dtype: compute dtype of the calibration passes.
     checkpoint_dir: checkpoint finished blocks here and resume from it.
     checkpoint_every_s: write the checkpoint when this many seconds have passed since the last
