@@ -269,8 +269,12 @@ def _finish(qw: formats.QuantizedWeight, mask, spec: LinearSpec) -> formats.Comp
   return formats.CompressedLinear(weight=qw, mask=mask)
 
 
+def _output_energy(w, h):
+  return calibration.output_error(w, jnp.zeros_like(w), h)  # ||X W||^2
+
+
 def _error_terms(w, w_hat, h):
-  return calibration.output_error(w, jnp.zeros_like(w), h), calibration.output_error(w, w_hat, h)
+  return _output_energy(w, h), calibration.output_error(w, w_hat, h)
 
 
 def _diagonal_error_terms(w, w_hat, h):
@@ -321,6 +325,6 @@ def recover_linear(rep: LayerReport, recovery: LinearRecovery, w, leaf, stats, a
   # weighs the layers' errors relative to it).
   st = stats if aux_stats is None else aux_stats
   if st.hessian is not h:  # else the error's own first term is it
-    base, _ = jax.device_get(jitted(_error_terms)(w, w, st.hessian))
+    base = jax.device_get(jitted(_output_energy)(w, st.hessian))
   rep.extra['output_energy'] = float(base) / max(int(st.num_tokens), 1)
   return leaf

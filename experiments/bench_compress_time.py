@@ -102,6 +102,17 @@ def forward_flops(cfg, tokens: int, seqlen: int) -> float:
 
 # --------------------------------------------------------------------------- ours (a worker)
 
+def per_block(reports, num_layers: int) -> list[list[Any]]:
+  """A compression's per-layer reports grouped by block."""
+  return [[r for r in reports if r.name.startswith(f'layers/{i}/')] for i in range(num_layers)]
+
+
+def first_block_extra(per: Sequence[Sequence[Any]]) -> float | None:
+  """Compilation: block 0's wall time against the median of the blocks after it (same shapes,
+  compiled); None with one block."""
+  blocks = [sum(r.wall_seconds for r in b) for b in per]
+  return blocks[0] - float(np.median(blocks[1:])) if len(blocks) > 1 else None
+
 def ours(calib_samples: int, calib_seqlen: int, methods: Sequence[str], devices: int,
          bf16: bool, eval_windows: int) -> dict[str, Any]:
   """Our side, in this process (whose device count the caller set): plain forward and each
@@ -138,16 +149,13 @@ def ours(calib_samples: int, calib_seqlen: int, methods: Sequence[str], devices:
       wall = time.perf_counter() - t0
       s = pipeline.summarize(reports)
       key = m if dtype == 'float32' else f'{m} bf16'
-      per = [[r for r in reports if r.name.startswith(f'layers/{i}/')]
-             for i in range(cfg.num_layers)]
-      blocks = [sum(r.wall_seconds for r in b) for b in per]
+      per = per_block(reports, cfg.num_layers)
       # The passes of one compiled block: its wall time less its numerics and recovery.
       passes = [sum(r.wall_seconds - r.seconds - r.extra.get('recover_seconds', 0.0) for r in b)
                 for b in per]
       out[key] = {'seconds': wall, 'calib_forward_s': s['calib_forward_seconds'],
                   'numerics_s': s['numerics_seconds'],
-                  # compilation: block 0 against the blocks after it (same shapes, compiled)
-                  'first_block_extra_s': blocks[0] - float(np.median(blocks[1:])),
+                  'first_block_extra_s': first_block_extra(per),
                   'calib_forward_compiled_s': float(np.median(passes[1:])) * cfg.num_layers}
       if bf16 and m == 'gptq w3g64' and eval_windows:  # the cost of bfloat16 passes
         windows = common.eval_windows_for(tok, 'python-docs', 512, eval_windows)

@@ -60,6 +60,7 @@ def _peak_bytes() -> int | None:
 def run(*, size: str, calib_samples: int, calib_seqlen: int, batch_size: int, bits: int,
         group_size: int, rank: int, dtype: str, seed: int) -> dict[str, Any]:
   from compress import pipeline  # pylint: disable=g-import-not-at-top
+  from experiments import bench_compress_time  # pylint: disable=g-import-not-at-top
   from compress import rules as rules_lib  # pylint: disable=g-import-not-at-top
   from kernels import QuantSpec  # pylint: disable=g-import-not-at-top
   from models import llama  # pylint: disable=g-import-not-at-top
@@ -85,8 +86,6 @@ def run(*, size: str, calib_samples: int, calib_seqlen: int, batch_size: int, bi
   jax.block_until_ready(result)
   wall = time.perf_counter() - t0
   s = pipeline.summarize(reports)
-  blocks = [sum(r.wall_seconds for r in reports if r.name.startswith(f'layers/{i}/'))
-            for i in range(cfg.num_layers)]
   gptq_s = wall - s['recover_seconds']
   peak = _peak_bytes()
   return {
@@ -96,7 +95,8 @@ def run(*, size: str, calib_samples: int, calib_seqlen: int, batch_size: int, bi
       'calib_passes_s': s['calib_forward_seconds'], 'gptq_numerics_s': s['numerics_seconds'],
       'eora_s': s['recover_seconds'], 'gptq_s': gptq_s,
       'eora_over_gptq': s['recover_seconds'] / gptq_s if gptq_s else None,
-      'first_block_extra_s': blocks[0] - float(np.median(blocks[1:])) if len(blocks) > 1 else None,
+      'first_block_extra_s': bench_compress_time.first_block_extra(
+          bench_compress_time.per_block(reports, cfg.num_layers)),
       'peak_device_gb': None if peak is None else peak / 2 ** 30,
       'mean_rel_error': s['mean_rel_error'],
   }
